@@ -1,0 +1,37 @@
+# Two commands do everything:
+#   make quickstart   set up .venv, then run the quickstart pipeline on the CPU
+#   make test         set up .venv, then run the whole test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, from the pinned CPU build; GPU users set TORCH_SPEC to their own build (or
+# preinstall torch in the venv, which is then kept).
+TORCH_SPEC ?= torch==2.13.0
+CACHE_DIR ?= $(HOME)/.cache/alloylm
+export TORCH_EXTENSIONS_DIR ?= $(CACHE_DIR)/torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+PYTEST_ARGS ?=
+
+.PHONY: setup warm quickstart test bench clean-runs
+
+setup: $(VENV)/.installed warm
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e '.[dev]'
+	@touch $@
+
+warm: $(VENV)/.installed
+	@mkdir -p $(TORCH_EXTENSIONS_DIR)
+	$(PY) -m alloylm.warm
+
+quickstart: setup
+	$(VENV)/bin/alloylm run configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/data_prep.py

@@ -1,0 +1,1 @@
+"""Data preparation: reading sources, cleaning, deduplication, tokenization and packing on Ray Data."""

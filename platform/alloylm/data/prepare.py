@@ -1,0 +1,396 @@
+"""Data preparation on Ray Data: the run's tokenizer, then every data set read, cleaned,
+deduplicated, tokenized (actor pool) and written as parquet shards with a manifest of counts.
+
+Artifacts: `<run>/tokenizer/` and `<run>/data/<name>/` (`shards/*.parquet`, `problems.jsonl`,
+`resolved_config.yaml`, `manifest.json` written last). An artifact whose fingerprint matches is
+reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alloylm import storage
+from alloylm.config import RunConfig, fingerprint
+from alloylm.data import clean, minhash
+from alloylm.data.sources import SourceError, read_dataset
+from alloylm.data.tokenize import PackTokenBlocks, RenderChats, RenderPreferences, benchmark_rows, blocks_table, pack_token_ids
+
+log = logging.getLogger("alloylm.data")
+MAX_PROBLEMS_SHOWN = 10
+
+
+class DataPreparationError(Exception):
+    """A data set that cannot be prepared (no usable record, unreadable source)."""
+
+
+def tokenizer_uri(config: RunConfig) -> str:
+    return storage.join(config.run_uri, "tokenizer")
+
+
+def dataset_uri(config: RunConfig, name: str) -> str:
+    return storage.join(config.run_uri, "data", name)
+
+
+def _source_signature(source: str) -> Any:
+    """What identifies a source's current content, for the fingerprint."""
+    if source.startswith("builtin:"):
+        return source
+    if source.startswith("hf:"):
+        state = os.path.join(os.path.expanduser(source[3:]), "state.json")
+        if os.path.isfile(state):
+            with open(state, encoding="utf-8") as f:
+                return [source, json.load(f).get("_fingerprint")]
+        return source
+    try:
+        files = storage.list_files(source) if any(c in source for c in "*?[") or storage.exists(source) else []
+        fs, _ = storage.fsspec_filesystem(source)
+        listing = []
+        for uri in files:
+            info = fs.info(storage.fsspec_filesystem(uri)[1])
+            listing.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))])
+    except storage.StorageError as exc:
+        raise SourceError(str(exc)) from None
+    if not files:
+        raise SourceError(f"no such file or folder, or nothing in it: {source}")
+    return listing
+
+
+def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str) -> str:
+    dataset = config.datasets[name]
+    prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
+    builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
+    sources = [_source_signature(s) for s in dataset.sources]
+    return fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, sources, tokenizer_fingerprint)
+
+
+def _up_to_date(uri: str, fp: str) -> dict | None:
+    manifest = storage.read_manifest(uri)
+    return manifest if manifest and manifest.get("fingerprint") == fp else None
+
+
+def _write_local_dir_to(local_dir: str, uri: str) -> None:
+    if storage.is_remote(uri):
+        storage.upload_dir(local_dir, uri)
+    else:
+        for root, _, files in os.walk(local_dir):
+            for file in files:
+                src = os.path.join(root, file)
+                dst = os.path.join(uri, os.path.relpath(src, local_dir))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer_training_texts(config: RunConfig, limit: int):
+    train = config.tokenizer.train
+    names = train.datasets or [n for n, d in config.datasets.items() if d.format in ("text", "chat")]
+    for name in names:
+        ds = read_dataset(config, name).filter(expr="drop_reason == ''").limit(limit)
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            for record in batch["record"]:
+                parsed = json.loads(record)
+                if "text" in parsed:
+                    yield parsed["text"]
+                else:
+                    for key in ("messages", "prompt", "chosen", "rejected"):
+                        for message in parsed.get(key, []):
+                            yield message["content"]
+
+
+def prepare_tokenizer(config: RunConfig) -> dict:
+    """Train (or fetch) the run's tokenizer into `<run>/tokenizer/`; returns its manifest."""
+    from alloylm.models.loading import load_tokenizer
+    from alloylm.models.tokenizer import train_tokenizer
+
+    uri = tokenizer_uri(config)
+    spec = config.tokenizer
+    if spec.train:
+        names = spec.train.datasets or sorted(n for n, d in config.datasets.items() if d.format in ("text", "chat"))
+        if not names:
+            raise DataPreparationError("tokenizer.train: the run has no text or chat data set to train a tokenizer on")
+        inputs = [dataset_fingerprint(config, n, "") for n in names]
+    else:
+        inputs = [spec.from_]
+    fp = fingerprint("tokenizer", spec.model_dump(mode="json", by_alias=True), inputs)
+    manifest = _up_to_date(uri, fp)
+    if manifest:
+        log.info("tokenizer: up to date (%s)", uri)
+        return manifest
+    started = time.monotonic()
+    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+        if spec.train:
+            log.info("tokenizer: training byte-level BPE (vocab %d) on %s", spec.train.vocab_size, ", ".join(names))
+            tokenizer = train_tokenizer(
+                _tokenizer_training_texts(config, spec.train.max_documents),
+                vocab_size=spec.train.vocab_size,
+                min_frequency=spec.train.min_frequency,
+            )
+        else:
+            log.info("tokenizer: taking the tokenizer of %s", spec.from_)
+            tokenizer = load_tokenizer(spec.from_, trust_remote_code=config.trust_remote_code)
+        tokenizer.model_max_length = spec.model_max_length
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "resolved_config.yaml"), "w", encoding="utf-8") as f:
+                f.write(config.resolved_yaml())
+            _write_local_dir_to(tmp, artifact.staging_uri)
+        return artifact.commit(
+            {
+                "kind": "tokenizer",
+                "fingerprint": fp,
+                "vocab_size": len(tokenizer),
+                "eos_token": tokenizer.eos_token,
+                "has_chat_template": bool(tokenizer.chat_template),
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# One data set
+# ---------------------------------------------------------------------------------------------
+
+
+def _clean_batch(batch: dict[str, np.ndarray], fmt: str, min_chars: int, max_chars: int, near: dict | None) -> pa.Table:
+    """Ray Data UDF: normalise records, set length drop reasons, add the content hash and MinHash signature."""
+    if near:
+        a, b = minhash.permutations(near["num_perm"])
+    records, reasons, hashes, signatures = [], [], [], []
+    for record_json, reason in zip(batch["record"], batch["drop_reason"]):
+        signature = None
+        if reason:
+            records.append(record_json)
+            hashes.append("")
+        else:
+            record = clean.normalise_record(json.loads(record_json), fmt)
+            reason = clean.drop_reason(record, fmt, min_chars=min_chars, max_chars=max_chars)
+            records.append(json.dumps(record, ensure_ascii=False))
+            hashes.append(clean.content_hash(record))
+            if near and not reason:
+                signature = minhash.signature(record["text"], a, b, near["shingle_chars"])
+        reasons.append(reason)
+        signatures.append(signature)
+    table = {name: batch[name] for name in ("id", "origin", "detail")}
+    table.update(record=records, drop_reason=reasons, content_hash=hashes)
+    out = pa.table({k: pa.array(list(v), pa.string()) for k, v in table.items()})
+    if near:
+        out = out.append_column("signature", pa.array([None if s is None else s.tolist() for s in signatures], pa.list_(pa.uint32())))
+    return out
+
+
+def _drop_duplicates(batch: pa.Table, duplicates: dict[str, str]) -> pa.Table:
+    """Ray Data UDF: keep rows without a drop reason whose id is not a duplicate."""
+    ids = batch.column("id").to_pylist()
+    keep = [not reason and id_ not in duplicates for id_, reason in zip(ids, batch.column("drop_reason").to_pylist())]
+    return batch.filter(pa.array(keep)).select(["id", "record"])
+
+
+def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[str, tuple[str, str]], Counter, list[dict]]:
+    """Scan the annotated rows on the driver: duplicates (id -> (reason, duplicate_of)), counts, problems."""
+    columns = ["id", "origin", "drop_reason", "detail", "content_hash"] + (["signature"] if near else [])
+    reasons: Counter = Counter()
+    problems: list[dict] = []
+    kept_ids: list[str] = []
+    kept_hashes: list[str] = []
+    kept_signatures: list[np.ndarray] = []
+    for batch in annotated.select_columns(columns).iter_batches(batch_size=4096, batch_format="pyarrow"):
+        rows = batch.to_pydict()
+        for i, id_ in enumerate(rows["id"]):
+            reason = rows["drop_reason"][i]
+            if reason:
+                reasons[reason] += 1
+                problems.append({"id": id_, "origin": rows["origin"][i], "reason": reason, "detail": rows["detail"][i]})
+            else:
+                kept_ids.append(id_)
+                kept_hashes.append(rows["content_hash"][i])
+                if near:
+                    kept_signatures.append(np.asarray(rows["signature"][i], dtype=np.uint32))
+    duplicates: dict[str, tuple[str, str]] = {}
+    if exact:
+        first: dict[str, str] = {}
+        for id_, digest in sorted(zip(kept_ids, kept_hashes)):
+            if digest in first:
+                duplicates[id_] = ("exact_duplicate", first[digest])
+            else:
+                first[digest] = id_
+    if near and kept_ids:
+        remaining = [i for i, id_ in enumerate(kept_ids) if id_ not in duplicates]
+        ids = [kept_ids[i] for i in remaining]
+        signatures = np.stack([kept_signatures[i] for i in remaining]) if remaining else np.zeros((0, near["num_perm"]), np.uint32)
+        for id_, of in minhash.near_duplicates(ids, signatures, near["threshold"]).items():
+            duplicates[id_] = ("near_duplicate", of)
+    for id_, (reason, of) in sorted(duplicates.items()):
+        reasons[reason] += 1
+        problems.append({"id": id_, "reason": reason, "detail": f"duplicate of {of}"})
+    return duplicates, reasons, problems
+
+
+def _write_shards(ds, uri: str, rows_per_shard: int) -> None:
+    fs, path = storage.arrow_filesystem(uri)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
+
+
+def _write_table(table: pa.Table, uri: str) -> None:
+    fs, path = storage.arrow_filesystem(uri)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def _prepare_text(config: RunConfig, kept, shards_uri: str, tok_uri: str) -> dict[str, int]:
+    prep = config.data
+    packed = kept.map_batches(
+        PackTokenBlocks,
+        fn_constructor_kwargs={"tokenizer_uri": tok_uri, "block_size": prep.block_size, "trust_remote_code": config.trust_remote_code},
+        batch_size=prep.batch_size,
+        batch_format="numpy",
+        concurrency=prep.tokenizer_actors,
+        num_cpus=prep.cpus_per_tokenizer_actor,
+    ).materialize()
+    blocks = packed.filter(expr="is_tail == False").select_columns(["input_ids"])
+    _write_shards(blocks, shards_uri, prep.rows_per_shard)
+    full_blocks = blocks.count()
+    # Per-batch tails are packed together here, so only the run's final partial block is left over.
+    tails = [row["input_ids"] for row in packed.filter(expr="is_tail == True").iter_rows()]
+    flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in tails]) if tails else np.zeros(0, np.int32)
+    width = prep.block_size
+    tail_blocks = flat[: (flat.size // width) * width].reshape(-1, width)
+    rest = flat[tail_blocks.size :]
+    counts = {"blocks": full_blocks + len(tail_blocks), "tokens_dropped_tail": 0, "tail_padded_tokens": 0}
+    table = blocks_table(tail_blocks, np.zeros(0, np.int32)).select(["input_ids"])
+    if rest.size and prep.tail == "pad":
+        from alloylm.models.loading import load_tokenizer
+
+        pad_id = load_tokenizer(tok_uri, trust_remote_code=config.trust_remote_code).pad_token_id
+        padded = np.full(width, pad_id, dtype=np.int32)
+        padded[: rest.size] = rest
+        mask = np.zeros(width, dtype=np.int8)
+        mask[: rest.size] = 1
+        table = blocks_table(np.vstack([tail_blocks, padded[None]]), np.zeros(0, np.int32)).select(["input_ids"])
+        counts.update(blocks=counts["blocks"] + 1, tail_padded_tokens=int(width - rest.size))
+        masks = pa.array([[1] * width] * len(tail_blocks) + [mask.tolist()], pa.list_(pa.int8()))
+        _write_table(table.append_column("attention_mask", masks), storage.join(shards_uri, "tail.parquet"))
+    else:
+        counts["tokens_dropped_tail"] = int(rest.size)
+        if len(tail_blocks):
+            _write_table(table, storage.join(shards_uri, "tail.parquet"))
+    counts["tokens_out"] = counts["blocks"] * width - counts["tail_padded_tokens"]
+    return counts
+
+
+def _prepare_rendered(config: RunConfig, kept, shards_uri: str, tok_uri: str, fmt: str) -> dict[str, int]:
+    prep = config.data
+    if fmt == "benchmark":
+        rendered = kept.map_batches(benchmark_rows, batch_format="numpy", batch_size=prep.batch_size)
+    else:
+        rendered = kept.map_batches(
+            RenderChats if fmt == "chat" else RenderPreferences,
+            fn_constructor_kwargs={"tokenizer_uri": tok_uri, "trust_remote_code": config.trust_remote_code},
+            batch_size=prep.batch_size,
+            batch_format="numpy",
+            concurrency=prep.tokenizer_actors,
+            num_cpus=prep.cpus_per_tokenizer_actor,
+        )
+    rendered = rendered.materialize()
+    _write_shards(rendered, shards_uri, prep.rows_per_shard)
+    counts = {"records_out": rendered.count()}
+    if fmt != "benchmark":
+        counts["tokens_out"] = int(rendered.sum("num_tokens") or 0)
+    else:
+        counts["by_split"] = dict(Counter(r["split"] for r in rendered.select_columns(["split"]).iter_rows()))
+    return counts
+
+
+def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> dict:
+    """Prepare data set `name` into `<run>/data/<name>/`; returns its manifest (reused if up to date)."""
+    import ray.data
+
+    dataset = config.datasets[name]
+    uri = dataset_uri(config, name)
+    fp = dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"])
+    manifest = _up_to_date(uri, fp)
+    if manifest:
+        log.info("data %s: up to date (%s)", name, uri)
+        return manifest
+    # Same input, same shards: blocks come out in input order, so packing is reproducible.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    started = time.monotonic()
+    fmt, prep = dataset.format, config.data
+    near = None
+    if fmt == "text" and prep.near_dedup.enabled:
+        near = prep.near_dedup.model_dump(include={"threshold", "num_perm", "shingle_chars"})
+    exact = prep.exact_dedup and fmt != "benchmark"
+    log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
+    raw = read_dataset(config, name)
+    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+        annotated = raw.map_batches(
+            _clean_batch,
+            fn_kwargs={"fmt": fmt, "min_chars": prep.min_chars, "max_chars": prep.max_chars, "near": near},
+            batch_format="numpy",
+            batch_size=prep.batch_size,
+        ).materialize()
+        documents_in = annotated.count()
+        duplicates, dropped, problems = _find_duplicates(annotated, exact, near)
+        kept_count = documents_in - sum(dropped.values())
+        if kept_count == 0:
+            shown = "; ".join(p["detail"] for p in problems[:MAX_PROBLEMS_SHOWN])
+            raise DataPreparationError(
+                f"data set {name!r}: none of its {documents_in} records is usable "
+                f"(dropped: {dict(dropped)}){': ' + shown if shown else ''}"
+            )
+        kept = annotated.map_batches(_drop_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
+        shards_uri = storage.join(artifact.staging_uri, "shards")
+        tok_uri = tokenizer_uri(config)
+        if fmt == "text":
+            counts = _prepare_text(config, kept, shards_uri, tok_uri)
+        else:
+            counts = _prepare_rendered(config, kept, shards_uri, tok_uri, fmt)
+        storage.write_text(storage.join(artifact.staging_uri, "problems.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
+        storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
+        shards = sorted(os.path.basename(f) for f in storage.list_files(shards_uri) if f.endswith(".parquet"))
+        for problem in problems[:MAX_PROBLEMS_SHOWN]:
+            log.warning("data %s: skipped %s: %s", name, problem["reason"], problem["detail"])
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            log.warning("data %s: %d more skipped records are listed in %s/problems.jsonl", name, len(problems) - MAX_PROBLEMS_SHOWN, uri)
+        manifest = artifact.commit(
+            {
+                "kind": "dataset",
+                "name": name,
+                "format": fmt,
+                "fingerprint": fp,
+                "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
+                "sources": list(dataset.sources),
+                "block_size": prep.block_size if fmt == "text" else None,
+                "counts": {"documents_in": documents_in, "documents_kept": kept_count, "dropped": dict(sorted(dropped.items())), **counts},
+                "shards": [f"shards/{s}" for s in shards],
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
+    c = manifest["counts"]
+    log.info(
+        "data %s: %d in, %d kept, dropped %s, %s tokens out -> %s",
+        name, c["documents_in"], c["documents_kept"], c["dropped"] or "none", c.get("tokens_out", "-"), uri,
+    )
+    return manifest
+
+
+def prepare_all(config: RunConfig, names: list[str] | None = None) -> dict[str, dict]:
+    """The tokenizer, then every data set of the run (or `names`); returns the manifests by name."""
+    unknown = [n for n in names or [] if n not in config.datasets]
+    if unknown:
+        raise DataPreparationError(f"unknown data set(s) {', '.join(unknown)}; known: {', '.join(sorted(config.datasets))}")
+    tokenizer_manifest = prepare_tokenizer(config)
+    return {name: prepare_dataset(config, name, tokenizer_manifest) for name in (names or list(config.datasets))}

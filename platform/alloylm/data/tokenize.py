@@ -1,0 +1,157 @@
+"""Ray Data actors that tokenize: packing text into fixed-length blocks, and rendering chats and
+preference pairs with the model's chat template. Each actor loads the tokenizer once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+TOKENS_TYPE = pa.list_(pa.int32())
+
+
+def _load_tokenizer(tokenizer_uri: str, trust_remote_code: bool):
+    from alloylm.models.loading import load_tokenizer
+
+    return load_tokenizer(tokenizer_uri, trust_remote_code=trust_remote_code)
+
+
+def pack_token_ids(sequences: list[list[int]], eos_id: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate sequences, each followed by EOS, and cut into full blocks.
+
+    Returns (blocks of shape (n, block_size), the leftover tail shorter than block_size).
+    """
+    lengths = np.fromiter((len(s) + 1 for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.empty(int(lengths.sum()), dtype=np.int32)
+    ends = np.cumsum(lengths)
+    for seq, end, size in zip(sequences, ends, lengths):
+        flat[end - size : end - 1] = seq
+        flat[end - 1] = eos_id
+    full = (flat.size // block_size) * block_size
+    return flat[:full].reshape(-1, block_size), flat[full:]
+
+
+def blocks_table(blocks: np.ndarray, tail: np.ndarray) -> pa.Table:
+    """Blocks plus the tail (flagged `is_tail`) as an Arrow table with a list<int32> `input_ids`."""
+    values = np.concatenate([blocks.ravel(), tail]).astype(np.int32, copy=False)
+    rows, width = blocks.shape
+    offsets = np.arange(rows + 1, dtype=np.int32) * width
+    is_tail = [False] * rows
+    if tail.size:
+        offsets = np.append(offsets, offsets[-1] + tail.size)
+        is_tail.append(True)
+    ids = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
+    return pa.table({"input_ids": ids, "is_tail": pa.array(is_tail, pa.bool_())})
+
+
+class PackTokenBlocks:
+    """Tokenize a batch of text records and pack them into blocks of `block_size` tokens.
+
+    Documents are joined with EOS; what is left over after the last full block of the batch is
+    returned as one `is_tail` row, so the driver can pack all tails together at the end.
+    """
+
+    def __init__(self, tokenizer_uri: str, block_size: int, trust_remote_code: bool = False):
+        self.tokenizer = _load_tokenizer(tokenizer_uri, trust_remote_code)
+        self.block_size = block_size
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        texts = [json.loads(record)["text"] for record in batch["record"]]
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        blocks, tail = pack_token_ids(encoded, self.eos_id, self.block_size)
+        return blocks_table(blocks, tail)
+
+
+def _messages(value: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+class RenderChats:
+    """Render chat records with the chat template; keeps the messages for TRL and the token count."""
+
+    def __init__(self, tokenizer_uri: str, trust_remote_code: bool = False):
+        self.tokenizer = _load_tokenizer(tokenizer_uri, trust_remote_code)
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"the tokenizer at {tokenizer_uri} has no chat template; chat data cannot be formatted")
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids, messages, texts, counts = [], [], [], []
+        for id_, record in zip(batch["id"], batch["record"]):
+            chat = _messages(json.loads(record)["messages"])
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False)
+            ids.append(str(id_))
+            messages.append(chat)
+            texts.append(text)
+            counts.append(self._count(text))
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "messages": pa.array(messages, MESSAGES_TYPE),
+                "text": pa.array(texts, pa.string()),
+                "num_tokens": pa.array(counts, pa.int32()),
+            }
+        )
+
+
+class RenderPreferences(RenderChats):
+    """Render preference pairs: the prompt with the generation prompt, each answer as its continuation."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        columns: dict[str, list[Any]] = {k: [] for k in ("id", "prompt", "chosen", "rejected", "prompt_text", "chosen_text", "rejected_text", "num_tokens")}
+        for id_, record in zip(batch["id"], batch["record"]):
+            pair = json.loads(record)
+            prompt = _messages(pair["prompt"])
+            prompt_text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            answers = {}
+            for key in ("chosen", "rejected"):
+                full = self.tokenizer.apply_chat_template(prompt + _messages(pair[key]), tokenize=False)
+                answers[key] = full[len(prompt_text):] if full.startswith(prompt_text) else full
+            columns["id"].append(str(id_))
+            columns["prompt"].append(prompt)
+            columns["chosen"].append(_messages(pair["chosen"]))
+            columns["rejected"].append(_messages(pair["rejected"]))
+            columns["prompt_text"].append(prompt_text)
+            columns["chosen_text"].append(answers["chosen"])
+            columns["rejected_text"].append(answers["rejected"])
+            columns["num_tokens"].append(self._count(prompt_text) + max(self._count(answers["chosen"]), self._count(answers["rejected"])))
+        types = {"prompt": MESSAGES_TYPE, "chosen": MESSAGES_TYPE, "rejected": MESSAGES_TYPE, "num_tokens": pa.int32()}
+        return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in columns.items()})
+
+
+BENCHMARK_COLUMNS = {
+    "id": pa.string(),
+    "split": pa.string(),
+    "type": pa.string(),
+    "question": pa.string(),
+    "choices": pa.list_(pa.string()),
+    "answer_index": pa.int32(),
+    "answer": pa.string(),
+    "answer_value": pa.float64(),
+    "unit": pa.string(),
+    "material": pa.string(),
+    "property": pa.string(),
+    "fact_id": pa.string(),
+    "metadata": pa.string(),
+}
+
+
+def benchmark_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Ray Data UDF: benchmark records -> typed columns; keys we do not know go to `metadata` (JSON)."""
+    columns: dict[str, list[Any]] = {k: [] for k in BENCHMARK_COLUMNS}
+    for id_, record in zip(batch["id"], batch["record"]):
+        item = json.loads(record)
+        item["id"] = str(id_)
+        item.setdefault("choices", [])
+        item.setdefault("answer_index", -1)
+        extra = {k: v for k, v in item.items() if k not in BENCHMARK_COLUMNS}
+        for key in BENCHMARK_COLUMNS:
+            columns[key].append(json.dumps(extra, sort_keys=True) if key == "metadata" else item.get(key))
+    return pa.table({k: pa.array(v, BENCHMARK_COLUMNS[k]) for k, v in columns.items()})

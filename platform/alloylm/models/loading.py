@@ -1,0 +1,263 @@
+"""Where models come from and go to: a local folder, an ``s3://`` URI or a Hugging Face Hub id.
+
+This module owns turning a model source into something ``from_pretrained`` can read (S3 folders
+are downloaded into a local cache first), the rule that weights are loaded from safetensors only
+and remote code is never run unless asked for, and saving a model with its tokenizer to a local
+folder or to S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub import constants as hub_constants
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from alloylm import storage
+
+SourceKind = Literal["local", "s3", "hub"]
+
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "alloylm", "models")
+
+# The Hub's repo id rule: "org/name", each part letters, digits, "-", "_", "." (not first or
+# last, no "--" or ".."), at most 96 characters in all.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
+_LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_COMPLETE_MARKER = ".alloylm-download-complete"
+
+
+def classify_source(source: str) -> SourceKind:
+    """"local" (a path, or anything that exists on disk), "s3" (``s3://``) or "hub" (``org/name``).
+
+    Raises ValueError for anything else, e.g. a bare name that is neither a folder nor a Hub id.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"a model source must be a non-empty string, got {source!r}")
+    if source.startswith("s3://"):
+        return "s3"
+    if source.startswith(_LOCAL_PREFIXES) or os.path.exists(source):
+        return "local"
+    if "://" in source:
+        raise ValueError(
+            f"unsupported model source {source!r}: the URI schemes supported are s3:// and file://"
+        )
+    if (
+        len(source) <= 96
+        and _HUB_ID.fullmatch(source)
+        and "--" not in source
+        and ".." not in source
+    ):
+        return "hub"
+    raise ValueError(
+        f"model source {source!r} is not an existing local path, not an s3:// URI and not a "
+        "Hugging Face Hub id of the form 'org/name' (letters, digits, '-', '_', '.'); "
+        "write a relative path as './name'"
+    )
+
+
+def materialize_model_dir(source: str, *, cache_dir: str | None = None) -> str:
+    """Something ``from_pretrained`` can read: a local folder with config.json, or the Hub id.
+
+    An ``s3://`` folder is downloaded once into ``cache_dir`` (default ``~/.cache/alloylm/models``)
+    and reused afterwards; a Hub id is returned unchanged (transformers fetches and caches it).
+    """
+    return _materialize(source, cache_dir=cache_dir, required_file="config.json")
+
+
+def _materialize(source: str, *, cache_dir: str | None, required_file: str) -> str:
+    kind = classify_source(source)
+    if kind == "hub":
+        return source
+    if kind == "s3":
+        local = _download_cached(source, cache_dir=cache_dir)
+        _require_file(local, required_file, shown_as=source)
+        return local
+    path = Path(source.removeprefix("file://")).expanduser().absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model source {path} is a file; expected a Hugging Face model folder"
+        )
+    _require_file(str(path), required_file, shown_as=str(path))
+    return str(path)
+
+
+def _require_file(folder: str, name: str, *, shown_as: str) -> None:
+    if not os.path.isfile(os.path.join(folder, name)):
+        found = sorted(os.listdir(folder))
+        raise FileNotFoundError(
+            f"{shown_as} is not a Hugging Face model folder: {name} is missing "
+            f"(it holds: {', '.join(found) if found else 'nothing'})"
+        )
+
+
+def _download_cached(uri: str, *, cache_dir: str | None) -> str:
+    """The local copy of the S3 folder ``uri``, downloaded unless a complete copy is cached."""
+    cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser().absolute()
+    # An artifact rewritten at the same URI gets a new manifest (its created_at changes), hence a
+    # new cache entry; a folder without a manifest is keyed by its URI alone.
+    key_material = uri.rstrip("/")
+    manifest = storage.read_manifest(uri)
+    if manifest is not None:
+        key_material += "\n" + json.dumps(manifest, sort_keys=True)
+    key = hashlib.sha256(key_material.encode("utf-8")).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "model"
+    final = cache / f"{name}-{key}"
+    if (final / _COMPLETE_MARKER).is_file():
+        return str(final)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Downloaded beside the final folder and renamed into place, so that a crash never leaves a
+    # half-downloaded folder that looks complete, and concurrent workers on one node do not mix
+    # their files: the first rename wins, the others drop their copy.
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache))
+    try:
+        storage.download_dir(uri, str(partial))
+        (partial / _COMPLETE_MARKER).write_text(uri + "\n", encoding="utf-8")
+        if final.exists() and not (final / _COMPLETE_MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # left by an older, interrupted layout
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not (final / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(final)
+
+
+def _hub_error(what: str, source: str, err: Exception) -> OSError:
+    offline = (
+        " HF_HUB_OFFLINE=1 is set, so only models already in the local Hugging Face cache can be "
+        "loaded; download it beforehand (`hf download`) or unset HF_HUB_OFFLINE."
+        if hub_constants.HF_HUB_OFFLINE
+        else ""
+    )
+    return OSError(
+        f"cannot load the {what} of Hugging Face Hub model {source!r}: {err}{offline} "
+        "A local folder or an s3:// URI needs no network."
+    )
+
+
+def load_tokenizer(
+    source: str, *, trust_remote_code: bool = False, cache_dir: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved at ``source`` (local folder, ``s3://`` folder or Hub id)."""
+    kind = classify_source(source)
+    location = _materialize(source, cache_dir=cache_dir, required_file="tokenizer_config.json")
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if kind == "hub":
+            raise _hub_error("tokenizer", source, err) from err
+        raise
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use 'auto' or a torch dtype name such as 'float32', "
+            "'bfloat16' or 'float16'"
+        )
+    return resolved
+
+
+def _require_safetensors(folder: str, shown_as: str) -> None:
+    files = os.listdir(folder)
+    if any(f.endswith(".safetensors") for f in files) or _SAFETENSORS_INDEX in files:
+        return
+    pickled = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+    if pickled:
+        # Pickle checkpoints can run arbitrary code when unpickled; safetensors cannot.
+        raise FileNotFoundError(
+            f"{shown_as} holds only PyTorch pickle weights ({', '.join(pickled)}); AlloyLM loads "
+            "safetensors only (model.safetensors), because a pickle file can run code when "
+            "loaded. Re-save the model with save_pretrained() from a trusted environment."
+        )
+    raise FileNotFoundError(
+        f"{shown_as} holds no model weights: model.safetensors (or {_SAFETENSORS_INDEX} and its "
+        f"shards) is missing (it holds: {', '.join(sorted(files))})"
+    )
+
+
+def load_model(
+    source: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str | None = None,
+    cache_dir: str | None = None,
+) -> PreTrainedModel:
+    """The causal LM saved at ``source``, from safetensors; remote code runs only if trusted.
+
+    ``dtype`` None keeps transformers' default; "auto" uses the dtype the weights were saved in.
+    """
+    kind = classify_source(source)
+    torch_dtype = _resolve_dtype(dtype)
+    location = materialize_model_dir(source, cache_dir=cache_dir)
+    if kind != "hub":
+        _require_safetensors(location, shown_as=source if kind == "s3" else location)
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            location, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as err:
+        if kind == "hub":
+            raise _hub_error("model", source, err) from err
+        raise
+
+
+def _save_pretrained(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str
+) -> None:
+    # transformers 5 always writes safetensors (it has no safe_serialization switch any more).
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    _require_safetensors(folder, shown_as=folder)
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, uri: str
+) -> None:
+    """Save ``model`` (safetensors) and ``tokenizer`` as one Hugging Face folder at ``uri``.
+
+    A local folder is written beside its destination and then swapped in, replacing whatever was
+    there; a remote one (``s3://``) is written to a temporary folder and uploaded.
+    """
+    if storage.is_remote(uri):
+        with tempfile.TemporaryDirectory(prefix="alloylm-save-") as folder:
+            _save_pretrained(model, tokenizer, folder)
+            storage.upload_dir(folder, uri)
+        return
+    dest = Path(uri.removeprefix("file://")).expanduser().absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.saving-", dir=dest.parent))
+    try:
+        _save_pretrained(model, tokenizer, str(staging))
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
+        os.rename(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
