@@ -336,6 +336,18 @@ def test_arrow_filesystem_parquet_roundtrip(root):
     assert storage.list_files(storage.join(root, "data")) == [uri]
 
 
+def test_artifact_written_through_pyarrow_folders_commits(root):
+    # pyarrow's S3 create_dir leaves "folder/" marker objects; they are not files to copy or list.
+    with storage.begin_artifact(storage.join(root, "art")) as art:
+        fs, path = storage.arrow_filesystem(storage.join(art.staging_uri, "shards"))
+        fs.create_dir(path)
+        pq.write_table(pa.table({"a": [1]}), f"{path}/part-0.parquet", filesystem=fs)
+        art.commit({"kind": "test"})
+    final = storage.join(root, "art")
+    assert storage.is_complete(final)
+    assert storage.list_files(final) == sorted([storage.join(final, "manifest.json"), storage.join(final, "shards", "part-0.parquet")])
+
+
 # ----------------------------------------------------------------------------- no endpoint
 
 

@@ -314,7 +314,8 @@ def list_files(uri: str, pattern: str | None = None) -> list[str]:
             found = fs.glob(pattern_path, detail=True)
         else:
             found = fs.find(path, detail=True)
-    files = [name for name, info in found.items() if info.get("type") == "file"]
+    # Keys ending in "/" are S3 "folder" marker objects (pyarrow writes them), not files.
+    files = [name for name, info in found.items() if info.get("type") == "file" and not name.endswith("/")]
     return sorted(_full_uri(uri, fs, name) for name in files)
 
 
@@ -325,6 +326,8 @@ def _relative_files(uri: str) -> list[tuple[str, str]]:
         found = fs.find(root)
     out = []
     for name in found:
+        if name.endswith("/"):
+            continue  # an S3 "folder" marker object (pyarrow writes them), not a file
         rel = posixpath.relpath(name, root) if is_remote(uri) else os.path.relpath(name, root)
         rel = rel.replace(os.sep, "/")
         if rel == "." or rel.startswith("../"):

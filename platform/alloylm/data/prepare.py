@@ -170,8 +170,8 @@ def _clean_batch(batch: dict[str, np.ndarray], fmt: str, min_chars: int, max_cha
     """Ray Data UDF: normalise records, set length drop reasons, add the content hash and MinHash signature."""
     if near:
         a, b = minhash.permutations(near["num_perm"])
-    records, reasons, hashes, signatures = [], [], [], []
-    for record_json, reason in zip(batch["record"], batch["drop_reason"]):
+    records, reasons, hashes, signatures, details = [], [], [], [], []
+    for record_json, reason, origin, detail in zip(batch["record"], batch["drop_reason"], batch["origin"], batch["detail"]):
         signature = None
         if reason:
             records.append(record_json)
@@ -179,13 +179,16 @@ def _clean_batch(batch: dict[str, np.ndarray], fmt: str, min_chars: int, max_cha
         else:
             record = clean.normalise_record(json.loads(record_json), fmt)
             reason = clean.drop_reason(record, fmt, min_chars=min_chars, max_chars=max_chars)
+            if reason:
+                detail = f"{origin}: {reason.replace('_', ' ')} ({len(record.get('text', ''))} characters)"
             records.append(json.dumps(record, ensure_ascii=False))
             hashes.append(clean.content_hash(record))
             if near and not reason:
                 signature = minhash.signature(record["text"], a, b, near["shingle_chars"])
         reasons.append(reason)
         signatures.append(signature)
-    table = {name: batch[name] for name in ("id", "origin", "detail")}
+        details.append(detail)
+    table = {"id": batch["id"], "origin": batch["origin"], "detail": details}
     table.update(record=records, drop_reason=reasons, content_hash=hashes)
     out = pa.table({k: pa.array(list(v), pa.string()) for k, v in table.items()})
     if near:

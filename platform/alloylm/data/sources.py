@@ -76,7 +76,7 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
             out[key].append(value)
 
     for path, data in zip(batch["path"], batch["bytes"]):
-        name = os.path.basename(path)
+        name = path  # the full path: two files may share a base name in different folders
         text, reason, detail = _decode_file(path, bytes(data))
         if text is None:
             add(_row(name, path, None, reason, detail))

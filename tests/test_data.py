@@ -1,0 +1,346 @@
+"""Data preparation on a real local Ray cluster: files, built-in, Hugging Face and S3 sources,
+bad input counted by reason, deduplication, packing, manifests, reruns and overwrite rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alloylm import storage
+from alloylm.config import validate_config
+from alloylm.data import minhash
+from alloylm.data.clean import normalise_text
+from alloylm.data.prepare import DataPreparationError, prepare_all, prepare_dataset, prepare_tokenizer
+from alloylm.data.sources import SourceError
+from alloylm.data.tokenize import pack_token_ids
+from alloylm.models.loading import load_tokenizer
+from alloylm.models.tokenizer import train_tokenizer
+
+SMALL_BUILTIN = {"materials": 4, "documents_per_material": 2, "general_documents": 40, "general_chats": 40,
+                 "heldout_documents": 4, "general_heldout_documents": 8}
+UNIQUE_DOCS = [
+    "Spider silk draglines combine strength and extensibility in a way few fibres match.",
+    "Nacre owes its toughness to a brick-and-mortar arrangement of aragonite tablets.",
+    "Bone remodels continuously, replacing damaged tissue with new mineralised collagen.",
+    "Wood cell walls layer cellulose microfibrils at angles that tune stiffness.",
+    "Mussel byssus threads grade from stiff to soft along their length.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    from alloylm.corpus import BuiltinCorpusOptions, generate_builtin
+
+    texts = [row["text"] for row in generate_builtin("general-text", BuiltinCorpusOptions(**SMALL_BUILTIN))] + UNIQUE_DOCS * 3
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(texts, vocab_size=400).save_pretrained(str(path))
+    return str(path)
+
+
+def make_config(storage_uri: str, datasets: dict, tokenizer_dir: str | None = None, **extra):
+    raw = {
+        "experiment": "t",
+        "storage": storage_uri,
+        "builtin": SMALL_BUILTIN,
+        "tokenizer": {"from": tokenizer_dir} if tokenizer_dir else {"train": {"vocab_size": 400}},
+        "datasets": datasets,
+        "data": {"block_size": 32, "tokenizer_actors": 1},
+        **extra,
+    }
+    return validate_config(raw)
+
+
+def read_shards(uri: str) -> pa.Table:
+    files = [f for f in storage.list_files(storage.join(uri, "shards")) if f.endswith(".parquet")]
+    tables = []
+    for f in files:
+        fs, path = storage.arrow_filesystem(f)
+        tables.append(pq.read_table(path, filesystem=fs))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+# ---------------------------------------------------------------------------------------------
+# A messy corpus folder, a chat JSONL with a malformed line, a Hugging Face data set on disk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def messy_inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    corpus = root / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i, text in enumerate(UNIQUE_DOCS[:3]):
+        (corpus / f"doc{i}.txt").write_text(text * 4)
+    (corpus / "sub" / "notes.md").write_text("# Notes\r\n\r\n\r\n\r\n" + UNIQUE_DOCS[3] * 4 + "   \n")
+    (corpus / "sub" / "doc0.txt").write_text(UNIQUE_DOCS[4] * 4)  # same file name in another folder
+    (corpus / "copy.txt").write_text(UNIQUE_DOCS[0] * 4)  # exact duplicate of doc0.txt
+    (corpus / "near.txt").write_text((UNIQUE_DOCS[1] * 4).replace("toughness", "toughnes"))  # near duplicate of doc1
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (corpus / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me, na\xefve fa\xe7ade".encode("latin-1") * 3)
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "tiny.txt").write_text("short")
+    rows = [{"text": "Keratin in hooves resists impact through tubules and intertubular matrix.", "id": "j1"},
+            {"text": "Enamel prisms interweave so that cracks deflect instead of running straight.", "id": "j2"}]
+    (corpus / "more.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[1]) + "\n")
+
+    chats = root / "chats.jsonl"
+    lines = [
+        json.dumps({"q": "What is nacre?", "a": "A composite of aragonite and protein.", "id": "c1"}),
+        '{"q": "broken", ',
+        json.dumps({"q": "What is silk?", "id": "c3"}),  # no answer column
+        json.dumps({"q": "What is bone?", "a": "A mineralised collagen composite.", "id": "c4"}),
+    ]
+    chats.write_text("\n".join(lines) + "\n")
+
+    import datasets
+
+    hf = datasets.Dataset.from_dict(
+        {
+            "prompt": ["Which is tougher?", "Name a stiff material."],
+            "chosen": ["Nacre is tougher than pure aragonite.", "Enamel is very stiff."],
+            "rejected": ["They are the same.", "Jelly."],
+        }
+    )
+    hf.save_to_disk(str(root / "hf_prefs"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy_run(ray_cluster, messy_inputs, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    config = make_config(
+        str(out),
+        {
+            "corpus": {"source": str(messy_inputs / "corpus"), "format": "text"},
+            "chats": {"source": str(messy_inputs / "chats.jsonl"), "format": "chat", "columns": {"user": "q", "assistant": "a"}},
+            "prefs": {"source": f"hf:{messy_inputs / 'hf_prefs'}", "format": "preference"},
+            "bench": {"source": "builtin:biomaterials-benchmark"},
+        },
+        tokenizer_dir,
+        data={"block_size": 32, "tokenizer_actors": 1, "min_chars": 10},
+    )
+    return config, prepare_all(config)
+
+
+def test_corpus_folder_counts_every_document_by_reason(messy_run):
+    config, manifests = messy_run
+    counts = manifests["corpus"]["counts"]
+    # 5 unique documents, 2 JSONL records, and 8 dropped inputs.
+    assert counts["dropped"] == {
+        "binary": 1,
+        "undecodable": 1,
+        "empty": 1,
+        "too_short": 1,
+        "malformed_json": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+    }
+    assert counts["documents_kept"] == 7
+    assert counts["documents_in"] == counts["documents_kept"] + sum(counts["dropped"].values())
+
+
+def test_problems_file_names_file_and_line(messy_run):
+    config, _ = messy_run
+    uri = storage.join(config.run_uri, "data", "corpus")
+    problems = [json.loads(line) for line in storage.read_text(storage.join(uri, "problems.jsonl")).splitlines()]
+    malformed = [p for p in problems if p["reason"] == "malformed_json"]
+    assert len(malformed) == 1 and malformed[0]["detail"].split(": ")[0].endswith("more.jsonl:2")
+    reasons = {p["reason"]: p for p in problems}
+    assert "image.png" in reasons["binary"]["detail"]
+    assert "latin1.txt" in reasons["undecodable"]["detail"]
+    # The kept copy is the smallest id (the path), whichever order the files were read in.
+    assert reasons["exact_duplicate"]["id"].endswith("/doc0.txt") and reasons["exact_duplicate"]["detail"].endswith("/copy.txt")
+    assert "tiny.txt" in reasons["too_short"]["detail"]
+    assert "near.txt" in reasons["near_duplicate"]["id"] and "doc1.txt" in reasons["near_duplicate"]["detail"]
+
+
+def test_text_is_packed_into_full_blocks_separated_by_eos(messy_run, tokenizer_dir):
+    config, manifests = messy_run
+    manifest = manifests["corpus"]
+    table = read_shards(storage.join(config.run_uri, "data", "corpus"))
+    blocks = np.array(table.column("input_ids").to_pylist())
+    assert blocks.shape == (manifest["counts"]["blocks"], 32)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    flat = blocks.ravel()
+    # One EOS after each kept document; all of them except those in the dropped tail are present.
+    assert (flat == tokenizer.eos_token_id).sum() in range(manifest["counts"]["documents_kept"] - 1, manifest["counts"]["documents_kept"] + 1)
+    text = tokenizer.decode(flat, skip_special_tokens=True)
+    assert "brick-and-mortar" in text and "Keratin in hooves" in text
+    assert manifest["counts"]["tokens_out"] == blocks.size
+    assert 0 <= manifest["counts"]["tokens_dropped_tail"] < 32
+    # Normalisation reached the shards: no Windows newlines, no runs of blank lines.
+    assert "\r" not in text and "\n\n\n" not in text
+
+
+def test_chat_jsonl_keeps_good_rows_and_counts_bad_ones(messy_run):
+    config, manifests = messy_run
+    counts = manifests["chats"]["counts"]
+    assert counts["documents_kept"] == 2
+    assert counts["dropped"] == {"malformed_json": 1, "missing_field": 1}
+    table = read_shards(storage.join(config.run_uri, "data", "chats")).to_pylist()
+    assert sorted(r["id"] for r in table) == ["c1", "c4"]
+    row = next(r for r in table if r["id"] == "c1")
+    assert row["messages"] == [{"role": "user", "content": "What is nacre?"}, {"role": "assistant", "content": "A composite of aragonite and protein."}]
+    assert row["text"].count("<|im_start|>") == 2 and row["num_tokens"] > 5
+    problems = storage.read_text(storage.join(config.run_uri, "data", "chats", "problems.jsonl"))
+    assert "chats.jsonl:2" in problems and "chats.jsonl:3" in problems and "'a'" in problems
+
+
+def test_hugging_face_preferences_from_disk_use_the_chat_template(messy_run):
+    config, manifests = messy_run
+    assert manifests["prefs"]["counts"]["documents_kept"] == 2
+    rows = read_shards(storage.join(config.run_uri, "data", "prefs")).to_pylist()
+    row = next(r for r in rows if r["prompt"][0]["content"] == "Which is tougher?")
+    assert row["chosen"] == [{"role": "assistant", "content": "Nacre is tougher than pure aragonite."}]
+    assert row["prompt_text"].endswith("<|im_start|>assistant\n")
+    assert row["chosen_text"].startswith("Nacre is tougher") and row["rejected_text"].startswith("They are the same.")
+
+
+def test_benchmark_keeps_its_splits(messy_run):
+    config, manifests = messy_run
+    rows = read_shards(storage.join(config.run_uri, "data", "bench")).to_pylist()
+    assert {r["split"] for r in rows} == {"validation", "test"}
+    assert manifests["bench"]["counts"]["by_split"] == {s: sum(r["split"] == s for r in rows) for s in ("test", "validation")}
+    mc = [r for r in rows if r["type"] == "multiple_choice"]
+    assert mc and all(0 <= r["answer_index"] < len(r["choices"]) for r in mc)
+
+
+def test_manifest_is_last_and_resolved_config_is_saved(messy_run):
+    config, manifests = messy_run
+    uri = storage.join(config.run_uri, "data", "corpus")
+    assert storage.is_complete(uri)
+    saved = storage.read_text(storage.join(uri, "resolved_config.yaml"))
+    assert "experiment: t" in saved and "block_size: 32" in saved
+    assert manifests["corpus"]["fingerprint"] and manifests["corpus"]["shards"]
+    assert not any(".staging" in f for f in storage.list_files(config.run_uri) if not f.startswith(str(Path(config.run_uri) / ".staging")))
+
+
+def test_rerun_is_skipped_and_changed_input_is_not_overwritten(messy_run):
+    config, manifests = messy_run
+    tokenizer_manifest = storage.read_manifest(storage.join(config.run_uri, "tokenizer"))
+    again = prepare_dataset(config, "corpus", tokenizer_manifest)
+    assert again == manifests["corpus"]  # reused as is: same created_at, nothing rebuilt
+    changed = validate_config({**config.model_dump(mode="json", by_alias=True), "data": {**config.data.model_dump(), "block_size": 16}})
+    with pytest.raises(storage.ArtifactExistsError, match="overwrite"):
+        prepare_dataset(changed, "corpus", tokenizer_manifest)
+    assert storage.read_manifest(storage.join(config.run_uri, "data", "corpus")) == manifests["corpus"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors before any work
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_input_path_is_named(ray_cluster, tmp_path, tokenizer_dir):
+    config = make_config(str(tmp_path / "runs"), {"x": {"source": str(tmp_path / "nowhere"), "format": "text"}}, tokenizer_dir)
+    with pytest.raises(SourceError, match="nowhere"):
+        prepare_all(config)
+    assert not storage.exists(storage.join(config.run_uri, "data", "x"))
+
+
+def test_preference_data_without_rejected_fails_naming_the_column(ray_cluster, tmp_path, tokenizer_dir):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n" for i in range(3)))
+    config = make_config(str(tmp_path / "runs"), {"p": {"source": str(path), "format": "preference"}}, tokenizer_dir)
+    with pytest.raises(DataPreparationError) as info:
+        prepare_all(config)
+    assert "'rejected'" in str(info.value) and "prefs.jsonl:1" in str(info.value)
+    assert not storage.is_complete(storage.join(config.run_uri, "data", "p"))
+
+
+def test_unreachable_s3_endpoint_fails_clearly(ray_cluster, tmp_path, tokenizer_dir, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    config = make_config(str(tmp_path / "runs"), {"x": {"source": "s3://nobucket/corpus/", "format": "text"}}, tokenizer_dir)
+    with pytest.raises(SourceError, match="s3://nobucket/corpus"):
+        prepare_all(config)
+
+
+def test_cli_data_exit_code_and_message_on_missing_path(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"experiment: t\nstorage: {tmp_path}/runs\ntokenizer: {{train: {{}}}}\n"
+                   f"datasets:\n  x: {{source: {tmp_path}/missing, format: text}}\n")
+    result = subprocess.run([sys.executable, "-m", "alloylm.cli", "data", str(cfg)], capture_output=True, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""}, timeout=600)
+    assert result.returncode == 1
+    assert f"{tmp_path}/missing" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 end to end, and the tokenizer trained on the run's data
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_s3_source_and_s3_storage(ray_cluster, s3_bucket, messy_inputs, tokenizer_dir):
+    prefix = f"s3://{s3_bucket}/inputs/corpus"
+    storage.upload_dir(str(messy_inputs / "corpus"), prefix)
+    config = make_config(f"s3://{s3_bucket}/runs", {"corpus": {"source": prefix, "format": "text"}}, tokenizer_dir,
+                         data={"block_size": 32, "tokenizer_actors": 1, "min_chars": 10})
+    manifest = prepare_all(config)["corpus"]
+    uri = f"s3://{s3_bucket}/runs/t/data/corpus"
+    assert storage.read_manifest(uri) == manifest
+    assert manifest["counts"]["documents_kept"] == 7
+    assert read_shards(uri).num_rows == manifest["counts"]["blocks"]
+    assert storage.is_complete(f"s3://{s3_bucket}/runs/t/tokenizer")
+
+
+def test_trained_tokenizer_and_builtin_sources(ray_cluster, tmp_path):
+    config = make_config(
+        str(tmp_path / "runs"),
+        {"general": {"source": "builtin:general-text"}, "chat": {"source": "builtin:general-chat"}},
+        data={"block_size": 32, "tokenizer_actors": 1, "tail": "pad"},
+    )
+    manifests = prepare_all(config)
+    tok_manifest = storage.read_manifest(storage.join(config.run_uri, "tokenizer"))
+    assert tok_manifest["vocab_size"] == 400 and tok_manifest["has_chat_template"]
+    tokenizer = load_tokenizer(storage.join(config.run_uri, "tokenizer"))
+    assert tokenizer.decode(tokenizer("The capital of", add_special_tokens=False)["input_ids"]) == "The capital of"
+    counts = manifests["general"]["counts"]
+    assert counts["tokens_dropped_tail"] == 0 and 0 < counts["tail_padded_tokens"] < 32
+    table = read_shards(storage.join(config.run_uri, "data", "general"))
+    assert table.num_rows == counts["blocks"]
+    masks = [m for m in table.column("attention_mask").to_pylist() if m is not None] if "attention_mask" in table.column_names else []
+    assert masks and sum(masks[-1]) == 32 - counts["tail_padded_tokens"]
+    # The same config again: tokenizer and data sets reused, not rebuilt.
+    assert prepare_tokenizer(config) == tok_manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_token_ids_joins_with_eos_and_returns_the_tail():
+    blocks, tail = pack_token_ids([[1, 2, 3], [4, 5], [6]], eos_id=0, block_size=4)
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]
+    assert tail.tolist() == [0]
+    blocks, tail = pack_token_ids([], eos_id=0, block_size=4)
+    assert blocks.shape == (0, 4) and tail.size == 0
+
+
+def test_minhash_finds_near_duplicates_only():
+    a, b = minhash.permutations(64)
+    docs = [UNIQUE_DOCS[0] * 3, (UNIQUE_DOCS[0] * 3).replace("strength", "strengths"), UNIQUE_DOCS[1] * 3, UNIQUE_DOCS[2] * 3]
+    signatures = np.stack([minhash.signature(d, a, b, 5) for d in docs])
+    duplicates = minhash.near_duplicates(["d0", "d1", "d2", "d3"], signatures, threshold=0.8)
+    assert duplicates == {"d1": "d0"}
+    assert minhash.lsh_bands(64, 0.8) in [(8, 8), (16, 4), (4, 16)]
+
+
+def test_normalise_text():
+    assert normalise_text("  a\r\nb \t\n\n\n\nc\x00\ufeff ") == "a\nb\n\nc"
+    assert normalise_text("Cafe\u0301") == "Caf\u00e9"
