@@ -1,0 +1,393 @@
+"""The built-in corpus: determinism, row shapes, and the train/benchmark separation of facts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+
+import pytest
+from pydantic import ValidationError
+
+from alloylm.corpus import (
+    BUILTIN_FORMATS,
+    BUILTIN_SOURCES,
+    CHOICE_LABELS,
+    PROPERTIES,
+    BuiltinCorpusOptions,
+    build_knowledge_base,
+    builtin_source,
+    generate_builtin,
+    render_multiple_choice,
+)
+
+SMALL = BuiltinCorpusOptions(materials=24, general_documents=60, general_chats=80, general_heldout_documents=20)
+
+
+def _digest(options: BuiltinCorpusOptions) -> str:
+    """SHA-256 over every source's rows, serialised canonically."""
+    h = hashlib.sha256()
+    for name in sorted(BUILTIN_SOURCES):
+        h.update(json.dumps(generate_builtin(name, options), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _mentions(value: str, text: str) -> bool:
+    """`value` occurs in `text` as a whole value: "12.3 MPa" is not found inside "412.3 MPa"."""
+    return re.search(r"(?<![\w.])" + re.escape(value) + r"(?!\w)", text) is not None
+
+
+def _chat_text(row: dict) -> str:
+    return "\n".join(message["content"] for message in row["messages"])
+
+
+def _preference_text(row: dict) -> str:
+    return "\n".join(m["content"] for key in ("prompt", "chosen", "rejected") for m in row[key])
+
+
+@pytest.fixture(scope="module")
+def small():
+    return {name: generate_builtin(name, SMALL) for name in BUILTIN_SOURCES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_options_give_identical_rows():
+    first = {name: json.dumps(generate_builtin(name, SMALL)) for name in BUILTIN_SOURCES}
+    second = {name: json.dumps(generate_builtin(name, BuiltinCorpusOptions(**SMALL.model_dump()))) for name in BUILTIN_SOURCES}
+    assert first == second
+
+
+def test_rows_do_not_depend_on_the_process_or_its_hash_seed():
+    # Another process builds the fact table from scratch (no cache) under other string hashing.
+    code = (
+        "from alloylm.corpus import BuiltinCorpusOptions, BUILTIN_SOURCES, generate_builtin\n"
+        "import hashlib, json\n"
+        f"options = BuiltinCorpusOptions.model_validate_json({SMALL.model_dump_json()!r})\n"
+        "h = hashlib.sha256()\n"
+        "for name in sorted(BUILTIN_SOURCES):\n"
+        "    h.update(json.dumps(generate_builtin(name, options), sort_keys=True).encode())\n"
+        "print(h.hexdigest())\n"
+    )
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert digests == {_digest(SMALL)}
+
+
+def test_another_seed_gives_other_rows(small):
+    other = SMALL.model_copy(update={"seed": 1})
+    for name in BUILTIN_SOURCES:
+        assert json.dumps(generate_builtin(name, other)) != json.dumps(small[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry, options and row shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_names_and_formats():
+    assert set(BUILTIN_SOURCES) == set(BUILTIN_FORMATS) == {
+        "biomaterials-corpus",
+        "biomaterials-qa",
+        "biomaterials-preferences",
+        "biomaterials-benchmark",
+        "biomaterials-heldout-text",
+        "general-text",
+        "general-heldout-text",
+        "general-chat",
+    }
+    assert set(BUILTIN_FORMATS.values()) == {"text", "chat", "preference", "benchmark"}
+    assert builtin_source("general-chat") is BUILTIN_SOURCES["general-chat"]
+
+
+def test_unknown_builtin_name_lists_the_known_ones():
+    with pytest.raises(ValueError) as error:
+        builtin_source("biomaterials-typo")
+    for name in BUILTIN_SOURCES:
+        assert name in str(error.value)
+    with pytest.raises(ValueError, match="general-text"):
+        generate_builtin("nope", SMALL)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"benchmark_fraction": 1.5},
+        {"benchmark_fraction": 0.0},
+        {"validation_fraction": 1.0},
+        {"materials": 1},
+        {"choices": 1},
+        {"qa_per_fact": 0},
+        {"unknown_knob": 3},
+    ],
+)
+def test_bad_options_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        BuiltinCorpusOptions(**bad)
+
+
+def test_options_are_frozen_and_documented():
+    with pytest.raises(ValidationError):
+        SMALL.materials = 3
+    for name, field in BuiltinCorpusOptions.model_fields.items():
+        assert field.description, name
+
+
+_REQUIRED_KEYS = {
+    "text": {"id", "text"},
+    "chat": {"id", "messages"},
+    "preference": {"id", "prompt", "chosen", "rejected"},
+    "benchmark": {
+        "id", "split", "type", "question", "choices", "answer_index", "answer", "answer_value", "unit",
+        "material", "property", "fact_id",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_SOURCES))
+def test_rows_have_unique_ids_and_their_format_shape(small, name):
+    rows = small[name]
+    assert rows
+    ids = [row["id"] for row in rows]
+    assert all(isinstance(i, str) for i in ids)
+    assert len(set(ids)) == len(ids)
+    fmt = BUILTIN_FORMATS[name]
+    for row in rows:
+        assert _REQUIRED_KEYS[fmt] <= set(row), row
+        json.dumps(row)
+        if fmt == "text":
+            assert row["text"].strip()
+        if fmt == "chat":
+            roles = [m["role"] for m in row["messages"]]
+            assert roles in (["user", "assistant"], ["system", "user", "assistant"]), roles
+            assert all(m["content"].strip() for m in row["messages"])
+        if fmt == "preference":
+            assert [m["role"] for m in row["prompt"]] == ["user"]
+            assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
+
+
+def test_sizes_follow_the_knobs():
+    options = BuiltinCorpusOptions(
+        materials=30, documents_per_material=2, qa_per_fact=3, preferences_per_fact=2, benchmark_fraction=0.2,
+        heldout_documents=7, general_documents=11, general_heldout_documents=5, general_chats=13, choices=5,
+    )
+    counts = {name: len(generate_builtin(name, options)) for name in BUILTIN_SOURCES}
+    benchmark_facts = len(PROPERTIES) * round(0.2 * 30)
+    training_facts = len(PROPERTIES) * 30 - benchmark_facts
+    assert counts == {
+        "biomaterials-corpus": 30 * 2,
+        "biomaterials-qa": training_facts * 3,
+        "biomaterials-preferences": training_facts * 2,
+        "biomaterials-benchmark": 2 * benchmark_facts,
+        "biomaterials-heldout-text": 7,
+        "general-text": 11,
+        "general-heldout-text": 5,
+        "general-chat": 13,
+    }
+    assert {len(row["choices"]) for row in generate_builtin("biomaterials-benchmark", options) if row["choices"]} == {5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts: stated in CPT, split between training and benchmark, never leaked
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_fact_is_stated_in_the_cpt_text_of_its_material(small):
+    kb = build_knowledge_base(SMALL)
+    text_by_material = defaultdict(list)
+    for row in small["biomaterials-corpus"]:
+        text_by_material[row["material"]].append(row["text"])
+    assert set(text_by_material) == {m.name for m in kb.materials}
+    for material in kb.materials:
+        assert len(text_by_material[material.name]) == SMALL.documents_per_material
+        for document in text_by_material[material.name]:  # every document, not just one of them
+            for fact in material.facts.values():
+                assert _mentions(fact.text, document), (fact.id, fact.text)
+
+
+def test_benchmark_values_are_in_the_cpt_text_and_in_no_training_item(small):
+    benchmark = small["biomaterials-benchmark"]
+    cpt = defaultdict(str)
+    for row in small["biomaterials-corpus"]:
+        cpt[row["material"]] += row["text"] + "\n"
+    training_text = "\n".join(
+        [_chat_text(row) for row in small["biomaterials-qa"]]
+        + [_preference_text(row) for row in small["biomaterials-preferences"]]
+    )
+    answers = {row["fact_id"]: (row["material"], row["answer"]) for row in benchmark}
+    assert answers
+    for fact_id, (material, answer) in answers.items():
+        assert _mentions(answer, cpt[material]), fact_id
+        assert not _mentions(answer, training_text), (fact_id, answer)
+
+
+def test_training_items_cover_exactly_the_training_facts(small):
+    kb = build_knowledge_base(SMALL)
+    training = {fact.id for fact in kb.training_facts()}
+    benchmark = {row["fact_id"] for row in small["biomaterials-benchmark"]}
+    assert benchmark == {fact.id for fact in kb.benchmark_facts()}
+    assert not training & benchmark
+    assert training | benchmark == {fact.id for fact in kb.facts()}
+    assert {row["fact_id"] for row in small["biomaterials-qa"]} == training
+    assert {row["fact_id"] for row in small["biomaterials-preferences"]} == training
+    # every property is both taught and tested
+    assert {fact.property for fact in kb.benchmark_facts()} == set(PROPERTIES)
+    assert {fact.property for fact in kb.training_facts()} == set(PROPERTIES)
+
+
+def test_benchmark_fraction_sets_how_many_facts_are_held_out():
+    options = BuiltinCorpusOptions(materials=40, benchmark_fraction=0.5)
+    kb = build_knowledge_base(options)
+    per_property = Counter(fact.property for fact in kb.benchmark_facts())
+    assert per_property == {prop: 20 for prop in PROPERTIES}
+
+
+def test_validation_and_test_are_disjoint_and_both_non_empty(small):
+    split_of_fact = defaultdict(set)
+    for row in small["biomaterials-benchmark"]:
+        split_of_fact[row["fact_id"]].add(row["split"])
+    assert all(len(splits) == 1 for splits in split_of_fact.values())  # both items of a fact together
+    validation = {f for f, s in split_of_fact.items() if s == {"validation"}}
+    test = {f for f, s in split_of_fact.items() if s == {"test"}}
+    assert validation and test and not validation & test
+    assert validation | test == set(split_of_fact)
+    assert abs(len(validation) - len(test)) <= 1  # validation_fraction 0.5
+
+
+def test_multiple_choice_items_hold_the_answer_once_among_distinct_choices(small):
+    items = [row for row in small["biomaterials-benchmark"] if row["type"] == "multiple_choice"]
+    assert items
+    positions = Counter()
+    for item in items:
+        choices = item["choices"]
+        assert len(choices) == SMALL.choices
+        assert len(set(choices)) == len(choices)
+        assert choices.count(item["answer"]) == 1
+        assert choices[item["answer_index"]] == item["answer"]
+        positions[item["answer_index"]] += 1
+        if item["unit"] is not None:  # distractors of the same kind and magnitude
+            for choice in choices:
+                number, unit = choice.rsplit(" ", 1)
+                assert unit == item["unit"]
+                assert 0.4 <= float(number) / item["answer_value"] <= 2.5
+    assert len(positions) == SMALL.choices  # the answer is not always in the same place
+
+
+def test_short_answer_items_carry_value_and_unit(small):
+    items = [row for row in small["biomaterials-benchmark"] if row["type"] == "short_answer"]
+    assert items
+    for item in items:
+        assert item["choices"] == [] and item["answer_index"] == -1
+        if item["property"] in ("tensile_strength", "toughness", "youngs_modulus", "density"):
+            assert item["answer"] == f"{item['answer'].split(' ')[0]} {item['unit']}"
+            assert item["answer_value"] == float(item["answer"].split(" ")[0])
+        else:
+            assert item["answer_value"] is None and item["unit"] is None
+
+
+def test_sft_chats_answer_with_the_true_value(small):
+    facts = {fact.id: fact for fact in build_knowledge_base(SMALL).facts()}
+    multiple_choice = 0
+    for row in small["biomaterials-qa"]:
+        fact = facts[row["fact_id"]]
+        user, assistant = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        assert fact.material in user
+        assert _mentions(fact.text, assistant)
+        if "\nA. " in user:  # posed as multiple choice, in the format `render_multiple_choice` writes
+            multiple_choice += 1
+            letter = assistant[0]
+            assert f"\n{letter}. {fact.text}\n" in user
+    assert 0 < multiple_choice < len(small["biomaterials-qa"])
+
+
+def test_preference_pairs_prefer_the_true_value(small):
+    facts = {fact.id: fact for fact in build_knowledge_base(SMALL).facts()}
+    for row in small["biomaterials-preferences"]:
+        fact = facts[row["fact_id"]]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected
+        assert _mentions(fact.text, chosen)
+        assert not _mentions(fact.text, rejected)
+        assert fact.material in row["prompt"][0]["content"]
+
+
+def test_heldout_documents_use_no_cpt_sentence():
+    # Every sentence reduced to its template, with the material's own values masked out.
+    kb = build_knowledge_base(SMALL)
+    materials = {m.name: m for m in kb.materials}
+
+    def templates(rows):
+        found = set()
+        for row in rows:
+            material, text = materials[row["material"]], row["text"]
+            for fact in sorted(material.facts.values(), key=lambda f: -len(f.text)):
+                text = text.replace(fact.text, f"<{fact.property}>")
+            text = text.replace(material.name, "<name>").replace(material.organism_group, "<group>")
+            found |= {s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()}
+        return found
+
+    cpt = templates(generate_builtin("biomaterials-corpus", SMALL))
+    heldout = templates(generate_builtin("biomaterials-heldout-text", SMALL))
+    assert len(heldout) > 10 and len(cpt) > 50
+    assert not cpt & heldout, sorted(cpt & heldout)[:5]
+
+
+def test_general_heldout_documents_differ_from_general_text(small):
+    train = {row["text"] for row in small["general-text"]}
+    heldout = [row["text"] for row in small["general-heldout-text"]]
+    assert len(set(heldout)) == len(heldout)
+    assert not train & set(heldout)
+
+
+def test_general_chats_answer_correctly(small):
+    rows = small["general-chat"]
+    assert {row["task"] for row in rows} >= {"arithmetic", "capital", "unit_conversion", "definition"}
+    capitals = dict(re.findall(r"The capital of (\w+) is (\w+)\.", " ".join(r["text"] for r in small["general-text"])))
+    checked = 0
+    for row in rows:
+        answer = row["messages"][-1]["content"]
+        if row["task"] == "arithmetic":
+            a, op, b, c = re.fullmatch(r"(\d+) ([-+x]) (\d+) = (-?\d+)\.", answer).groups()
+            a, b, c = int(a), int(b), int(c)
+            assert c == {"+": a + b, "-": a - b, "x": a * b}[op], answer
+            checked += 1
+        elif row["task"] == "capital":
+            match = re.fullmatch(r"The capital of (\w+) is (\w+)\.", answer)
+            country, city = match.groups() if match else reversed(re.fullmatch(r"(\w+) is the capital of (\w+)\.", answer).groups())
+            if country in capitals:  # the general text states the same capital
+                assert capitals[country] == city
+                checked += 1
+    assert checked > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale
+# ---------------------------------------------------------------------------------------------
+
+
+def test_names_and_values_stay_unique_at_twenty_thousand_materials():
+    kb = build_knowledge_base(BuiltinCorpusOptions(materials=20_000))
+    assert len(kb.materials) == 20_000
+    assert len({m.name for m in kb.materials}) == 20_000
+    for prop in PROPERTIES:
+        values = [m.facts[prop].text for m in kb.materials]
+        assert len(set(values)) == 20_000, prop
+
+
+def test_render_multiple_choice_letters_each_option():
+    prompt = render_multiple_choice("Which?", ["1 MPa", "2 MPa", "3 MPa"])
+    assert prompt.splitlines()[:4] == ["Which?", "A. 1 MPa", "B. 2 MPa", "C. 3 MPa"]
+    with pytest.raises(ValueError):
+        render_multiple_choice("Which?", ["only one"])
+    with pytest.raises(ValueError):
+        render_multiple_choice("Which?", [str(i) for i in range(len(CHOICE_LABELS) + 1)])
