@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alloylm.corpus import BUILTIN_FORMATS, BuiltinCorpusOptions
+from alloylm.train.options import CheckpointOptions, DeepSpeedOptions, LoraOptions, ResourceOptions, TrainingOptions
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 DATA_FORMATS = ("text", "chat", "preference", "benchmark")
@@ -216,14 +217,58 @@ class _StageBase(_Frozen):
 
 
 class TrainStageConfig(_StageBase):
-    """A training stage (cpt, sft, dpo, orpo) run on Ray Train."""
+    """A training stage run on Ray Train; one subclass per method (cpt, sft, dpo, orpo)."""
 
-    kind: Literal["cpt", "sft", "dpo", "orpo"] = Field(description="Training method.")
+    kind: str
     from_: ModelFrom = Field(
         alias="from",
         description="Parent: a stage name of this run, a model (local path, s3:// URI, Hugging Face id) or {init: PRESET}.",
     )
     data: str = Field(description="Name of a data set under `datasets:`.")
+    training: TrainingOptions = Field(default_factory=TrainingOptions, description="Optimisation hyperparameters.")
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions, description="DeepSpeed ZeRO (null stage: DDP).")
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of all weights (null: full fine-tuning).")
+    resources: ResourceOptions = Field(default_factory=ResourceOptions, description="Workers and their resources.")
+    checkpoint: CheckpointOptions = Field(default_factory=CheckpointOptions, description="Checkpointing and failure handling.")
+
+    @model_validator(mode="after")
+    def _hardware(self) -> TrainStageConfig:
+        if self.deepspeed.precision == "fp16" and not self.resources.use_gpu:
+            raise ValueError(
+                "deepspeed.precision: fp16 needs GPUs (resources.gpus_per_worker > 0); on CPU use bf16 or fp32"
+            )
+        if self.deepspeed.stage is None and self.deepspeed.precision != "fp32" and not self.resources.use_gpu:
+            raise ValueError("deepspeed.precision: without DeepSpeed (stage: null) CPU training runs in fp32")
+        return self
+
+
+class CptStageConfig(TrainStageConfig):
+    """Continued pretraining: causal-LM loss on packed token blocks."""
+
+    kind: Literal["cpt"] = Field(description="cpt")
+
+
+class SftStageConfig(TrainStageConfig):
+    """Supervised fine-tuning with TRL's SFTTrainer on chats."""
+
+    kind: Literal["sft"] = Field(description="sft")
+    assistant_only_loss: bool = Field(True, description="Learn only the assistant turns (needs {% generation %} in the chat template).")
+    packing: bool = Field(False, description="Pack several chats into one sequence (TRL's packing).")
+
+
+class DpoStageConfig(TrainStageConfig):
+    """Direct preference optimisation with TRL's DPOTrainer; the parent is the reference model."""
+
+    kind: Literal["dpo"] = Field(description="dpo")
+    beta: float = Field(0.1, gt=0, description="KL penalty strength (the paper uses 0.05).")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type (sigmoid is the original DPO loss).")
+
+
+class OrpoStageConfig(TrainStageConfig):
+    """Odds-ratio preference optimisation (TRL's experimental ORPOTrainer); no reference model."""
+
+    kind: Literal["orpo"] = Field(description="orpo")
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda in the ORPO paper).")
 
 
 class MergeStageConfig(_StageBase):
@@ -234,7 +279,10 @@ class MergeStageConfig(_StageBase):
     method: str = Field("slerp", description="mergekit merge method name.")
 
 
-StageConfig = Annotated[Union[TrainStageConfig, MergeStageConfig], Field(discriminator="kind")]
+StageConfig = Annotated[
+    Union[CptStageConfig, SftStageConfig, DpoStageConfig, OrpoStageConfig, MergeStageConfig], Field(discriminator="kind")
+]
+TRAIN_STAGES = {"cpt": CptStageConfig, "sft": SftStageConfig, "dpo": DpoStageConfig, "orpo": OrpoStageConfig}
 STAGE_DATA_FORMAT = {"cpt": "text", "sft": "chat", "dpo": "preference", "orpo": "preference"}
 
 
@@ -416,7 +464,7 @@ def _model_at(path: tuple[str, ...], raw: dict[str, Any]) -> type[BaseModel] | N
             model = DatasetConfig
         elif depth == 1 and path[0] == "stages":
             kind = node.get("kind") if isinstance(node, dict) else None
-            model = MergeStageConfig if kind in ("merge", "merge_search") else TrainStageConfig
+            model = TRAIN_STAGES.get(kind, MergeStageConfig if kind in ("merge", "merge_search") else None)
         else:
             field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None) if model else None
             if field is None:

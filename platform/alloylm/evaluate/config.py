@@ -1,0 +1,292 @@
+"""The evaluation config: which variants are scored, on which suites and split, with what resources.
+
+`EvalConfig` is the `evaluate:` section of a run config. It is typed and frozen like the rest of
+the run config; a bad key or value fails when the config is loaded, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The paper's judge criteria (arXiv:2409.03444, section on LLM-judged conversations).
+DEFAULT_JUDGE_CRITERIA = ("reasoning_depth", "creativity", "clarity", "quantitative_precision")
+SPLITS = ("validation", "test")
+_CRITERION_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+_VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SuiteBase(_Frozen):
+    enabled: bool = Field(True, description="Run this suite.")
+    weight: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Weight of this suite's headline metric (scaled to 0..1, higher is better) in the variant's "
+            "aggregate `score`, which the merge search maximises. 0 reports the suite without scoring it."
+        ),
+    )
+    max_items: int | None = Field(
+        None, gt=0, description="Score at most this many items (or text blocks) of the split; none: all of them."
+    )
+
+
+_PROMPT_DESCRIPTION = (
+    "How a question is put to the model: `chat` renders it with the model's chat template, `plain` as "
+    "`Question: ...\\nAnswer:` (what the lm-eval export uses), `auto` is chat when the tokenizer has a template."
+)
+
+
+class MultipleChoiceConfig(_SuiteBase):
+    """Multiple-choice items scored by the log-likelihood of each option."""
+
+    dataset: str = Field("domain-benchmark", description="Benchmark data set (format `benchmark`) with the items.")
+    prompt: Literal["auto", "chat", "plain"] = Field("auto", description=_PROMPT_DESCRIPTION)
+
+
+class ShortAnswerConfig(_SuiteBase):
+    """Short-answer items: the model generates, the answer is matched exactly or numerically."""
+
+    dataset: str = Field("domain-benchmark", description="Benchmark data set (format `benchmark`) with the items.")
+    prompt: Literal["auto", "chat", "plain"] = Field("auto", description=_PROMPT_DESCRIPTION)
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Longest generated answer, in tokens.")
+    relative_tolerance: float = Field(
+        0.01, ge=0, lt=1, description="A number matches when |given - true| <= tolerance * |true| (after unit conversion)."
+    )
+    require_unit: bool = Field(
+        False, description="Count a number without a unit as an answer. Off: a bare number may match; on: it never does."
+    )
+
+
+_PERPLEXITY_WEIGHT = Field(
+    0.0,
+    ge=0,
+    description=(
+        "Weight of 2^-bits_per_byte in the aggregate `score` (0: reported, not scored; perplexity is a "
+        "diagnostic of what CPT taught and made the model forget, the benchmark is the goal)."
+    ),
+)
+
+
+class DomainPerplexityConfig(_SuiteBase):
+    """Perplexity of held-out domain text (format `text`, packed token blocks)."""
+
+    dataset: str = Field("domain-heldout", description="Held-out domain text data set (format `text`).")
+    weight: float = _PERPLEXITY_WEIGHT
+
+
+class GeneralPerplexityConfig(_SuiteBase):
+    """Perplexity of held-out general text: what continued pretraining may make the model forget."""
+
+    dataset: str = Field("general-heldout", description="Held-out general text data set (format `text`).")
+    weight: float = _PERPLEXITY_WEIGHT
+
+
+class JudgeConfig(_SuiteBase):
+    """Open questions answered by the variant and graded by a judge model over an OpenAI-compatible API."""
+
+    enabled: bool = Field(False, description="Run this suite (it needs a judge endpoint).")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://judge:8000/v1; `/chat/completions` is appended."
+    )
+    model: str | None = Field(None, description="The judge's model name, as the endpoint knows it.")
+    api_key_env: str = Field(
+        "ALLOYLM_JUDGE_API_KEY",
+        description="Environment variable holding the judge's API key (sent as a Bearer token; unset: none is sent). Never written to results.",
+    )
+    dataset: str = Field(
+        "domain-benchmark", description="Benchmark data set whose facts the built-in questions ask about (when `questions` is none)."
+    )
+    questions: str | None = Field(
+        None,
+        description=(
+            "JSONL file (local or s3://) of open questions, one {id, question, split, reference?} per line. "
+            "None: questions built from the benchmark's facts of the split being scored."
+        ),
+    )
+    criteria: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_JUDGE_CRITERIA),
+        min_length=1,
+        description="Criteria graded 1-10 each; the paper's are reasoning_depth, creativity, clarity, quantitative_precision.",
+    )
+    max_items: int | None = Field(12, gt=0, description="Judge at most this many questions of the split.")
+    answer_max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest answer the variant may give, in tokens.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one judge response.")
+    max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a failed judge request (connection error, timeout, HTTP 429/5xx) before giving up."
+    )
+    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled before each further one.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Judge sampling temperature (0 for reproducible grades).")
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(_CRITERION_PATTERN, name):
+                raise ValueError(f"criterion {name!r} must match {_CRITERION_PATTERN} (lower case, digits, '_')")
+        if len(set(value)) != len(value):
+            raise ValueError("criteria must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_when_enabled(self) -> JudgeConfig:
+        if self.enabled and (not self.base_url or not self.model):
+            raise ValueError("an enabled judge needs `base_url` and `model`")
+        if self.base_url and not re.match(r"^https?://", self.base_url):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        return self
+
+
+class SuitesConfig(_Frozen):
+    """The suites every variant is scored on."""
+
+    multiple_choice: MultipleChoiceConfig = Field(
+        default_factory=MultipleChoiceConfig, description="Domain multiple choice (log-likelihood of each option)."
+    )
+    short_answer: ShortAnswerConfig = Field(
+        default_factory=ShortAnswerConfig, description="Domain short answer (generated; exact and numeric match)."
+    )
+    domain_perplexity: DomainPerplexityConfig = Field(
+        default_factory=DomainPerplexityConfig, description="Perplexity on held-out domain text."
+    )
+    general_perplexity: GeneralPerplexityConfig = Field(
+        default_factory=GeneralPerplexityConfig,
+        description="Perplexity on held-out general text: what continued pretraining may make the model forget.",
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM judge of open questions.")
+
+    def enabled(self) -> dict[str, _SuiteBase]:
+        """The enabled suites by name, in a fixed order."""
+        return {name: suite for name in SUITE_NAMES if (suite := getattr(self, name)).enabled}
+
+
+SUITE_NAMES = ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge")
+
+
+class EvalResources(_Frozen):
+    """What one evaluation task (one variant) reserves on the Ray cluster."""
+
+    num_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs per task. Fractional so several small variants share a node; on a GPU node the GPU does the work.",
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per task (fractional shares one GPU between variants).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory to reserve per task, in GiB (none: no reservation).")
+
+
+class EvalConfig(_Frozen):
+    """The `evaluate:` section: every variant, every suite, one split, reproducible."""
+
+    variants: list[str] = Field(
+        min_length=1,
+        description=(
+            "What to score: names of stages of this run, or models (local path, s3:// URI, Hugging Face id); "
+            "`name=source` names a model in the tables."
+        ),
+    )
+    split: Literal["validation", "test"] = Field(
+        "test",
+        description="Benchmark split to score. The merge search optimises `validation`; the report states `test` only.",
+    )
+    seed: int = Field(0, description="Seed of everything random in evaluation (item sampling, generation).")
+    max_items: int | None = Field(
+        None, gt=0, description="Cap on items per suite for every suite (quick trials); a suite's own max_items also applies."
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    max_length: int | None = Field(
+        None, ge=8, description="Longest sequence fed to a model, in tokens (none: the model's max_position_embeddings)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Dtype the variants are loaded in (`auto`: as saved)."
+    )
+    suites: SuitesConfig = Field(default_factory=SuitesConfig, description="The suites and their weights and sizes.")
+    resources: EvalResources = Field(default_factory=EvalResources, description="Ray resources per evaluation task.")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_entries(cls, value: list[str]) -> list[str]:
+        names = []
+        for entry in value:
+            if not entry.strip():
+                raise ValueError("a variant must not be empty")
+            if not variant_source(entry):
+                raise ValueError(f"variant {entry!r}: `name=source` needs a source after '='")
+            names.append(variant_name(entry))
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variants have the same name: {', '.join(duplicates)}; name them with `name=source`")
+        return value
+
+    @model_validator(mode="after")
+    def _some_suite(self) -> EvalConfig:
+        if not self.suites.enabled():
+            raise ValueError("suites: enable at least one suite")
+        return self
+
+    def reference_problems(self, stages: Collection[str], dataset_formats: Mapping[str, str]) -> list[str]:
+        """Problems with what this section names, as `evaluate.<key>: problem` lines for the run config.
+
+        `stages` are the run's stage names, `dataset_formats` its data set names and their formats.
+        A variant must be a stage or look like a model source; each enabled suite's data set must
+        exist with the format the suite reads.
+        """
+        problems = []
+        for index, entry in enumerate(self.variants):
+            source = variant_source(entry)
+            if source not in stages and not _looks_like_model_source(source):
+                problems.append(
+                    f"evaluate.variants.{index}: {source!r} is neither a stage of this run "
+                    f"(stages: {', '.join(sorted(stages)) or 'none'}) nor a model path, s3:// URI or Hugging Face id"
+                )
+        for name, suite in self.suites.enabled().items():
+            if name == "judge" and suite.questions:
+                continue
+            need = "text" if name.endswith("perplexity") else "benchmark"
+            have = dataset_formats.get(suite.dataset)
+            if have is None:
+                problems.append(
+                    f"evaluate.suites.{name}.dataset: {suite.dataset!r} is not a data set "
+                    f"(known: {', '.join(sorted(dataset_formats)) or 'none'}); disable the suite or declare it"
+                )
+            elif have != need:
+                problems.append(f"evaluate.suites.{name}.dataset: {suite.dataset!r} has format {have!r}, this suite needs {need!r}")
+        return problems
+
+    def suite_max_items(self, suite: str) -> int | None:
+        """The item cap of `suite`: the smaller of its own max_items and the global one."""
+        caps = [c for c in (getattr(self.suites, suite).max_items, self.max_items) if c is not None]
+        return min(caps) if caps else None
+
+
+def _named(entry: str) -> tuple[str, str] | None:
+    # `name=source` only when the part before '=' is a plain name: an s3 key may hold '=' too.
+    name, sep, source = entry.partition("=")
+    return (name, source.strip()) if sep and re.match(_VARIANT_NAME_PATTERN, name) else None
+
+
+def variant_name(entry: str) -> str:
+    """The name a variant entry goes by: the part before `=`, a stage name, or a model path's last part."""
+    named = _named(entry)
+    if named:
+        return named[0]
+    last = entry.rstrip("/").rsplit("/", 1)[-1].removeprefix("s3:")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", last)[:64] or "model"
+
+
+def _looks_like_model_source(ref: str) -> bool:
+    # Stage names cannot hold '/' or ':' (the run config's rule), so anything that does is a model.
+    return "/" in ref or ":" in ref or ref.startswith((".", "~"))
+
+
+def variant_source(entry: str) -> str:
+    """The stage name or model source of a variant entry (`name=source` -> source)."""
+    named = _named(entry)
+    return named[1] if named else entry

@@ -1,0 +1,279 @@
+"""The run's report: the comparison of variants on the test split, a bar chart per metric, each
+training stage's loss curve and the merge search's progress, as Markdown and HTML with PNG plots.
+
+Only `test`-split results are stated. Results scored on `validation` (the split the merge search
+optimises) are listed as excluded, never shown as scores. Plots are drawn with matplotlib's Agg
+canvas on `Figure` objects (no pyplot global state), so rendering works headless and in threads.
+
+Inputs it reads: `<eval>/<variant>/results.json` (complete artifacts only), `<stage>/metrics.jsonl`
+(one JSON object per logged step with `step` and `loss`; a stage without it is skipped), and a
+search's `trials.jsonl` (one JSON object per trial with `trial`, `score` and `params`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+
+from alloylm import storage
+from alloylm.evaluate.comparison import build_comparison, comparison_markdown, format_value
+from alloylm.evaluate.config import SUITE_NAMES
+from alloylm.evaluate.runner import load_results
+
+REPORTED_SPLIT = "test"
+_SUITE_TITLES = {
+    "multiple_choice": "Domain multiple choice",
+    "short_answer": "Domain short answer",
+    "domain_perplexity": "Domain perplexity (held-out domain text)",
+    "general_perplexity": "General perplexity (held-out general text: forgetting)",
+    "judge": "LLM judge",
+}
+
+
+def _figure(width: float = 6.4, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _file_name(prefix: str, key: str) -> str:
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_-]+', '_', key)}.png"
+
+
+def _bar_chart(column: Mapping, rows: list[dict], chance: float | None, folder: str) -> str:
+    figure = _figure(max(4.0, 1.1 * len(rows) + 2), 3.6)
+    axes = figure.add_subplot()
+    names = [row["variant"] for row in rows]
+    values = [row["values"].get(column["key"]) for row in rows]
+    shown = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+    bars = axes.bar(names, shown, color=["#4C72B0" if v is not None else "#DDDDDD" for v in values])
+    for bar, value in zip(bars, values):
+        text = "missing" if value is None else format_value(column["key"], value)
+        axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    if chance is not None:
+        axes.axhline(chance, color="#C44E52", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+        axes.legend(fontsize=8)
+    arrow = "higher is better" if column["higher_is_better"] else "lower is better"
+    axes.set_title(f"{column['label']} ({arrow})", fontsize=10)
+    axes.tick_params(axis="x", labelrotation=20, labelsize=8)
+    figure.tight_layout()
+    name = _file_name("metric", column["key"])
+    figure.savefig(os.path.join(folder, name), format="png")
+    return name
+
+
+def _read_jsonl(uri: str) -> tuple[list[dict], int]:
+    rows, bad = [], 0
+    for line in storage.read_text(uri).splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _loss_curve(stage: str, uri: str, folder: str) -> tuple[str | None, str]:
+    """(PNG name or None, a note) for one stage's metrics.jsonl."""
+    metrics_uri = storage.join(uri, "metrics.jsonl")
+    if not storage.exists(metrics_uri):
+        return None, f"{stage}: no metrics.jsonl, no loss curve"
+    rows, bad = _read_jsonl(metrics_uri)
+    points = [(_number(r.get("step")), _number(r.get("loss"))) for r in rows]
+    points = sorted((s, l) for s, l in points if s is not None and l is not None)
+    if not points:
+        return None, f"{stage}: metrics.jsonl has no step with a loss"
+    evals = sorted(
+        (s, l) for s, l in ((_number(r.get("step")), _number(r.get("eval_loss"))) for r in rows) if s is not None and l is not None
+    )
+    figure = _figure()
+    axes = figure.add_subplot()
+    axes.plot([s for s, _ in points], [l for _, l in points], label="training loss", color="#4C72B0")
+    if evals:
+        axes.plot([s for s, _ in evals], [l for _, l in evals], "o-", label="eval loss", color="#DD8452")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(f"Stage {stage}: loss", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    name = _file_name("loss", stage)
+    figure.savefig(os.path.join(folder, name), format="png")
+    note = f"{stage}: {len(points)} logged steps" + (f" ({bad} unreadable lines skipped)" if bad else "")
+    return name, note
+
+
+def _search_plot(search: str, uri: str, folder: str) -> tuple[str | None, str]:
+    trials_uri = storage.join(uri, "trials.jsonl")
+    if not storage.exists(trials_uri):
+        return None, f"{search}: no trials.jsonl yet"
+    rows, _ = _read_jsonl(trials_uri)
+    points = [(_number(r.get("trial")), _number(r.get("score"))) for r in rows]
+    points = sorted((t, s) for t, s in points if t is not None and s is not None)
+    if not points:
+        return None, f"{search}: no trial with a score"
+    best, running = [], -math.inf
+    for _, score in points:
+        running = max(running, score)
+        best.append(running)
+    figure = _figure()
+    axes = figure.add_subplot()
+    axes.plot([t for t, _ in points], [s for _, s in points], "o", alpha=0.6, label="trial", color="#4C72B0")
+    axes.step([t for t, _ in points], best, where="post", label="best so far", color="#C44E52")
+    axes.set_xlabel("trial")
+    # These numbers are on the searched split: they choose the merge, they are not its result.
+    axes.set_ylabel("search objective (validation)")
+    axes.set_title(f"Merge search {search}: objective per trial (selection only, not a result)", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    name = _file_name("search", search)
+    figure.savefig(os.path.join(folder, name), format="png")
+    return name, f"{search}: {len(points)} trials"
+
+
+def _html_table(comparison: Mapping) -> str:
+    head = "".join(
+        f"<th>{html.escape(c['label'])} {'↑' if c['higher_is_better'] else '↓'}</th>" for c in comparison["columns"]
+    )
+    body = []
+    for row in comparison["rows"]:
+        cells = []
+        for c in comparison["columns"]:
+            text = html.escape(format_value(c["key"], row["values"].get(c["key"])))
+            if row["variant"] in comparison["best"].get(c["key"], []):
+                text = f"<b>{text}</b>"
+            cells.append(f"<td>{text}</td>")
+        body.append(f"<tr><th>{html.escape(row['variant'])}</th>{''.join(cells)}</tr>")
+    return f"<table>\n<tr><th>Variant</th>{head}</tr>\n" + "\n".join(body) + "\n</table>"
+
+
+def _markdown_to_html_lines(lines: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
+
+
+def render_report(
+    eval_uri: str,
+    report_uri: str,
+    *,
+    stages: Mapping[str, str] | None = None,
+    searches: Mapping[str, str] | None = None,
+    title: str = "AlloyLM report",
+) -> dict:
+    """Write `report.md`, `report.html` and their PNGs to `report_uri` (atomically); returns a summary.
+
+    `eval_uri` holds the variants' results (`<run>/eval`); `stages` maps stage names to their
+    artifact URIs (for loss curves), `searches` merge-search names to the folders with trials.jsonl.
+    """
+    results = load_results(eval_uri) if storage.exists(eval_uri) else {}
+    reported = {name: r for name, r in results.items() if r.get("split") == REPORTED_SPLIT}
+    excluded = {name: r.get("split") for name, r in results.items() if r.get("split") != REPORTED_SPLIT}
+    comparison = build_comparison(reported) if reported else None
+    with tempfile.TemporaryDirectory(prefix="alloylm-report-") as folder:
+        md: list[str] = [f"# {title}", ""]
+        parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+        images: list[str] = []
+
+        md += ["## Variants compared", ""]
+        parts.append("<h2>Variants compared</h2>")
+        if comparison is None:
+            text = f"No variant has results on the {REPORTED_SPLIT} split yet (run `alloylm eval` with split: test)."
+            md += [text, ""]
+            parts.append(f"<p>{html.escape(text)}</p>")
+        else:
+            md += [comparison_markdown(comparison), ""]
+            parts.append(_html_table(comparison))
+            notes = [f"Split: {REPORTED_SPLIT}. ↑ higher is better, ↓ lower is better; best in bold."]
+            if comparison["chance"].get("multiple_choice") is not None:
+                notes.append(f"Multiple-choice chance level: {comparison['chance']['multiple_choice']:.3f}.")
+            notes += [f"{row['variant']}: {s} missing — {r}" for row in comparison["rows"] for s, r in row["missing"].items()]
+            parts.append(_markdown_to_html_lines(notes))
+        if excluded:
+            text = (
+                "Not reported, because they were scored on a split other than test (the validation split is "
+                "what the merge search optimises): " + ", ".join(f"{n} ({s})" for n, s in sorted(excluded.items()))
+            )
+            md += [text, ""]
+            parts.append(f"<p>{html.escape(text)}</p>")
+
+        if comparison is not None:
+            md += ["## Metrics", ""]
+            parts.append("<h2>Metrics</h2>")
+            for column in comparison["columns"]:
+                chance = comparison["chance"].get("multiple_choice") if column["key"].startswith("multiple_choice.accuracy") else None
+                name = _bar_chart(column, comparison["rows"], chance, folder)
+                images.append(name)
+                md += [f"![{column['label']}]({name})", ""]
+                parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(column["label"])}"></figure>')
+            md += ["## What was scored", ""]
+            parts.append("<h2>What was scored</h2>")
+            scored = []
+            any_result = next(iter(reported.values()))
+            suites = any_result.get("suites") or {}
+            for suite, entry in sorted(suites.items(), key=lambda kv: SUITE_NAMES.index(kv[0]) if kv[0] in SUITE_NAMES else len(SUITE_NAMES)):
+                items = (entry.get("metrics") or {}).get("items")
+                scored.append(f"{_SUITE_TITLES.get(suite, suite)}: {items if items is not None else '?'} items from {entry.get('dataset')}")
+            md += [f"- {line}" for line in scored] + [""]
+            parts.append(_markdown_to_html_lines(scored))
+
+        loss_notes: list[str] = []
+        if stages:
+            md += ["## Training loss", ""]
+            parts.append("<h2>Training loss</h2>")
+            for stage, uri in stages.items():
+                name, note = _loss_curve(stage, uri, folder)
+                loss_notes.append(note)
+                if name:
+                    images.append(name)
+                    md += [f"![loss of {stage}]({name})", ""]
+                    parts.append(f'<figure><img src="{html.escape(name)}" alt="loss of {html.escape(stage)}"></figure>')
+            md += [f"- {n}" for n in loss_notes] + [""]
+            parts.append(_markdown_to_html_lines(loss_notes))
+
+        search_notes: list[str] = []
+        if searches:
+            md += ["## Merge search", "", "Objective per trial on the validation split: it chose the merge; the merge's result is its test row above.", ""]
+            parts.append("<h2>Merge search</h2><p>Objective per trial on the validation split: it chose the merge; the merge's result is its test row above.</p>")
+            for search, uri in searches.items():
+                name, note = _search_plot(search, uri, folder)
+                search_notes.append(note)
+                if name:
+                    images.append(name)
+                    md += [f"![search {search}]({name})", ""]
+                    parts.append(f'<figure><img src="{html.escape(name)}" alt="search {html.escape(search)}"></figure>')
+            md += [f"- {n}" for n in search_notes] + [""]
+            parts.append(_markdown_to_html_lines(search_notes))
+
+        style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+        page = (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+        )
+        with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as f:
+            f.write("\n".join(md).rstrip() + "\n")
+        with open(os.path.join(folder, "report.html"), "w", encoding="utf-8") as f:
+            f.write(page)
+        if comparison is not None:
+            with open(os.path.join(folder, "comparison.json"), "w", encoding="utf-8") as f:
+                json.dump(comparison, f, indent=2, sort_keys=True)
+        with storage.begin_artifact(report_uri, overwrite=True) as artifact:
+            storage.upload_dir(folder, artifact.staging_uri)
+            files = sorted(os.listdir(folder))
+            artifact.commit({"kind": "report", "split": REPORTED_SPLIT, "variants": sorted(reported), "excluded": excluded, "files": files})
+    return {"uri": storage.resolve(report_uri), "files": files, "images": images, "variants": sorted(reported), "excluded": excluded}

@@ -1,0 +1,48 @@
+"""Trainer callbacks: metrics as JSON lines plus a progress line on rank 0."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from transformers import TrainerCallback
+
+
+class MetricsLogCallback(TrainerCallback):
+    """Append every logged step (loss, learning rate, tokens seen, tokens/s) to `metrics.jsonl`.
+
+    transformers' own loggers (TensorBoard) get the same values; this file is what the report and
+    the manifest read, and the printed line is the progress a user sees in `ray job logs`.
+    """
+
+    def __init__(self, path: str, stage: str, max_steps: int):
+        self.path = path
+        self.stage = stage
+        self.max_steps = max_steps
+        self._last_time: float | None = None
+        self._last_tokens = 0
+        self.last: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.monotonic()
+        self._last_tokens = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen or 0
+        elapsed = max(now - (self._last_time or now), 1e-9)
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, "tokens_seen": tokens}
+        if "loss" in logs and tokens > self._last_tokens:
+            record["tokens_per_second"] = round((tokens - self._last_tokens) / elapsed, 1)
+            self._last_time, self._last_tokens = now, tokens
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last = record
+        shown = " ".join(
+            f"{key} {record[key]:.4g}" if isinstance(record[key], float) else f"{key} {record[key]}"
+            for key in ("loss", "learning_rate", "tokens_per_second", "train_loss")
+            if key in record
+        )
+        print(f"[{self.stage}] step {state.global_step}/{self.max_steps} {shown}", flush=True)

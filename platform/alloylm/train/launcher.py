@@ -1,0 +1,180 @@
+"""The one launcher of every training stage: checks, then Ray Train's TorchTrainer, then the artifact.
+
+`train_stage(config, name)` resolves the parent and the prepared data, refuses what cannot work
+before any training (missing parent artifact, data of the wrong shape, resources the cluster
+does not have), skips a stage whose fingerprint is unchanged, and otherwise trains on Ray Train
+with checkpoints under `<run>/checkpoints/<stage>-<fingerprint>/`, so an interrupted stage resumes
+from its last checkpoint when it is run again. The model is written to `<run>/stages/<name>/`
+with `metrics.jsonl`, TensorBoard events, the resolved config and a manifest written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from alloylm import storage
+from alloylm.config import PresetInit, RunConfig, TrainStageConfig, fingerprint
+
+log = logging.getLogger("alloylm.train")
+
+REQUIRED_COLUMNS = {"cpt": ["input_ids"], "sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"], "orpo": ["prompt", "chosen", "rejected"]}
+
+
+class StageError(Exception):
+    """A stage that cannot run; the message names the cause."""
+
+
+def stage_uri(config: RunConfig, name: str) -> str:
+    return storage.join(config.run_uri, "stages", name)
+
+
+def _parent(config: RunConfig, stage: TrainStageConfig) -> tuple[str, str, Any]:
+    """(kind, preset name or model URI, what identifies it for the fingerprint)."""
+    if isinstance(stage.from_, PresetInit):
+        seed = stage.from_.seed if stage.from_.seed is not None else config.seed
+        return "preset", stage.from_.init, {"init": stage.from_.init, "seed": seed}
+    if stage.from_ in config.stages:
+        uri = stage_uri(config, stage.from_)
+        manifest = storage.read_manifest(uri)
+        if manifest is None:
+            raise StageError(
+                f"parent stage {stage.from_!r} has no finished artifact at {uri}; run it first "
+                f"(alloylm train CONFIG {stage.from_}, or alloylm run CONFIG)"
+            )
+        return "model", uri, manifest["fingerprint"]
+    return "model", stage.from_, stage.from_
+
+
+def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str, tokenizer_fp: str) -> str:
+    stage = config.stages[name]
+    # Resources and checkpoint cadence change how a stage runs, not what it learns.
+    learned = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "checkpoint", "description"})
+    return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
+
+
+def _check_resources(stage: TrainStageConfig) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    res = stage.resources
+    need_cpu, need_gpu = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
+    if need_gpu > have.get("GPU", 0):
+        raise StageError(
+            f"resources: {res.workers} workers x {res.gpus_per_worker} GPUs = {need_gpu:g} GPUs, "
+            f"but the Ray cluster has {have.get('GPU', 0):g}"
+        )
+    if need_cpu > have.get("CPU", 0):
+        raise StageError(
+            f"resources: {res.workers} workers x {res.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
+            f"but the Ray cluster has {have.get('CPU', 0):g}"
+        )
+
+
+def _check_data(stage: TrainStageConfig, data_uri: str) -> None:
+    from alloylm.train.data import read_prepared_table
+
+    try:
+        read_prepared_table(data_uri, REQUIRED_COLUMNS[stage.kind]).slice(0, 1)
+    except ValueError as exc:
+        raise StageError(f"data for a {stage.kind} stage: {exc}") from None
+
+
+def train_stage(config: RunConfig, name: str) -> dict:
+    """Train stage `name` (preparing its data first if needed); returns its manifest."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from alloylm.data.prepare import dataset_uri, prepare_dataset, prepare_tokenizer
+    from alloylm.train.worker import SUMMARY_NAME, StageJob, train_loop_per_worker
+
+    if name not in config.stages:
+        raise StageError(f"no stage {name!r}; stages: {', '.join(config.stage_order())}")
+    stage = config.stages[name]
+    if not isinstance(stage, TrainStageConfig):
+        raise StageError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
+    parent_kind, parent, parent_id = _parent(config, stage)
+    tokenizer_manifest = prepare_tokenizer(config)
+    data_manifest = prepare_dataset(config, stage.data, tokenizer_manifest)
+    uri = stage_uri(config, name)
+    fp = stage_fingerprint(config, name, parent_id, data_manifest["fingerprint"], tokenizer_manifest["fingerprint"])
+    manifest = storage.read_manifest(uri)
+    if manifest and manifest.get("fingerprint") == fp:
+        log.info("stage %s: up to date, not retrained (%s)", name, uri)
+        return manifest
+    data_uri = dataset_uri(config, stage.data)
+    _check_data(stage, data_uri)
+    _check_resources(stage)
+    rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
+    started = time.monotonic()
+    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+        job = StageJob(
+            stage_name=name,
+            stage=stage.model_dump(mode="json", by_alias=True),
+            seed=config.seed,
+            trust_remote_code=config.trust_remote_code,
+            tokenizer_uri=storage.join(config.run_uri, "tokenizer"),
+            data_uri=data_uri,
+            parent_kind=parent_kind,
+            parent=parent,
+            parent_seed=parent_id["seed"] if parent_kind == "preset" else 0,
+            output_uri=artifact.staging_uri,
+            data_rows=rows,
+        )
+        checkpoints = storage.join(config.run_uri, "checkpoints")
+        fs, checkpoints_path = storage.arrow_filesystem(checkpoints)
+        datasets = {}
+        if stage.kind == "cpt":
+            shards_fs, shards_path = storage.arrow_filesystem(storage.join(data_uri, "shards"))
+            blocks = ray.data.read_parquet(shards_path, filesystem=shards_fs, columns=["input_ids"])
+            spare = ray.cluster_resources().get("CPU", 0) - stage.resources.workers * stage.resources.cpus_per_worker
+            if spare < 1:
+                # The workers will hold every CPU, and Ray Data's read tasks need one to run: read the
+                # (compact, already packed) blocks into the object store now, before they start.
+                log.info("stage %s: no CPU left for streaming reads; loading the data set first", name)
+                blocks = blocks.materialize()
+            datasets["train"] = blocks
+        trainer = TorchTrainer(
+            train_loop_per_worker=train_loop_per_worker,
+            train_loop_config=job.model_dump(),
+            torch_config=TorchConfig(backend="nccl" if stage.resources.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=stage.resources.workers,
+                use_gpu=stage.resources.use_gpu,
+                resources_per_worker={"CPU": stage.resources.cpus_per_worker, **({"GPU": stage.resources.gpus_per_worker} if stage.resources.use_gpu else {})},
+                placement_strategy=stage.resources.placement_strategy,
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"{name}-{fp}",
+                storage_path=checkpoints_path,
+                storage_filesystem=fs,
+                failure_config=ray.train.FailureConfig(max_failures=stage.checkpoint.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage.checkpoint.keep),
+            ),
+            datasets=datasets or None,
+        )
+        log.info("stage %s: %s from %s on %d worker(s) -> %s", name, stage.kind, parent, stage.resources.workers, uri)
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; show the cause, keep the checkpoints
+            raise StageError(f"stage {name!r} failed: {exc}") from exc
+        final = storage.read_json(storage.join(artifact.staging_uri, SUMMARY_NAME))
+        storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
+        manifest = artifact.commit(
+            {
+                "kind": "stage",
+                "stage_kind": stage.kind,
+                "name": name,
+                "fingerprint": fp,
+                "parent": parent,
+                "data": stage.data,
+                "data_fingerprint": data_manifest["fingerprint"],
+                "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
+                "metrics": final,
+                "workers": stage.resources.workers,
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        )
+    log.info("stage %s: done, %s steps, train loss %s -> %s", name, final.get("global_step"), final.get("train_loss"), uri)
+    return manifest
