@@ -1,10 +1,14 @@
-"""The `alloylm` command: `validate`, `data` and `run` on a run config, with key=value overrides.
+"""The `alloylm` command: validate, data, train, eval, report and run, on one run config.
 
     alloylm validate configs/quickstart.yaml data.block_size=128
     alloylm data configs/quickstart.yaml
+    alloylm train configs/quickstart.yaml base
+    alloylm eval configs/quickstart.yaml
+    alloylm report configs/quickstart.yaml
     alloylm run configs/quickstart.yaml
 
-Exit codes: 0 done, 1 the work failed (the message says why), 2 the config or the command line is wrong.
+Every command takes `key.sub=value` overrides after the config. Exit codes: 0 done, 1 the work
+failed (the message says why), 2 the config or the command line is wrong.
 """
 
 from __future__ import annotations
@@ -13,12 +17,18 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 from alloylm import storage
-from alloylm.config import ConfigError, RunConfig, load_config
+from alloylm.config import ConfigError, RunConfig, TrainStageConfig, load_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+log = logging.getLogger("alloylm")
+
+
+class UsageError(Exception):
+    """A command that does not fit the config (e.g. `eval` without an `evaluate:` section)."""
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,37 +40,98 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alloylm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    validate = commands.add_parser("validate", help="check a config and print the resolved one")
-    _add_config_arguments(validate)
+    _add_config_arguments(commands.add_parser("validate", help="check a config and print the resolved one"))
     data = commands.add_parser("data", help="prepare the tokenizer and data sets on Ray Data")
     _add_config_arguments(data)
     data.add_argument("--only", action="append", default=None, metavar="NAME", help="prepare only this data set (repeatable)")
-    run = commands.add_parser("run", help="run the whole pipeline of a config")
-    _add_config_arguments(run)
+    train = commands.add_parser("train", help="run one training stage on Ray Train")
+    train.add_argument("config", help="run config (YAML)")
+    train.add_argument("stage", help="name of the stage to train")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
+    _add_config_arguments(commands.add_parser("eval", help="score every variant of `evaluate:` in parallel on Ray"))
+    _add_config_arguments(commands.add_parser("report", help="render <run>/report (Markdown, HTML, PNG plots)"))
+    _add_config_arguments(commands.add_parser("run", help="run the pipeline of a config"))
     return parser
 
 
-def _data(config: RunConfig, only: list[str] | None) -> dict:
+def _stage_uris(config: RunConfig) -> dict[str, str]:
+    return {name: storage.join(config.run_uri, "stages", name) for name in config.stages}
+
+
+def data_command(config: RunConfig, only: list[str] | None = None) -> dict[str, Any]:
     from alloylm.cluster import connect_ray
     from alloylm.data.prepare import prepare_all
 
     connect_ray()
-    return prepare_all(config, only)
+    return {name: m["counts"] for name, m in prepare_all(config, only).items()}
 
 
-def _run(config: RunConfig) -> dict:
-    # The pipeline runs the stages that exist so far: data preparation. Training, merging,
-    # evaluation and serving stages join it as they are built.
-    manifests = _data(config, None)
-    summary = {
-        "experiment": config.experiment,
-        "run": config.run_uri,
-        "datasets": {name: m["counts"] for name, m in manifests.items()},
+def train_command(config: RunConfig, stage: str) -> dict[str, Any]:
+    from alloylm.cluster import connect_ray
+    from alloylm.train.launcher import train_stage
+
+    connect_ray()
+    manifest = train_stage(config, stage)
+    return {"stage": stage, "model": storage.join(config.run_uri, "stages", stage), **manifest["metrics"]}
+
+
+def eval_command(config: RunConfig) -> dict[str, Any]:
+    from alloylm.cluster import connect_ray
+    from alloylm.evaluate import data_uris, evaluate_variants, resolve_variants
+
+    if config.evaluate is None:
+        raise UsageError("the config has no `evaluate:` section: nothing to evaluate")
+    connect_ray()
+    run = config.run_uri
+    summary = evaluate_variants(
+        config.evaluate,
+        resolve_variants(config.evaluate, _stage_uris(config)),
+        data_uris(config.evaluate, run),
+        storage.join(run, "eval"),
+        tokenizer_uri=storage.join(run, "tokenizer"),
+        trust_remote_code=config.trust_remote_code,
+    )
+    return {
+        "split": summary["split"],
+        "table": storage.join(run, "eval", "comparison.md"),
+        "scores": {name: result.get("score") for name, result in summary["variants"].items()},
+        "failed": summary["failed"],
     }
-    if config.stages:
-        logging.getLogger("alloylm").warning(
-            "stages %s are declared but this version runs data preparation only", ", ".join(config.stage_order())
-        )
+
+
+def report_command(config: RunConfig) -> dict[str, Any]:
+    from alloylm.evaluate import render_report
+
+    run = config.run_uri
+    searches = {n: storage.join(run, "stages", n, "search") for n, s in config.stages.items() if s.kind == "merge_search"}
+    return render_report(
+        storage.join(run, "eval"), storage.join(run, "report"), stages=_stage_uris(config), searches=searches,
+        title=f"AlloyLM: {config.experiment}",
+    )
+
+
+def run_command(config: RunConfig) -> dict[str, Any]:
+    """Data, every training stage in dependency order, then evaluation and the report.
+
+    Merge stages are not run by this version yet: they and their descendants are skipped, and
+    said so.
+    """
+    from alloylm.config import stage_parents
+
+    summary: dict[str, Any] = {"experiment": config.experiment, "run": config.run_uri, "datasets": data_command(config)}
+    trained, skipped = {}, []
+    for name in config.stage_order():
+        stage = config.stages[name]
+        if not isinstance(stage, TrainStageConfig) or any(p in skipped for p in stage_parents(stage)):
+            skipped.append(name)
+            continue
+        trained[name] = train_command(config, name)
+    if skipped:
+        log.warning("not run by this version (merge stages and what depends on them): %s", ", ".join(skipped))
+    summary.update(stages=trained, skipped=skipped)
+    if config.evaluate is not None:
+        summary["evaluation"] = eval_command(config)
+        summary["report"] = report_command(config)
     return summary
 
 
@@ -81,17 +152,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from alloylm.data.prepare import DataPreparationError
     from alloylm.data.sources import SourceError
+    from alloylm.evaluate import EvaluationInputError
+    from alloylm.train.launcher import StageError
 
+    commands = {
+        "data": lambda: data_command(config, args.only),
+        "train": lambda: train_command(config, args.stage),
+        "eval": lambda: eval_command(config),
+        "report": lambda: report_command(config),
+        "run": lambda: run_command(config),
+    }
     try:
-        if args.command == "data":
-            result = {name: m["counts"] for name, m in _data(config, args.only).items()}
-        else:
-            result = _run(config)
-    except (SourceError, DataPreparationError, storage.StorageError) as exc:
+        result = commands[args.command]()
+    except UsageError as exc:
+        print(f"alloylm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SourceError, DataPreparationError, StageError, EvaluationInputError, storage.StorageError) as exc:
         print(f"alloylm: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(result, indent=2))
-    return 0
+    print(json.dumps(result, indent=2, default=str))
+    return EXIT_FAILED if isinstance(result, dict) and result.get("failed") else 0
 
 
 if __name__ == "__main__":

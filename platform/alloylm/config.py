@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alloylm.corpus import BUILTIN_FORMATS, BuiltinCorpusOptions
+from alloylm.evaluate.config import EvalConfig
 from alloylm.train.options import CheckpointOptions, DeepSpeedOptions, LoraOptions, ResourceOptions, TrainingOptions
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
@@ -323,6 +324,7 @@ class RunConfig(_Frozen):
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict, description="Named data sets of the run.")
     data: DataPrepConfig = Field(default_factory=DataPrepConfig, description="Data preparation settings.")
     stages: dict[str, StageConfig] = Field(default_factory=dict, description="Named stages; each names its parents.")
+    evaluate: EvalConfig | None = Field(None, description="Variants scored by `alloylm eval`, on which suites and split.")
 
     @field_validator("datasets", "stages")
     @classmethod
@@ -358,6 +360,8 @@ class RunConfig(_Frozen):
                         f"stages.{name}.{key}: {parent!r} is neither a stage of this run (stages: {_known(self.stages)}) "
                         "nor a model path, s3:// URI or Hugging Face id"
                     )
+        if self.evaluate is not None:
+            problems += self.evaluate.reference_problems(set(self.stages), {n: d.format for n, d in self.datasets.items()})
         if problems:
             raise ValueError("; ".join(problems))
         self.stage_order()  # raises on a cycle

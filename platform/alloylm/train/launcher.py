@@ -72,6 +72,27 @@ def _check_resources(stage: TrainStageConfig) -> None:
         )
 
 
+def _check_vocabulary(config: RunConfig, parent_kind: str, parent: str) -> None:
+    """The run's tokenizer must fit the parent's embeddings (its data was tokenized with it)."""
+    if parent_kind != "model":
+        return
+    from transformers import AutoConfig
+
+    from alloylm.models.loading import load_tokenizer, materialize_model_dir
+
+    try:
+        model_config = AutoConfig.from_pretrained(materialize_model_dir(parent), trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"cannot read the parent model {parent}: {exc}") from None
+    tokens = len(load_tokenizer(storage.join(config.run_uri, "tokenizer"), trust_remote_code=config.trust_remote_code))
+    embeddings = getattr(model_config, "vocab_size", None) or getattr(model_config.get_text_config(), "vocab_size", None)
+    if embeddings is not None and tokens > embeddings:
+        raise StageError(
+            f"tokenizer/model vocabulary mismatch: the run's tokenizer has {tokens} tokens but the parent model "
+            f"{parent} has {embeddings} embeddings; use the parent's tokenizer (tokenizer.from) or a matching model"
+        )
+
+
 def _check_data(stage: TrainStageConfig, data_uri: str) -> None:
     from alloylm.train.data import read_prepared_table
 
@@ -106,6 +127,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     data_uri = dataset_uri(config, stage.data)
     _check_data(stage, data_uri)
     _check_resources(stage)
+    _check_vocabulary(config, parent_kind, parent)
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     started = time.monotonic()
     with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:

@@ -107,6 +107,19 @@ def _apply_lora(model, stage):
     return get_peft_model(model, config)
 
 
+def _worker_nodes() -> list[str]:
+    """The Ray node ids the workers ran on (gathered over the process group), for the manifest."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_available() or not dist.is_initialized():
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return sorted(set(nodes))
+
+
 def _read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -197,6 +210,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume)
         summary = {
+            "nodes": _worker_nodes(),
             "global_step": trainer.state.global_step,
             "max_steps": max_steps,
             "train_loss": result.training_loss,

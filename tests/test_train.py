@@ -1,0 +1,343 @@
+"""Training stages on a real local Ray cluster with tiny models: every method learns, the output
+is a plain Hugging Face model that generates, DeepSpeed ZeRO-2/3 with 2 workers, LoRA, S3
+checkpoints, a killed worker resumes from its checkpoint, reruns do no training, and bad input
+fails before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from alloylm import storage
+from alloylm.config import ConfigError, validate_config
+from alloylm.train.launcher import StageError, stage_uri, train_stage
+
+pytestmark = pytest.mark.slow
+
+FAST = {"batch_size": 4, "learning_rate": 3.0e-3, "logging_steps": 2}
+
+
+def run_config(storage_uri: str, stages: dict, **extra) -> dict:
+    return {
+        "experiment": "tr",
+        "storage": storage_uri,
+        "builtin": {"materials": 4, "documents_per_material": 2, "general_documents": 80, "general_chats": 60},
+        "tokenizer": {"train": {"vocab_size": 400}},
+        "datasets": {
+            "text": {"source": "builtin:general-text"},
+            "chat": {"source": "builtin:general-chat"},
+            "prefs": {"source": "builtin:biomaterials-preferences"},
+        },
+        "data": {"block_size": 32, "tokenizer_actors": 1},
+        "stages": stages,
+        **extra,
+    }
+
+
+def losses(uri: str) -> list[float]:
+    lines = storage.read_text(storage.join(uri, "metrics.jsonl")).splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+def load(uri: str):
+    from alloylm.models.loading import load_model
+
+    return load_model(uri)
+
+
+def assert_learned_and_generates(uri: str, parent_uri: str | None = None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    values = losses(uri)
+    assert len(values) >= 3
+    assert sum(values[-2:]) / 2 < sum(values[:2]) / 2, values
+    model = AutoModelForCausalLM.from_pretrained(uri)
+    tokenizer = AutoTokenizer.from_pretrained(uri)
+    assert os.path.exists(os.path.join(uri, "model.safetensors"))
+    assert tokenizer.chat_template and "generation" in tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    if parent_uri:
+        parent = AutoModelForCausalLM.from_pretrained(parent_uri).state_dict()
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, parent[k])]
+        assert len(changed) > len(parent) // 2
+
+
+@pytest.fixture(scope="module")
+def chain(ray_cluster, tmp_path_factory):
+    """base (CPT from a preset) -> sft -> dpo, and base -> orpo, on 1 worker each."""
+    root = str(tmp_path_factory.mktemp("train"))
+    config = validate_config(
+        run_config(
+            root,
+            {
+                "base": {"kind": "cpt", "from": {"init": "tiny-llama"}, "data": "text", "training": {**FAST, "max_steps": 30}},
+                "sft": {"kind": "sft", "from": "base", "data": "chat", "training": {**FAST, "max_steps": 16, "learning_rate": 2e-3}},
+                "dpo": {"kind": "dpo", "from": "sft", "data": "prefs", "beta": 0.1, "training": {**FAST, "max_steps": 8, "learning_rate": 5e-4}},
+                "orpo": {"kind": "orpo", "from": "base", "data": "prefs", "training": {**FAST, "max_steps": 12, "learning_rate": 2e-3}},
+            },
+        )
+    )
+    manifests = {name: train_stage(config, name) for name in ("base", "sft", "dpo", "orpo")}
+    return config, manifests
+
+
+def test_cpt_from_a_preset_learns_and_generates(chain):
+    config, manifests = chain
+    uri = stage_uri(config, "base")
+    assert_learned_and_generates(uri)
+    assert manifests["base"]["metrics"]["global_step"] == 30
+    assert manifests["base"]["metrics"]["tokens_seen"] == 30 * 4 * 32
+    assert storage.list_files(storage.join(uri, "tensorboard"))  # TensorBoard events
+    assert "experiment: tr" in storage.read_text(storage.join(uri, "resolved_config.yaml"))
+
+
+def test_sft_learns_from_its_parent(chain):
+    config, manifests = chain
+    assert_learned_and_generates(stage_uri(config, "sft"), stage_uri(config, "base"))
+    assert manifests["sft"]["parent"] == stage_uri(config, "base")
+
+
+def test_dpo_learns_from_its_parent(chain):
+    config, _ = chain
+    assert_learned_and_generates(stage_uri(config, "dpo"), stage_uri(config, "sft"))
+
+
+def test_orpo_learns_from_its_parent(chain):
+    config, _ = chain
+    assert_learned_and_generates(stage_uri(config, "orpo"), stage_uri(config, "base"))
+
+
+def test_rerun_of_a_finished_stage_does_no_training(chain):
+    config, manifests = chain
+    before = storage.read_manifest(stage_uri(config, "sft"))
+    assert train_stage(config, "sft") == before == manifests["sft"]
+
+
+def test_changed_stage_is_not_overwritten_without_permission(chain):
+    config, manifests = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"]["orpo"]["beta"] = 0.2
+    with pytest.raises(storage.ArtifactExistsError, match="overwrite"):
+        train_stage(validate_config(raw), "orpo")
+    assert storage.read_manifest(stage_uri(config, "orpo")) == manifests["orpo"]
+
+
+def test_zero3_two_workers_tiny_mistral(chain):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {
+        "mistral": {
+            "kind": "cpt", "from": {"init": "tiny-mistral"}, "data": "text", "training": {**FAST, "max_steps": 16},
+            "resources": {"workers": 2, "cpus_per_worker": 1}, "deepspeed": {"stage": 3},
+        }
+    }
+    cfg = validate_config(raw)
+    manifest = train_stage(cfg, "mistral")
+    assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["global_step"] == 16
+    # Both workers' batches count: 2 workers x 4 blocks x 32 tokens per step.
+    assert manifest["metrics"]["tokens_seen"] == 16 * 2 * 4 * 32
+    uri = stage_uri(cfg, "mistral")
+    assert json.loads(storage.read_text(storage.join(uri, "config.json")))["model_type"] == "mistral"
+    assert_learned_and_generates(uri)
+
+
+def test_lora_with_zero2_two_workers_saves_a_merged_model(chain):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {
+        "base": raw["stages"]["base"],
+        "lora": {
+            "kind": "sft", "from": "base", "data": "chat", "training": {**FAST, "max_steps": 12, "learning_rate": 5e-3},
+            "lora": {"r": 4, "alpha": 8}, "resources": {"workers": 2, "cpus_per_worker": 1}, "deepspeed": {"stage": 2},
+        },
+    }
+    cfg = validate_config(raw)
+    train_stage(cfg, "lora")
+    uri = stage_uri(cfg, "lora")
+    assert os.path.exists(os.path.join(uri, "adapter", "adapter_config.json"))
+    merged = load(uri)
+    assert not any("lora" in name for name in merged.state_dict())  # a plain model, adapters merged in
+    assert_learned_and_generates(uri, stage_uri(cfg, "base"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures and resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {
+        "long": {
+            "kind": "cpt", "from": {"init": "small-llama"}, "data": "text",
+            "training": {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 5, "max_steps": 60},
+            "checkpoint": {"every_steps": 10, "max_failures": 2},
+        }
+    }
+    cfg = validate_config(raw)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(manifest=train_stage(cfg, "long")), daemon=True)
+    thread.start()
+    checkpoints = os.path.join(cfg.run_uri, "checkpoints")
+    killed = None
+    while thread.is_alive() and killed is None:
+        has_checkpoint = any(name.startswith("checkpoint_") for _, dirs, _ in os.walk(checkpoints) for name in dirs)
+        pids = _worker_pids() if has_checkpoint else []
+        if pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    thread.join()
+    assert killed is not None, "training finished before a worker could be killed"
+    metrics = result["manifest"]["metrics"]
+    assert metrics["global_step"] == 60  # the step count is intact
+    assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 60
+
+
+@pytest.mark.s3
+def test_checkpoints_and_artifacts_on_s3(chain, s3_bucket):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["storage"] = f"s3://{s3_bucket}/runs"
+    raw["stages"] = {
+        "base": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": 6}, "checkpoint": {"every_steps": 3}},
+    }
+    cfg = validate_config(raw)
+    manifest = train_stage(cfg, "base")
+    uri = stage_uri(cfg, "base")
+    assert storage.read_manifest(uri) == manifest
+    assert any(f.endswith("model.safetensors") for f in storage.list_files(uri))
+    checkpoint_files = storage.list_files(storage.join(cfg.run_uri, "checkpoints"))
+    assert any("trainer_state.json" in f for f in checkpoint_files)
+    assert load(uri).config.model_type == "llama"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each fails before training, naming the cause
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parent_without_finished_artifact(chain):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"]["child"] = {"kind": "sft", "from": "ghost", "data": "chat"}
+    raw["stages"]["ghost"] = {"kind": "cpt", "from": {"init": "tiny-llama"}, "data": "text"}
+    with pytest.raises(StageError, match="'ghost' has no finished artifact"):
+        train_stage(validate_config(raw), "child")
+
+
+def test_data_that_does_not_fit_the_stage(chain, tmp_path):
+    config, _ = chain
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"answer {i}", "rejected": f"no {i}"}) + "\n" for i in range(4)))
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["datasets"]["mine"] = {"source": str(path), "format": "preference"}
+    raw["stages"] = {"bad": {"kind": "sft", "from": {"init": "tiny-llama"}, "data": "mine"}}
+    with pytest.raises(ConfigError, match="has format 'preference', a sft stage needs 'chat'"):
+        validate_config(raw)
+
+
+def test_tokenizer_model_vocabulary_mismatch(chain, tmp_path):
+    from alloylm.models.loading import save_model
+    from alloylm.models.presets import build_model
+    from alloylm.models.tokenizer import train_tokenizer
+
+    small = train_tokenizer(["tiny corpus " * 50, "another line " * 50], vocab_size=300)
+    save_model(build_model("pico-llama", small), small, str(tmp_path / "small-vocab"))
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {"x": {"kind": "cpt", "from": str(tmp_path / "small-vocab"), "data": "text", "training": {"max_steps": 2}, "checkpoint": {"max_failures": 0}}}
+    with pytest.raises(StageError, match="vocabulary mismatch"):
+        train_stage(validate_config(raw), "x")
+
+
+def test_fp16_on_cpu_is_refused_at_load_time(chain):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"]["base"]["deepspeed"] = {"stage": 2, "precision": "fp16"}
+    with pytest.raises(ConfigError, match="fp16 needs GPUs"):
+        validate_config(raw)
+
+
+def test_more_workers_than_the_cluster_has(chain):
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {"big": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "resources": {"workers": 8}}}
+    with pytest.raises(StageError, match="8 workers x 1 CPUs = 8 CPUs, but the Ray cluster has 2"):
+        train_stage(validate_config(raw), "big")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes: a head and a worker node started with `ray start` on this machine, 1 CPU each
+# ---------------------------------------------------------------------------------------------
+
+
+def _stop_processes_under(marker: str) -> None:
+    """Stop only the Ray processes of our own cluster (their command lines name our temp dir)."""
+    import psutil
+
+    ours = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for proc in ours:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    for proc in alive:
+        proc.kill()
+
+
+def test_two_node_cluster_spreads_workers_over_gloo(tmp_path):
+    import subprocess
+    import sys
+    import tempfile
+
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="alloylm2n-", dir="/tmp")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       check=True, env=env, capture_output=True, timeout=300)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common], check=True, env=env, capture_output=True, timeout=300)
+        cfg = tmp_path / "run.yaml"
+        raw = run_config(str(tmp_path / "runs"), {
+            "spread": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": 6},
+                       "resources": {"workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"}},
+        })
+        import yaml
+
+        cfg.write_text(yaml.safe_dump(raw))
+        result = subprocess.run(
+            [sys.executable, "-m", "alloylm.cli", "train", str(cfg), "spread"],
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=1200,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        manifest = storage.read_manifest(str(tmp_path / "runs" / "tr" / "stages" / "spread"))
+        assert manifest["metrics"]["world_size"] == 2
+        assert len(manifest["metrics"]["nodes"]) == 2  # one worker per node, gloo between raylets
+        assert manifest["metrics"]["global_step"] == 6
+    finally:
+        _stop_processes_under(temp_dir)
