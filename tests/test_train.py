@@ -174,10 +174,19 @@ def test_lora_with_zero2_two_workers_saves_a_merged_model(chain):
 
 
 def _worker_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """Ray Train worker processes of this test session's cluster only (children of its raylet)."""
+    import psutil
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for child in psutil.Process(raylet).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
