@@ -5,6 +5,7 @@
     alloylm train configs/quickstart.yaml base
     alloylm eval configs/quickstart.yaml
     alloylm report configs/quickstart.yaml
+    alloylm serve configs/quickstart.yaml
     alloylm run configs/quickstart.yaml
 
 Every command takes `key.sub=value` overrides after the config. Exit codes: 0 done, 1 the work
@@ -50,6 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
     _add_config_arguments(commands.add_parser("eval", help="score every variant of `evaluate:` in parallel on Ray"))
     _add_config_arguments(commands.add_parser("report", help="render <run>/report (Markdown, HTML, PNG plots)"))
+    _add_config_arguments(commands.add_parser("serve", help="serve the run's variants over an OpenAI-compatible API (Ray Serve)"))
     _add_config_arguments(commands.add_parser("run", help="run the pipeline of a config"))
     return parser
 
@@ -110,6 +112,20 @@ def report_command(config: RunConfig) -> dict[str, Any]:
     )
 
 
+def serve_command(config: RunConfig) -> None:
+    """Deploy the variants on the current Ray cluster, print the base URL, block until Ctrl-C."""
+    from alloylm.cluster import connect_ray
+    from alloylm.serve import ServeConfig, serve_run, variant_sources
+
+    serve_config = config.serve or ServeConfig()
+    try:
+        sources = variant_sources(serve_config, config.run_uri)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    connect_ray()
+    serve_run(serve_config, sources, blocking=True)
+
+
 def run_command(config: RunConfig) -> dict[str, Any]:
     """Data, every training stage in dependency order, then evaluation and the report.
 
@@ -155,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     from alloylm.evaluate import EvaluationInputError
     from alloylm.train.launcher import StageError
 
+    if args.command == "serve":
+        try:
+            serve_command(config)
+        except UsageError as exc:
+            print(f"alloylm: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except RuntimeError as exc:  # Serve's deploy failure, or vLLM missing for the vllm backend
+            print(f"alloylm: serving failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        return 0
     commands = {
         "data": lambda: data_command(config, args.only),
         "train": lambda: train_command(config, args.stage),

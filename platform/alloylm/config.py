@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alloylm.corpus import BUILTIN_FORMATS, BuiltinCorpusOptions
 from alloylm.evaluate.config import EvalConfig
+from alloylm.serve.config import ServeConfig
 from alloylm.train.options import CheckpointOptions, DeepSpeedOptions, LoraOptions, ResourceOptions, TrainingOptions
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
@@ -325,6 +326,7 @@ class RunConfig(_Frozen):
     data: DataPrepConfig = Field(default_factory=DataPrepConfig, description="Data preparation settings.")
     stages: dict[str, StageConfig] = Field(default_factory=dict, description="Named stages; each names its parents.")
     evaluate: EvalConfig | None = Field(None, description="Variants scored by `alloylm eval`, on which suites and split.")
+    serve: ServeConfig | None = Field(None, description="OpenAI-compatible serving of the run's variants (`alloylm serve`).")
 
     @field_validator("datasets", "stages")
     @classmethod
@@ -362,6 +364,13 @@ class RunConfig(_Frozen):
                     )
         if self.evaluate is not None:
             problems += self.evaluate.reference_problems(set(self.stages), {n: d.format for n, d in self.datasets.items()})
+        if self.serve is not None:
+            for name in self.serve.variant_names:
+                if name not in self.stages and name not in self.serve.sources:
+                    problems.append(
+                        f"serve.variants: {name!r} is neither a stage of this run (stages: {_known(self.stages)}) "
+                        "nor named under serve.sources"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         self.stage_order()  # raises on a cycle

@@ -2,7 +2,8 @@
 
 Written here rather than taken from `datasketch` because datasketch hashes every shingle in a
 Python loop (sha1 per shingle), which on a 50 MB corpus costs more than tokenizing it; this
-version hashes all shingles of a document with one vectorised numpy rolling hash. The method is
+version hashes all shingles of a document with one vectorised numpy rolling hash, and computes
+the signatures of a whole batch of documents together (`signatures`). The method is
 the standard one (Broder 1997; Leskovec et al., Mining of Massive Datasets, ch. 3).
 """
 
@@ -12,6 +13,10 @@ import numpy as np
 
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64(0xFFFFFFFF)
+_SHIFT = np.uint64(61)
+_FNV_PRIME = np.uint64(1099511628211)
+# Shingles hashed together per step of `signatures`: its work arrays (512 KiB each) stay in cache.
+_CHUNK_SHINGLES = 1 << 16
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -22,24 +27,73 @@ def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def shingle_hashes(text: str, shingle_chars: int) -> np.ndarray:
-    """32-bit hashes of every distinct character n-gram of `text` (lower-cased, whitespace collapsed)."""
+def _window_hashes(text: str, shingle_chars: int) -> np.ndarray:
+    """Polynomial hash (uint64, wrapping) of every `shingle_chars`-byte window of the lower-cased,
+    whitespace-collapsed UTF-8 text, repeats included."""
     data = np.frombuffer(" ".join(text.lower().split()).encode("utf-8"), dtype=np.uint8).astype(np.uint64)
     if data.size < shingle_chars:
         data = np.pad(data, (0, shingle_chars - data.size))
-    # Polynomial rolling hash over each window, vectorised across all windows at once.
-    windows = np.lib.stride_tricks.sliding_window_view(data, shingle_chars)
-    powers = np.uint64(1099511628211) ** np.arange(shingle_chars, dtype=np.uint64)
-    hashes = (windows * powers).sum(axis=1, dtype=np.uint64)
-    return np.unique(hashes & _MAX32)
+    count = data.size - shingle_chars + 1
+    powers = _FNV_PRIME ** np.arange(shingle_chars, dtype=np.uint64)
+    # One shifted multiply-add per position in the window: the same sum as (windows * powers).sum()
+    # (arithmetic mod 2**64 is exact in any order) without a (count, shingle_chars) intermediate.
+    hashes = data[:count].copy()
+    for offset in range(1, shingle_chars):
+        hashes += data[offset : offset + count] * powers[offset]
+    return hashes
+
+
+def shingle_hashes(text: str, shingle_chars: int) -> np.ndarray:
+    """32-bit hashes of every distinct character n-gram of `text` (lower-cased, whitespace collapsed)."""
+    return np.unique(_window_hashes(text, shingle_chars) & _MAX32)
+
+
+def _min_hashes(shingles: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Signatures of the documents whose shingle hashes are `shingles` (none empty)."""
+    starts = np.zeros(len(shingles), dtype=np.int64)
+    np.cumsum([s.size for s in shingles[:-1]], out=starts[1:])
+    flat = np.concatenate(shingles)
+    values, high = np.empty_like(flat), np.empty_like(flat)
+    out = np.empty((len(shingles), len(a)), dtype=np.uint32)
+    for column, (a_i, b_i) in enumerate(zip(a, b)):
+        # a*x < 2**64 (a, x < 2**32); adding b may wrap mod 2**64, and that is part of the hash.
+        # Then mod 2**61-1 by folding the high bits instead of a 64-bit division per element.
+        np.multiply(flat, a_i, out=values)
+        np.add(values, b_i, out=values)
+        np.right_shift(values, _SHIFT, out=high)
+        np.bitwise_and(values, _MERSENNE, out=values)
+        np.add(values, high, out=values)
+        if values.max() >= _MERSENNE:  # a folded value in [p, p+7]: rare, so checked before fixing
+            np.subtract(values, _MERSENNE, out=values, where=values >= _MERSENNE)
+        out[:, column] = np.minimum.reduceat(values, starts) & _MAX32
+    return out
+
+
+def signatures(texts: list[str], a: np.ndarray, b: np.ndarray, shingle_chars: int) -> np.ndarray:
+    """MinHash signatures of many documents, shape (len(texts), len(a)), uint32; row i is `signature(texts[i])`.
+
+    The shingles of many documents are hashed together, one permutation at a time, and reduced per
+    document with `np.minimum.reduceat`: a few vector operations per permutation instead of a
+    (permutations x shingles) matrix and a 64-bit division per element for every document.
+    """
+    out = np.empty((len(texts), len(a)), dtype=np.uint32)
+    chunk: list[np.ndarray] = []
+    size = done = 0
+    for text in texts:
+        # Repeated shingles are kept: they cannot change a minimum, and sorting them away costs more.
+        chunk.append(_window_hashes(text, shingle_chars) & _MAX32)
+        size += chunk[-1].size
+        if size >= _CHUNK_SHINGLES:
+            out[done : done + len(chunk)] = _min_hashes(chunk, a, b)
+            done, chunk, size = done + len(chunk), [], 0
+    if chunk:
+        out[done:] = _min_hashes(chunk, a, b)
+    return out
 
 
 def signature(text: str, a: np.ndarray, b: np.ndarray, shingle_chars: int) -> np.ndarray:
     """MinHash signature (len(a) uint32 values) of the document's shingle set."""
-    shingles = shingle_hashes(text, shingle_chars)
-    # (num_perm, n_shingles) products stay below 2**64 because a, x < 2**32.
-    values = (np.outer(a, shingles) + b[:, None]) % _MERSENNE
-    return (values.min(axis=1) & _MAX32).astype(np.uint32)
+    return signatures([text], a, b, shingle_chars)[0]
 
 
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:

@@ -1,6 +1,11 @@
 """Data preparation on Ray Data: the run's tokenizer, then every data set read, cleaned,
 deduplicated, tokenized (actor pool) and written as parquet shards with a manifest of counts.
 
+Per data set: one Ray Data pass reads and cleans (tasks: normalisation, length filters, content
+hash, MinHash signature) into the object store; the driver decides the duplicates from hashes and
+signatures only; a second pass drops them and tokenizes (an actor pool sized to the work), then
+the shards are written from that result.
+
 Artifacts: `<run>/tokenizer/` and `<run>/data/<name>/` (`shards/*.parquet`, `problems.jsonl`,
 `resolved_config.yaml`, `manifest.json` written last). An artifact whose fingerprint matches is
 reused, not rebuilt.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -18,16 +24,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alloylm import storage
-from alloylm.config import RunConfig, fingerprint
+from alloylm.config import DataPrepConfig, RunConfig, fingerprint
 from alloylm.data import clean, minhash
 from alloylm.data.sources import SourceError, read_dataset
-from alloylm.data.tokenize import PackTokenBlocks, RenderChats, RenderPreferences, benchmark_rows, blocks_table, pack_token_ids
+from alloylm.data.tokenize import (
+    BackendTokenizerState,
+    PackTokenBlocks,
+    RenderChats,
+    RenderPreferences,
+    benchmark_rows,
+    blocks_table,
+)
 
 log = logging.getLogger("alloylm.data")
 MAX_PROBLEMS_SHOWN = 10
+# Tokenizer batches per packing task: fewer, larger tasks cost less scheduling and fewer blocks.
+BATCHES_PER_TOKENIZER_TASK = 8
 
 
 class DataPreparationError(Exception):
@@ -166,33 +182,44 @@ def prepare_tokenizer(config: RunConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _clean_batch(batch: dict[str, np.ndarray], fmt: str, min_chars: int, max_chars: int, near: dict | None) -> pa.Table:
-    """Ray Data UDF: normalise records, set length drop reasons, add the content hash and MinHash signature."""
-    if near:
-        a, b = minhash.permutations(near["num_perm"])
-    records, reasons, hashes, signatures, details = [], [], [], [], []
-    for record_json, reason, origin, detail in zip(batch["record"], batch["drop_reason"], batch["origin"], batch["detail"]):
-        signature = None
+def _clean_batch(
+    batch: dict[str, np.ndarray], fmt: str, min_chars: int, max_chars: int, exact: bool, near: dict | None
+) -> pa.Table:
+    """Ray Data UDF: normalise records, set length drop reasons, add the content hash (if `exact`:
+    only exact dedup reads it) and the MinHash signature (if `near`)."""
+    records, reasons, hashes, details = [], [], [], []
+    signed_rows, signed_texts = [], []
+    rows = zip(batch["record"], batch["drop_reason"], batch["origin"], batch["detail"])
+    for row, (record_json, reason, origin, detail) in enumerate(rows):
         if reason:
             records.append(record_json)
             hashes.append("")
         else:
             record = clean.normalise_record(json.loads(record_json), fmt)
             reason = clean.drop_reason(record, fmt, min_chars=min_chars, max_chars=max_chars)
+            records.append(clean.record_json(record))
+            hashes.append(clean.content_hash(record) if exact else "")
             if reason:
                 detail = f"{origin}: {reason.replace('_', ' ')} ({len(record.get('text', ''))} characters)"
-            records.append(json.dumps(record, ensure_ascii=False))
-            hashes.append(clean.content_hash(record))
-            if near and not reason:
-                signature = minhash.signature(record["text"], a, b, near["shingle_chars"])
+            elif near:
+                signed_rows.append(row)
+                signed_texts.append(record["text"])
         reasons.append(reason)
-        signatures.append(signature)
         details.append(detail)
     table = {"id": batch["id"], "origin": batch["origin"], "detail": details}
     table.update(record=records, drop_reason=reasons, content_hash=hashes)
     out = pa.table({k: pa.array(list(v), pa.string()) for k, v in table.items()})
     if near:
-        out = out.append_column("signature", pa.array([None if s is None else s.tolist() for s in signatures], pa.list_(pa.uint32())))
+        # One batched MinHash call for the whole block; a fixed-size list column (null where the
+        # record is dropped) lets the driver read all signatures as one numpy matrix.
+        num_perm = near["num_perm"]
+        a, b = minhash.permutations(num_perm)
+        values = np.zeros((len(records), num_perm), dtype=np.uint32)
+        values[signed_rows] = minhash.signatures(signed_texts, a, b, near["shingle_chars"])
+        unsigned = np.ones(len(records), dtype=bool)
+        unsigned[signed_rows] = False
+        signatures = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), num_perm, mask=pa.array(unsigned))
+        out = out.append_column("signature", signatures)
     return out
 
 
@@ -211,18 +238,17 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
     kept_ids: list[str] = []
     kept_hashes: list[str] = []
     kept_signatures: list[np.ndarray] = []
-    for batch in annotated.select_columns(columns).iter_batches(batch_size=4096, batch_format="pyarrow"):
-        rows = batch.to_pydict()
-        for i, id_ in enumerate(rows["id"]):
-            reason = rows["drop_reason"][i]
-            if reason:
-                reasons[reason] += 1
-                problems.append({"id": id_, "origin": rows["origin"][i], "reason": reason, "detail": rows["detail"][i]})
-            else:
-                kept_ids.append(id_)
-                kept_hashes.append(rows["content_hash"][i])
-                if near:
-                    kept_signatures.append(np.asarray(rows["signature"][i], dtype=np.uint32))
+    for batch in annotated.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
+        is_kept = pc.equal(batch.column("drop_reason"), "")
+        for row in batch.filter(pc.invert(is_kept)).select(["id", "origin", "drop_reason", "detail"]).to_pylist():
+            reasons[row["drop_reason"]] += 1
+            problems.append({"id": row["id"], "origin": row["origin"], "reason": row["drop_reason"], "detail": row["detail"]})
+        kept = batch.filter(is_kept)
+        kept_ids += kept.column("id").to_pylist()
+        kept_hashes += kept.column("content_hash").to_pylist()
+        if near:
+            flat = kept.column("signature").combine_chunks().flatten()
+            kept_signatures.append(np.asarray(flat, dtype=np.uint32).reshape(-1, near["num_perm"]))
     duplicates: dict[str, tuple[str, str]] = {}
     if exact:
         first: dict[str, str] = {}
@@ -232,10 +258,10 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
             else:
                 first[digest] = id_
     if near and kept_ids:
-        remaining = [i for i, id_ in enumerate(kept_ids) if id_ not in duplicates]
-        ids = [kept_ids[i] for i in remaining]
-        signatures = np.stack([kept_signatures[i] for i in remaining]) if remaining else np.zeros((0, near["num_perm"]), np.uint32)
-        for id_, of in minhash.near_duplicates(ids, signatures, near["threshold"]).items():
+        signatures = np.concatenate(kept_signatures)
+        remaining = np.array([id_ not in duplicates for id_ in kept_ids], dtype=bool)
+        ids = [id_ for id_, keep in zip(kept_ids, remaining) if keep]
+        for id_, of in minhash.near_duplicates(ids, signatures[remaining], near["threshold"]).items():
             duplicates[id_] = ("near_duplicate", of)
     for id_, (reason, of) in sorted(duplicates.items()):
         reasons[reason] += 1
@@ -243,8 +269,20 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
     return duplicates, reasons, problems
 
 
+def _tokenizer_pool(prep: DataPrepConfig, tasks: int) -> dict[str, Any]:
+    """map_batches arguments for the tokenizer actor pool: fractional CPUs, and no more actors
+    than the step has tasks to give them, since each actor costs a process start."""
+    import ray.data
+
+    size = max(1, min(prep.tokenizer_actors, tasks))
+    return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": prep.cpus_per_tokenizer_actor}
+
+
 def _write_shards(ds, uri: str, rows_per_shard: int) -> None:
     fs, path = storage.arrow_filesystem(uri)
+    # Exact blocks of rows_per_shard rows first: every shard but the last is full, however many
+    # blocks the steps before produced.
+    ds = ds.repartition(target_num_rows_per_block=rows_per_shard, strict=True)
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
 
 
@@ -253,32 +291,41 @@ def _write_table(table: pa.Table, uri: str) -> None:
     pq.write_table(table, path, filesystem=fs)
 
 
-def _prepare_text(config: RunConfig, kept, shards_uri: str, tok_uri: str) -> dict[str, int]:
+def _prepare_text(config: RunConfig, kept, kept_count: int, shards_uri: str, tok_uri: str, tokenizer) -> dict[str, int]:
     prep = config.data
-    packed = kept.map_batches(
+    # Blocks of whole batches of batch_size consecutive kept documents, whatever blocks reading and
+    # dedup produced, so the packing (and every block) depends only on the input. Several batches
+    # per block (one actor task each) keep the number of tasks, and of blocks after, small.
+    rows_per_task = prep.batch_size * BATCHES_PER_TOKENIZER_TASK
+    groups = kept.repartition(target_num_rows_per_block=rows_per_task, strict=True)
+    packed = groups.map_batches(
         PackTokenBlocks,
-        fn_constructor_kwargs={"tokenizer_uri": tok_uri, "block_size": prep.block_size, "trust_remote_code": config.trust_remote_code},
+        fn_constructor_kwargs={
+            "tokenizer_uri": tok_uri,
+            "block_size": prep.block_size,
+            "trust_remote_code": config.trust_remote_code,
+            "backend": BackendTokenizerState.of(tokenizer),
+        },
         batch_size=prep.batch_size,
         batch_format="numpy",
-        concurrency=prep.tokenizer_actors,
-        num_cpus=prep.cpus_per_tokenizer_actor,
+        **_tokenizer_pool(prep, math.ceil(kept_count / rows_per_task)),
     ).materialize()
-    blocks = packed.filter(expr="is_tail == False").select_columns(["input_ids"])
-    _write_shards(blocks, shards_uri, prep.rows_per_shard)
-    full_blocks = blocks.count()
+    _write_shards(packed.filter(expr="is_tail == False").select_columns(["input_ids"]), shards_uri, prep.rows_per_shard)
     # Per-batch tails are packed together here, so only the run's final partial block is left over.
-    tails = [row["input_ids"] for row in packed.filter(expr="is_tail == True").iter_rows()]
-    flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in tails]) if tails else np.zeros(0, np.int32)
+    tails = [
+        np.asarray(ids, dtype=np.int32)
+        for batch in packed.filter(expr="is_tail == True").iter_batches(batch_size=None, batch_format="pyarrow")
+        for ids in batch.column("input_ids").to_pylist()
+    ]
+    full_blocks = packed.count() - len(tails)  # a materialized count: no execution
+    flat = np.concatenate(tails) if tails else np.zeros(0, np.int32)
     width = prep.block_size
     tail_blocks = flat[: (flat.size // width) * width].reshape(-1, width)
     rest = flat[tail_blocks.size :]
     counts = {"blocks": full_blocks + len(tail_blocks), "tokens_dropped_tail": 0, "tail_padded_tokens": 0}
     table = blocks_table(tail_blocks, np.zeros(0, np.int32)).select(["input_ids"])
     if rest.size and prep.tail == "pad":
-        from alloylm.models.loading import load_tokenizer
-
-        pad_id = load_tokenizer(tok_uri, trust_remote_code=config.trust_remote_code).pad_token_id
-        padded = np.full(width, pad_id, dtype=np.int32)
+        padded = np.full(width, tokenizer.pad_token_id, dtype=np.int32)
         padded[: rest.size] = rest
         mask = np.zeros(width, dtype=np.int8)
         mask[: rest.size] = 1
@@ -294,27 +341,42 @@ def _prepare_text(config: RunConfig, kept, shards_uri: str, tok_uri: str) -> dic
     return counts
 
 
-def _prepare_rendered(config: RunConfig, kept, shards_uri: str, tok_uri: str, fmt: str) -> dict[str, int]:
+def _column_batches(ds, column: str):
+    """One materialized dataset column, block by block, as Arrow arrays (one light execution)."""
+    for batch in ds.select_columns([column]).iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch.column(column)
+
+
+def _prepare_rendered(
+    config: RunConfig, kept, kept_count: int, kept_blocks: int, shards_uri: str, tok_uri: str, tokenizer, fmt: str
+) -> dict[str, int]:
     prep = config.data
     if fmt == "benchmark":
         rendered = kept.map_batches(benchmark_rows, batch_format="numpy", batch_size=prep.batch_size)
     else:
         rendered = kept.map_batches(
             RenderChats if fmt == "chat" else RenderPreferences,
-            fn_constructor_kwargs={"tokenizer_uri": tok_uri, "trust_remote_code": config.trust_remote_code},
+            fn_constructor_kwargs={"tokenizer_uri": tok_uri, "trust_remote_code": config.trust_remote_code, "tokenizer": tokenizer},
             batch_size=prep.batch_size,
             batch_format="numpy",
-            concurrency=prep.tokenizer_actors,
-            num_cpus=prep.cpus_per_tokenizer_actor,
+            # An input block is never split across actors: at most one task per block.
+            **_tokenizer_pool(prep, min(math.ceil(kept_count / prep.batch_size), kept_blocks)),
         )
     rendered = rendered.materialize()
     _write_shards(rendered, shards_uri, prep.rows_per_shard)
     counts = {"records_out": rendered.count()}
+    # Sums and tallies on the driver: Dataset.sum() would start a hash-aggregation (actors, seconds).
     if fmt != "benchmark":
-        counts["tokens_out"] = int(rendered.sum("num_tokens") or 0)
+        counts["tokens_out"] = int(sum(pc.sum(column).as_py() or 0 for column in _column_batches(rendered, "num_tokens")))
     else:
-        counts["by_split"] = dict(Counter(r["split"] for r in rendered.select_columns(["split"]).iter_rows()))
+        counts["by_split"] = dict(Counter(split for column in _column_batches(rendered, "split") for split in column.to_pylist()))
     return counts
+
+
+def _load_run_tokenizer(tok_uri: str, trust_remote_code: bool):
+    from alloylm.models.loading import load_tokenizer
+
+    return load_tokenizer(tok_uri, trust_remote_code=trust_remote_code)
 
 
 def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> dict:
@@ -339,11 +401,13 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
     log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
     raw = read_dataset(config, name)
     with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+        # batch_size=None: one task per block the source produced. A row count here would make
+        # Ray bundle that many *source* rows (files, for file sources) into one task.
         annotated = raw.map_batches(
             _clean_batch,
-            fn_kwargs={"fmt": fmt, "min_chars": prep.min_chars, "max_chars": prep.max_chars, "near": near},
+            fn_kwargs={"fmt": fmt, "min_chars": prep.min_chars, "max_chars": prep.max_chars, "exact": exact, "near": near},
             batch_format="numpy",
-            batch_size=prep.batch_size,
+            batch_size=None,
         ).materialize()
         documents_in = annotated.count()
         duplicates, dropped, problems = _find_duplicates(annotated, exact, near)
@@ -354,13 +418,15 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
                 f"data set {name!r}: none of its {documents_in} records is usable "
                 f"(dropped: {dict(dropped)}){': ' + shown if shown else ''}"
             )
-        kept = annotated.map_batches(_drop_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
+        kept = annotated.map_batches(_drop_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow", batch_size=None)
         shards_uri = storage.join(artifact.staging_uri, "shards")
         tok_uri = tokenizer_uri(config)
+        # Loaded once here and handed to the actors (see alloylm.data.tokenize).
+        tokenizer = None if fmt == "benchmark" else _load_run_tokenizer(tok_uri, config.trust_remote_code)
         if fmt == "text":
-            counts = _prepare_text(config, kept, shards_uri, tok_uri)
+            counts = _prepare_text(config, kept, kept_count, shards_uri, tok_uri, tokenizer)
         else:
-            counts = _prepare_rendered(config, kept, shards_uri, tok_uri, fmt)
+            counts = _prepare_rendered(config, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt)
         storage.write_text(storage.join(artifact.staging_uri, "problems.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
         storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
         shards = sorted(os.path.basename(f) for f in storage.list_files(shards_uri) if f.endswith(".parquet"))

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from alloylm import storage
 from alloylm.config import ColumnMapping, DatasetConfig, RunConfig
-from alloylm.data.clean import content_hash
+from alloylm.data.clean import content_hash, record_json
 from alloylm.data.records import RecordError, record_id, to_record
 
 ROW_SCHEMA = pa.schema(
@@ -35,7 +35,7 @@ def _row(id_: str, origin: str, record: dict | None, reason: str = "", detail: s
     return {
         "id": id_,
         "origin": origin,
-        "record": "" if record is None else json.dumps(record, ensure_ascii=False),
+        "record": "" if record is None else record_json(record),
         "drop_reason": reason,
         "detail": detail,
     }

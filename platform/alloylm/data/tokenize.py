@@ -1,9 +1,16 @@
 """Ray Data actors that tokenize: packing text into fixed-length blocks, and rendering chats and
-preference pairs with the model's chat template. Each actor loads the tokenizer once."""
+preference pairs with the model's chat template.
+
+The driver loads the run's tokenizer once and hands it to the actors (the Rust tokenizer as JSON
+for packing, the pickled tokenizer for chat templates), so an actor starts in about a second
+instead of importing torch through `transformers.AutoTokenizer` and fetching the tokenizer again.
+Given only `tokenizer_uri`, an actor loads the tokenizer itself.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +25,50 @@ def _load_tokenizer(tokenizer_uri: str, trust_remote_code: bool):
     from alloylm.models.loading import load_tokenizer
 
     return load_tokenizer(tokenizer_uri, trust_remote_code=trust_remote_code)
+
+
+_PROBE_TEXT = "Hello,  world!\n\tTabs, \u00fcn\u00efc\u00f6d\u00e9, \u4e2d\u6587, \U0001f642 and 12345.67 \r\n  "
+
+
+@dataclass(frozen=True)
+class BackendTokenizerState:
+    """The Rust tokenizer that `tokenizer(texts, add_special_tokens=False)` runs, as JSON, plus
+    the settings transformers applies around it: enough to encode the same ids without transformers."""
+
+    json: str
+    split_special_tokens: bool
+    eos_id: int
+
+    @classmethod
+    def of(cls, tokenizer) -> BackendTokenizerState | None:
+        """The state of a fast (Rust-backed) transformers tokenizer with an EOS token, else None.
+
+        None too if the Rust tokenizer alone does not reproduce the tokenizer's ids on a probe
+        text (a tokenizer class that rewrites text in Python first): its actors load it instead.
+        """
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or tokenizer.eos_token_id is None:
+            return None
+        state = cls(backend.to_str(), bool(getattr(tokenizer, "split_special_tokens", False)), int(tokenizer.eos_token_id))
+        probe = [_PROBE_TEXT + " ".join(tokenizer.all_special_tokens)]
+        expected = tokenizer(probe, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return state if _backend_ids(state.load(), probe) == expected else None
+
+    def load(self):
+        """A `tokenizers.Tokenizer` that encodes exactly as the transformers tokenizer did."""
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.json)
+        # transformers turns both off for a call without truncation or padding.
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = self.split_special_tokens
+        return backend
+
+
+def _backend_ids(backend, texts: list[str]) -> list[list[int]]:
+    # encode_batch_fast: the ids of encode_batch without computing character offsets (unused here).
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def pack_token_ids(sequences: list[list[int]], eos_id: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,17 +104,34 @@ class PackTokenBlocks:
 
     Documents are joined with EOS; what is left over after the last full block of the batch is
     returned as one `is_tail` row, so the driver can pack all tails together at the end.
+    `backend` (from the driver) spares the actor loading the tokenizer from `tokenizer_uri`.
     """
 
-    def __init__(self, tokenizer_uri: str, block_size: int, trust_remote_code: bool = False):
-        self.tokenizer = _load_tokenizer(tokenizer_uri, trust_remote_code)
+    def __init__(
+        self,
+        tokenizer_uri: str,
+        block_size: int,
+        trust_remote_code: bool = False,
+        *,
+        backend: BackendTokenizerState | None = None,
+    ):
         self.block_size = block_size
-        self.eos_id = self.tokenizer.eos_token_id
+        if backend is not None:
+            self.backend = backend.load()
+            self.eos_id = backend.eos_id
+        else:
+            self.tokenizer = _load_tokenizer(tokenizer_uri, trust_remote_code)
+            self.backend = None
+            self.eos_id = self.tokenizer.eos_token_id
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
+            return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return _backend_ids(self.backend, texts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         texts = [json.loads(record)["text"] for record in batch["record"]]
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        blocks, tail = pack_token_ids(encoded, self.eos_id, self.block_size)
+        blocks, tail = pack_token_ids(self._encode(texts), self.eos_id, self.block_size)
         return blocks_table(blocks, tail)
 
 
@@ -72,31 +140,35 @@ def _messages(value: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 class RenderChats:
-    """Render chat records with the chat template; keeps the messages for TRL and the token count."""
+    """Render chat records with the chat template; keeps the messages for TRL and the token count.
 
-    def __init__(self, tokenizer_uri: str, trust_remote_code: bool = False):
-        self.tokenizer = _load_tokenizer(tokenizer_uri, trust_remote_code)
+    `tokenizer` (the driver's, pickled) spares the actor loading it from `tokenizer_uri`.
+    """
+
+    def __init__(self, tokenizer_uri: str, trust_remote_code: bool = False, *, tokenizer=None):
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(tokenizer_uri, trust_remote_code)
         if not self.tokenizer.chat_template:
             raise ValueError(f"the tokenizer at {tokenizer_uri} has no chat template; chat data cannot be formatted")
 
-    def _count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _counts(self, texts: list[str]) -> list[int]:
+        """Tokens in each text, encoded in one batch call."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids, messages, texts, counts = [], [], [], []
+        ids, messages, texts = [], [], []
         for id_, record in zip(batch["id"], batch["record"]):
             chat = _messages(json.loads(record)["messages"])
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False)
             ids.append(str(id_))
             messages.append(chat)
-            texts.append(text)
-            counts.append(self._count(text))
+            texts.append(self.tokenizer.apply_chat_template(chat, tokenize=False))
         return pa.table(
             {
                 "id": pa.array(ids, pa.string()),
                 "messages": pa.array(messages, MESSAGES_TYPE),
                 "text": pa.array(texts, pa.string()),
-                "num_tokens": pa.array(counts, pa.int32()),
+                "num_tokens": pa.array(self._counts(texts), pa.int32()),
             }
         )
 
@@ -105,7 +177,7 @@ class RenderPreferences(RenderChats):
     """Render preference pairs: the prompt with the generation prompt, each answer as its continuation."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        columns: dict[str, list[Any]] = {k: [] for k in ("id", "prompt", "chosen", "rejected", "prompt_text", "chosen_text", "rejected_text", "num_tokens")}
+        columns: dict[str, list[Any]] = {k: [] for k in ("id", "prompt", "chosen", "rejected", "prompt_text", "chosen_text", "rejected_text")}
         for id_, record in zip(batch["id"], batch["record"]):
             pair = json.loads(record)
             prompt = _messages(pair["prompt"])
@@ -121,7 +193,10 @@ class RenderPreferences(RenderChats):
             columns["prompt_text"].append(prompt_text)
             columns["chosen_text"].append(answers["chosen"])
             columns["rejected_text"].append(answers["rejected"])
-            columns["num_tokens"].append(self._count(prompt_text) + max(self._count(answers["chosen"]), self._count(answers["rejected"])))
+        prompt_counts = self._counts(columns["prompt_text"])
+        chosen_counts = self._counts(columns["chosen_text"])
+        rejected_counts = self._counts(columns["rejected_text"])
+        columns["num_tokens"] = [p + max(c, r) for p, c, r in zip(prompt_counts, chosen_counts, rejected_counts)]
         types = {"prompt": MESSAGES_TYPE, "chosen": MESSAGES_TYPE, "rejected": MESSAGES_TYPE, "num_tokens": pa.int32()}
         return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in columns.items()})
 

@@ -1,0 +1,504 @@
+"""The Ray Serve application: one model deployment per variant behind an OpenAI-compatible ingress.
+
+`build_app(args)` is the `import_path` target of `serve deploy` and KubeRay RayService configs
+(`alloylm.serve.app:build_app`); its `args` are a `ServeConfig`. The ingress authenticates,
+checks each request against the configured bounds, picks the variant named by the request's
+`model` field and forwards to that variant's `ModelServer`, whose `GenerationEngine` batches
+requests continuously. Variants scale independently; Ray Serve's `max_ongoing_requests` and
+`max_queued_requests` on each model deployment are the backpressure, answered as 503.
+"""
+
+# No `from __future__ import annotations` here: FastAPI evaluates the endpoints' annotations in the
+# replica, where the ingress class arrives pickled by value with only the globals it names, so
+# string annotations such as "Request" would not resolve.
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from alloylm.serve.auth import APIKeyCheck
+from alloylm.serve.config import ServeConfig
+from alloylm.serve.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingParams,
+    bad_request,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_id,
+    completion_response,
+    error_body,
+    model_list,
+    parse_request,
+    sse,
+    usage_chunk,
+)
+
+log = logging.getLogger("alloylm.serve")
+
+OPEN_SERVER_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!!  THIS ALLOYLM SERVER IS OPEN: no API key is configured, so anyone who can reach it\n"
+    "!!  can use it. Set ALLOYLM_API_KEYS (comma-separated) or serve.api_keys_file.\n" + "!" * 78
+)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the ingress hands a model replica: the prompt (text, token ids or chat) and sampling."""
+
+    kind: Literal["completion", "chat"]
+    params: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+# -------------------------------------------------------------------------------------------
+# Helpers. Defined before the deployments: `@serve.deployment` pickles a class when it is
+# decorated, and the ingress class by value, so whatever it refers to must exist by then.
+# -------------------------------------------------------------------------------------------
+
+
+def _context_length(model_config: Any, tokenizer: Any) -> int:
+    lengths = [getattr(model_config, "max_position_embeddings", None)]
+    # Tokenizers without a limit report a huge sentinel (int(1e30)); only a real one counts.
+    if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 10**7:
+        lengths.append(tokenizer.model_max_length)
+    known = [n for n in lengths if isinstance(n, int) and n > 0]
+    return min(known) if known else 2048
+
+
+def _error_fields(err: APIError) -> dict[str, Any]:
+    # Plain data crosses the process boundary; an exception would arrive wrapped by Ray.
+    return {"status": err.status, "message": err.message, "type": err.type, "param": err.param, "code": err.code}
+
+
+def _error_from_fields(fields: dict[str, Any]) -> APIError:
+    return APIError(
+        fields["status"], fields["message"], type=fields["type"], param=fields["param"], code=fields["code"]
+    )
+
+
+# No interactive docs: they would be reachable without a key.
+api = FastAPI(title="AlloyLM", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(err.detail), type=kind), status_code=err.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(str(err), type="invalid_request_error"), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(_: Request, err: Exception) -> JSONResponse:
+    # Still OpenAI's shape, so clients report it; the details stay in the replica's log.
+    log.error("request failed: %s: %s", type(err).__name__, err)
+    return JSONResponse(
+        error_body(f"internal error ({type(err).__name__})", type="server_error"), status_code=500
+    )
+
+
+@contextmanager
+def _busy_as_503(model: str) -> Iterator[None]:
+    """Serve's backpressure (queue full) or a deployment with no replica up, as OpenAI's 503."""
+    try:
+        yield
+    except BackPressureError:
+        raise _overloaded(f"model {model!r} is overloaded; retry later") from None
+    except DeploymentUnavailableError:
+        raise _overloaded(f"model {model!r} is not available right now; retry later") from None
+
+
+def _overloaded(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="overloaded", headers={"Retry-After": "1"})
+
+
+async def _sse_chunks(
+    events: AsyncIterator[dict[str, Any]],
+    *,
+    kind: Literal["completion", "chat"],
+    request_id: str,
+    model: str,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunks for one streamed answer, then `data: [DONE]`."""
+    created = int(time.time())
+
+    def chunk(text: str | None, finish_reason: str | None, *, role: bool = False) -> bytes:
+        if kind == "completion":
+            return sse(completion_chunk(request_id=request_id, model=model, created=created, text=text or "", finish_reason=finish_reason))
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        return sse(chat_chunk(request_id=request_id, model=model, created=created, delta=delta, finish_reason=finish_reason))
+
+    if kind == "chat":
+        yield chunk(None, None, role=True)
+    completion_tokens = 0
+    async for event in events:
+        if "error" in event:
+            fields = event["error"]
+            yield sse(error_body(fields["message"], type=fields["type"], code=fields["code"]))
+            break
+        completion_tokens = event["completion_tokens"]
+        if event["text"]:
+            yield chunk(event["text"], None)
+        if event["finish_reason"] is not None:
+            yield chunk(None, event["finish_reason"])
+    if include_usage:
+        yield sse(
+            usage_chunk(
+                kind=kind,
+                request_id=request_id,
+                model=model,
+                created=created,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+        )
+    yield SSE_DONE
+
+
+# -------------------------------------------------------------------------------------------
+# The model replica
+# -------------------------------------------------------------------------------------------
+
+
+@serve.deployment
+class ModelServer:
+    """One variant: its tokenizer, its model and the continuous-batching engine around them."""
+
+    def __init__(self, variant: str, source: str, config: ServeConfig) -> None:
+        import torch
+
+        # Imported here, not at the top: the ingress imports this module too and needs no torch.
+        from alloylm.models.loading import load_model, load_tokenizer
+        from alloylm.models.tokenizer import stop_token_ids
+        from alloylm.serve.engine import GenerationEngine
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.variant = variant
+        self.limits = config.limits
+        # trust_remote_code stays False: a served model runs no code shipped with its weights.
+        self.tokenizer = load_tokenizer(source, trust_remote_code=False)
+        model = load_model(source, trust_remote_code=False, dtype=config.dtype)
+        use_gpu = config.deployment.num_gpus > 0 and torch.cuda.is_available()
+        model = model.to("cuda" if use_gpu else "cpu")
+        stops = set(stop_token_ids(self.tokenizer))
+        eos = model.generation_config.eos_token_id
+        stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.context_length = _context_length(model.config, self.tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        self.engine = GenerationEngine(
+            model,
+            self.tokenizer,
+            stop_token_ids=sorted(stops),
+            max_batch_size=config.batching.max_batch_size,
+            batch_wait_timeout_s=config.batching.batch_wait_timeout_s,
+            name=variant,
+        )
+        log.info(
+            "variant %s loaded on %s: context %d tokens, batches of up to %d",
+            variant,
+            "cuda" if use_gpu else "cpu",
+            self.context_length,
+            config.batching.max_batch_size,
+        )
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise bad_request(f"model {self.variant!r} has no chat template; use /v1/completions", "messages")
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # jinja raises its own errors for conversations a template refuses
+                raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(request.prompt, str):
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        else:
+            ids = list(request.prompt or [])
+            if any(not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
+                raise bad_request(f"prompt token ids must lie in [0, {self.vocab_size})", "prompt")
+        param = "messages" if request.messages is not None else "prompt"
+        if not ids:
+            raise bad_request("the prompt is empty", param)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise bad_request(
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.limits.max_prompt_tokens}",
+                param,
+                "context_length_exceeded",
+            )
+        if len(ids) + request.params.max_tokens > self.context_length:
+            raise bad_request(
+                f"this model's context is {self.context_length} tokens; the prompt ({len(ids)}) plus "
+                f"max_tokens ({request.params.max_tokens}) exceed it",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return ids
+
+    async def complete(self, request: GenerationRequest) -> dict[str, Any]:
+        """The whole answer: `{prompt_tokens, text, finish_reason, completion_tokens}` or `{error}`."""
+        try:
+            ids = self._prompt_ids(request)
+        except APIError as err:
+            return {"error": _error_fields(err)}
+        async for event in self.engine.generate(ids, request.params, stream=False):
+            if event.finish_reason == "error":
+                return {"error": _error_fields(APIError(500, event.text, type="server_error"))}
+            if event.finish_reason is not None:
+                return {
+                    "prompt_tokens": len(ids),
+                    "text": event.text,
+                    "finish_reason": event.finish_reason,
+                    "completion_tokens": event.completion_tokens,
+                }
+        raise RuntimeError("generation ended without a finish event")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+        """`{prompt_tokens}` (or `{error}`) first, then `{text, completion_tokens, finish_reason}` pieces."""
+        try:
+            ids = self._prompt_ids(request)
+        except APIError as err:
+            yield {"error": _error_fields(err)}
+            return
+        yield {"prompt_tokens": len(ids)}
+        async for event in self.engine.generate(ids, request.params, stream=True):
+            if event.finish_reason == "error":
+                yield {"error": _error_fields(APIError(500, event.text, type="server_error"))}
+                return
+            yield {"text": event.text, "completion_tokens": event.completion_tokens, "finish_reason": event.finish_reason}
+
+    def stats(self) -> dict[str, float]:
+        """The engine's counters (steps, largest batch, running and waiting sequences...)."""
+        return vars(self.engine.stats())
+
+    def check_health(self) -> None:
+        # Called by Serve every health_check_period_s; raising marks the replica unhealthy and
+        # Serve replaces it.
+        if not self.engine.healthy():
+            raise RuntimeError(f"the generation engine of variant {self.variant!r} has stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+# -------------------------------------------------------------------------------------------
+# The HTTP ingress
+# -------------------------------------------------------------------------------------------
+
+@serve.deployment
+@serve.ingress(api)
+class OpenAIIngress:
+    """Authentication, request checks and routing by `model`; holds no model itself."""
+
+    def __init__(self, models: dict[str, DeploymentHandle], config: ServeConfig, key_digests: list[str]) -> None:
+        self._models = models
+        self._default = config.model
+        self._limits = config.limits
+        self._created = int(time.time())
+        self._auth = APIKeyCheck.from_sources(config.api_keys_file, extra_digests=key_digests)
+        if self._auth.is_open:
+            log.warning(OPEN_SERVER_WARNING)
+        else:
+            log.info("API key check on: %d key(s) configured", self._auth.key_count)
+
+    def auth_status(self) -> dict[str, Any]:
+        """Whether the API is open and how many keys it knows (never the keys)."""
+        return {"open": self._auth.is_open, "keys": self._auth.key_count}
+
+    def _authorize(self, request: Request) -> None:
+        if not self._auth.allows(request.headers.get("authorization")):
+            raise APIError(
+                401,
+                "Missing or invalid API key: send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self._limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise bad_request(f"the request body is larger than {limit} bytes")
+        body = b""
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise bad_request(f"the request body is larger than {limit} bytes")
+        return body
+
+    def _handle(self, model: str | None) -> tuple[str, DeploymentHandle]:
+        name = model or self._default
+        handle = self._models.get(name)
+        if handle is None:
+            raise APIError(
+                404,
+                f"The model {name!r} does not exist; this server has: {', '.join(self._models)}",
+                param="model",
+                code="model_not_found",
+            )
+        return name, handle
+
+    def _sampling(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
+        unsupported = body.unsupported()
+        if unsupported:
+            raise bad_request(f"{unsupported!r} is not supported by this server", unsupported, "unsupported_parameter")
+        limits = self._limits
+        wanted = limits.default_max_tokens if max_tokens is None else max_tokens
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        if wanted > limits.max_tokens:
+            raise bad_request(f"{param} is {wanted}; this server allows at most {limits.max_tokens}", param)
+        stop = body.stop_strings
+        if len(stop) > limits.max_stop_sequences:
+            raise bad_request(f"at most {limits.max_stop_sequences} stop sequences are allowed", "stop")
+        if any(not s for s in stop):
+            raise bad_request("stop sequences must not be empty", "stop")
+        if body.min_tokens > wanted:
+            raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({wanted})", "min_tokens")
+        return SamplingParams(
+            max_tokens=wanted,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=stop,
+            min_tokens=body.min_tokens,
+        )
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        # Unauthenticated on purpose: load balancers and Kubernetes probes carry no key.
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(model_list(list(self._models), self._created))
+
+    @api.get("/v1/models/{model:path}")
+    async def get_model(self, model: str, request: Request) -> JSONResponse:
+        self._authorize(request)
+        self._handle(model)
+        return JSONResponse(model_list([model], self._created)["data"][0])
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body: CompletionRequest = parse_request(CompletionRequest, await self._body(request))
+        name, handle = self._handle(body.model)
+        params = self._sampling(body, body.max_tokens)
+        generation = GenerationRequest(kind="completion", params=params, prompt=body.single_prompt())
+        return await self._answer(generation, name, handle, stream=body.stream, include_usage=body.include_usage)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        body: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._body(request))
+        name, handle = self._handle(body.model)
+        params = self._sampling(body, body.token_limit)
+        generation = GenerationRequest(kind="chat", params=params, messages=body.conversation())
+        return await self._answer(generation, name, handle, stream=body.stream, include_usage=body.include_usage)
+
+    async def _answer(
+        self, generation: GenerationRequest, name: str, handle: DeploymentHandle, *, stream: bool, include_usage: bool
+    ):
+        request_id = completion_id(generation.kind)
+        if not stream:
+            with _busy_as_503(name):
+                result = await handle.complete.remote(generation)
+            if "error" in result:
+                raise _error_from_fields(result["error"])
+            build = completion_response if generation.kind == "completion" else chat_response
+            return JSONResponse(build(request_id=request_id, model=name, **result))
+        events = handle.options(stream=True).stream.remote(generation)
+        with _busy_as_503(name):
+            first = await events.__anext__()
+        if "error" in first:
+            events.cancel()
+            raise _error_from_fields(first["error"])
+        chunks = _sse_chunks(
+            events,
+            kind=generation.kind,
+            request_id=request_id,
+            model=name,
+            prompt_tokens=first["prompt_tokens"],
+            include_usage=include_usage,
+        )
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+
+# -------------------------------------------------------------------------------------------
+# Building the application
+# -------------------------------------------------------------------------------------------
+
+
+def build_serve_app(config: ServeConfig, *, key_digests: list[str] | tuple[str, ...] = ()) -> serve.Application:
+    """The application for `config`: every variant's deployment and the ingress in front.
+
+    `key_digests` are SHA-256 digests of further API keys (`serve_run` passes those of the
+    driver's `$ALLOYLM_API_KEYS`, so a remote cluster enforces them without seeing the keys).
+    """
+    if config.backend == "vllm":
+        from alloylm.serve.llm_backend import build_vllm_app
+
+        return build_vllm_app(config, key_digests=key_digests)
+    missing = config.missing_sources()
+    if missing:
+        raise ValueError(
+            f"no model folder for variant(s) {', '.join(missing)}: name each under `sources` "
+            "(variant: local path, s3:// URI or Hugging Face id)"
+        )
+    models = {
+        name: ModelServer.options(name=f"model-{name}", **config.deployment.to_serve()).bind(
+            name, config.sources[name], config
+        )
+        for name in config.variant_names
+    }
+    ingress = OpenAIIngress.options(
+        name="ingress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(models, config, list(key_digests))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """`import_path` target (`alloylm.serve.app:build_app`): `args` is a `ServeConfig` mapping."""
+    try:
+        config = ServeConfig.model_validate(args or {})
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"invalid AlloyLM serve args: {problems}") from None
+    return build_serve_app(config)

@@ -1,0 +1,395 @@
+"""Continuous batching for a transformers causal LM: the generation engine of a model replica.
+
+One background thread owns the model. At every decoding step it admits waiting requests into the
+running batch (their prompts are prefilled together, left-padded, and their KV cache is joined to
+the batch's), runs one forward pass for every running sequence, and samples each sequence's next
+token with that sequence's own temperature, top_p and seed. A sequence leaves the batch the step
+it ends (its own `max_tokens`, a stop token or a stop string), so no request waits for another's
+`max_tokens`, and a request that arrives mid-batch starts at the next step instead of waiting for
+the batch to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from alloylm.serve.detokenizer import IncrementalText
+from alloylm.serve.protocol import SamplingParams
+
+log = logging.getLogger("alloylm.serve")
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """New text of one sequence; the last event of a sequence has `finish_reason` set."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" or "length"; "error" if generation failed
+
+
+class GenerationError(RuntimeError):
+    """Generation failed inside the engine (the message says why)."""
+
+
+@dataclass
+class _Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[GenerationEvent], None]
+    stream: bool
+    text: IncrementalText
+    rng: random.Random
+    generated: list[int] = field(default_factory=list)
+    pending: int = -1  # last sampled token, fed to the model at the next step
+
+    @property
+    def decode_as_you_go(self) -> bool:
+        """Text is needed before the end: to stream it, or to find a stop string in it."""
+        return self.stream or bool(self.params.stop)
+    cancelled: bool = False
+    done: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine, for health reports, tests and benchmarks."""
+
+    steps: int = 0
+    sequences_started: int = 0
+    sequences_finished: int = 0
+    tokens_generated: int = 0
+    largest_batch: int = 0
+    busy_s: float = 0.0  # time spent in forward passes and sampling
+    running: int = 0
+    waiting: int = 0
+
+
+class GenerationEngine:
+    """Continuously batched sampling from `model`; `generate()` is called from an asyncio loop."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        stop_token_ids: list[int],
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.0,
+        name: str = "engine",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.stop_token_ids = sorted(set(stop_token_ids))
+        self._stop_ids = torch.tensor(self.stop_token_ids, dtype=torch.long, device=self.device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_id = pad if pad is not None else 0
+        self._stats = EngineStats()
+        self._waiting: deque[_Sequence] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._fatal: BaseException | None = None
+        # The running batch: rows of `_running`, their KV cache and attention mask (left-padded).
+        self._running: list[_Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"alloylm-{name}", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------
+    # The asyncio side
+    # ---------------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = True
+    ) -> AsyncIterator[GenerationEvent]:
+        """Events of one sequence, the last with `finish_reason`; with `stream=False`, only that one.
+
+        Leaving the iteration early (the client went away) removes the sequence at the next step.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+        def deliver(event: GenerationEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        sequence = _Sequence(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            deliver=deliver,
+            stream=stream,
+            text=IncrementalText(self.tokenizer, params.stop),
+            rng=random.Random(seed),
+        )
+        self._submit(sequence)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            # Read by the engine thread at its next step; a plain bool write is atomic in CPython.
+            sequence.cancelled = True
+
+    def _submit(self, sequence: _Sequence) -> None:
+        with self._wake:
+            if self._closed:
+                raise GenerationError("the engine is shut down")
+            if self._fatal is not None:
+                raise GenerationError(f"the engine stopped after an error: {self._fatal}")
+            self._waiting.append(sequence)
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        with self._wake:
+            self._stats.waiting = len(self._waiting)
+        self._stats.running = len(self._running)
+        return EngineStats(**vars(self._stats))
+
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self._fatal is None
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---------------------------------------------------------------------------------------
+    # The engine thread
+    # ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    admitted = self._take_waiting()
+                    if admitted is None:
+                        for sequence in [*self._running, *self._waiting]:
+                            self._finish(sequence, "error", message="the model server is shutting down")
+                        return
+                    started = time.perf_counter()
+                    if admitted:
+                        self._run_guarded(self._prefill, admitted)
+                    self._drop_finished()
+                    if self._running:
+                        self._run_guarded(self._decode_step)
+                        self._drop_finished()
+                    self._stats.busy_s += time.perf_counter() - started
+        except BaseException as err:  # noqa: BLE001 - the thread must report, never die silently
+            self._fatal = err
+            log.exception("generation engine stopped")
+            for sequence in [*self._running, *self._waiting]:
+                self._finish(sequence, "error")
+
+    def _take_waiting(self) -> list[_Sequence] | None:
+        """Requests to admit now (up to the free batch slots); None once the engine is closed."""
+        with self._wake:
+            while not self._closed and not self._waiting and not self._running:
+                self._wake.wait()
+            if self._closed:
+                return None
+            if not self._running and self.batch_wait_timeout_s > 0:
+                # Idle until now: give simultaneous requests a moment to arrive, so that their
+                # prompts go through one prefill instead of one each.
+                deadline = time.monotonic() + self.batch_wait_timeout_s
+                while len(self._waiting) < self.max_batch_size and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+            admitted = []
+            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+                sequence = self._waiting.popleft()
+                if not sequence.cancelled:
+                    admitted.append(sequence)
+            return admitted
+
+    def _run_guarded(self, step: Callable, *args) -> None:
+        """Run one step; if it fails, fail the sequences it touched and keep serving the others."""
+        try:
+            step(*args)
+        except Exception as err:
+            log.exception("generation step failed")
+            touched = args[0] if args else list(self._running)
+            for sequence in touched:
+                self._finish(sequence, "error", message=str(err))
+            if not args:
+                self._running, self._cache, self._mask = [], None, None
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in admitted)
+        ids = torch.full((len(admitted), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(admitted), width), dtype=torch.long)
+        for row, sequence in enumerate(admitted):
+            ids[row, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
+            mask[row, width - len(sequence.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        self._stats.sequences_started += len(admitted)
+        tokens = self._sample(out.logits[:, -1, :], admitted)
+        self._join(admitted, out.cache, mask)
+        self._accept(admitted, tokens)
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)
+        positions = self._mask.sum(-1, keepdim=True)  # real tokens so far = position of this one
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=self._mask.dtype, device=self.device)], -1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache = out.cache
+        self._stats.steps += 1
+        self._stats.largest_batch = max(self._stats.largest_batch, len(rows))
+        self._accept(rows, self._sample(out.logits[:, -1, :], rows))
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+        """One token per row, each with its row's temperature, top_p, seed and min_tokens."""
+        logits = logits.float()
+        early = [i for i, s in enumerate(rows) if len(s.generated) < s.params.min_tokens]
+        if early and len(self._stop_ids):
+            index = torch.tensor(early, device=logits.device)
+            logits[index.unsqueeze(1), self._stop_ids.unsqueeze(0)] = float("-inf")
+        greedy = logits.argmax(-1)
+        temperature = torch.tensor([s.params.temperature for s in rows], device=logits.device)
+        if bool((temperature == 0).all()):
+            return greedy.tolist()
+        probs = torch.softmax(logits / temperature.clamp(min=1e-5).unsqueeze(1), dim=-1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        top_p = torch.tensor([s.params.top_p for s in rows], device=logits.device).unsqueeze(1)
+        # Keep the smallest head of the distribution whose mass reaches top_p (always its first token).
+        sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs >= top_p, 0.0)
+        cumulative = sorted_probs.cumsum(-1)
+        # Inverse-CDF sampling with one uniform number per row from the row's own generator, so a
+        # seeded request draws the same numbers whatever else shares its batch.
+        uniform = torch.tensor([s.rng.random() for s in rows], device=logits.device).unsqueeze(1)
+        picked = torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).clamp(max=order.shape[1] - 1)
+        sampled = order.gather(1, picked).squeeze(1)
+        return torch.where(temperature == 0, greedy, sampled).tolist()
+
+    def _accept(self, rows: list[_Sequence], tokens: list[int]) -> None:
+        stop_ids = set(self.stop_token_ids)
+        for sequence, token in zip(rows, tokens):
+            if sequence.done:
+                continue
+            sequence.generated.append(token)
+            sequence.pending = token
+            self._stats.tokens_generated += 1
+            if sequence.cancelled:
+                sequence.done = True
+                continue
+            if token in stop_ids:
+                self._finish(sequence, "stop")
+                continue
+            if not sequence.decode_as_you_go:
+                if len(sequence.generated) >= sequence.params.max_tokens:
+                    self._finish(sequence, "length")
+                continue
+            piece = sequence.text.push(token)
+            if sequence.text.stopped:
+                self._finish(sequence, "stop", piece)
+            elif len(sequence.generated) >= sequence.params.max_tokens:
+                self._finish(sequence, "length", piece)
+            elif piece and sequence.stream:
+                sequence.deliver(GenerationEvent(piece, len(sequence.generated)))
+
+    def _finish(self, sequence: _Sequence, reason: str, piece: str = "", *, message: str = "") -> None:
+        if sequence.done:
+            return
+        sequence.done = True
+        self._stats.sequences_finished += 1
+        if reason == "error":
+            sequence.deliver(GenerationEvent(message or "generation failed", len(sequence.generated), "error"))
+            return
+        if not sequence.decode_as_you_go:
+            # One decode of the whole answer instead of one per token: nothing needed it earlier.
+            answer = [t for t in sequence.generated if t not in self.stop_token_ids]
+            text = self.tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        else:
+            rest = piece + sequence.text.finish()
+            # Without streaming, the one event carries the whole text.
+            text = rest if sequence.stream else sequence.text.text
+        sequence.deliver(GenerationEvent(text, len(sequence.generated), reason))
+
+    def _join(self, admitted: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows to the running batch, left-padding whichever is shorter."""
+        if not self._running:
+            self._running, self._cache, self._mask = list(admitted), cache, mask
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], 0)
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], 0)
+            layers.append((keys, values))
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], 0)
+        self._running = self._running + list(admitted)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not (s.done or s.cancelled)]
+        for sequence in self._running:
+            if sequence.cancelled and not sequence.done:
+                sequence.done = True
+                self._stats.sequences_finished += 1
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._running = [self._running[i] for i in keep]
+        self._mask = self._mask.index_select(0, index)
+        # Columns that are padding in every remaining row hold nothing: cut them off.
+        first = int(self._mask.any(0).nonzero()[0])
+        self._mask = self._mask[:, first:]
+        layers = [
+            (layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
+            for layer in self._cache.layers
+        ]
+        self._cache = DynamicCache(ddp_cache_data=layers)
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the sequence axis (dim 1 of a mask, dim 2 of a KV tensor) on the left to `width`."""
+    axis = 1 if tensor.dim() == 2 else 2
+    missing = width - tensor.shape[axis]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], axis)

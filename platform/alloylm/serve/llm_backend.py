@@ -1,0 +1,110 @@
+"""The GPU backend: the same `ServeConfig` turned into Ray Serve LLM (`ray.serve.llm`, vLLM) configs.
+
+`llm_configs(config)` gives one `LLMConfig` mapping per variant (model id = variant name), checked
+against Ray Serve LLM's own `LLMConfig` schema, which imports without vLLM; `openai_app_args`
+wraps them as the `args` of `import_path: ray.serve.llm:build_openai_app`; `build_vllm_app` builds
+the application, behind an ingress that enforces AlloyLM's API keys and `max_tokens` bound, and
+fails with a clear message where vLLM is not installed (as on CPU machines).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from alloylm.serve.config import ServeConfig
+
+
+class VLLMUnavailableError(RuntimeError):
+    """backend: vllm was chosen where vLLM is not installed."""
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _model_source(source: str) -> str | dict[str, str]:
+    # Ray Serve LLM downloads remote folders itself when given as a mirror config.
+    if source.startswith(("s3://", "gs://", "abfss://", "azure://")):
+        return {"bucket_uri": source.rstrip("/")}
+    return source
+
+
+def llm_configs(config: ServeConfig) -> list[dict[str, Any]]:
+    """One Ray Serve LLM `LLMConfig` (as a plain mapping) per served variant."""
+    missing = config.missing_sources()
+    if missing:
+        raise ValueError(f"no model folder for variant(s) {', '.join(missing)}: name each under `sources`")
+    settings = config.vllm
+    engine_kwargs: dict[str, Any] = {
+        **settings.engine_kwargs,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "dtype": settings.dtype,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        # A served model runs no code shipped with its weights.
+        "trust_remote_code": False,
+    }
+    if settings.max_model_len is not None:
+        engine_kwargs["max_model_len"] = settings.max_model_len
+    deployment = config.deployment.to_serve()
+    # Ray Serve LLM sizes each replica's resources (GPUs, placement group) from engine_kwargs and
+    # accelerator_type, so only the scheduling-independent options are passed on.
+    deployment.pop("ray_actor_options")
+    configs = []
+    for name in config.variant_names:
+        llm_config: dict[str, Any] = {
+            "model_loading_config": {"model_id": name, "model_source": _model_source(config.sources[name])},
+            "engine_kwargs": dict(engine_kwargs),
+            "deployment_config": dict(deployment),
+        }
+        if settings.accelerator_type:
+            llm_config["accelerator_type"] = settings.accelerator_type
+        validate_llm_config(llm_config)
+        configs.append(llm_config)
+    return configs
+
+
+def validate_llm_config(llm_config: dict[str, Any]) -> Any:
+    """Check `llm_config` against Ray Serve LLM's `LLMConfig`; a ValueError says what is wrong.
+
+    Returns the validated `LLMConfig`. Its module needs no vLLM (ray.serve.llm's public module
+    does, so the class is imported from where Ray defines it).
+    """
+    from pydantic import ValidationError
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    try:
+        return LLMConfig.model_validate(llm_config)
+    except ValidationError as err:
+        raise ValueError(f"invalid Ray Serve LLM config for {llm_config['model_loading_config']}: {err}") from None
+
+
+def openai_app_args(config: ServeConfig) -> dict[str, Any]:
+    """`args` for `import_path: ray.serve.llm:build_openai_app` (Ray's own, unauthenticated ingress)."""
+    return {"llm_configs": llm_configs(config)}
+
+
+def build_vllm_app(config: ServeConfig, *, key_digests: list[str] | tuple[str, ...] = ()):
+    """The Ray Serve LLM application for `config`, behind AlloyLM's API-key check."""
+    configs = llm_configs(config)
+    if not vllm_available():
+        raise VLLMUnavailableError(
+            "backend: vllm needs vLLM, which is not installed here. Install it on the GPU cluster's "
+            "image (`pip install 'ray[llm]==<your Ray version>'`, which brings a matching vLLM), or "
+            "use backend: transformers, which runs everywhere."
+        )
+    from ray.serve.llm import build_openai_app
+
+    return build_openai_app(
+        {
+            "llm_configs": configs,
+            "ingress_cls_config": {
+                "ingress_cls": "alloylm.serve.vllm_ingress:AuthenticatedOpenAiIngress",
+                "ingress_extra_kwargs": {
+                    "api_keys_file": config.api_keys_file,
+                    "key_digests": list(key_digests),
+                    "max_tokens_limit": config.limits.max_tokens,
+                },
+            },
+        }
+    )

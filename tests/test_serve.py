@@ -1,0 +1,830 @@
+"""Tests of alloylm.serve: the config, the batching engine, and the OpenAI API over real HTTP.
+
+The HTTP tests drive a Ray Serve application on the session's local Ray cluster with the official
+`openai` client (and raw HTTP where the client hides the wire format). The models are tiny and
+untrained, so their text is noise: the tests check the protocol, batching, limits and auth, not
+quality. `min_tokens` (vLLM's extension, which AlloyLM honours) pins answer lengths where a test
+needs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import openai
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from alloylm.models import build_model, save_model, train_tokenizer
+from alloylm.serve import API_KEYS_ENV, ServeConfig
+from alloylm.serve.auth import APIKeyCheck, key_digest, keys_from_env, keys_from_file
+from alloylm.serve.detokenizer import IncrementalText
+from alloylm.serve.engine import GenerationEngine
+from alloylm.serve.protocol import SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+SERVING = REPO / "serving"
+KEY = "test-key-1"
+_SENTENCES = [
+    f"Material {i} has a toughness of {i * 3 % 17} MPa and a modulus of {i * 7 % 23} GPa; "
+    f"organism {i % 11} grows it in {i % 5 + 2} hierarchical levels."
+    for i in range(300)
+]
+_CHAT = [
+    {"role": "system", "content": "You answer questions about biological materials."},
+    {"role": "user", "content": "What is nacre made of?"},
+]
+
+
+def _free_port() -> int:
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (all bound at once, so the OS cannot hand one out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# -------------------------------------------------------------------------------------------
+# Models (built once per module) and the engine
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(_SENTENCES, vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tokenizer, tmp_path_factory) -> dict[str, str]:
+    """Two variants of one tiny Llama (different seeds), saved as Hugging Face folders."""
+    root = tmp_path_factory.mktemp("serve-models")
+    dirs = {}
+    for name, seed in (("merged", 0), ("dpo", 1)):
+        dirs[name] = str(root / name)
+        save_model(build_model("tiny-llama", tokenizer, seed=seed), tokenizer, dirs[name])
+    return dirs
+
+
+def _collect(engine: GenerationEngine, requests: list[tuple[list[int], SamplingParams, float]], stream=False):
+    """Run requests (prompt ids, params, arrival delay in s) through `engine` concurrently."""
+
+    async def one(ids, params, delay):
+        await asyncio.sleep(delay)
+        events = [event async for event in engine.generate(ids, params, stream=stream)]
+        return events
+
+    async def run():
+        return await asyncio.gather(*(one(*request) for request in requests))
+
+    return asyncio.run(run())
+
+
+def test_engine_batched_greedy_matches_generate_one_by_one(tokenizer):
+    # Staggered arrivals join a running batch (left-padded, KV caches joined); each answer must
+    # equal transformers' own greedy generate on that prompt alone. tiny-mistral's prompt is longer
+    # than its sliding window (128), which the joined full cache must still respect.
+    for preset, long_prompt in (("tiny-llama", 40), ("tiny-mistral", 200)):
+        model = build_model(preset, tokenizer, seed=0)
+        prompts = [
+            tokenizer("Material 3 has")["input_ids"],
+            tokenizer(" ".join(_SENTENCES[:long_prompt]))["input_ids"][:long_prompt * 4],
+            tokenizer("x")["input_ids"],
+        ]
+        expected = []
+        for ids in prompts:
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            expected.append(out[0, len(ids) :].tolist())
+        engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=8)
+        try:
+            results = _collect(
+                engine, [(ids, SamplingParams(max_tokens=24, temperature=0.0), 0.02 * i) for i, ids in enumerate(prompts)]
+            )
+        finally:
+            engine.close()
+        assert len(prompts[1]) > 128 or preset == "tiny-llama"
+        for ids, want, events in zip(prompts, expected, results):
+            (final,) = events
+            assert final.finish_reason == "length" and final.completion_tokens == 24
+            assert final.text == tokenizer.decode(want, skip_special_tokens=True), (preset, len(ids))
+
+
+def test_engine_honours_each_requests_own_parameters(tokenizer):
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[1, 4], max_batch_size=16)
+    prompt = tokenizer("Material 5 has")["input_ids"]
+    try:
+        lengths = [3, 9, 17, 30, 5, 12]
+        requests = [(prompt, SamplingParams(max_tokens=n, min_tokens=n, temperature=1.0, seed=n), 0.0) for n in lengths]
+        results = _collect(engine, requests)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    # Every request stopped at its own max_tokens, whatever its batch-mates asked for ...
+    assert [events[-1].completion_tokens for events in results] == lengths
+    assert all(events[-1].finish_reason == "length" for events in results)
+    # ... and they did share batches: fewer steps than tokens.
+    assert stats.largest_batch > 1
+    assert stats.steps < sum(lengths)
+
+
+def test_engine_stops_at_stop_tokens_unless_min_tokens(tokenizer):
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    # A model whose every step prefers <|end_of_text|> (id 1) by far.
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 1e4
+    model.lm_head = head
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.eos_token_id], max_batch_size=4)
+    ids = tokenizer("Material 1")["input_ids"]
+    try:
+        (plain,), (held,) = _collect(
+            engine,
+            [
+                (ids, SamplingParams(max_tokens=20, temperature=0.0), 0.0),
+                (ids, SamplingParams(max_tokens=20, temperature=0.0, min_tokens=5), 0.0),
+            ],
+        )
+    finally:
+        engine.close()
+    assert (plain.finish_reason, plain.completion_tokens, plain.text) == ("stop", 1, "")
+    # The stop token is masked for the first 5 tokens, then chosen at once.
+    assert (held.finish_reason, held.completion_tokens) == ("stop", 6)
+
+
+def test_engine_seeds_reproduce_and_differ(tokenizer):
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=4)
+    ids = tokenizer("Material 8 has")["input_ids"]
+    try:
+        texts = [
+            _collect(engine, [(ids, SamplingParams(max_tokens=16, temperature=1.0, seed=seed), 0.0)])[0][-1].text
+            for seed in (7, 7, 8)
+        ]
+    finally:
+        engine.close()
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+
+
+def test_engine_drops_a_cancelled_sequence(tokenizer):
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[1, 4], max_batch_size=1)
+    ids = tokenizer("Material 2")["input_ids"]
+
+    async def run():
+        long = engine.generate(ids, SamplingParams(max_tokens=1500, min_tokens=1500, temperature=0.0))
+        first = await long.__anext__()
+        await long.aclose()  # the client went away
+        # With one batch slot, this request is only served once the cancelled one has left it.
+        return first, [e async for e in engine.generate(ids, SamplingParams(max_tokens=4, min_tokens=4))]
+
+    try:
+        first, short = asyncio.run(run())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert first.finish_reason is None
+    assert short[-1].finish_reason == "length" and short[-1].completion_tokens == 4
+    assert stats.tokens_generated < 200  # far from the 1500 the cancelled request asked for
+
+
+def test_incremental_text_holds_back_stop_prefixes_and_split_characters(tokenizer):
+    text = "Nacre é 🙂 tough; STOP here"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Without stop strings: the pieces join to the text, and no piece carries half a character.
+    plain = IncrementalText(tokenizer)
+    pieces = [plain.push(i) for i in ids] + [plain.finish()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    # With a stop string spread over several tokens: nothing from it is ever released.
+    stopped = IncrementalText(tokenizer, ("STOP",))
+    released = ""
+    for i in ids:
+        released += stopped.push(i)
+        assert "S" not in released  # not even the start of "STOP" before it is complete
+        if stopped.stopped:
+            break
+    released += stopped.finish()
+    assert stopped.stopped and released == "Nacre é 🙂 tough; "
+
+
+# -------------------------------------------------------------------------------------------
+# Config, auth and the shipped Serve configs
+# -------------------------------------------------------------------------------------------
+
+
+def test_serve_config_defaults_and_checks():
+    config = ServeConfig()
+    assert config.variant_names == ["merged"] and config.backend == "transformers"
+    assert ServeConfig(model="dpo", variants=["merged", "dpo"]).variant_names == ["dpo", "merged"]
+    bad = [
+        ({"model": "sft", "variants": ["merged", "dpo"]}, "must be one of variants"),
+        ({"variants": ["merged", "merged"]}, "listed twice"),
+        ({"deployment": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "must not exceed"),
+        ({"deployment": {"num_replicas": 2, "autoscaling": {}}}, "not both"),
+        ({"batching": {"max_batch_size": 128}}, "a batch could never fill"),
+        ({"limits": {"max_tokens": 10, "default_max_tokens": 20}}, "must not exceed"),
+        ({"vllm": {"engine_kwargs": {"trust_remote_code": True}}}, "trust_remote_code"),
+        ({"route_prefix": "api/"}, "route_prefix"),
+        ({"backend": "tgi"}, "transformers"),
+        ({"batching": {"max_batch": 4}}, "Extra inputs are not permitted"),
+    ]
+    for data, message in bad:
+        with pytest.raises(ValidationError, match=message):
+            ServeConfig.model_validate(data)
+    with pytest.raises(ValidationError):
+        config.port = 9000  # frozen
+
+
+def test_variant_sources_resolve_to_finished_stage_folders(tmp_path):
+    from alloylm.serve import variant_sources
+
+    config = ServeConfig(model="merged", variants=["merged", "instruct"], sources={"instruct": "org/instruct-model"})
+    assert variant_sources(config, "s3://bucket/runs/quick", require_complete=False) == {
+        "merged": "s3://bucket/runs/quick/stages/merged",
+        "instruct": "org/instruct-model",
+    }
+    run = tmp_path / "quick"
+    (run / "stages" / "merged").mkdir(parents=True)
+    with pytest.raises(ValueError, match="merged not ready"):  # no manifest: an unfinished stage
+        variant_sources(config, str(run))
+    (run / "stages" / "merged" / "manifest.json").write_text("{}")
+    assert variant_sources(config, str(run))["merged"] == str(run / "stages" / "merged")
+
+
+def test_api_keys_from_env_and_file(tmp_path):
+    assert keys_from_env({API_KEYS_ENV: " a1 ,, b2 ,"}) == ["a1", "b2"]
+    assert keys_from_env({}) == []
+    key_file = tmp_path / "keys"
+    key_file.write_text("# rotated 2026-01\nfile-key\n\n  other-key  \n")
+    assert keys_from_file(str(key_file)) == ["file-key", "other-key"]
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no API key"):
+        keys_from_file(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        keys_from_file(str(tmp_path / "missing"))
+    check = APIKeyCheck.from_sources(str(key_file), extra_digests=[key_digest("driver-key")], environ={API_KEYS_ENV: "env-key"})
+    assert check.key_count == 4 and not check.is_open
+    for header in ("Bearer file-key", "bearer other-key", "Bearer env-key", "Bearer driver-key"):
+        assert check.allows(header), header
+    for header in (None, "", "Bearer", "Bearer wrong", "Basic file-key", "file-key"):
+        assert not check.allows(header), header
+    assert APIKeyCheck([]).is_open and APIKeyCheck([]).allows(None)
+
+
+def _shipped_apps() -> list[tuple[str, dict]]:
+    """(file, application) for every application of every Serve config under serving/."""
+    apps = []
+    for path in sorted(SERVING.rglob("*.yaml")):
+        document = yaml.safe_load(path.read_text())
+        if "spec" in document:  # a RayService fragment: its serveConfigV2 is a YAML string
+            document = yaml.safe_load(document["spec"]["serveConfigV2"])
+        for app in document["applications"]:
+            apps.append((path.name, app))
+    return apps
+
+
+def test_every_shipped_serve_config_builds():
+    from ray.serve import Application
+
+    from alloylm.serve.app import build_app
+    from alloylm.serve.llm_backend import VLLMUnavailableError, vllm_available
+
+    apps = _shipped_apps()
+    assert {name for name, _ in apps} >= {"serve_config.yaml", "serve_config_vllm.yaml", "rayservice_serve_config.yaml"}
+    for name, app in apps:
+        assert app["import_path"] == "alloylm.serve.app:build_app", name
+        config = ServeConfig.model_validate(app["args"])
+        assert not config.missing_sources(), name
+        if config.backend == "vllm" and not vllm_available():
+            with pytest.raises(VLLMUnavailableError, match="vLLM"):
+                build_app(app["args"])
+        else:
+            assert isinstance(build_app(app["args"]), Application), name
+    with pytest.raises(ValueError, match="invalid AlloyLM serve args: batching.max_batch_size"):
+        build_app({"batching": {"max_batch_size": 0}})
+    with pytest.raises(ValueError, match="no model folder for variant"):
+        build_app({"model": "merged"})
+
+
+def test_vllm_llm_configs_follow_ray_serve_llm_schema():
+    from alloylm.serve.llm_backend import llm_configs, openai_app_args, validate_llm_config
+
+    config = ServeConfig.model_validate(
+        {
+            "variants": ["merged", "instruct"],
+            "sources": {"merged": "s3://bucket/run/stages/merged/", "instruct": "org/instruct"},
+            "backend": "vllm",
+            "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "max_ongoing_requests": 96},
+            "vllm": {"accelerator_type": "H100", "tensor_parallel_size": 2, "max_model_len": 4096, "engine_kwargs": {"enable_prefix_caching": True}},
+        }
+    )
+    configs = llm_configs(config)
+    assert [c["model_loading_config"]["model_id"] for c in configs] == ["merged", "instruct"]
+    merged = validate_llm_config(configs[0])
+    assert merged.model_id == "merged"
+    assert merged.model_loading_config.model_source.bucket_uri == "s3://bucket/run/stages/merged"
+    assert configs[1]["model_loading_config"]["model_source"] == "org/instruct"
+    kwargs = configs[0]["engine_kwargs"]
+    assert kwargs["trust_remote_code"] is False and kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 4096
+    assert kwargs["enable_prefix_caching"] is True and configs[0]["accelerator_type"] == "H100"
+    assert configs[0]["deployment_config"]["autoscaling_config"]["max_replicas"] == 3
+    assert configs[0]["deployment_config"]["max_ongoing_requests"] == 96
+    assert openai_app_args(config) == {"llm_configs": configs}
+    with pytest.raises(ValueError, match="Invalid deployment config"):
+        validate_llm_config({**configs[0], "deployment_config": {"max_ongoing_requests": -5}})
+
+
+# -------------------------------------------------------------------------------------------
+# The application over HTTP
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster):
+    """Ray Serve on a free loopback port, shut down when this module is done."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api_url(serve_port, model_dirs) -> str:
+    """The main app: variants merged (default) and dpo, API keys from $ALLOYLM_API_KEYS."""
+    from alloylm.serve import serve_run
+
+    config = ServeConfig.model_validate(
+        {
+            "model": "merged",
+            "variants": ["merged", "dpo"],
+            "port": serve_port,
+            "batching": {"max_batch_size": 16},
+            "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 32},
+            "ingress": {"num_cpus": 0.1},
+            "limits": {"max_prompt_tokens": 128, "max_tokens": 256, "default_max_tokens": 8},
+        }
+    )
+    # Read by serve_run in this process; only the keys' digests reach the (already running) cluster.
+    os.environ[API_KEYS_ENV] = f"{KEY}, test-key-2"
+    try:
+        return serve_run(config, model_dirs, blocking=False)
+    finally:
+        del os.environ[API_KEYS_ENV]
+
+
+@pytest.fixture
+def client(api_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api_url, api_key=KEY, max_retries=0)
+
+
+def _stats(variant: str, app: str = "alloylm") -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{variant}", app_name=app).stats.remote().result()
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body bytes) of one plain HTTP request; path is relative to the base URL."""
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port)
+    try:
+        connection.request(method, parsed.path + path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+
+def test_models_lists_every_variant(client):
+    assert [m.id for m in client.models.list().data] == ["merged", "dpo"]
+    assert client.models.retrieve("dpo").id == "dpo"
+
+
+def test_completion(client, tokenizer):
+    prompt = "Material 4 has a toughness of"
+    response = client.completions.create(model="merged", prompt=prompt, max_tokens=12, extra_body={"min_tokens": 12})
+    (choice,) = response.choices
+    assert response.object == "text_completion" and response.model == "merged" and response.id.startswith("cmpl-")
+    assert isinstance(choice.text, str) and choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert response.usage.completion_tokens == 12
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 12
+
+
+def test_a_request_without_model_gets_the_default_variant(api_url):
+    status, _, body = _raw(api_url, "POST", "/completions", json.dumps({"prompt": "Material"}).encode(), _auth())
+    answer = json.loads(body)
+    assert status == 200 and answer["model"] == "merged"
+    assert answer["usage"]["completion_tokens"] <= 8  # limits.default_max_tokens
+
+
+def test_chat_applies_the_models_chat_template(client, tokenizer):
+    response = client.chat.completions.create(model="dpo", messages=_CHAT, max_tokens=6, extra_body={"min_tokens": 6})
+    (choice,) = response.choices
+    templated = tokenizer.apply_chat_template(_CHAT, add_generation_prompt=True, tokenize=False)
+    assert templated.endswith("<|im_start|>assistant\n")
+    assert response.usage.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+    assert response.object == "chat.completion" and response.model == "dpo"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert (choice.finish_reason, response.usage.completion_tokens) == ("length", 6)
+
+
+def test_greedy_and_seeded_sampling_are_reproducible(client):
+    def text(**kwargs):
+        return client.completions.create(model="merged", prompt="Silk", max_tokens=10, extra_body={"min_tokens": 10}, **kwargs).choices[0].text
+
+    assert text(temperature=0) == text(temperature=0)
+    assert text(temperature=1, seed=3) == text(temperature=1, seed=3)
+    assert text(temperature=1, seed=3) != text(temperature=1, seed=4)
+
+
+def test_two_variants_answer_side_by_side(client):
+    answers = {
+        model: client.completions.create(model=model, prompt="Nacre is", max_tokens=10, temperature=0, extra_body={"min_tokens": 10})
+        for model in ("merged", "dpo")
+    }
+    assert {name: a.model for name, a in answers.items()} == {"merged": "merged", "dpo": "dpo"}
+    assert answers["merged"].choices[0].text != answers["dpo"].choices[0].text  # different weights
+
+
+def test_stop_strings_cut_the_text(client):
+    def complete(**kwargs):
+        return client.completions.create(model="merged", prompt="Bone", max_tokens=24, temperature=0, extra_body={"min_tokens": 24}, **kwargs).choices[0]
+
+    full = complete().text
+    stop = full[8:10]
+    assert len(stop) == 2
+    cut = complete(stop=[stop, "never-in-this-text"])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_streaming_completion_arrives_incrementally(client):
+    kwargs = dict(model="merged", prompt="Collagen", max_tokens=200, temperature=0, extra_body={"min_tokens": 200})
+    whole = client.completions.create(**kwargs).choices[0].text
+    stream = client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    chunks = iter(stream)
+    first = next(c for c in chunks if c.choices and c.choices[0].text)
+    # The first piece of text is here while the server is still generating the rest.
+    assert _stats("merged")["running"] >= 1
+    rest = list(chunks)
+    texts = [first.choices[0].text] + [c.choices[0].text for c in rest if c.choices]
+    assert len([t for t in texts if t]) > 10
+    assert "".join(texts) == whole
+    finishes = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert rest[-1].choices == [] and rest[-1].usage.completion_tokens == 200
+
+
+def test_streaming_chat_chunks(client):
+    chunks = list(client.chat.completions.create(model="dpo", messages=_CHAT, max_tokens=16, stream=True, extra_body={"min_tokens": 16}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.model == "dpo" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert any(c.choices[0].delta.content for c in chunks[1:-1])
+
+
+def test_stream_wire_format_is_sse_ending_with_done(api_url):
+    body = json.dumps({"model": "merged", "prompt": "Keratin", "max_tokens": 8, "min_tokens": 8, "stream": True}).encode()
+    status, headers, raw = _raw(api_url, "POST", "/completions", body, _auth())
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [block for block in raw.decode().split("\n\n") if block]
+    assert all(event.startswith("data: ") for event in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_sixteen_parallel_requests_are_answered_and_batched(api_url):
+    before = _stats("merged")
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=api_url, api_key=KEY, max_retries=0)
+        try:
+            return await asyncio.gather(
+                *(
+                    client.completions.create(model="merged", prompt=f"Material {i}", max_tokens=24 + i, extra_body={"min_tokens": 24 + i})
+                    for i in range(16)
+                )
+            )
+        finally:
+            await client.close()
+
+    answers = asyncio.run(run())
+    after = _stats("merged")
+    # Each got exactly its own max_tokens: no batch-mate's length imposed on it.
+    assert [a.usage.completion_tokens for a in answers] == [24 + i for i in range(16)]
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    steps = after["steps"] - before["steps"]
+    assert tokens == sum(24 + i for i in range(16))
+    assert steps < tokens / 2, f"{steps} decoding steps for {tokens} tokens: requests were not batched"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "code"),
+    [
+        ("/completions", {"model": "nope", "prompt": "x"}, 404, "model", "model_not_found"),
+        ("/chat/completions", {"model": "sft", "messages": _CHAT}, 404, "model", "model_not_found"),
+        ("/completions", {"model": "merged", "prompt": "x", "max_tokens": 257}, 400, "max_tokens", None),
+        ("/chat/completions", {"model": "dpo", "messages": _CHAT, "max_completion_tokens": 1000}, 400, "max_completion_tokens", None),
+        ("/completions", {"model": "merged", "prompt": "Material " * 150}, 400, "prompt", "context_length_exceeded"),
+        ("/completions", {"model": "merged", "prompt": [5, 6, 100000]}, 400, "prompt", None),
+        ("/completions", {"model": "merged", "prompt": "x", "temperature": 3}, 400, "temperature", None),
+        ("/completions", {"model": "merged", "prompt": "x", "n": 2}, 400, "n", "unsupported_parameter"),
+        ("/completions", {"model": "merged", "prompt": "x", "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+        ("/completions", {"model": "merged", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+        ("/completions", {"model": "merged", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", None),
+        ("/completions", {"model": "merged"}, 400, "prompt", None),
+        ("/chat/completions", {"model": "dpo", "messages": []}, 400, "messages", None),
+        ("/chat/completions", {"model": "dpo", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", None),
+    ],
+)
+def test_bad_requests_get_openai_errors(api_url, path, body, status, param, code):
+    got, _, raw = _raw(api_url, "POST", path, json.dumps(body).encode(), _auth())
+    error = json.loads(raw)["error"]
+    assert got == status, error
+    assert error["param"] == param and error["code"] == code
+    assert error["type"] in ("invalid_request_error", "not_found_error") and error["message"]
+
+
+def test_bad_requests_through_the_openai_client(client):
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="orpo", prompt="x", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="dpo", messages=_CHAT, max_tokens=5000)
+    assert too_long.value.body["param"] == "max_tokens"
+
+
+def test_malformed_bodies_get_400(api_url):
+    for body in (b"{not json", b"[1, 2]", b""):
+        status, _, raw = _raw(api_url, "POST", "/completions", body, _auth())
+        assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error", body
+    status, _, raw = _raw(api_url, "POST", "/completions", b"x" * 1_000_001, _auth())
+    assert status == 400 and "larger than" in json.loads(raw)["error"]["message"]
+
+
+def test_auth_failures_get_401(api_url):
+    with pytest.raises(openai.AuthenticationError) as denied:
+        openai.OpenAI(base_url=api_url, api_key="wrong-key", max_retries=0).models.list()
+    assert denied.value.status_code == 401
+    assert denied.value.body["code"] == "invalid_api_key"
+    assert "wrong-key" not in json.dumps(denied.value.body)  # a key is never echoed
+    for headers in ({}, {"Authorization": "Basic " + KEY}, {"Authorization": "Bearer"}):
+        status, answer_headers, raw = _raw(api_url, "POST", "/chat/completions", json.dumps({"messages": _CHAT}).encode(), headers)
+        assert status == 401 and answer_headers.get("www-authenticate") == "Bearer", headers
+        assert json.loads(raw)["error"]["code"] == "invalid_api_key"
+    # The second key works too; the health check needs none.
+    assert openai.OpenAI(base_url=api_url, api_key="test-key-2", max_retries=0).models.list().data
+    status, _, raw = _raw(api_url.removesuffix("/v1"), "GET", "/health")
+    assert status == 200 and json.loads(raw) == {"status": "ok"}
+
+
+def test_unknown_paths_get_json_404(api_url):
+    status, _, raw = _raw(api_url, "GET", "/engines", headers=_auth())
+    assert status == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
+
+
+# -------------------------------------------------------------------------------------------
+# Overload: a second application with room for one request and no queue
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight_app(serve_port, model_dirs) -> tuple[str, str]:
+    """An open app (no keys) whose one model replica holds one request and queues one more."""
+    from alloylm.serve import serve_run
+
+    config = ServeConfig.model_validate(
+        {
+            "model": "merged",
+            "app_name": "tight",
+            "route_prefix": "/tight",
+            "port": serve_port,
+            "batching": {"max_batch_size": 1},
+            "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1},
+            "ingress": {"num_cpus": 0.1},
+        }
+    )
+    assert API_KEYS_ENV not in os.environ
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        url = serve_run(config, {"merged": model_dirs["merged"]}, blocking=False)
+    return url, stderr.getvalue()
+
+
+def test_open_server_says_so_loudly(tight_app):
+    url, stderr = tight_app
+    assert url.endswith("/tight/v1")
+    assert "THIS ALLOYLM SERVER IS OPEN" in stderr
+    assert openai.OpenAI(base_url=url, api_key="anything", max_retries=0).models.list().data[0].id == "merged"
+
+
+def test_overload_is_503_and_clears_when_the_client_leaves(tight_app):
+    url, _ = tight_app
+    before = _stats("merged", app="tight")
+
+    async def scenario():
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
+        try:
+            holder = await client.completions.create(
+                model="merged", prompt="Hold", max_tokens=1000, temperature=0, stream=True, extra_body={"min_tokens": 1000}
+            )
+            async for chunk in holder:
+                if chunk.choices and chunk.choices[0].text:
+                    break  # the replica's one slot is taken now
+
+            async def attempt(prompt):
+                try:
+                    return await client.completions.create(model="merged", prompt=prompt, max_tokens=3, extra_body={"min_tokens": 3})
+                except openai.APIStatusError as err:
+                    return err
+
+            # One of these waits in the queue (room for one), the other is turned away at once.
+            attempts = [asyncio.create_task(attempt(prompt)) for prompt in ("One", "Two")]
+            await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+            await holder.close()  # the client goes away: its sequence must leave the engine
+            return await asyncio.gather(*attempts)
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(scenario())
+    rejected = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
+    answered = [o for o in outcomes if not isinstance(o, openai.APIStatusError)]
+    assert len(rejected) == 1 and len(answered) == 1, outcomes
+    (error,) = rejected
+    assert error.status_code == 503 and error.response.headers.get("retry-after") == "1"
+    assert error.body["code"] == "overloaded" and error.body["type"] == "server_error"
+    assert answered[0].usage.completion_tokens == 3
+    generated = _stats("merged", app="tight")["tokens_generated"] - before["tokens_generated"]
+    assert generated < 600, f"{generated} tokens: the abandoned request kept generating"
+
+
+# -------------------------------------------------------------------------------------------
+# `alloylm serve`'s blocking mode: up until Ctrl-C, then gone
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_run_serves_until_interrupted(model_dirs):
+    port = _free_port()
+    script = textwrap.dedent(
+        f"""
+        from alloylm.serve import ServeConfig, serve_run
+        config = ServeConfig.model_validate({{"port": {port}, "deployment": {{"num_cpus": 0.25}}, "ingress": {{"num_cpus": 0.1}}}})
+        serve_run(config, {{"merged": {model_dirs["merged"]!r}}}, blocking=True)
+        print("stopped", flush=True)
+        """
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="alr-", dir="/tmp")
+    # Its own local Ray cluster (not this session's), in a temp dir of its own; the key comes from
+    # the environment, as `alloylm serve` reads it.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update({API_KEYS_ENV: "blocking-key", "RAY_TMPDIR": ray_tmp})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    try:
+        url = proc.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read()[-3000:] if not url else url
+        client = openai.OpenAI(base_url=url, api_key="blocking-key", max_retries=0)
+        assert client.completions.create(model="merged", prompt="Up", max_tokens=2).usage.prompt_tokens > 0
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = proc.communicate()
+        assert proc.returncode == 0 and out.strip().splitlines()[-1] == "stopped", err[-3000:]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------
+# `serve deploy` of the shipped config on a cluster started with `ray start --head`
+# -------------------------------------------------------------------------------------------
+
+
+def _kill_group(pgid: int) -> None:
+    """Stop every process of the cluster we started (its own process group), never anyone else's."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_serve_deploy_config_on_a_ray_start_cluster(model_dirs, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    # A short temp dir of our own: Ray's socket paths must stay under the OS limit (107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="alr-", dir="/tmp")
+    names = ("gcs", "dashboard", "client", "agent", "agent_grpc", "runtime_env", "metrics", "http")
+    ports = dict(zip(names, _free_ports(len(names))))
+    # Ray 2.60's CLI talks to a token-authenticated cluster.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        str(bin_dir / "ray"), "start", "--head", f"--temp-dir={temp_dir}", f"--port={ports['gcs']}",
+        f"--dashboard-port={ports['dashboard']}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+        f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--metrics-export-port={ports['metrics']}", "--num-cpus=2", "--disable-usage-stats",
+    ]
+    # A session of its own: every process of this cluster lands in one process group, which is
+    # what gets stopped at the end (never `ray stop`, which would stop other clusters too).
+    start = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        start_out, start_err = start.communicate()
+        assert start.returncode == 0, (start_out + start_err)[-3000:]
+        keys = tmp_path / "api-keys"
+        keys.write_text("# test keys\ndeploy-key\n")
+        document = yaml.safe_load((SERVING / "serve_config.yaml").read_text())
+        document["http_options"] = {"host": "127.0.0.1", "port": ports["http"]}
+        document["proxy_location"] = "HeadOnly"
+        args = document["applications"][0]["args"]
+        args["sources"] = {name: model_dirs["dpo" if name == "dpo" else "merged"] for name in args["variants"]}
+        args["api_keys_file"] = str(keys)
+        args["deployment"].update(num_cpus=0.25, autoscaling={"min_replicas": 1, "max_replicas": 1})
+        args["ingress"] = {"num_cpus": 0.1}
+        config_path = tmp_path / "serve_config.yaml"
+        config_path.write_text(yaml.safe_dump(document))
+        address = f"http://127.0.0.1:{ports['dashboard']}"
+        serve_cli = str(bin_dir / "serve")
+        deployed = subprocess.run([serve_cli, "deploy", str(config_path), "-a", address], env=env, capture_output=True, text=True)
+        assert deployed.returncode == 0, (deployed.stdout + deployed.stderr)[-3000:]
+        app_status = "DEPLOYING"
+        while app_status != "RUNNING":  # deploying is asynchronous; poll until it settles
+            time.sleep(2)
+            report = subprocess.run([serve_cli, "status", "-a", address], env=env, capture_output=True, text=True).stdout
+            app_status = ((yaml.safe_load(report) or {}).get("applications") or {}).get("alloylm", {}).get("status", "")
+            assert app_status != "DEPLOY_FAILED", report
+        url = f"http://127.0.0.1:{ports['http']}/v1"
+        client = openai.OpenAI(base_url=url, api_key="deploy-key", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["merged", "dpo", "instruct"]
+        answer = client.chat.completions.create(model="instruct", messages=_CHAT, max_tokens=4, extra_body={"min_tokens": 4})
+        assert answer.usage.completion_tokens == 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="not-the-key", max_retries=0).models.list()
+        subprocess.run([serve_cli, "shutdown", "-y", "-a", address], env=env, capture_output=True, text=True)
+    finally:
+        _kill_group(start.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
