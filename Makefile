@@ -35,3 +35,5 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/data_prep.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/serve_load.py
