@@ -195,7 +195,7 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     raw["stages"] = {
         "long": {
             "kind": "cpt", "from": {"init": "small-llama"}, "data": "text",
-            "training": {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 5, "max_steps": 60},
+            "training": {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 5, "max_steps": 80},
             "checkpoint": {"every_steps": 10, "max_failures": 2},
         }
     }
@@ -206,8 +206,9 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     checkpoints = os.path.join(cfg.run_uri, "checkpoints")
     killed = None
     while thread.is_alive() and killed is None:
-        has_checkpoint = any(name.startswith("checkpoint_") for _, dirs, _ in os.walk(checkpoints) for name in dirs)
-        pids = _worker_pids() if has_checkpoint else []
+        # Two persisted checkpoints: the first is then surely registered with Ray Train, not just uploaded.
+        saved = sum(name.startswith("checkpoint_") for _, dirs, _ in os.walk(checkpoints) for name in dirs)
+        pids = _worker_pids() if saved >= 2 else []
         if pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
@@ -215,8 +216,8 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     thread.join()
     assert killed is not None, "training finished before a worker could be killed"
     metrics = result["manifest"]["metrics"]
-    assert metrics["global_step"] == 60  # the step count is intact
-    assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 60
+    assert metrics["global_step"] == 80  # the step count is intact
+    assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 80
 
 
 @pytest.mark.s3
@@ -350,3 +351,45 @@ def test_two_node_cluster_spreads_workers_over_gloo(tmp_path):
         assert manifest["metrics"]["global_step"] == 6
     finally:
         _stop_processes_under(temp_dir)
+
+
+def test_interrupted_stage_resumes_when_run_again(tmp_path):
+    """The driver (and its local Ray cluster) is killed mid-stage; the same command resumes."""
+    import subprocess
+    import sys
+
+    import psutil
+    import yaml
+
+    raw = run_config(str(tmp_path / "runs"), {
+        "long": {"kind": "cpt", "from": {"init": "small-llama"}, "data": "text",
+                 "training": {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 5, "max_steps": 80},
+                 "checkpoint": {"every_steps": 10}},
+    })
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "alloylm.cli", "train", str(cfg), "long"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = tmp_path / "runs" / "tr" / "checkpoints"
+    try:
+        while first.poll() is None:
+            if sum(name.startswith("checkpoint_") for _, dirs, _ in os.walk(checkpoints) for name in dirs) >= 2:
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, "the first run ended before it could be interrupted"
+    finally:
+        family = psutil.Process(first.pid).children(recursive=True) if first.poll() is None else []
+        for proc in [psutil.Process(first.pid), *family] if first.poll() is None else []:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        first.wait()
+    uri = str(tmp_path / "runs" / "tr" / "stages" / "long")
+    assert not storage.is_complete(uri)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = storage.read_manifest(uri)["metrics"]
+    assert metrics["global_step"] == 80
+    assert metrics["resumed_from_step"] is not None and metrics["resumed_from_step"] >= 10
