@@ -123,7 +123,30 @@ def serve_command(config: RunConfig) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     connect_ray()
+    _check_serve_resources(serve_config)
     serve_run(serve_config, sources, blocking=True)
+
+
+def _check_serve_resources(serve_config) -> None:
+    """Refuse a deployment the cluster can never schedule, instead of waiting for it forever."""
+    import ray
+
+    deployment, ingress = serve_config.deployment, serve_config.ingress
+    autoscaling = deployment.autoscaling
+    replicas = deployment.num_replicas if autoscaling is None else (autoscaling.initial_replicas or autoscaling.min_replicas)
+    variants = len(serve_config.variant_names)
+    need = {
+        "CPU": variants * replicas * deployment.num_cpus + ingress.num_replicas * ingress.num_cpus,
+        "GPU": variants * replicas * deployment.num_gpus,
+    }
+    have = ray.cluster_resources()
+    for resource, amount in need.items():
+        if amount > have.get(resource, 0) + 1e-9:
+            raise UsageError(
+                f"serve: {variants} variant(s) x {replicas} replica(s) x serve.deployment.num_{resource.lower()}s "
+                f"plus the ingress need {amount:g} {resource}s, but the Ray cluster has {have.get(resource, 0):g}; "
+                "lower serve.deployment.num_cpus / num_gpus or serve fewer variants"
+            )
 
 
 def run_command(config: RunConfig) -> dict[str, Any]:
