@@ -353,6 +353,19 @@ def test_two_node_cluster_spreads_workers_over_gloo(tmp_path):
         _stop_processes_under(temp_dir)
 
 
+def _registered_checkpoints(root) -> int:
+    """Checkpoints Ray Train has registered (its manager snapshot), not merely uploaded."""
+    count = 0
+    for folder, _, files in os.walk(root):
+        if "checkpoint_manager_snapshot.json" in files:
+            try:
+                with open(os.path.join(folder, "checkpoint_manager_snapshot.json"), encoding="utf-8") as f:
+                    count = max(count, len(json.load(f).get("checkpoint_results", [])))
+            except (OSError, ValueError):
+                pass  # being written
+    return count
+
+
 def test_interrupted_stage_resumes_when_run_again(tmp_path):
     """The driver (and its local Ray cluster) is killed mid-stage; the same command resumes."""
     import subprocess
@@ -373,9 +386,7 @@ def test_interrupted_stage_resumes_when_run_again(tmp_path):
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = tmp_path / "runs" / "tr" / "checkpoints"
     try:
-        while first.poll() is None:
-            if sum(name.startswith("checkpoint_") for _, dirs, _ in os.walk(checkpoints) for name in dirs) >= 2:
-                break
+        while first.poll() is None and not _registered_checkpoints(checkpoints):
             time.sleep(0.5)
         assert first.poll() is None, "the first run ended before it could be interrupted"
     finally:
