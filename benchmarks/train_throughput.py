@@ -619,6 +619,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             f"FLOP/s {name}: {value:.2f} GFLOP/s achieved = {mfu[name]:.0%} of the measured {matmul['default_threads']:.1f} GFLOP/s matmul "
             f"({verdict} the {GOAL_MFU:.0%} goal); {mfu_own[name]:.0%} of the matmul FLOP/s of its own threads ({own[name]:.1f})"
         )
+    if max(mfu.values()) > 1:
+        _say("WARNING: achieved FLOP/s above the measured matmul FLOP/s: other load disturbed the matmul timing (multi-threaded matmul suffers most)")
     _say(f"load average (1 min) {loads[0]:.2f} at the start of the timed runs, {loads[1]:.2f} at the end, on {os.cpu_count()} cores")
     return {
         "benchmark": "train_throughput",
