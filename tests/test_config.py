@@ -198,10 +198,10 @@ def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(tmp_p
     unfinished = subprocess.run(run, capture_output=True, text=True, env=env)
     assert unfinished.returncode == 1
     assert "no manifest.json" in unfinished.stderr
-    for stage in ("dpo", "instruct"):  # finished (manifest present) as far as serving can tell
+    for stage in ("merged", "dpo", "instruct"):  # finished (manifest present) as far as serving can tell
         folder = tmp_path / "quickstart" / "stages" / stage
         folder.mkdir(parents=True)
         (folder / "manifest.json").write_text("{}")
     too_big = subprocess.run([*run, "serve.deployment.num_cpus=4"], capture_output=True, text=True, env=env)
     assert too_big.returncode == 1
-    assert "need 8.25 CPUs, but the Ray cluster has" in too_big.stderr
+    assert "need 12.25 CPUs, but the Ray cluster has" in too_big.stderr

@@ -1,8 +1,9 @@
-"""The `alloylm` command: validate, data, train, eval, report and run, on one run config.
+"""The `alloylm` command: validate, data, train, merge, search, eval, report, serve and run.
 
     alloylm validate configs/quickstart.yaml data.block_size=128
     alloylm data configs/quickstart.yaml
     alloylm train configs/quickstart.yaml base
+    alloylm search configs/quickstart.yaml merged      (a merge_search stage; `merge` for a fixed merge)
     alloylm eval configs/quickstart.yaml
     alloylm report configs/quickstart.yaml
     alloylm serve configs/quickstart.yaml
@@ -18,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 from alloylm import storage
@@ -49,10 +51,20 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config (YAML)")
     train.add_argument("stage", help="name of the stage to train")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
+    for command, text in (
+        ("merge", "run one merge stage (fixed parameters or a mergekit YAML) with mergekit"),
+        ("search", "run one merge_search stage: Ray Tune searches merge parameters against the evaluation suites"),
+    ):
+        sub = commands.add_parser(command, help=text)
+        sub.add_argument("config", help="run config (YAML)")
+        sub.add_argument("stage", help="name of the merge stage")
+        sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
     _add_config_arguments(commands.add_parser("eval", help="score every variant of `evaluate:` in parallel on Ray"))
     _add_config_arguments(commands.add_parser("report", help="render <run>/report (Markdown, HTML, PNG plots)"))
     _add_config_arguments(commands.add_parser("serve", help="serve the run's variants over an OpenAI-compatible API (Ray Serve)"))
-    _add_config_arguments(commands.add_parser("run", help="run the pipeline of a config"))
+    run = commands.add_parser("run", help="run the whole pipeline: data, stages, merges, evaluation, report")
+    _add_config_arguments(run)
+    run.add_argument("--serve", action="store_true", help="then serve the `serve:` variants until Ctrl-C")
     return parser
 
 
@@ -75,6 +87,20 @@ def train_command(config: RunConfig, stage: str) -> dict[str, Any]:
     connect_ray()
     manifest = train_stage(config, stage)
     return {"stage": stage, "model": storage.join(config.run_uri, "stages", stage), **manifest["metrics"]}
+
+
+def merge_command(config: RunConfig, stage: str, *, search: bool | None = None) -> dict[str, Any]:
+    from alloylm.cluster import connect_ray
+    from alloylm.merge.stage import merge_stage
+
+    kind = getattr(config.stages.get(stage), "kind", None)
+    if search is True and kind != "merge_search":
+        raise UsageError(f"stage {stage!r} is {'a ' + kind if kind else 'not a'} stage, not a merge_search stage; `alloylm search` runs merge searches")
+    if search is False and kind != "merge":
+        raise UsageError(f"stage {stage!r} is {'a ' + kind if kind else 'not a'} stage, not a merge stage; `alloylm merge` runs fixed merges")
+    connect_ray()
+    manifest = merge_stage(config, stage)
+    return {"stage": stage, "model": storage.join(config.run_uri, "stages", stage), **manifest.get("metrics", {})}
 
 
 def eval_command(config: RunConfig) -> dict[str, Any]:
@@ -149,28 +175,73 @@ def _check_serve_resources(serve_config) -> None:
             )
 
 
-def run_command(config: RunConfig) -> dict[str, Any]:
-    """Data, every training stage in dependency order, then evaluation and the report.
+def _check_stage_resources(config: RunConfig) -> None:
+    """Refuse a run with a stage the cluster can never schedule, before data preparation spends time.
 
-    Merge stages are not run by this version yet: they and their descendants are skipped, and
-    said so.
+    The stages' own runners check the same when they start; checking every stage up front means a
+    bad last stage fails the run in seconds, not after the data and every earlier stage.
     """
-    from alloylm.config import stage_parents
+    import ray
 
-    summary: dict[str, Any] = {"experiment": config.experiment, "run": config.run_uri, "datasets": data_command(config)}
-    trained, skipped = {}, []
+    from alloylm.merge.stage import MergeStageError
+    from alloylm.train.launcher import StageError
+
+    have = ray.cluster_resources()
     for name in config.stage_order():
         stage = config.stages[name]
-        if not isinstance(stage, TrainStageConfig) or any(p in skipped for p in stage_parents(stage)):
-            skipped.append(name)
-            continue
-        trained[name] = train_command(config, name)
-    if skipped:
-        log.warning("not run by this version (merge stages and what depends on them): %s", ", ".join(skipped))
-    summary.update(stages=trained, skipped=skipped)
+        if isinstance(stage, TrainStageConfig):
+            res, error = stage.resources, StageError
+            needs = {}
+            for resource, per_worker in (("CPU", res.cpus_per_worker), ("GPU", res.gpus_per_worker)):
+                total = res.workers * per_worker
+                needs[resource] = (total, f"{res.workers} workers x {per_worker:g} {resource}s = {total:g} {resource}s")
+        else:
+            res, error = stage.resources, MergeStageError
+            needs = {
+                resource: (amount, f"a merge (each search trial) needs {amount:g} {resource}s")
+                for resource, amount in (("CPU", res.num_cpus), ("GPU", res.num_gpus))
+            }
+        for resource, (amount, what) in needs.items():
+            if amount > have.get(resource, 0) + 1e-9:
+                raise error(
+                    f"stage {name!r}: resources: {what}, but the Ray cluster has {have.get(resource, 0):g}; "
+                    f"nothing was run (lower stages.{name}.resources or use a larger cluster)"
+                )
+
+
+def run_command(config: RunConfig) -> dict[str, Any]:
+    """Data, every stage in dependency order (training and merges), evaluation and the report.
+
+    Stages whose fingerprint is unchanged are skipped by their own runners; an interrupted stage
+    resumes from its checkpoint (training) or its Tune experiment (merge search).
+    """
+    from alloylm.cluster import connect_ray
+
+    started = time.monotonic()
+    connect_ray()
+    _check_stage_resources(config)
+    summary: dict[str, Any] = {"experiment": config.experiment, "run": config.run_uri, "datasets": data_command(config)}
+    order = config.stage_order()
+    done: dict[str, Any] = {}
+    for index, name in enumerate(order, start=1):
+        stage = config.stages[name]
+        log.info("[%d/%d] stage %s (%s)", index, len(order), name, stage.kind)
+        if isinstance(stage, TrainStageConfig):
+            done[name] = train_command(config, name)
+        else:
+            done[name] = merge_command(config, name)
+    summary["stages"] = done
     if config.evaluate is not None:
         summary["evaluation"] = eval_command(config)
         summary["report"] = report_command(config)
+        scores = {n: s for n, s in summary["evaluation"]["scores"].items() if s is not None}
+        if scores:
+            best = max(scores, key=scores.get)
+            summary["best"] = {"variant": best, "score": scores[best], "model": _stage_uris(config).get(best, best)}
+        table = storage.join(config.run_uri, "eval", "comparison.md")
+        if storage.exists(table):
+            print(storage.read_text(table))
+    summary["seconds"] = round(time.monotonic() - started, 1)
     return summary
 
 
@@ -192,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     from alloylm.data.prepare import DataPreparationError
     from alloylm.data.sources import SourceError
     from alloylm.evaluate import EvaluationInputError
+    from alloylm.merge.stage import MergeStageError
     from alloylm.train.launcher import StageError
 
     if args.command == "serve":
@@ -207,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "data": lambda: data_command(config, args.only),
         "train": lambda: train_command(config, args.stage),
+        "merge": lambda: merge_command(config, args.stage, search=False),
+        "search": lambda: merge_command(config, args.stage, search=True),
         "eval": lambda: eval_command(config),
         "report": lambda: report_command(config),
         "run": lambda: run_command(config),
@@ -216,10 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"alloylm: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (SourceError, DataPreparationError, StageError, EvaluationInputError, storage.StorageError) as exc:
+    except (SourceError, DataPreparationError, StageError, MergeStageError, EvaluationInputError, storage.StorageError) as exc:
         print(f"alloylm: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(result, indent=2, default=str))
+    if args.command == "run" and args.serve and not result.get("failed"):
+        try:
+            serve_command(config)
+        except (UsageError, RuntimeError) as exc:
+            print(f"alloylm: serving failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     return EXIT_FAILED if isinstance(result, dict) and result.get("failed") else 0
 
 

@@ -9,8 +9,10 @@ of per-item details each (judge prompts and raw answers included), `<variant>/ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import time
 import traceback
 from collections.abc import Mapping
@@ -43,6 +45,18 @@ class EvalData:
     sources: dict[str, str] = field(default_factory=dict)  # suite -> data URI
     fingerprints: dict[str, str | None] = field(default_factory=dict)  # data URI -> manifest fingerprint
     tokenizer_uri: str | None = None  # the tokenizer that wrote the text blocks
+
+    def head(self, fraction: float) -> EvalData:
+        """The first `fraction` of every suite's items (at least one each): the merge search's ASHA rungs."""
+        cut = {
+            name: getattr(self, name)[: max(1, math.ceil(fraction * len(getattr(self, name))))] if getattr(self, name) else []
+            for name in ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge")
+        }
+        return dataclasses.replace(self, **cut)
+
+    def sizes(self) -> dict[str, int]:
+        """Items per suite."""
+        return {name: len(getattr(self, name)) for name in ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge")}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -204,11 +218,13 @@ def score_model(
     variant: str | None = None,
     trust_remote_code: bool = False,
     device: str | None = None,
+    scorer=None,
 ) -> tuple[dict, dict[str, list[dict]]]:
     """Score one model on every enabled suite: (results, per-suite item details). No Ray, no writes.
 
     A suite that fails is reported as failed (with the error) and the others still run; a model
-    that cannot be loaded gives status `failed`. The merge search calls this inside its trials.
+    that cannot be loaded gives status `failed`. The merge search calls this inside its trials
+    with `scorer` (a CausalLMScorer over a model merged in memory) instead of loading `model_uri`.
     """
     import torch
 
@@ -227,7 +243,7 @@ def score_model(
     details: dict[str, list[dict]] = {}
     torch.manual_seed(eval_config.seed)
     try:
-        scorer = CausalLMScorer.load(
+        scorer = scorer or CausalLMScorer.load(
             model_uri,
             dtype=eval_config.dtype,
             batch_size=eval_config.batch_size,

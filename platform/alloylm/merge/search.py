@@ -1,0 +1,285 @@
+"""The merge search on Ray Tune: each trial merges the parents in memory and scores the result.
+
+Trials are Tune function trainables with the stage's resources, at most
+`max_concurrent_trials` at once. A trial process keeps its `InMemoryMerger` (the parents, loaded
+once) across trials (`reuse_actors=True`), merges one candidate into the same model instance,
+and scores it with the evaluation suites on the validation split. With ASHA the trial reports
+its score on growing subsets of the items (`asha.rungs`) and ASHA stops the weak ones early.
+
+Searchers: Optuna TPE (default) and CMA-ES (Optuna's samplers through Tune's OptunaSearch),
+random (Tune's BasicVariantGenerator), grid (the explicit `points`, or the product of `values`).
+Candidate `points` (e.g. the paper's gradients) are evaluated first by every searcher.
+
+The experiment lives at `<run>/searches/<stage>-<fingerprint>/tune` (local or s3://): an
+interrupted search resumes there with `Tuner.restore`, without redoing finished trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from alloylm import storage
+from alloylm.config import MergeSearchStageConfig
+from alloylm.evaluate.config import EvalConfig
+from alloylm.evaluate.runner import EvalData
+from alloylm.merge.space import GRID_KEY, Dimension, assemble, dimensions, flatten_point, grid_size, tune_space
+
+log = logging.getLogger("alloylm.merge")
+EXPERIMENT_NAME = "tune"
+METRIC = "score"
+
+
+class SearchError(RuntimeError):
+    """A search that cannot run or produced no complete trial; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What every trial needs besides its sampled values (sent once through the object store)."""
+
+    stage: MergeSearchStageConfig
+    parent_uris: tuple[str, ...]
+    names: tuple[str, ...]
+    eval_config: EvalConfig
+    points_flat: tuple[dict[str, float], ...] = ()
+    trust_remote_code: bool = False
+    rungs: tuple[float, ...] = (1.0,)
+    dims: tuple[Dimension, ...] = field(default_factory=tuple)
+
+    def merge_parameters(self, flat: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        return assemble(
+            flat, self.stage.search, list(self.dims), parameters=self.stage.parameters, model_parameters=self.stage.model_parameters
+        )
+
+
+def mergekit_config_for(
+    stage, parent_dirs: list[str], names: list[str], parameters: Mapping[str, Any], model_parameters: Mapping[str, Any]
+) -> dict:
+    """The mergekit config of one candidate of `stage` over local parent folders."""
+    from alloylm.merge import mergekit_config
+
+    base = names.index(stage.base) if stage.base else None
+    # No tokenizer_source: the parents share one vocabulary (check_compatible), and the merged
+    # folder takes the tokenizer of `tokenizer_from` when it is materialised.
+    return mergekit_config(
+        stage.method,
+        parent_dirs,
+        names=names,
+        base=base,
+        parameters=parameters,
+        model_parameters=model_parameters,
+        dtype=stage.dtype,
+    )
+
+
+# ------------------------------------------------------------------------------ the trial
+
+_WORKER: dict[str, Any] = {}  # per trial process: the merger and tokenizer of the parents it holds
+
+
+def _worker_state(job: TrialJob):
+    """The InMemoryMerger and the scoring tokenizer for `job`'s parents, built once per process."""
+    from alloylm.merge import InMemoryMerger
+    from alloylm.models.loading import load_tokenizer, materialize_model_dir
+
+    key = repr((job.parent_uris, job.stage.dtype))
+    if _WORKER.get("key") != key:
+        _WORKER.clear()
+        dirs = [materialize_model_dir(uri) for uri in job.parent_uris]
+        device = "cuda" if job.stage.resources.num_gpus > 0 and _cuda() else "cpu"
+        merger = InMemoryMerger(dirs, names=list(job.names), dtype=job.stage.dtype, device=device, trust_remote_code=job.trust_remote_code)
+        tokenizer_from = job.stage.tokenizer_from or job.names[0]
+        tokenizer = load_tokenizer(dirs[job.names.index(tokenizer_from)], trust_remote_code=job.trust_remote_code)
+        _WORKER.update(key=key, dirs=dirs, merger=merger, tokenizer=tokenizer, device=device)
+    return _WORKER
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def trial_flat_values(tune_config: Mapping[str, Any], job: TrialJob) -> dict[str, float]:
+    if GRID_KEY in tune_config:
+        return dict(job.points_flat[int(tune_config[GRID_KEY])])
+    return {d.key: float(tune_config[d.key]) for d in job.dims}
+
+
+def run_trial(tune_config: dict, job: TrialJob, eval_data: EvalData) -> None:
+    """One trial: merge the candidate in memory, then report the objective on each rung's items."""
+    from ray import tune
+
+    from alloylm.evaluate.comparison import headline_value
+    from alloylm.evaluate.runner import score_model
+    from alloylm.evaluate.scorer import CausalLMScorer
+
+    state = _worker_state(job)
+    flat = trial_flat_values(tune_config, job)
+    parameters, model_parameters = job.merge_parameters(flat)
+    config = mergekit_config_for(job.stage, state["dirs"], list(job.names), parameters, model_parameters)
+    model = state["merger"].merge(config)
+    scorer = CausalLMScorer(
+        model,
+        state["tokenizer"],
+        batch_size=job.eval_config.batch_size,
+        max_length=job.eval_config.max_length,
+        device=state["device"],
+    )
+    for rung, fraction in enumerate(job.rungs, start=1):
+        data = eval_data.head(fraction)
+        results, _ = score_model(job.eval_config, "in-memory merge", data, variant="trial", scorer=scorer)
+        if results.get("score") is None:
+            reasons = {n: s.get("reason") for n, s in results["suites"].items() if s.get("status") != "ok"}
+            raise SearchError(f"the objective is missing for this candidate: {results.get('error') or reasons}")
+        suites = {
+            f"suite/{name}": headline_value(name, suite.get("metrics") or {})
+            for name, suite in results["suites"].items()
+            if suite.get("status") == "ok"
+        }
+        tune.report({METRIC: float(results["score"]), "rung": rung, "fraction": fraction, "items": sum(data.sizes().values()), **suites})
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def _searcher(stage: MergeSearchStageConfig, seed: int, points: list[dict[str, float]]):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    search = stage.search
+    if search.searcher == "grid":
+        return BasicVariantGenerator(random_state=seed)
+    if search.searcher == "random":
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if search.searcher == "cmaes":
+        # CMA-ES from Optuna; its first generation can start from the given points.
+        sampler = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, search.num_samples // 3)))
+    return OptunaSearch(sampler=sampler, points_to_evaluate=points or None)  # metric and mode come from TuneConfig
+
+
+def _scheduler(stage: MergeSearchStageConfig):
+    asha = stage.search.asha
+    if asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="rung", max_t=len(asha.rungs), grace_period=1, reduction_factor=asha.reduction_factor
+    )
+
+
+def prepare_job(stage: MergeSearchStageConfig, parent_uris, names, eval_config: EvalConfig, *, trust_remote_code: bool) -> TrialJob:
+    """Check the search space and points (before any trial) and bundle what trials need."""
+    dims = dimensions(stage.search)
+    points = []
+    for index, point in enumerate(stage.search.points):
+        try:
+            points.append(flatten_point(point, stage.search, dims, where=f"search.points.{index}"))
+        except ValueError as exc:
+            raise SearchError(str(exc)) from None
+    rungs = tuple(stage.search.asha.rungs) if stage.search.asha else (1.0,)
+    return TrialJob(
+        stage=stage,
+        parent_uris=tuple(parent_uris),
+        names=tuple(names),
+        eval_config=eval_config,
+        points_flat=tuple(points),
+        trust_remote_code=trust_remote_code,
+        rungs=rungs,
+        dims=tuple(dims),
+    )
+
+
+def run_search(job: TrialJob, eval_data: EvalData, experiment_uri: str, *, seed: int) -> list[dict]:
+    """Run (or resume) the Tune experiment under `experiment_uri`; returns one row per trial."""
+    from ray import tune
+
+    stage = job.stage
+    search = stage.search
+    fs, root = storage.arrow_filesystem(experiment_uri)
+    experiment_path = f"{root}/{EXPERIMENT_NAME}"
+    resources = {"cpu": stage.resources.num_cpus, "gpu": stage.resources.num_gpus}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, eval_data=eval_data), resources)
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+        log.info("merge search: resuming the interrupted experiment at %s", storage.join(experiment_uri, EXPERIMENT_NAME))
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
+    else:
+        dims = list(job.dims)
+        num_samples = 1 if search.searcher == "grid" else search.num_samples
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(search, dims),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                search_alg=_searcher(stage, seed, list(job.points_flat)),
+                scheduler=_scheduler(stage),
+                num_samples=num_samples,
+                max_concurrent_trials=search.max_concurrent_trials,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT_NAME,
+                storage_path=root,
+                storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=1,
+            ),
+        )
+        log.info(
+            "merge search: %s, %d trial(s) (%d at a time) over %d dimension(s)",
+            search.searcher,
+            grid_size(search, dims) if search.searcher == "grid" else num_samples,
+            search.max_concurrent_trials,
+            len(dims),
+        )
+    grid = tuner.fit()
+    return trial_rows(grid, job)
+
+
+def trial_rows(grid, job: TrialJob) -> list[dict]:
+    """One row per trial: id, status, score (complete trials only), the merge parameters."""
+    rows = []
+    last_rung = len(job.rungs)
+    for result in grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        flat = trial_flat_values(config, job) if config else {}
+        parameters, model_parameters = job.merge_parameters(flat) if flat else ({}, {})
+        complete = metrics.get("rung") == last_rung and result.error is None
+        score = metrics.get(METRIC)
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or (result.path or "").rstrip("/").rsplit("/", 1)[-1],
+                "status": "error" if result.error else ("complete" if complete else "stopped"),
+                "score": float(score) if complete and score is not None and math.isfinite(score) else None,
+                "last_score": score,
+                "rung": metrics.get("rung"),
+                "items": metrics.get("items"),
+                "params": {"parameters": parameters, **({"model_parameters": model_parameters} if model_parameters else {})},
+                "values": flat,
+                "suites": {k.removeprefix("suite/"): v for k, v in metrics.items() if k.startswith("suite/")},
+                "error": _last_line(result.error),
+            }
+        )
+    rows.sort(key=lambda r: r["trial"])
+    return rows
+
+
+def _last_line(error: BaseException | None) -> str | None:
+    """The exception's own message (Ray's wrapper puts the worker's traceback first)."""
+    if error is None:
+        return None
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

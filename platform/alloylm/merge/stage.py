@@ -1,0 +1,319 @@
+"""Merge stages of a run: `merge` (fixed parameters or a mergekit YAML) and `merge_search` (Ray Tune).
+
+`merge_stage(config, name)` resolves the parents (stages of the run must be finished; models may
+be local, s3:// or Hugging Face ids), refuses incompatible parents before any work, skips a stage
+whose fingerprint is unchanged, and writes `<run>/stages/<name>/` atomically (manifest last):
+
+- the merged model in Hugging Face format with the tokenizer, chat template and EOS of
+  `tokenizer_from` (default: the first parent), materialised by mergekit's `run_merge` from
+- `best_merge.yaml` (or `merge.yaml` for a fixed merge): the mergekit config `mergekit-yaml`
+  reproduces the model from;
+- for a search, `search/`: `trials.jsonl` and `trials.csv` (every trial, its parameters and
+  score), `score_per_trial.png` and `score_vs_<parameter>.png`, and `tune/`, a copy of Tune's
+  experiment folder with its TensorBoard events (`tensorboard --logdir <stage>/search/tune`).
+
+Heavy work runs on the cluster: the search's trials are Tune trials and the final merge is a Ray
+task with the stage's resources; the driver only orchestrates.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from alloylm import storage
+from alloylm.config import MergeSearchStageConfig, MergeStageConfig, RunConfig, fingerprint
+
+log = logging.getLogger("alloylm.merge")
+SUMMARY_NAME = "merge_summary.json"
+
+
+class MergeStageError(Exception):
+    """A merge stage that cannot run; the message names the cause."""
+
+
+def _parents(config: RunConfig, stage: MergeStageConfig) -> tuple[list[str], list[Any]]:
+    """(URI of each parent, what identifies each for the fingerprint)."""
+    uris, ids = [], []
+    for parent in stage.parents:
+        if parent in config.stages:
+            uri = storage.join(config.run_uri, "stages", parent)
+            manifest = storage.read_manifest(uri)
+            if manifest is None:
+                raise MergeStageError(
+                    f"parent stage {parent!r} has no finished artifact at {uri}; run it first "
+                    f"(alloylm train CONFIG {parent}, or alloylm run CONFIG)"
+                )
+            uris.append(uri)
+            ids.append(manifest["fingerprint"])
+        else:
+            uris.append(parent)
+            ids.append(parent)
+    return uris, ids
+
+
+def _local_dirs(uris: list[str]) -> list[str]:
+    from alloylm.models.loading import materialize_model_dir
+
+    try:
+        return [materialize_model_dir(uri) for uri in uris]
+    except (OSError, ValueError) as exc:
+        raise MergeStageError(f"cannot read a parent model: {exc}") from None
+
+
+def _check_parents(stage: MergeStageConfig, dirs: list[str], trust_remote_code: bool) -> None:
+    from alloylm.merge import MergeInputError, check_compatible
+
+    try:
+        check_compatible(dirs, list(stage.parents), trust_remote_code=trust_remote_code)
+    except MergeInputError as exc:
+        raise MergeStageError(f"cannot merge {', '.join(stage.parents)}: {exc}") from None
+
+
+def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -> dict:
+    from alloylm.merge import MergeInputError, read_mergekit_yaml
+    from alloylm.merge.search import mergekit_config_for
+
+    try:
+        if stage.mergekit_config:
+            stage_dirs = {p: d for p, d in zip(stage.parents, dirs, strict=True)}
+            return read_mergekit_yaml(stage.mergekit_config, stage_dirs=stage_dirs)
+        return mergekit_config_for(stage, dirs, list(stage.parents), stage.parameters, stage.model_parameters)
+    except MergeInputError as exc:
+        raise MergeStageError(f"merge parameters: {exc}") from None
+
+
+def _materialize_task(yaml_text: str, parent_uris: list[str], tokenizer_parent: int, staging_uri: str, trust_remote_code: bool) -> dict:
+    """Ray task: write the merged model from the mergekit YAML into the staging location."""
+    import yaml
+
+    from alloylm.merge import materialize
+
+    dirs = _local_dirs(parent_uris)
+    merge_config = yaml.safe_load(yaml_text)
+    with tempfile.TemporaryDirectory(prefix="alloylm-merge-") as tmp:
+        out = os.path.join(tmp, "model")
+        started = time.monotonic()
+        materialize(merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=trust_remote_code)
+        storage.upload_dir(out, staging_uri)
+        return {"merge_seconds": round(time.monotonic() - started, 2)}
+
+
+def _materialize_on_cluster(stage: MergeStageConfig, yaml_text: str, parent_uris: list[str], staging_uri: str, trust_remote_code: bool) -> dict:
+    import ray
+
+    tokenizer_parent = stage.parents.index(stage.tokenizer_from or stage.parents[0])
+    task = ray.remote(_materialize_task).options(num_cpus=stage.resources.num_cpus, num_gpus=stage.resources.num_gpus)
+    try:
+        return ray.get(task.remote(yaml_text, parent_uris, tokenizer_parent, staging_uri, trust_remote_code))
+    except ray.exceptions.RayTaskError as exc:
+        raise MergeStageError(f"merging failed: {exc.cause if hasattr(exc, 'cause') else exc}") from exc
+
+
+def _check_resources(stage: MergeStageConfig, concurrent: int = 1) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    for resource, amount in (("CPU", stage.resources.num_cpus), ("GPU", stage.resources.num_gpus)):
+        if amount > have.get(resource, 0) + 1e-9:
+            raise MergeStageError(
+                f"resources.num_{resource.lower()}s: a merge needs {amount:g} {resource}s, but the Ray cluster has {have.get(resource, 0):g}"
+            )
+
+
+def merge_fingerprint(config: RunConfig, name: str, parent_ids: list[Any], extra: Any = None) -> str:
+    stage = config.stages[name]
+    # Resources and concurrency change how the stage runs, not which model it writes.
+    exclude = {"resources", "description"}
+    settings = stage.model_dump(mode="json", by_alias=True, exclude=exclude)
+    if isinstance(stage, MergeSearchStageConfig):
+        settings["search"].pop("max_concurrent_trials", None)
+    if stage.mergekit_config:
+        settings["mergekit_config_text"] = storage.read_text(stage.mergekit_config)
+    return fingerprint("merge", settings, parent_ids, extra, config.seed)
+
+
+def merge_stage(config: RunConfig, name: str) -> dict:
+    """Run merge stage `name` (fixed merge or merge search); returns its manifest."""
+    from alloylm.merge import write_mergekit_yaml
+
+    if name not in config.stages:
+        raise MergeStageError(f"no stage {name!r}; stages: {', '.join(config.stage_order())}")
+    stage = config.stages[name]
+    if not isinstance(stage, MergeStageConfig):
+        raise MergeStageError(f"stage {name!r} is a {stage.kind} stage, not a merge stage")
+    started = time.monotonic()
+    uri = storage.join(config.run_uri, "stages", name)
+    parent_uris, parent_ids = _parents(config, stage)
+    search_inputs = _search_inputs(config, name) if isinstance(stage, MergeSearchStageConfig) else None
+    fp = merge_fingerprint(config, name, parent_ids, search_inputs[1].fingerprints if search_inputs else None)
+    manifest = storage.read_manifest(uri)
+    if manifest and manifest.get("fingerprint") == fp:
+        log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
+        return manifest
+    _check_resources(stage)
+    dirs = _local_dirs(parent_uris)
+    _check_parents(stage, dirs, config.trust_remote_code)
+    summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
+    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+        if isinstance(stage, MergeSearchStageConfig):
+            merge_config, search_summary = _search(config, name, fp, parent_uris, dirs, search_inputs, artifact.staging_uri)
+            summary.update(search_summary)
+            yaml_name = "best_merge.yaml"
+        else:
+            merge_config = _fixed_config(config, stage, dirs)
+            yaml_name = "merge.yaml"
+        with tempfile.TemporaryDirectory(prefix="alloylm-merge-yaml-") as tmp:
+            local_yaml = os.path.join(tmp, yaml_name)
+            write_mergekit_yaml(merge_config, local_yaml)
+            yaml_text = open(local_yaml, encoding="utf-8").read()
+        sources = "".join(f"#   {d}  <-  {u}\n" for d, u in zip(dirs, parent_uris, strict=True) if d != u)
+        header = f"# mergekit config of stage {name!r}; reproduce with: mergekit-yaml {yaml_name} OUTPUT_DIR\n"
+        if sources:
+            header += "# parent folders (local copies) and where they come from:\n" + sources
+        storage.write_text(storage.join(artifact.staging_uri, yaml_name), header + yaml_text)
+        log.info("stage %s: materialising the merge with mergekit -> %s", name, uri)
+        summary.update(_materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code))
+        summary["mergekit_yaml"] = yaml_name
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        storage.write_json(storage.join(artifact.staging_uri, SUMMARY_NAME), summary)
+        storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
+        manifest = artifact.commit(
+            {
+                "kind": "stage",
+                "stage_kind": stage.kind,
+                "name": name,
+                "fingerprint": fp,
+                "parents": parent_uris,
+                "metrics": {k: v for k, v in summary.items() if k in ("best_score", "trials", "complete_trials", "searcher", "method")},
+                "seconds": summary["seconds"],
+            }
+        )
+    log.info("stage %s: done in %.1f s", name, summary["seconds"])
+    return manifest
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def _search_inputs(config: RunConfig, name: str):
+    """(the trials' EvalConfig, their validation EvalData): loaded and checked before any trial."""
+    from alloylm.evaluate import data_uris
+    from alloylm.evaluate.prepared import EvaluationInputError
+    from alloylm.evaluate.runner import load_eval_data
+
+    eval_config = config.search_eval_config(name)
+    run = config.run_uri
+    try:
+        eval_data = load_eval_data(
+            eval_config, data_uris(eval_config, run), split="validation", tokenizer_uri=storage.join(run, "tokenizer")
+        )
+    except EvaluationInputError as exc:
+        raise MergeStageError(f"stage {name!r}: the search objective's data: {exc}; run `alloylm data CONFIG` first") from None
+    return eval_config, eval_data
+
+
+def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, staging_uri: str) -> tuple[dict, dict]:
+    from alloylm.merge.search import SearchError, mergekit_config_for, prepare_job, run_search
+
+    stage: MergeSearchStageConfig = config.stages[name]
+    eval_config, eval_data = inputs
+    try:
+        job = prepare_job(stage, parent_uris, list(stage.parents), eval_config, trust_remote_code=config.trust_remote_code)
+    except SearchError as exc:
+        raise MergeStageError(f"stages.{name}.{exc}") from None
+    experiment_uri = storage.join(config.run_uri, "searches", f"{name}-{fp}")
+    seed = stage.search.seed if stage.search.seed is not None else config.seed
+    rows = run_search(job, eval_data, experiment_uri, seed=seed)
+    complete = [r for r in rows if r["score"] is not None]
+    if not complete:
+        errors = sorted({r["error"] for r in rows if r["error"]})
+        raise MergeStageError(
+            f"stage {name!r}: no trial of the search completed ({len(rows)} trial(s)); "
+            + (f"errors: {'; '.join(errors)}" if errors else "see the Tune experiment at " + experiment_uri)
+        )
+    best = max(complete, key=lambda r: r["score"])
+    search_uri = storage.join(staging_uri, "search")
+    _write_trials(rows, search_uri)
+    _write_plots(rows, job, search_uri, name)
+    _copy_experiment(storage.join(experiment_uri, "tune"), storage.join(search_uri, "tune"))
+    best_params = best["params"]
+    merge_config = mergekit_config_for(stage, dirs, list(stage.parents), best_params["parameters"], best_params.get("model_parameters", {}))
+    summary = {
+        "searcher": stage.search.searcher,
+        "trials": len(rows),
+        "complete_trials": len(complete),
+        "stopped_trials": sum(r["status"] == "stopped" for r in rows),
+        "errored_trials": sum(r["status"] == "error" for r in rows),
+        "best_trial": best["trial"],
+        "best_score": best["score"],
+        "best_params": best_params,
+        "objective": {"split": "validation", "weights": {n: s.weight for n, s in eval_config.suites.enabled().items()}, "items": eval_data.sizes()},
+        "experiment": experiment_uri,
+    }
+    log.info("stage %s: best trial %s, score %.4f over %d complete trial(s)", name, best["trial"], best["score"], len(complete))
+    return merge_config, summary
+
+
+def _write_trials(rows: list[dict], search_uri: str) -> None:
+    import json
+
+    storage.write_text(storage.join(search_uri, "trials.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    keys = sorted({k for r in rows for k in r["values"]})
+    suites = sorted({k for r in rows for k in r["suites"]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial", "status", "score", "last_score", "rung", *keys, *(f"suite/{s}" for s in suites), "error"])
+    for r in rows:
+        writer.writerow(
+            [r["trial"], r["status"], r["score"], r["last_score"], r["rung"], *(r["values"].get(k) for k in keys), *(r["suites"].get(s) for s in suites), r["error"] or ""]
+        )
+    storage.write_text(storage.join(search_uri, "trials.csv"), buffer.getvalue())
+
+
+def _write_plots(rows: list[dict], job, search_uri: str, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r["last_score"] is not None]
+    with tempfile.TemporaryDirectory(prefix="alloylm-search-plots-") as tmp:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for status, marker in (("complete", "o"), ("stopped", "x")):
+            points = [(i, r["last_score"]) for i, r in enumerate(scored) if r["status"] == status]
+            if points:
+                ax.scatter(*zip(*points), marker=marker, label=f"{status} ({len(points)})")
+        complete = [r["score"] for r in scored if r["score"] is not None]
+        if complete:
+            ax.axhline(max(complete), color="grey", linestyle="--", linewidth=0.8, label=f"best {max(complete):.4f}")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("objective (validation)")
+        ax.set_title(f"Merge search {name}: objective per trial (stopped: score on a subset)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(tmp, "score_per_trial.png"), dpi=110)
+        plt.close(fig)
+        for dim in job.dims:
+            fig, ax = plt.subplots(figsize=(4, 3))
+            pts = [(r["values"][dim.key], r["last_score"]) for r in scored if dim.key in r["values"]]
+            if pts:
+                ax.scatter(*zip(*pts), s=14)
+            ax.set_xlabel(dim.key)
+            ax.set_ylabel("objective (validation)")
+            fig.tight_layout()
+            fig.savefig(os.path.join(tmp, f"score_vs_{dim.key}.png"), dpi=100)
+            plt.close(fig)
+        storage.upload_dir(tmp, search_uri)
+
+
+def _copy_experiment(experiment_uri: str, target_uri: str) -> None:
+    """Tune's experiment folder (results, searcher state, TensorBoard events) into the artifact."""
+    with tempfile.TemporaryDirectory(prefix="alloylm-tune-copy-") as tmp:
+        storage.download_dir(experiment_uri, tmp)
+        storage.upload_dir(tmp, target_uri)

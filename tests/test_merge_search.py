@@ -1,0 +1,268 @@
+"""Merge stages end to end on a real local Ray cluster: fixed merges and the Ray Tune merge search.
+
+Parents are two tiny llamas of the run's own tokenizer (different seeds, one nudged towards the
+data by a few hundred SGD steps would be slower and prove nothing more about the search's
+mechanics). The objective is the validation split of the built-in benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from alloylm import storage
+from alloylm.config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+
+PAPER_POINT = {"t": {"self_attn": [0, 0.5, 0.3, 0.7, 1], "mlp": [1, 0.5, 0.7, 0.3, 0], "default": 0.5}}
+
+
+def _config(root, stages: dict, **extra) -> dict:
+    return {
+        "experiment": "ms",
+        "storage": str(root / "runs"),
+        "builtin": {"materials": 6, "documents_per_material": 1, "general_documents": 60, "general_chats": 40},
+        "tokenizer": {"train": {"vocab_size": 400}},
+        "datasets": {
+            "text": {"source": "builtin:general-text"},
+            "chat": {"source": "builtin:general-chat"},
+            "bench": {"source": "builtin:biomaterials-benchmark"},
+        },
+        "data": {"block_size": 32, "tokenizer_actors": 1},
+        "stages": stages,
+        "evaluate": {
+            "variants": ["bench-free=" + str(root / "parent-a")],
+            "suites": {
+                "multiple_choice": {"dataset": "bench"},
+                "short_answer": {"dataset": "bench", "max_new_tokens": 6},
+                "domain_perplexity": {"enabled": False},
+                "general_perplexity": {"enabled": False},
+            },
+        },
+        **extra,
+    }
+
+
+def _search_stage(root, **search) -> dict:
+    return {
+        "kind": "merge_search",
+        "parents": [str(root / "parent-a"), str(root / "parent-b")],
+        "method": "slerp",
+        "search": {
+            "space": {"t": {"anchors": 5, "filters": ["self_attn", "mlp"], "default": 0.5}},
+            "points": [PAPER_POINT],
+            "num_samples": 6,
+            "max_concurrent_trials": 2,
+            "asha": {"rungs": [0.5, 1.0]},
+            "objective": {"max_items": 8},
+            **search,
+        },
+    }
+
+
+def _write(root, raw: dict, name: str = "run.yaml"):
+    path = root / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_cluster):
+    """A prepared run (tokenizer, benchmark) and two parents built with its tokenizer."""
+    from alloylm.cli import data_command
+    from alloylm.models.loading import load_tokenizer, save_model
+    from alloylm.models.presets import build_model
+
+    root = tmp_path_factory.mktemp("merge-search")
+    config = load_config(_write(root, _config(root, {})))
+    data_command(config)
+    tokenizer = load_tokenizer(storage.join(config.run_uri, "tokenizer"))
+    for name, seed in (("parent-a", 1), ("parent-b", 2)):
+        save_model(build_model("pico-llama", tokenizer, seed=seed), tokenizer, str(root / name))
+    return root
+
+
+def _load(root, stages: dict, name: str = "run.yaml", **extra):
+    return load_config(_write(root, _config(root, stages, **extra), name))
+
+
+def _state_dict(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(folder, file)))
+    return tensors
+
+
+def test_search_finds_best_of_its_trials_and_reproduces_with_mergekit(prepared, tmp_path):
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    config = _load(root, {"merged": _search_stage(root)})
+    manifest = merge_stage(config, "merged")
+    stage = storage.join(config.run_uri, "stages", "merged")
+    rows = [json.loads(line) for line in open(os.path.join(stage, "search", "trials.jsonl"))]
+    assert len(rows) == 6
+    complete = [r for r in rows if r["status"] == "complete"]
+    assert complete and all(r["score"] is not None for r in complete)
+    summary = json.load(open(os.path.join(stage, "merge_summary.json")))
+    assert summary["best_score"] == max(r["score"] for r in complete)
+    assert manifest["metrics"]["best_score"] == summary["best_score"]
+    # The paper's point is tried (first, as a point to evaluate).
+    paper = [r for r in rows if r["params"]["parameters"]["t"]["self_attn"] == PAPER_POINT["t"]["self_attn"]]
+    assert paper, [r["params"] for r in rows]
+    # ASHA: the stopped trials only scored the first rung.
+    assert all(r["rung"] == 1 for r in rows if r["status"] == "stopped")
+    # The artifact: model, best_merge.yaml, table, plots, Tune's folder with TensorBoard events.
+    files = set(os.listdir(os.path.join(stage, "search")))
+    assert {"trials.jsonl", "trials.csv", "score_per_trial.png", "score_vs_t.mlp.0.png", "tune"} <= files
+    events = [f for d, _, fs in os.walk(os.path.join(stage, "search", "tune")) for f in fs if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard events in the Tune experiment copy"
+    best_yaml = yaml.safe_load(open(os.path.join(stage, "best_merge.yaml")))
+    assert best_yaml["merge_method"] == "slerp"
+    # mergekit's own CLI on best_merge.yaml writes the same tensors as the stage's model.
+    out = tmp_path / "mergekit-out"
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), os.path.join(stage, "best_merge.yaml"), str(out)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, theirs = _state_dict(stage), _state_dict(str(out))
+    assert ours.keys() == theirs.keys()
+    assert all((ours[k] == theirs[k]).all() for k in ours)
+    # The tokenizer, chat template and EOS come from the first parent.
+    from transformers import AutoTokenizer
+
+    merged_tok, parent_tok = AutoTokenizer.from_pretrained(stage), AutoTokenizer.from_pretrained(str(root / "parent-a"))
+    assert merged_tok.chat_template == parent_tok.chat_template and merged_tok.eos_token == parent_tok.eos_token
+    # Unchanged inputs: the second call is skipped (same manifest).
+    assert merge_stage(config, "merged")["created_at"] == manifest["created_at"]
+
+
+def test_grid_search_tries_exactly_its_points(prepared):
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    other = {"t": {"self_attn": [1, 1, 1, 1, 1], "mlp": [0, 0, 0, 0, 0], "default": 0.5}}
+    stage = _search_stage(root, searcher="grid", points=[PAPER_POINT, other], asha=None)
+    config = _load(root, {"grid": stage}, name="grid.yaml")
+    merge_stage(config, "grid")
+    rows = [json.loads(line) for line in open(os.path.join(config.run_uri, "stages", "grid", "search", "trials.jsonl"))]
+    tried = sorted(r["params"]["parameters"]["t"]["mlp"] for r in rows)
+    assert tried == sorted([PAPER_POINT["t"]["mlp"], other["t"]["mlp"]])
+    assert all(r["status"] == "complete" for r in rows)
+
+
+def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    mk = root / "user-merge.yaml"
+    mk.write_text(yaml.safe_dump({
+        "merge_method": "linear",
+        "models": [{"model": str(root / "parent-a"), "parameters": {"weight": 0.25}}, {"model": str(root / "parent-b"), "parameters": {"weight": 0.75}}],
+        "dtype": "float32",
+    }))
+    stages = {"lin": {"kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "mergekit_config": str(mk)}}
+    config = _load(root, stages, name="fixed.yaml")
+    merge_stage(config, "lin")
+    out = os.path.join(config.run_uri, "stages", "lin")
+    merged, a, b = _state_dict(out), _state_dict(str(root / "parent-a")), _state_dict(str(root / "parent-b"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert (merged[name] - (0.25 * a[name] + 0.75 * b[name])).abs().max() < 1e-6
+    assert os.path.exists(os.path.join(out, "merge.yaml")) and os.path.exists(os.path.join(out, "tokenizer_config.json"))
+
+
+def test_incompatible_parents_fail_before_any_trial(prepared):
+    from alloylm.merge.stage import MergeStageError, merge_stage
+    from alloylm.models.loading import load_tokenizer, save_model
+    from alloylm.models.presets import build_model
+
+    root = prepared
+    tokenizer = load_tokenizer(str(root / "parent-a"))
+    save_model(build_model("tiny-llama", tokenizer, seed=3), tokenizer, str(root / "bigger"))
+    stage = _search_stage(root)
+    stage["parents"] = [str(root / "parent-a"), str(root / "bigger")]
+    config = _load(root, {"bad": stage}, name="bad.yaml")
+    with pytest.raises(MergeStageError, match="shape"):
+        merge_stage(config, "bad")
+    assert not os.path.exists(os.path.join(config.run_uri, "searches")) or not any(
+        n.startswith("bad-") for n in os.listdir(os.path.join(config.run_uri, "searches"))
+    )
+
+
+def test_search_on_the_test_split_is_refused(prepared):
+    root = prepared
+    stage = _search_stage(root)
+    stage["search"]["objective"]["split"] = "test"
+    with pytest.raises(ConfigError, match="validation split only"):
+        _load(root, {"merged": stage}, name="test-split.yaml")
+
+
+def _finished_trials(experiment: str) -> dict[str, str]:
+    """Trial folder -> its result.json text, for the trials Tune's saved experiment state marks TERMINATED."""
+    import glob
+
+    states = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        state = json.load(open(states[-1]))
+    except ValueError:
+        return {}  # being written
+    done = {}
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        result = os.path.join(experiment, trial["relative_logdir"], "result.json")
+        if trial["status"] == "TERMINATED" and os.path.isfile(result):
+            done[trial["relative_logdir"]] = open(result).read()
+    return done
+
+
+def test_interrupted_search_restores_without_redoing_finished_trials(prepared):
+    import psutil
+
+    root = prepared
+    stage = _search_stage(root, num_samples=6, asha=None, max_concurrent_trials=1)
+    path = _write(root, _config(root, {"resume": stage}), "resume.yaml")
+    command = [sys.executable, "-m", "alloylm.cli", "search", str(path), "resume"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune saves its experiment state every second, so the test sees progress
+    searches = root / "runs" / "ms" / "searches"
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished: dict[str, str] = {}
+    try:
+        while first.poll() is None:
+            experiments = [os.path.join(searches, d, "tune") for d in os.listdir(searches) if d.startswith("resume-")] if searches.exists() else []
+            finished = _finished_trials(experiments[0]) if experiments else {}
+            if len(finished) >= 2:
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, "the first search ended before it could be interrupted"
+    finally:
+        if first.poll() is None:
+            for proc in [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        first.wait()
+    uri = str(root / "runs" / "ms" / "stages" / "resume")
+    assert not storage.is_complete(uri)
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(uri, "search", "trials.jsonl"))]
+    assert len(rows) == 6
+    experiment = [os.path.join(searches, d, "tune") for d in os.listdir(searches) if d.startswith("resume-")][0]
+    for trial, text in finished.items():
+        # A finished trial is not run again: its results are byte for byte what they were.
+        assert open(os.path.join(experiment, trial, "result.json")).read() == text, trial
