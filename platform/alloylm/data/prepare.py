@@ -7,8 +7,13 @@ signatures only; a second pass drops them and tokenizes (an actor pool sized to 
 the shards are written from that result.
 
 Artifacts: `<run>/tokenizer/` and `<run>/data/<name>/` (`shards/*.parquet`, `problems.jsonl`,
-`resolved_config.yaml`, `manifest.json` written last). An artifact whose fingerprint matches is
+`resolved_config.yaml`, `manifest.json` written last; text data sets also keep their cleaned,
+deduplicated documents in `documents/*.parquet`). An artifact whose fingerprint matches is
 reused, not rebuilt.
+
+A `generate` data set is prepared after the text data set it reads: its teacher writes items from
+that data set's documents (`alloylm.generate`), which then go through the same pipeline; the
+manifest adds the generation's counts, and `generated.jsonl` keeps every item with its source chunk.
 """
 
 from __future__ import annotations
@@ -82,9 +87,25 @@ def _source_signature(source: str) -> Any:
     return listing
 
 
+def _prompt_signature(config: RunConfig, name: str) -> str | None:
+    """The text of a generated data set's prompt file: an edited prompt is a changed input."""
+    spec = config.datasets[name].generate
+    if spec is None or spec.prompt_file is None:
+        return None
+    try:
+        return storage.read_text(spec.prompt_file)
+    except storage.StorageError as exc:
+        raise DataPreparationError(f"datasets.{name}.generate.prompt_file: {exc}") from None
+
+
 def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str) -> str:
     dataset = config.datasets[name]
     prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
+    if dataset.generate is not None:
+        upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint)
+        return fingerprint(
+            "dataset", dataset.model_dump(mode="json", by_alias=True), prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint
+        )
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
     sources = [_source_signature(s) for s in dataset.sources]
     return fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, sources, tokenizer_fingerprint)
@@ -112,10 +133,23 @@ def _write_local_dir_to(local_dir: str, uri: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _tokenizer_datasets(config: RunConfig) -> list[str]:
+    """The data sets whose text trains the tokenizer: those named, or every text and chat data set
+    that is read rather than generated (generation needs the tokenizer first)."""
+    named = config.tokenizer.train.datasets
+    if named:
+        generated = [n for n in named if config.datasets[n].generate is not None]
+        if generated:
+            raise DataPreparationError(
+                f"tokenizer.train.datasets: {', '.join(generated)} is generated, and generation needs the tokenizer "
+                "first; train it on the data sets generation reads"
+            )
+        return list(named)
+    return [n for n, d in config.datasets.items() if d.format in ("text", "chat") and d.generate is None]
+
+
 def _tokenizer_training_texts(config: RunConfig, limit: int):
-    train = config.tokenizer.train
-    names = train.datasets or [n for n, d in config.datasets.items() if d.format in ("text", "chat")]
-    for name in names:
+    for name in _tokenizer_datasets(config):
         ds = read_dataset(config, name).filter(expr="drop_reason == ''").limit(limit)
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             for record in batch["record"]:
@@ -136,7 +170,8 @@ def prepare_tokenizer(config: RunConfig) -> dict:
     uri = tokenizer_uri(config)
     spec = config.tokenizer
     if spec.train:
-        names = spec.train.datasets or sorted(n for n, d in config.datasets.items() if d.format in ("text", "chat"))
+        chosen = _tokenizer_datasets(config)  # raises on a generated data set, before any work
+        names = spec.train.datasets or sorted(chosen)
         if not names:
             raise DataPreparationError("tokenizer.train: the run has no text or chat data set to train a tokenizer on")
         inputs = [dataset_fingerprint(config, n, "") for n in names]
@@ -286,6 +321,12 @@ def _write_shards(ds, uri: str, rows_per_shard: int) -> None:
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
 
 
+def _documents_table(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: kept text records -> (id, text), the `documents/` a generate data set reads."""
+    texts = [json.loads(record)["text"] for record in batch.column("record").to_pylist()]
+    return pa.table({"id": batch.column("id"), "text": pa.array(texts, pa.string())})
+
+
 def _write_table(table: pa.Table, uri: str) -> None:
     fs, path = storage.arrow_filesystem(uri)
     pq.write_table(table, path, filesystem=fs)
@@ -380,10 +421,18 @@ def _load_run_tokenizer(tok_uri: str, trust_remote_code: bool):
 
 
 def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> dict:
-    """Prepare data set `name` into `<run>/data/<name>/`; returns its manifest (reused if up to date)."""
+    """Prepare data set `name` into `<run>/data/<name>/`; returns its manifest (reused if up to date).
+
+    A generated data set prepares the text data set it reads first, then runs (or resumes) its
+    generation, then goes through the same pipeline as every other.
+    """
     import ray.data
 
     dataset = config.datasets[name]
+    if dataset.generate is not None:
+        problems = dataset.generation_problems(name, config.datasets)
+        if problems:
+            raise DataPreparationError("; ".join(problems))
     uri = dataset_uri(config, name)
     fp = dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"])
     manifest = _up_to_date(uri, fp)
@@ -398,9 +447,18 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
     if fmt == "text" and prep.near_dedup.enabled:
         near = prep.near_dedup.model_dump(include={"threshold", "num_perm", "shingle_chars"})
     exact = prep.exact_dedup and fmt != "benchmark"
-    log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
-    raw = read_dataset(config, name)
+    generation = None
+    if dataset.generate is None:
+        log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
+        raw = read_dataset(config, name)
     with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+        if dataset.generate is not None:
+            from alloylm.generate.run import generate_items
+
+            source = dataset.generate.from_
+            source_manifest = prepare_dataset(config, source, tokenizer_manifest)
+            generation = generate_items(config, name, dataset_uri(config, source), source_manifest)
+            raw = read_dataset(config, name)
         # batch_size=None: one task per block the source produced. A row count here would make
         # Ray bundle that many *source* rows (files, for file sources) into one task.
         annotated = raw.map_batches(
@@ -425,8 +483,21 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
         tokenizer = None if fmt == "benchmark" else _load_run_tokenizer(tok_uri, config.trust_remote_code)
         if fmt == "text":
             counts = _prepare_text(config, kept, kept_count, shards_uri, tok_uri, tokenizer)
+            documents = kept.map_batches(_documents_table, batch_format="pyarrow", batch_size=None)
+            _write_shards(documents, storage.join(artifact.staging_uri, "documents"), prep.rows_per_shard)
         else:
             counts = _prepare_rendered(config, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt)
+        extra: dict[str, Any] = {}
+        if fmt == "text":
+            listed = storage.list_files(storage.join(artifact.staging_uri, "documents"))
+            extra["documents"] = [f"documents/{os.path.basename(f)}" for f in listed if f.endswith(".parquet")]
+        if generation is not None:
+            problems = generation.problems + problems
+            counts["generation"] = generation.counts
+            teacher = dataset.generate.teacher
+            extra.update(generated_from=dataset.generate.from_, task=dataset.generate.task,
+                         teacher={"model": teacher.model, "base_url": teacher.base_url})
+            storage.write_text(storage.join(artifact.staging_uri, "generated.jsonl"), storage.read_text(generation.items_uri))
         storage.write_text(storage.join(artifact.staging_uri, "problems.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
         storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
         shards = sorted(os.path.basename(f) for f in storage.list_files(shards_uri) if f.endswith(".parquet"))
@@ -445,6 +516,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
                 "block_size": prep.block_size if fmt == "text" else None,
                 "counts": {"documents_in": documents_in, "documents_kept": kept_count, "dropped": dict(sorted(dropped.items())), **counts},
                 "shards": [f"shards/{s}" for s in shards],
+                **extra,
                 "seconds": round(time.monotonic() - started, 3),
             }
         )
@@ -462,4 +534,8 @@ def prepare_all(config: RunConfig, names: list[str] | None = None) -> dict[str, 
     if unknown:
         raise DataPreparationError(f"unknown data set(s) {', '.join(unknown)}; known: {', '.join(sorted(config.datasets))}")
     tokenizer_manifest = prepare_tokenizer(config)
-    return {name: prepare_dataset(config, name, tokenizer_manifest) for name in (names or list(config.datasets))}
+    wanted = names or list(config.datasets)
+    # Generated data sets after the data sets they read (prepare_dataset would also do it first).
+    order = sorted(wanted, key=lambda n: config.datasets[n].generate is not None)
+    manifests = {name: prepare_dataset(config, name, tokenizer_manifest) for name in order}
+    return {name: manifests[name] for name in wanted}

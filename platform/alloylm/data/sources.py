@@ -3,8 +3,11 @@
 Every row has `id`, `origin` (file:line, data set id or built-in name), `record` (the record of the
 data set's format, as JSON text, so blocks of every source share one Arrow schema),
 `drop_reason` ("" when kept) and `detail`. Unreadable input (binary files, undecodable bytes,
-empty files, malformed JSON lines, rows missing a field) becomes a row with a drop reason, so it
-is counted and reported, never silently lost and never fatal.
+empty files, PDFs without text, malformed JSON lines, rows missing a field) becomes a row with a
+drop reason, so it is counted and reported, never silently lost and never fatal.
+
+A `generate` data set has no sources of its own: it reads the items its teacher produced
+(`alloylm.generate`), which are JSON lines in the data set's format.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ ROW_SCHEMA = pa.schema(
 )
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+PDF_SUFFIXES = (".pdf",)
 
 
 class SourceError(Exception):
@@ -77,6 +81,9 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
 
     for path, data in zip(batch["path"], batch["bytes"]):
         name = path  # the full path: two files may share a base name in different folders
+        if path.lower().endswith(PDF_SUFFIXES):
+            add(_pdf_row(path, bytes(data), fmt))
+            continue
         text, reason, detail = _decode_file(path, bytes(data))
         if text is None:
             add(_row(name, path, None, reason, detail))
@@ -99,6 +106,21 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
         else:
             add(_row(name, path, None, "unsupported_file", f"{path}: a {fmt} data set needs .jsonl or .parquet files"))
     return out
+
+
+def _pdf_row(path: str, data: bytes, fmt: str) -> dict[str, str]:
+    """One PDF file -> one text document, or a row dropped with the reason it gave no text."""
+    from alloylm.data.pdf import PdfExtractionError, extract_pdf_text
+
+    if fmt != "text":
+        return _row(path, path, None, "unsupported_file", f"{path}: a {fmt} data set needs .jsonl or .parquet files")
+    if not data.strip():
+        return _row(path, path, None, "empty", f"{path}: empty file")
+    try:
+        extracted = extract_pdf_text(data, path)
+    except PdfExtractionError as exc:
+        return _row(path, path, None, exc.reason, str(exc))
+    return _row(path, path, {"text": extracted.text})
 
 
 def _table_rows(batch: pa.Table, fmt: str, columns: ColumnMapping, origin: str, has_paths: bool) -> dict[str, list]:
@@ -192,8 +214,20 @@ def _read_builtin(source: str, dataset: DatasetConfig, config: RunConfig):
 
 
 def read_dataset(config: RunConfig, name: str):
-    """All sources of data set `name` as one Ray Dataset of uniform rows (lazy)."""
+    """All sources of data set `name` as one Ray Dataset of uniform rows (lazy).
+
+    For a `generate` data set: the items its last generation wrote (`alloylm.generate`), which
+    must have run first.
+    """
     dataset = config.datasets[name]
+    if dataset.generate is not None:
+        from alloylm.generate.run import generated_items_uri
+
+        items = generated_items_uri(config, name)
+        if not storage.exists(items):
+            raise SourceError(f"data set {name!r} is generated, and its items are not there yet ({items}): run its generation first")
+        ds = _read_files(items, dataset)[0]
+        return ds.limit(dataset.max_records) if dataset.max_records is not None else ds
     parts = []
     for source in dataset.sources:
         if source.startswith("builtin:"):
