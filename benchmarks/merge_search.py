@@ -71,6 +71,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="torch threads in every mode, OMP_NUM_THREADS of the CLI (default 1: on a shared 2-core machine two OpenMP threads spin-wait on each other)",
     )
     parser.add_argument("--skip-cli", action="store_true", help="skip the disk_cli mode (the slowest)")
+    parser.add_argument("--skip-quality", action="store_true", help="skip part (b), search quality per budget")
+    parser.add_argument(
+        "--quickstart-storage",
+        default="runs",
+        help="storage of the quickstart run whose dpo and instruct stages are the parents of part (b); "
+        "missing stages are trained first (about 10 minutes on 2 cores) (default ./runs)",
+    )
+    parser.add_argument("--grid-points", type=int, default=12, choices=(6, 9, 12), help="part (b): grid size (default 12)")
+    parser.add_argument("--quality-items", type=int, default=24, help="part (b): objective items per suite (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parents (seed and seed+1) and the evaluation tokens (default 0)")
     parser.add_argument("--workdir", default=None, help="keep parents and merges here (default: a temporary folder, removed)")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes (default benchmarks/results/merge_search.json)")
@@ -320,14 +329,108 @@ def trial_throughput(args: argparse.Namespace) -> dict:
             cleanup.cleanup()
 
 
+# ------------------------------------------------------------------------------ part (b)
+
+# The paper's attention and MLP gradients, their mirror images and flat ones: the kind of grid the
+# paper explored by hand. 3 attention x 4 MLP shapes = 12 points (6 and 9 take the first rows).
+_ATTENTION = ([0, 0.5, 0.3, 0.7, 1], [1, 0.7, 0.3, 0.5, 0], [0.5] * 5)
+_MLP = ([1, 0.5, 0.7, 0.3, 0], [0, 0.3, 0.7, 0.5, 1], [0.5] * 5, [0.25] * 5)
+
+
+def _grid_points(count: int) -> list[dict]:
+    points = [{"t": {"self_attn": a, "mlp": m, "default": 0.5}} for m in _MLP for a in _ATTENTION]
+    return points[:count]
+
+
+def _search_stage(searcher: str, trials: int, items: int, points: list[dict] | None = None) -> dict:
+    search = {
+        "space": {"t": {"anchors": 5, "filters": ["self_attn", "mlp"], "default": 0.5}},
+        "searcher": searcher,
+        "num_samples": trials,
+        "max_concurrent_trials": 2,
+        "objective": {"max_items": items},
+        "seed": 0,
+    }
+    if points:
+        search["points"] = points
+    return {"kind": "merge_search", "parents": ["dpo", "instruct"], "method": "slerp", "search": search}
+
+
+def quality_per_budget(args: argparse.Namespace) -> dict:
+    """TPE's best after N trials against grid and random with the same N, on the quickstart parents.
+
+    Every searcher maximises the same objective (the quickstart's suites on the validation split,
+    `--quality-items` items each) over the same space (5-anchor t gradients for attention and MLP).
+    The grid has `--grid-points` hand-picked gradients; TPE and random run a third as many trials
+    and as many. Figures are the best validation objective each search reached.
+    """
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+    from alloylm.cli import data_command, train_command
+    from alloylm.config import TrainStageConfig, load_config
+    from alloylm.merge.stage import merge_stage
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "configs" / "quickstart.yaml").read_text())
+    raw["storage"] = args.quickstart_storage
+    raw.pop("serve", None)
+    raw["evaluate"]["variants"] = [v for v in raw["evaluate"]["variants"] if v != "merged"]
+    grid = args.grid_points
+    third = max(1, grid // 3)
+    stages = {
+        f"qb-grid-{grid}": _search_stage("grid", grid, args.quality_items, _grid_points(grid)),
+        f"qb-tpe-{third}": _search_stage("tpe", third, args.quality_items),
+        f"qb-random-{third}": _search_stage("random", third, args.quality_items),
+        f"qb-tpe-{grid}": _search_stage("tpe", grid, args.quality_items),
+        f"qb-random-{grid}": _search_stage("random", grid, args.quality_items),
+    }
+    raw["stages"] = {n: s for n, s in raw["stages"].items() if s.get("kind") not in ("merge", "merge_search")} | stages
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(raw, handle, sort_keys=False)
+    config = load_config(handle.name)
+    os.unlink(handle.name)
+    _say(f"(b) quickstart parents under {config.run_uri}: preparing data and training missing stages (skipped when done)")
+    data_command(config)
+    for name in config.stage_order():
+        if isinstance(config.stages[name], TrainStageConfig):
+            train_command(config, name)
+    figures: dict = {"grid_points": grid, "objective_items_per_suite": args.quality_items, "searches": {}}
+    for name in stages:
+        started = time.monotonic()
+        manifest = merge_stage(config, name)
+        rows = [json.loads(line) for line in Path(config.run_uri, "stages", name, "search", "trials.jsonl").read_text().splitlines()]
+        scores = [r["score"] for r in rows if r["score"] is not None]
+        best_so_far = [max(scores[: i + 1]) for i in range(len(scores))]
+        figures["searches"][name] = {
+            "best": manifest["metrics"]["best_score"],
+            "trials": len(rows),
+            "best_after_each_trial": [round(b, 6) for b in best_so_far],
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        _say(f"(b) {name}: best {manifest['metrics']['best_score']:.4f} over {len(rows)} trial(s)")
+    best = {n: f["best"] for n, f in figures["searches"].items()}
+    grid_best = best[f"qb-grid-{grid}"]
+    figures["ratios"] = {
+        f"tpe_{third}_over_grid_{grid}": round(best[f"qb-tpe-{third}"] / grid_best, 4),
+        f"random_{third}_over_grid_{grid}": round(best[f"qb-random-{third}"] / grid_best, 4),
+        f"tpe_{grid}_over_grid_{grid}": round(best[f"qb-tpe-{grid}"] / grid_best, 4),
+        f"tpe_{grid}_over_random_{grid}": round(best[f"qb-tpe-{grid}"] / best[f"qb-random-{grid}"], 4),
+    }
+    figures["goal"] = f"TPE with {third} trials >= grid with {grid}"
+    figures["goal_met"] = best[f"qb-tpe-{third}"] >= grid_best
+    _say(f"(b) TPE {third} trials {best[f'qb-tpe-{third}']:.4f} vs grid {grid} {grid_best:.4f}: goal {'met' if figures['goal_met'] else 'missed'}")
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.threads < 1 or args.trials < 1 or args.eval_blocks < 1 or args.block_size < 2 or args.layers < 1 or args.hidden_size < 64:
         raise SystemExit("--trials, --eval-blocks and --layers must be positive, --block-size at least 2, --hidden-size at least 64")
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     results["trial_throughput"] = trial_throughput(args)
-    # Part (b), search quality per budget, adds its figures here:
-    # results["quality_per_budget"] = quality_per_budget(args)
+    if not args.skip_quality:
+        results["quality_per_budget"] = quality_per_budget(args)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(results), flush=True)

@@ -955,7 +955,11 @@ def format_validation_error(
         elif "input" in error and error["type"] not in ("value_error", "model_type", "dict_type"):
             msg = f"{msg} (got {error['input']!r})"
         where = path
-        for cut in range(len(loc), 0, -1):
+        # An override below the failing mapping (e.g. `stages.x.kind=...` making `stages.x` invalid) caused it.
+        below = [o for key, o in overridden.items() if len(key) > len(loc) and key[: len(loc)] == loc] if loc else []
+        if below:
+            where = f"override {below[0]!r}"
+        for cut in range(len(loc), 0, -1) if not below else ():
             if loc[:cut] in overridden:
                 where = f"override {overridden[loc[:cut]]!r}"
                 break

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -259,9 +260,13 @@ def trial_rows(grid, job: TrialJob) -> list[dict]:
         parameters, model_parameters = job.merge_parameters(flat) if flat else ({}, {})
         complete = metrics.get("rung") == last_rung and result.error is None
         score = metrics.get(METRIC)
+        folder = (result.path or "").rstrip("/").rsplit("/", 1)[-1]
+        # Tune names trial folders <trainable>_<id>_<creation number>_<params>: the number orders trials in time.
+        number = re.match(r"^.+?_[0-9a-f]{5,}_(\d+)_", folder)
         rows.append(
             {
-                "trial": metrics.get("trial_id") or (result.path or "").rstrip("/").rsplit("/", 1)[-1],
+                "trial": metrics.get("trial_id") or folder,
+                "number": int(number.group(1)) if number else None,
                 "status": "error" if result.error else ("complete" if complete else "stopped"),
                 "score": float(score) if complete and score is not None and math.isfinite(score) else None,
                 "last_score": score,
@@ -273,7 +278,7 @@ def trial_rows(grid, job: TrialJob) -> list[dict]:
                 "error": _last_line(result.error),
             }
         )
-    rows.sort(key=lambda r: r["trial"])
+    rows.sort(key=lambda r: (r["number"] is None, r["number"] or 0, r["trial"]))
     return rows
 
 
