@@ -133,7 +133,10 @@ def report_command(config: RunConfig) -> dict[str, Any]:
     run = config.run_uri
     searches = {n: storage.join(run, "stages", n, "search") for n, s in config.stages.items() if s.kind == "merge_search"}
     return render_report(
-        storage.join(run, "eval"), storage.join(run, "report"), stages=_stage_uris(config), searches=searches,
+        storage.join(run, "eval"),
+        storage.join(run, "report"),
+        stages={n: u for n, u in _stage_uris(config).items() if isinstance(config.stages[n], TrainStageConfig)},  # loss curves
+        searches=searches,
         title=f"AlloyLM: {config.experiment}",
     )
 

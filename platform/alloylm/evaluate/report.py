@@ -125,7 +125,8 @@ def _search_plot(search: str, uri: str, folder: str) -> tuple[str | None, str]:
     if not storage.exists(trials_uri):
         return None, f"{search}: no trials.jsonl yet"
     rows, _ = _read_jsonl(trials_uri)
-    points = [(_number(r.get("trial")), _number(r.get("score"))) for r in rows]
+    # `number` is the trial's creation order (the merge search writes it); `trial` may be Tune's hash id.
+    points = [(_number(r.get("number", r.get("trial"))), _number(r.get("score"))) for r in rows]
     points = sorted((t, s) for t, s in points if t is not None and s is not None)
     if not points:
         return None, f"{search}: no trial with a score"

@@ -19,6 +19,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from alloylm.merge.mergekit_config import MergeInputError, mergekit_yaml_text, validate_merge_config
+from alloylm.models.loading import replace_folder
 
 # mergekit's own list (mergekit.merge._copy_tokenizer), minus generation_config.json, handled
 # separately below so it exists even when the donor has none.
@@ -81,11 +82,7 @@ def materialize(
                 if os.path.isfile(os.path.join(donor, name)):
                     shutil.copy(os.path.join(donor, name), staging / name)
         _adopt_generation_settings(staging, donor, trust_remote_code, check_vocab=not builds_tokenizer)
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        elif dest.exists() or dest.is_symlink():
-            dest.unlink()
-        os.rename(staging, dest)
+        replace_folder(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(dest)

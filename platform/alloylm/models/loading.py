@@ -254,10 +254,15 @@ def save_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.saving-", dir=dest.parent))
     try:
         _save_pretrained(model, tokenizer, str(staging))
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        elif dest.exists() or dest.is_symlink():
-            dest.unlink()
-        os.rename(staging, dest)
+        replace_folder(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(staging: Path, dest: Path) -> None:
+    """Move the finished folder `staging` to `dest`, replacing whatever was there (same file system)."""
+    if dest.is_dir() and not dest.is_symlink():
+        shutil.rmtree(dest)
+    elif dest.exists() or dest.is_symlink():
+        dest.unlink()
+    os.rename(staging, dest)
