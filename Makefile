@@ -37,3 +37,4 @@ bench: setup
 	$(PY) benchmarks/data_prep.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/merge_search.py
