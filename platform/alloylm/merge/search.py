@@ -92,7 +92,10 @@ def _worker_state(job: TrialJob):
         _WORKER.clear()
         dirs = [materialize_model_dir(uri) for uri in job.parent_uris]
         device = "cuda" if job.stage.resources.num_gpus > 0 and _cuda() else "cpu"
-        merger = InMemoryMerger(dirs, names=list(job.names), dtype=job.stage.dtype, device=device, trust_remote_code=job.trust_remote_code)
+        # check=False: merge_stage checked the parents once, before any trial; each trial process need not.
+        merger = InMemoryMerger(
+            dirs, names=list(job.names), dtype=job.stage.dtype, device=device, trust_remote_code=job.trust_remote_code, check=False
+        )
         tokenizer_from = job.stage.tokenizer_from or job.names[0]
         tokenizer = load_tokenizer(dirs[job.names.index(tokenizer_from)], trust_remote_code=job.trust_remote_code)
         _WORKER.update(key=key, dirs=dirs, merger=merger, tokenizer=tokenizer, device=device)

@@ -115,7 +115,7 @@ def _materialize_on_cluster(stage: MergeStageConfig, yaml_text: str, parent_uris
         raise MergeStageError(f"merging failed: {exc.cause if hasattr(exc, 'cause') else exc}") from exc
 
 
-def _check_resources(stage: MergeStageConfig, concurrent: int = 1) -> None:
+def _check_resources(stage: MergeStageConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
