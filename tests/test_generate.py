@@ -26,7 +26,7 @@ from alloylm.evaluate.benchmark import load_benchmark
 from alloylm.generate.chunks import heldout_documents, split_document
 from alloylm.generate.parse import ChunkRequest, parse_answer
 from alloylm.generate.prompts import render_prompt
-from alloylm.generate.run import GenerationError, generation_uri
+from alloylm.generate.run import TeacherGenerationError, generation_uri
 from alloylm.generate.teacher import RateLimiter, TeacherCallError, TeacherClient
 
 API_KEY = "teacher-secret"
@@ -219,7 +219,7 @@ def generated(ray_cluster, fake_teacher, tokenizer_dir, tmp_path_factory):
     config = generation_config(str(root / "runs"), root / "papers", tokenizer_dir, url)
     os.environ[KEY_ENV] = API_KEY
     try:
-        with pytest.raises(GenerationError) as first:
+        with pytest.raises(TeacherGenerationError) as first:
             prepare_all(config)
         after_first = len(teacher.requests())
         batches_after_first = storage.list_files(storage.join(generation_uri(config, "papers-qa"), "batches"))
@@ -433,7 +433,7 @@ def test_noise_from_our_serve_app_is_counted_and_never_written(serve_teacher, to
             "data": {"block_size": 32, "tokenizer_actors": 1, "near_dedup": {"enabled": False}},
         }
     )
-    with pytest.raises(GenerationError, match="none of the teacher's 3 answers gave a usable item"):
+    with pytest.raises(TeacherGenerationError, match="none of the teacher's 3 answers gave a usable item"):
         prepare_all(config)
     batches = [storage.read_json(f) for f in storage.list_files(storage.join(generation_uri(config, "papers-qa"), "batches"))]
     malformed = [entry for batch in batches for entry in batch["malformed"]]

@@ -183,7 +183,7 @@ def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
 
 
 def test_incompatible_parents_fail_before_any_trial(prepared):
-    from alloylm.merge.stage import MergeStageError, merge_stage
+    from alloylm.merge.stage import StageError, merge_stage
     from alloylm.models.loading import load_tokenizer, save_model
     from alloylm.models.presets import build_model
 
@@ -193,7 +193,7 @@ def test_incompatible_parents_fail_before_any_trial(prepared):
     stage = _search_stage(root)
     stage["parents"] = [str(root / "parent-a"), str(root / "bigger")]
     config = _load(root, {"bad": stage}, name="bad.yaml")
-    with pytest.raises(MergeStageError, match="shape"):
+    with pytest.raises(StageError, match="shape"):
         merge_stage(config, "bad")
     assert not os.path.exists(os.path.join(config.run_uri, "searches")) or not any(
         n.startswith("bad-") for n in os.listdir(os.path.join(config.run_uri, "searches"))

@@ -11,6 +11,9 @@
 
 Every command takes `key.sub=value` overrides after the config. Exit codes: 0 done, 1 the work
 failed (the message says why), 2 the config or the command line is wrong.
+
+This module is argparse, logging and the mapping from error class to exit code; the work is in
+`alloylm.pipeline` (the run and its steps) and the modules it calls.
 """
 
 from __future__ import annotations
@@ -19,19 +22,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from typing import Any
 
-from alloylm import storage
-from alloylm.config import ConfigError, RunConfig, TrainStageConfig, load_config
+from alloylm.config import RunConfig, load_config
+from alloylm.errors import EXIT_FAILED, EXIT_USAGE, AlloyLMError, InputError, RunError, UsageError
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "make_parser"]
 log = logging.getLogger("alloylm")
-
-
-class UsageError(Exception):
-    """A command that does not fit the config (e.g. `eval` without an `evaluate:` section)."""
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,32 +44,26 @@ def make_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="prepare the tokenizer and data sets on Ray Data")
     _add_config_arguments(data)
     data.add_argument("--only", action="append", default=None, metavar="NAME", help="prepare only this data set (repeatable)")
-    train = commands.add_parser("train", help="run one training stage on Ray Train")
-    train.add_argument("config", help="run config (YAML)")
-    train.add_argument("stage", help="name of the stage to train")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
     for command, text in (
+        ("train", "run one training stage on Ray Train"),
         ("merge", "run one merge stage (fixed parameters or a mergekit YAML) with mergekit"),
         ("search", "run one merge_search stage: Ray Tune searches merge parameters against the evaluation suites"),
     ):
         sub = commands.add_parser(command, help=text)
         sub.add_argument("config", help="run config (YAML)")
-        sub.add_argument("stage", help="name of the merge stage")
+        sub.add_argument("stage", help="name of the stage")
         sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
     _add_config_arguments(commands.add_parser("eval", help="score every variant of `evaluate:` in parallel on Ray"))
     _add_config_arguments(commands.add_parser("report", help="render <run>/report (Markdown, HTML, PNG plots)"))
     _add_config_arguments(commands.add_parser("serve", help="serve the run's variants over an OpenAI-compatible API (Ray Serve)"))
     run = commands.add_parser("run", help="run the whole pipeline: data, stages, merges, evaluation, report")
     _add_config_arguments(run)
-    run.add_argument("--serve", action="store_true", help="then serve the `serve:` variants until Ctrl-C")
+    run.add_argument("--serve", action="store_true", help="then serve the `serve:` variants until Ctrl-C (not when a step failed)")
+    run.add_argument("--only", action="append", default=None, metavar="STAGE", help="run only this stage and its ancestors (repeatable)")
     return parser
 
 
-def _stage_uris(config: RunConfig) -> dict[str, str]:
-    return {name: storage.join(config.run_uri, "stages", name) for name in config.stages}
-
-
-def data_command(config: RunConfig, only: list[str] | None = None) -> dict[str, Any]:
+def _data(config: RunConfig, only: list[str] | None) -> dict[str, Any]:
     from alloylm.cluster import connect_ray
     from alloylm.data.prepare import prepare_all
 
@@ -80,230 +71,123 @@ def data_command(config: RunConfig, only: list[str] | None = None) -> dict[str, 
     return {name: m["counts"] for name, m in prepare_all(config, only).items()}
 
 
-def train_command(config: RunConfig, stage: str) -> dict[str, Any]:
+def _stage(config: RunConfig, name: str, command: str) -> dict[str, Any]:
     from alloylm.cluster import connect_ray
-    from alloylm.train.launcher import train_stage
+    from alloylm.layout import RunLayout
+    from alloylm.stages import kind_of
 
+    kind = kind_of(config, name, command=command)  # a stage this command does not run: exit 2
     connect_ray()
-    manifest = train_stage(config, stage)
-    return {"stage": stage, "model": storage.join(config.run_uri, "stages", stage), **manifest["metrics"]}
+    manifest = kind.run(config, name)
+    return {"stage": name, "model": RunLayout.of(config).stage(name), **(manifest.get("metrics") or {})}
 
 
-def merge_command(config: RunConfig, stage: str, *, search: bool | None = None) -> dict[str, Any]:
-    from alloylm.cluster import connect_ray
-    from alloylm.merge.stage import merge_stage
-
-    kind = getattr(config.stages.get(stage), "kind", None)
-    if search is True and kind != "merge_search":
-        raise UsageError(f"stage {stage!r} is {'a ' + kind if kind else 'not a'} stage, not a merge_search stage; `alloylm search` runs merge searches")
-    if search is False and kind != "merge":
-        raise UsageError(f"stage {stage!r} is {'a ' + kind if kind else 'not a'} stage, not a merge stage; `alloylm merge` runs fixed merges")
-    connect_ray()
-    manifest = merge_stage(config, stage)
-    return {"stage": stage, "model": storage.join(config.run_uri, "stages", stage), **manifest.get("metrics", {})}
-
-
-def eval_command(config: RunConfig) -> dict[str, Any]:
+def _eval(config: RunConfig) -> dict[str, Any]:
     from alloylm.cluster import connect_ray
     from alloylm.evaluate import data_uris, evaluate_variants, resolve_variants
+    from alloylm.layout import RunLayout
 
     if config.evaluate is None:
         raise UsageError("the config has no `evaluate:` section: nothing to evaluate")
     connect_ray()
-    run = config.run_uri
+    layout = RunLayout.of(config)
     summary = evaluate_variants(
         config.evaluate,
-        resolve_variants(config.evaluate, _stage_uris(config)),
-        data_uris(config.evaluate, run),
-        storage.join(run, "eval"),
-        tokenizer_uri=storage.join(run, "tokenizer"),
+        resolve_variants(config.evaluate, {name: layout.stage(name) for name in config.stages}),
+        data_uris(config.evaluate, layout.run),
+        layout.eval,
+        tokenizer_uri=layout.tokenizer,
         trust_remote_code=config.trust_remote_code,
     )
     return {
         "split": summary["split"],
-        "table": storage.join(run, "eval", "comparison.md"),
+        "table": layout.comparison_table,
         "scores": {name: result.get("score") for name, result in summary["variants"].items()},
         "failed": summary["failed"],
     }
 
 
-def report_command(config: RunConfig) -> dict[str, Any]:
+def _report(config: RunConfig) -> dict[str, Any]:
     from alloylm.evaluate import render_report
+    from alloylm.layout import RunLayout
+    from alloylm.stages import stage_kind
 
-    run = config.run_uri
-    searches = {n: storage.join(run, "stages", n, "search") for n, s in config.stages.items() if s.kind == "merge_search"}
+    layout = RunLayout.of(config)
     return render_report(
-        storage.join(run, "eval"),
-        storage.join(run, "report"),
-        stages={n: u for n, u in _stage_uris(config).items() if isinstance(config.stages[n], TrainStageConfig)},  # loss curves
-        searches=searches,
+        layout.eval,
+        layout.report,
+        stages={n: layout.stage(n) for n, s in config.stages.items() if stage_kind(s.kind).command == "train"},  # loss curves
+        searches={n: layout.search_results(n) for n, s in config.stages.items() if s.kind == "merge_search"},
         title=f"AlloyLM: {config.experiment}",
     )
 
 
-def serve_command(config: RunConfig) -> None:
-    """Deploy the variants on the current Ray cluster, print the base URL, block until Ctrl-C."""
-    from alloylm.cluster import connect_ray
-    from alloylm.serve import ServeConfig, serve_run, variant_sources
+def _print_summary(summary) -> None:
+    from alloylm import storage
+    from alloylm.layout import RunLayout
 
-    serve_config = config.serve or ServeConfig()
-    try:
-        sources = variant_sources(serve_config, config.run_uri)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    connect_ray()
-    _check_serve_resources(serve_config)
-    serve_run(serve_config, sources, blocking=True)
+    table = RunLayout(summary.run).comparison_table
+    if summary.evaluation is not None and storage.exists(table):
+        print(storage.read_text(table))
+    print(json.dumps(summary.to_json(), indent=2, default=str), flush=True)
+    for key, error in summary.to_json()["failed"].items():
+        print(f"alloylm: {key}: {error}", file=sys.stderr)
 
 
-def _check_serve_resources(serve_config) -> None:
-    """Refuse a deployment the cluster can never schedule, instead of waiting for it forever."""
-    import ray
+def _command(args: argparse.Namespace, config: RunConfig) -> int:
+    from alloylm.pipeline import run_pipeline, serve_variants
 
-    deployment, ingress = serve_config.deployment, serve_config.ingress
-    autoscaling = deployment.autoscaling
-    replicas = deployment.num_replicas if autoscaling is None else (autoscaling.initial_replicas or autoscaling.min_replicas)
-    variants = len(serve_config.variant_names)
-    need = {
-        "CPU": variants * replicas * deployment.num_cpus + ingress.num_replicas * ingress.num_cpus,
-        "GPU": variants * replicas * deployment.num_gpus,
+    if args.command == "serve":
+        serve_variants(config)
+        return 0
+    if args.command == "run":
+        summary = run_pipeline(config, only=args.only, serve=args.serve, on_summary=_print_summary)
+        return 0 if summary.ok else EXIT_FAILED
+    commands = {
+        "data": lambda: _data(config, args.only),
+        "train": lambda: _stage(config, args.stage, "train"),
+        "merge": lambda: _stage(config, args.stage, "merge"),
+        "search": lambda: _stage(config, args.stage, "search"),
+        "eval": lambda: _eval(config),
+        "report": lambda: _report(config),
     }
-    have = ray.cluster_resources()
-    for resource, amount in need.items():
-        if amount > have.get(resource, 0) + 1e-9:
-            raise UsageError(
-                f"serve: {variants} variant(s) x {replicas} replica(s) x serve.deployment.num_{resource.lower()}s "
-                f"plus the ingress need {amount:g} {resource}s, but the Ray cluster has {have.get(resource, 0):g}; "
-                "lower serve.deployment.num_cpus / num_gpus or serve fewer variants"
-            )
-
-
-def _check_stage_resources(config: RunConfig) -> None:
-    """Refuse a run with a stage the cluster can never schedule, before data preparation spends time.
-
-    The stages' own runners check the same when they start; checking every stage up front means a
-    bad last stage fails the run in seconds, not after the data and every earlier stage.
-    """
-    import ray
-
-    from alloylm.merge.stage import MergeStageError
-    from alloylm.train.launcher import StageError
-
-    have = ray.cluster_resources()
-    for name in config.stage_order():
-        stage = config.stages[name]
-        if isinstance(stage, TrainStageConfig):
-            res, error = stage.resources, StageError
-            needs = {}
-            for resource, per_worker in (("CPU", res.cpus_per_worker), ("GPU", res.gpus_per_worker)):
-                total = res.workers * per_worker
-                needs[resource] = (total, f"{res.workers} workers x {per_worker:g} {resource}s = {total:g} {resource}s")
-        else:
-            res, error = stage.resources, MergeStageError
-            needs = {
-                resource: (amount, f"a merge (each search trial) needs {amount:g} {resource}s")
-                for resource, amount in (("CPU", res.num_cpus), ("GPU", res.num_gpus))
-            }
-        for resource, (amount, what) in needs.items():
-            if amount > have.get(resource, 0) + 1e-9:
-                raise error(
-                    f"stage {name!r}: resources: {what}, but the Ray cluster has {have.get(resource, 0):g}; "
-                    f"nothing was run (lower stages.{name}.resources or use a larger cluster)"
-                )
-
-
-def run_command(config: RunConfig) -> dict[str, Any]:
-    """Data, every stage in dependency order (training and merges), evaluation and the report.
-
-    Stages whose fingerprint is unchanged are skipped by their own runners; an interrupted stage
-    resumes from its checkpoint (training) or its Tune experiment (merge search).
-    """
-    from alloylm.cluster import connect_ray
-
-    started = time.monotonic()
-    connect_ray()
-    _check_stage_resources(config)
-    summary: dict[str, Any] = {"experiment": config.experiment, "run": config.run_uri, "datasets": data_command(config)}
-    order = config.stage_order()
-    done: dict[str, Any] = {}
-    for index, name in enumerate(order, start=1):
-        stage = config.stages[name]
-        log.info("[%d/%d] stage %s (%s)", index, len(order), name, stage.kind)
-        if isinstance(stage, TrainStageConfig):
-            done[name] = train_command(config, name)
-        else:
-            done[name] = merge_command(config, name)
-    summary["stages"] = done
-    if config.evaluate is not None:
-        summary["evaluation"] = eval_command(config)
-        summary["report"] = report_command(config)
-        scores = {n: s for n, s in summary["evaluation"]["scores"].items() if s is not None}
-        if scores:
-            best = max(scores, key=scores.get)
-            summary["best"] = {"variant": best, "score": scores[best], "model": _stage_uris(config).get(best, best)}
-        table = storage.join(config.run_uri, "eval", "comparison.md")
-        if storage.exists(table):
-            print(storage.read_text(table))
-    summary["seconds"] = round(time.monotonic() - started, 1)
-    return summary
+    result = commands[args.command]()
+    print(json.dumps(result, indent=2, default=str))
+    return EXIT_FAILED if isinstance(result, dict) and result.get("failed") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(step)s%(message)s",
         datefmt="%H:%M:%S",
     )
+    from alloylm.pipeline import StepLogFilter
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, StepLogFilter) for f in handler.filters):
+            handler.addFilter(StepLogFilter())
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        if args.command == "validate":
+            print(config.resolved_yaml(), end="")
+            return 0
+        return _command(args, config)
+    except InputError as exc:
         print(f"alloylm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.command == "validate":
-        print(config.resolved_yaml(), end="")
-        return 0
-    from alloylm.data.prepare import DataPreparationError
-    from alloylm.data.sources import SourceError
-    from alloylm.evaluate import EvaluationInputError
-    from alloylm.merge.stage import MergeStageError
-    from alloylm.train.launcher import StageError
-
-    if args.command == "serve":
-        try:
-            serve_command(config)
-        except UsageError as exc:
-            print(f"alloylm: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        except RuntimeError as exc:  # Serve's deploy failure, or vLLM missing for the vllm backend
-            print(f"alloylm: serving failed: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        return 0
-    commands = {
-        "data": lambda: data_command(config, args.only),
-        "train": lambda: train_command(config, args.stage),
-        "merge": lambda: merge_command(config, args.stage, search=False),
-        "search": lambda: merge_command(config, args.stage, search=True),
-        "eval": lambda: eval_command(config),
-        "report": lambda: report_command(config),
-        "run": lambda: run_command(config),
-    }
-    try:
-        result = commands[args.command]()
-    except UsageError as exc:
+        return exc.exit_code
+    except RunError as exc:
         print(f"alloylm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (SourceError, DataPreparationError, StageError, MergeStageError, EvaluationInputError, storage.StorageError) as exc:
+        return exc.exit_code
+    except AlloyLMError as exc:  # a direct subclass of the base: treated as a failed run
         print(f"alloylm: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(result, indent=2, default=str))
-    if args.command == "run" and args.serve and not result.get("failed"):
-        try:
-            serve_command(config)
-        except (UsageError, RuntimeError) as exc:
-            print(f"alloylm: serving failed: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    return EXIT_FAILED if isinstance(result, dict) and result.get("failed") else 0
+    except RuntimeError as exc:  # Serve's deploy failure, or vLLM missing for the vllm backend
+        if args.command != "serve" and not getattr(args, "serve", False):
+            raise
+        print(f"alloylm: serving failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

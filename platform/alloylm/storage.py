@@ -26,6 +26,7 @@ import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
 from alloylm import __version__
+from alloylm.errors import RunError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -66,7 +67,7 @@ _MAX_ATTEMPTS = 2  # botocore / AWS SDK attempts per request, the first one incl
 _GLOB_CHARS = frozenset("*?[")
 
 
-class StorageError(Exception):
+class StorageError(RunError):
     """A storage operation failed; the message names the URI (and the S3 endpoint, for S3)."""
 
 

@@ -33,7 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alloylm import storage
-from alloylm.config import DataPrepConfig, RunConfig, fingerprint
+from alloylm import artifact as lifecycle
+from alloylm.artifact import fingerprint
+from alloylm.layout import RunLayout
+from alloylm.config import DataPrepConfig, RunConfig
+from alloylm.errors import DataPreparationError as _DataPreparationError
 from alloylm.data import clean, minhash
 from alloylm.data.sources import SourceError, read_dataset
 from alloylm.data.tokenize import (
@@ -51,16 +55,17 @@ MAX_PROBLEMS_SHOWN = 10
 BATCHES_PER_TOKENIZER_TASK = 8
 
 
-class DataPreparationError(Exception):
-    """A data set that cannot be prepared (no usable record, unreadable source)."""
+# A data set that cannot be prepared (no usable record, unreadable source); defined with the
+# other errors so that alloylm.generate can raise it without importing this module.
+DataPreparationError = _DataPreparationError
 
 
 def tokenizer_uri(config: RunConfig) -> str:
-    return storage.join(config.run_uri, "tokenizer")
+    return RunLayout.of(config).tokenizer
 
 
 def dataset_uri(config: RunConfig, name: str) -> str:
-    return storage.join(config.run_uri, "data", name)
+    return RunLayout.of(config).dataset(name)
 
 
 def _source_signature(source: str) -> Any:
@@ -109,11 +114,6 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
     sources = [_source_signature(s) for s in dataset.sources]
     return fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, sources, tokenizer_fingerprint)
-
-
-def _up_to_date(uri: str, fp: str) -> dict | None:
-    manifest = storage.read_manifest(uri)
-    return manifest if manifest and manifest.get("fingerprint") == fp else None
 
 
 def _write_local_dir_to(local_dir: str, uri: str) -> None:
@@ -178,12 +178,12 @@ def prepare_tokenizer(config: RunConfig) -> dict:
     else:
         inputs = [spec.from_]
     fp = fingerprint("tokenizer", spec.model_dump(mode="json", by_alias=True), inputs)
-    manifest = _up_to_date(uri, fp)
+    manifest = lifecycle.up_to_date(uri, fp)
     if manifest:
         log.info("tokenizer: up to date (%s)", uri)
         return manifest
     started = time.monotonic()
-    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+    with lifecycle.begin(uri, fp, config) as artifact:
         if spec.train:
             log.info("tokenizer: training byte-level BPE (vocab %d) on %s", spec.train.vocab_size, ", ".join(names))
             tokenizer = train_tokenizer(
@@ -197,13 +197,10 @@ def prepare_tokenizer(config: RunConfig) -> dict:
         tokenizer.model_max_length = spec.model_max_length
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, "resolved_config.yaml"), "w", encoding="utf-8") as f:
-                f.write(config.resolved_yaml())
             _write_local_dir_to(tmp, artifact.staging_uri)
         return artifact.commit(
             {
                 "kind": "tokenizer",
-                "fingerprint": fp,
                 "vocab_size": len(tokenizer),
                 "eos_token": tokenizer.eos_token,
                 "has_chat_template": bool(tokenizer.chat_template),
@@ -435,7 +432,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             raise DataPreparationError("; ".join(problems))
     uri = dataset_uri(config, name)
     fp = dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"])
-    manifest = _up_to_date(uri, fp)
+    manifest = lifecycle.up_to_date(uri, fp)
     if manifest:
         log.info("data %s: up to date (%s)", name, uri)
         return manifest
@@ -451,7 +448,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
     if dataset.generate is None:
         log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
         raw = read_dataset(config, name)
-    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+    with lifecycle.begin(uri, fp, config) as artifact:
         if dataset.generate is not None:
             from alloylm.generate.run import generate_items
 
@@ -499,7 +496,6 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
                          teacher={"model": teacher.model, "base_url": teacher.base_url})
             storage.write_text(storage.join(artifact.staging_uri, "generated.jsonl"), storage.read_text(generation.items_uri))
         storage.write_text(storage.join(artifact.staging_uri, "problems.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
-        storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
         shards = sorted(os.path.basename(f) for f in storage.list_files(shards_uri) if f.endswith(".parquet"))
         for problem in problems[:MAX_PROBLEMS_SHOWN]:
             log.warning("data %s: skipped %s: %s", name, problem["reason"], problem["detail"])

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from alloylm import storage
+from alloylm.errors import RunError
 from alloylm.config import ColumnMapping, DatasetConfig, RunConfig
 from alloylm.data.clean import content_hash, record_json
 from alloylm.data.records import RecordError, record_id, to_record
@@ -31,7 +32,7 @@ PARQUET_SUFFIXES = (".parquet",)
 PDF_SUFFIXES = (".pdf",)
 
 
-class SourceError(Exception):
+class SourceError(RunError):
     """A source that cannot be read at all (missing path, unreachable endpoint, unknown data set)."""
 
 

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alloylm import storage
+from alloylm.errors import RunError
 
 
-class EvaluationInputError(Exception):
+class EvaluationInputError(RunError):
     """An input evaluation cannot use (no model at a path, a malformed item, a missing data set).
 
     Raised before any model is scored; the message names the file and the item.

@@ -65,7 +65,10 @@ class EvalData:
 def data_uris(eval_config: EvalConfig, run_uri: str) -> dict[str, str]:
     """`<run>/data/<name>` for every data set an enabled suite names (what `alloylm data` wrote)."""
     names = {suite.dataset for suite in eval_config.suites.enabled().values() if hasattr(suite, "dataset")}
-    return {name: storage.join(run_uri, "data", name) for name in sorted(names)}
+    from alloylm.layout import RunLayout
+
+    layout = RunLayout(run_uri)
+    return {name: layout.dataset(name) for name in sorted(names)}
 
 
 def resolve_variants(eval_config: EvalConfig, stages: Mapping[str, str]) -> dict[str, str]:
@@ -289,7 +292,7 @@ def score_model(
 
 def _fingerprint(eval_config: EvalConfig, model_uri: str, eval_data: EvalData) -> str | None:
     """What identifies a variant's results; None when the model has no manifest (never reused)."""
-    from alloylm.config import fingerprint
+    from alloylm.artifact import fingerprint
 
     try:
         manifest = storage.read_manifest(model_uri) if storage.is_remote(model_uri) or storage.exists(model_uri) else None
@@ -344,6 +347,7 @@ def evaluate_variants(
     split: str | None = None,
     trust_remote_code: bool = False,
     reuse: bool = True,
+    compare: bool = True,
 ) -> dict:
     """Score every variant (name -> model URI) in parallel on the Ray cluster; write and return the results.
 
@@ -351,6 +355,9 @@ def evaluate_variants(
     set, a malformed benchmark item). A variant that fails later (its model does not load, its
     task dies) is reported in `failed` and in the comparison; the others are unaffected. Results of
     a variant whose model (by manifest), data and config are unchanged are reused when `reuse`.
+    With `compare` (default) the comparison of these variants is written to `out_uri`; the
+    pipeline scores each variant on its own as soon as it exists (`compare=False`) and compares
+    them all once, at the end.
     """
     import ray
 
@@ -392,9 +399,10 @@ def evaluate_variants(
             write_variant_results(out_uri, results[name], {})
         summary = results[name]
         log.info("variant %s: %s, score %s", name, summary["status"], summary.get("score"))
-    comparison = build_comparison(results)
-    storage.write_json(storage.join(out_uri, "comparison.json"), comparison)
-    storage.write_text(storage.join(out_uri, "comparison.md"), comparison_markdown(comparison))
+    comparison = build_comparison(results) if compare else None
+    if comparison is not None:
+        storage.write_json(storage.join(out_uri, "comparison.json"), comparison)
+        storage.write_text(storage.join(out_uri, "comparison.md"), comparison_markdown(comparison))
     failed = {name: r.get("error") for name, r in results.items() if r["status"] == "failed"}
     return {
         "split": eval_data.split,

@@ -23,8 +23,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from alloylm import storage
-from alloylm.config import GenerateConfig, RunConfig, fingerprint
-from alloylm.data.prepare import DataPreparationError
+from alloylm.artifact import fingerprint
+from alloylm.config import GenerateConfig, RunConfig
+from alloylm.errors import DataPreparationError
 from alloylm.generate.chunks import Chunk, benchmark_split, document_chunks, heldout_documents, sample_chunks
 from alloylm.generate.parse import dedup_key
 from alloylm.generate.prompts import SYSTEM_PROMPT, builtin_prompt, render_prompt
@@ -34,7 +35,7 @@ log = logging.getLogger("alloylm.generate")
 MAX_FAILURES_SHOWN = 3
 
 
-class GenerationError(DataPreparationError):
+class TeacherGenerationError(DataPreparationError):
     """Generation that cannot finish: failed batches (kept progress named), no usable item, bad input."""
 
 
@@ -56,7 +57,9 @@ class _Batch:
 
 def generation_uri(config: RunConfig, name: str) -> str:
     """Where generation keeps its progress for data set `name` (outside the artifact, kept on success)."""
-    return storage.join(config.run_uri, "data", f"{name}.generation")
+    from alloylm.layout import RunLayout
+
+    return RunLayout.of(config).generation(name)
 
 
 def generated_items_uri(config: RunConfig, name: str) -> str:
@@ -72,9 +75,9 @@ def prompt_template(spec: GenerateConfig) -> str:
         try:
             template = storage.read_text(spec.prompt_file)
         except storage.StorageError as exc:
-            raise GenerationError(f"generate.prompt_file: {exc}") from None
+            raise TeacherGenerationError(f"generate.prompt_file: {exc}") from None
         if "{chunk}" not in template:
-            raise GenerationError(f"generate.prompt_file {spec.prompt_file}: the template has no {{chunk}}, where the chunk's text goes")
+            raise TeacherGenerationError(f"generate.prompt_file {spec.prompt_file}: the template has no {{chunk}}, where the chunk's text goes")
         return template
     return builtin_prompt(spec.task, spec.question_type)
 
@@ -83,7 +86,7 @@ def read_documents(from_uri: str, manifest: dict) -> list[tuple[str, str]]:
     """(id, text) of every document a prepared text data set kept, in its written order."""
     files = manifest.get("documents")
     if files is None:
-        raise GenerationError(
+        raise TeacherGenerationError(
             f"{from_uri} keeps no documents/ (prepared by an older AlloyLM): remove that folder and run `alloylm data` again"
         )
     documents: list[tuple[str, str]] = []
@@ -160,7 +163,7 @@ def _send(spec: GenerateConfig, pending: list[_Batch], template: str, batches_ur
     if teacher.api_key_env:
         api_key = os.environ.get(teacher.api_key_env)
         if not api_key:
-            raise GenerationError(f"generate.teacher.api_key_env: environment variable {teacher.api_key_env} is not set")
+            raise TeacherGenerationError(f"generate.teacher.api_key_env: environment variable {teacher.api_key_env} is not set")
     actors = min(teacher.actors, len(pending))
     rows = [{"batch_id": b.id, "requests": _requests_json(spec, b, template)} for b in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -217,7 +220,7 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
     """Generate (or resume generating) the items of data set `name` from the prepared text data set at
     `from_uri`; writes them to `generated_items_uri(config, name)`.
 
-    Raises GenerationError when a batch failed (every finished batch is kept: run again to resume)
+    Raises TeacherGenerationError when a batch failed (every finished batch is kept: run again to resume)
     or when no answer gave a usable item.
     """
     spec = config.datasets[name].generate
@@ -227,7 +230,7 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
     batches, counts = _plan(spec, documents, template)
     if not batches:
         which = "held-out" if spec.task == "benchmark" else "training (not held-out)"
-        raise GenerationError(
+        raise TeacherGenerationError(
             f"data set {name!r}: no {which} document of {spec.from_!r} has a chunk of at least "
             f"{spec.min_chunk_chars} characters to send ({counts['documents']} documents, {counts['heldout_documents']} held out)"
         )
@@ -242,7 +245,7 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
         failed = [status for status in _send(spec, pending, template, batches_uri) if status["error"]]
         if failed:
             shown = "; ".join(f"batch {s['batch_id']}: {s['error']}" for s in failed[:MAX_FAILURES_SHOWN])
-            raise GenerationError(
+            raise TeacherGenerationError(
                 f"data set {name!r}: {len(failed)} of {len(batches)} batches failed ({shown}). The "
                 f"{len(batches) - len(failed)} finished ones are kept in {batches_uri} and are not sent again: "
                 "run again to resume"
@@ -251,7 +254,7 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
     counts.update(merged, batches=len(batches), batches_reused=len(batches) - len(pending), seconds=round(time.monotonic() - started, 3))
     if not items:
         first = "; ".join(f"{p['reason']}: {p['detail']}" for p in problems[:MAX_FAILURES_SHOWN])
-        raise GenerationError(
+        raise TeacherGenerationError(
             f"data set {name!r}: none of the teacher's {counts['answers']} answers gave a usable item "
             f"(malformed: {counts['malformed']}){': ' + first if first else ''}. The answers are kept in {batches_uri}; "
             "remove that folder to ask again"

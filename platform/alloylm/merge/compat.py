@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from alloylm.merge.mergekit_config import MergeInputError
+from alloylm.merge.mergekit_builder import MergeInputError
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"

@@ -29,7 +29,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
 from alloylm.merge.compat import check_compatible, tensor_shapes
-from alloylm.merge.mergekit_config import MergeInputError, validate_merge_config
+from alloylm.merge.mergekit_builder import MergeInputError, validate_merge_config
 
 # Keys of the output config that may differ between trials without rebuilding the held model
 # (mergekit-evolve's rule): the dtype bookkeeping and the special token ids.

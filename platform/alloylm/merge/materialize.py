@@ -18,7 +18,7 @@ from transformers import AutoConfig, GenerationConfig
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from alloylm.merge.mergekit_config import MergeInputError, mergekit_yaml_text, validate_merge_config
+from alloylm.merge.mergekit_builder import MergeInputError, mergekit_yaml_text, validate_merge_config
 from alloylm.models.loading import replace_folder
 
 # mergekit's own list (mergekit.merge._copy_tokenizer), minus generation_config.json, handled

@@ -4,7 +4,7 @@ A merge parameter is searched as one number (`t` in [0, 1]) or as a layer-wise g
 anchor points per tensor filter (`t.self_attn.0` ... `t.self_attn.4`, `t.mlp.0` ...), the form the
 paper's hand-chosen SLERP gradients take. Tune sees flat numeric dimensions; `assemble` turns a
 trial's flat values back into the `parameters` / `model_parameters` mappings that
-`alloylm.merge.mergekit_config` reads. Candidate points (the paper's gradients) are given in that
+`alloylm.merge.mergekit_builder` reads. Candidate points (the paper's gradients) are given in that
 same nested form and flattened with `flatten_point`.
 """
 

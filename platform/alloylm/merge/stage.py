@@ -27,14 +27,14 @@ import time
 from typing import Any
 
 from alloylm import storage
-from alloylm.config import MergeSearchStageConfig, MergeStageConfig, RunConfig, fingerprint
+from alloylm import artifact as lifecycle
+from alloylm.artifact import fingerprint
+from alloylm.layout import RunLayout
+from alloylm.config import MergeSearchStageConfig, MergeStageConfig, RunConfig
+from alloylm.errors import StageError, UsageError
 
 log = logging.getLogger("alloylm.merge")
 SUMMARY_NAME = "merge_summary.json"
-
-
-class MergeStageError(Exception):
-    """A merge stage that cannot run; the message names the cause."""
 
 
 def _parents(config: RunConfig, stage: MergeStageConfig) -> tuple[list[str], list[Any]]:
@@ -42,10 +42,10 @@ def _parents(config: RunConfig, stage: MergeStageConfig) -> tuple[list[str], lis
     uris, ids = [], []
     for parent in stage.parents:
         if parent in config.stages:
-            uri = storage.join(config.run_uri, "stages", parent)
+            uri = RunLayout.of(config).stage(parent)
             manifest = storage.read_manifest(uri)
             if manifest is None:
-                raise MergeStageError(
+                raise StageError(
                     f"parent stage {parent!r} has no finished artifact at {uri}; run it first "
                     f"(alloylm train CONFIG {parent}, or alloylm run CONFIG)"
                 )
@@ -63,7 +63,7 @@ def _local_dirs(uris: list[str]) -> list[str]:
     try:
         return [materialize_model_dir(uri) for uri in uris]
     except (OSError, ValueError) as exc:
-        raise MergeStageError(f"cannot read a parent model: {exc}") from None
+        raise StageError(f"cannot read a parent model: {exc}") from None
 
 
 def _check_parents(stage: MergeStageConfig, dirs: list[str], trust_remote_code: bool) -> None:
@@ -72,7 +72,7 @@ def _check_parents(stage: MergeStageConfig, dirs: list[str], trust_remote_code: 
     try:
         check_compatible(dirs, list(stage.parents), trust_remote_code=trust_remote_code)
     except MergeInputError as exc:
-        raise MergeStageError(f"cannot merge {', '.join(stage.parents)}: {exc}") from None
+        raise StageError(f"cannot merge {', '.join(stage.parents)}: {exc}") from None
 
 
 def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -> dict:
@@ -85,7 +85,7 @@ def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -
             return read_mergekit_yaml(stage.mergekit_config, stage_dirs=stage_dirs)
         return mergekit_config_for(stage, dirs, list(stage.parents), stage.parameters, stage.model_parameters)
     except MergeInputError as exc:
-        raise MergeStageError(f"merge parameters: {exc}") from None
+        raise StageError(f"merge parameters: {exc}") from None
 
 
 def _materialize_task(yaml_text: str, parent_uris: list[str], tokenizer_parent: int, staging_uri: str, trust_remote_code: bool) -> dict:
@@ -112,18 +112,7 @@ def _materialize_on_cluster(stage: MergeStageConfig, yaml_text: str, parent_uris
     try:
         return ray.get(task.remote(yaml_text, parent_uris, tokenizer_parent, staging_uri, trust_remote_code))
     except ray.exceptions.RayTaskError as exc:
-        raise MergeStageError(f"merging failed: {exc.cause if hasattr(exc, 'cause') else exc}") from exc
-
-
-def _check_resources(stage: MergeStageConfig) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    for resource, amount in (("CPU", stage.resources.num_cpus), ("GPU", stage.resources.num_gpus)):
-        if amount > have.get(resource, 0) + 1e-9:
-            raise MergeStageError(
-                f"resources.num_{resource.lower()}s: a merge needs {amount:g} {resource}s, but the Ray cluster has {have.get(resource, 0):g}"
-            )
+        raise StageError(f"merging failed: {exc.cause if hasattr(exc, 'cause') else exc}") from exc
 
 
 def merge_fingerprint(config: RunConfig, name: str, parent_ids: list[Any], extra: Any = None) -> str:
@@ -142,25 +131,27 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     """Run merge stage `name` (fixed merge or merge search); returns its manifest."""
     from alloylm.merge import write_mergekit_yaml
 
-    if name not in config.stages:
-        raise MergeStageError(f"no stage {name!r}; stages: {', '.join(config.stage_order())}")
+    from alloylm.pipeline import check_stage_resources
+    from alloylm.stages import kind_of
+
+    kind = kind_of(config, name)  # UsageError (exit 2) for a stage that is not there
+    if kind.config is not MergeStageConfig and kind.config is not MergeSearchStageConfig:
+        raise UsageError(f"stage {name!r} is a {kind.name} stage, not a merge stage; run it with `alloylm {kind.command} CONFIG {name}`")
     stage = config.stages[name]
-    if not isinstance(stage, MergeStageConfig):
-        raise MergeStageError(f"stage {name!r} is a {stage.kind} stage, not a merge stage")
     started = time.monotonic()
-    uri = storage.join(config.run_uri, "stages", name)
+    uri = RunLayout.of(config).stage(name)
     parent_uris, parent_ids = _parents(config, stage)
     search_inputs = _search_inputs(config, name) if isinstance(stage, MergeSearchStageConfig) else None
     fp = merge_fingerprint(config, name, parent_ids, search_inputs[1].fingerprints if search_inputs else None)
-    manifest = storage.read_manifest(uri)
-    if manifest and manifest.get("fingerprint") == fp:
+    manifest = lifecycle.up_to_date(uri, fp)
+    if manifest:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
         return manifest
-    _check_resources(stage)
+    check_stage_resources(config, [name])
     dirs = _local_dirs(parent_uris)
     _check_parents(stage, dirs, config.trust_remote_code)
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
-    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+    with lifecycle.begin(uri, fp, config) as artifact:
         if isinstance(stage, MergeSearchStageConfig):
             merge_config, search_summary = _search(config, name, fp, parent_uris, dirs, search_inputs, artifact.staging_uri)
             summary.update(search_summary)
@@ -182,13 +173,11 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         summary["mergekit_yaml"] = yaml_name
         summary["seconds"] = round(time.monotonic() - started, 1)
         storage.write_json(storage.join(artifact.staging_uri, SUMMARY_NAME), summary)
-        storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
         manifest = artifact.commit(
             {
                 "kind": "stage",
                 "stage_kind": stage.kind,
                 "name": name,
-                "fingerprint": fp,
                 "parents": parent_uris,
                 "metrics": {k: v for k, v in summary.items() if k in ("best_score", "trials", "complete_trials", "searcher", "method")},
                 "seconds": summary["seconds"],
@@ -208,13 +197,11 @@ def _search_inputs(config: RunConfig, name: str):
     from alloylm.evaluate.runner import load_eval_data
 
     eval_config = config.search_eval_config(name)
-    run = config.run_uri
+    layout = RunLayout.of(config)
     try:
-        eval_data = load_eval_data(
-            eval_config, data_uris(eval_config, run), split="validation", tokenizer_uri=storage.join(run, "tokenizer")
-        )
+        eval_data = load_eval_data(eval_config, data_uris(eval_config, layout.run), split="validation", tokenizer_uri=layout.tokenizer)
     except EvaluationInputError as exc:
-        raise MergeStageError(f"stage {name!r}: the search objective's data: {exc}; run `alloylm data CONFIG` first") from None
+        raise StageError(f"stage {name!r}: the search objective's data: {exc}; run `alloylm data CONFIG` first") from None
     return eval_config, eval_data
 
 
@@ -226,14 +213,14 @@ def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, st
     try:
         job = prepare_job(stage, parent_uris, list(stage.parents), eval_config, trust_remote_code=config.trust_remote_code)
     except SearchError as exc:
-        raise MergeStageError(f"stages.{name}.{exc}") from None
-    experiment_uri = storage.join(config.run_uri, "searches", f"{name}-{fp}")
+        raise StageError(f"stages.{name}.{exc}") from None
+    experiment_uri = RunLayout.of(config).search(name, fp)
     seed = stage.search.seed if stage.search.seed is not None else config.seed
     rows = run_search(job, eval_data, experiment_uri, seed=seed)
     complete = [r for r in rows if r["score"] is not None]
     if not complete:
         errors = sorted({r["error"] for r in rows if r["error"]})
-        raise MergeStageError(
+        raise StageError(
             f"stage {name!r}: no trial of the search completed ({len(rows)} trial(s)); "
             + (f"errors: {'; '.join(errors)}" if errors else "see the Tune experiment at " + experiment_uri)
         )

@@ -39,7 +39,7 @@ class GenerationEvent:
     finish_reason: str | None = None  # "stop" or "length"; "error" if generation failed
 
 
-class GenerationError(RuntimeError):
+class EngineStoppedError(RuntimeError):
     """Generation failed inside the engine (the message says why)."""
 
 
@@ -156,9 +156,9 @@ class GenerationEngine:
     def _submit(self, sequence: _Sequence) -> None:
         with self._wake:
             if self._closed:
-                raise GenerationError("the engine is shut down")
+                raise EngineStoppedError("the engine is shut down")
             if self._fatal is not None:
-                raise GenerationError(f"the engine stopped after an error: {self._fatal}")
+                raise EngineStoppedError(f"the engine stopped after an error: {self._fatal}")
             self._waiting.append(sequence)
             self._wake.notify()
 

@@ -29,7 +29,10 @@ def variant_sources(config: ServeConfig, run_uri: str, *, require_complete: bool
     A stage folder without its manifest is an unfinished stage and is never served: with
     `require_complete`, a ValueError names every such variant.
     """
-    sources = {name: config.sources.get(name) or storage.join(run_uri, "stages", name) for name in config.variant_names}
+    from alloylm.layout import RunLayout
+
+    layout = RunLayout(run_uri)
+    sources = {name: config.sources.get(name) or layout.stage(name) for name in config.variant_names}
     if require_complete:
         unfinished = [name for name in config.variant_names if name not in config.sources and not storage.is_complete(sources[name])]
         if unfinished:

@@ -15,19 +15,19 @@ import time
 from typing import Any
 
 from alloylm import storage
-from alloylm.config import PresetInit, RunConfig, TrainStageConfig, fingerprint
+from alloylm.config import PresetInit, RunConfig, TrainStageConfig
+from alloylm import artifact as lifecycle
+from alloylm.artifact import fingerprint
+from alloylm.errors import StageError
+from alloylm.layout import RunLayout
 
 log = logging.getLogger("alloylm.train")
 
 REQUIRED_COLUMNS = {"cpt": ["input_ids"], "sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"], "orpo": ["prompt", "chosen", "rejected"]}
 
 
-class StageError(Exception):
-    """A stage that cannot run; the message names the cause."""
-
-
 def stage_uri(config: RunConfig, name: str) -> str:
-    return storage.join(config.run_uri, "stages", name)
+    return RunLayout.of(config).stage(name)
 
 
 def _parent(config: RunConfig, stage: TrainStageConfig) -> tuple[str, str, Any]:
@@ -54,24 +54,6 @@ def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str
     return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
 
 
-def _check_resources(stage: TrainStageConfig) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    res = stage.resources
-    need_cpu, need_gpu = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
-    if need_gpu > have.get("GPU", 0):
-        raise StageError(
-            f"resources: {res.workers} workers x {res.gpus_per_worker} GPUs = {need_gpu:g} GPUs, "
-            f"but the Ray cluster has {have.get('GPU', 0):g}"
-        )
-    if need_cpu > have.get("CPU", 0):
-        raise StageError(
-            f"resources: {res.workers} workers x {res.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, "
-            f"but the Ray cluster has {have.get('CPU', 0):g}"
-        )
-
-
 def _check_vocabulary(config: RunConfig, parent_kind: str, parent: str) -> None:
     """The run's tokenizer must fit the parent's embeddings (its data was tokenized with it)."""
     if parent_kind != "model":
@@ -84,7 +66,7 @@ def _check_vocabulary(config: RunConfig, parent_kind: str, parent: str) -> None:
         model_config = AutoConfig.from_pretrained(materialize_model_dir(parent), trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise StageError(f"cannot read the parent model {parent}: {exc}") from None
-    tokens = len(load_tokenizer(storage.join(config.run_uri, "tokenizer"), trust_remote_code=config.trust_remote_code))
+    tokens = len(load_tokenizer(RunLayout.of(config).tokenizer, trust_remote_code=config.trust_remote_code))
     embeddings = getattr(model_config, "vocab_size", None) or getattr(model_config.get_text_config(), "vocab_size", None)
     if embeddings is not None and tokens > embeddings:
         raise StageError(
@@ -110,33 +92,34 @@ def train_stage(config: RunConfig, name: str) -> dict:
     from alloylm.data.prepare import dataset_uri, prepare_dataset, prepare_tokenizer
     from alloylm.train.worker import SUMMARY_NAME, StageJob, train_loop_per_worker
 
-    if name not in config.stages:
-        raise StageError(f"no stage {name!r}; stages: {', '.join(config.stage_order())}")
+    from alloylm.pipeline import check_stage_resources
+    from alloylm.stages import kind_of
+
+    kind_of(config, name, command="train")  # UsageError (exit 2): no such stage, or not a training stage
     stage = config.stages[name]
-    if not isinstance(stage, TrainStageConfig):
-        raise StageError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
+    layout = RunLayout.of(config)
     parent_kind, parent, parent_id = _parent(config, stage)
     tokenizer_manifest = prepare_tokenizer(config)
     data_manifest = prepare_dataset(config, stage.data, tokenizer_manifest)
     uri = stage_uri(config, name)
     fp = stage_fingerprint(config, name, parent_id, data_manifest["fingerprint"], tokenizer_manifest["fingerprint"])
-    manifest = storage.read_manifest(uri)
-    if manifest and manifest.get("fingerprint") == fp:
+    manifest = lifecycle.up_to_date(uri, fp)
+    if manifest:
         log.info("stage %s: up to date, not retrained (%s)", name, uri)
         return manifest
     data_uri = dataset_uri(config, stage.data)
     _check_data(stage, data_uri)
-    _check_resources(stage)
+    check_stage_resources(config, [name])
     _check_vocabulary(config, parent_kind, parent)
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     started = time.monotonic()
-    with storage.begin_artifact(uri, overwrite=config.overwrite) as artifact:
+    with lifecycle.begin(uri, fp, config) as artifact:
         job = StageJob(
             stage_name=name,
             stage=stage.model_dump(mode="json", by_alias=True),
             seed=config.seed,
             trust_remote_code=config.trust_remote_code,
-            tokenizer_uri=storage.join(config.run_uri, "tokenizer"),
+            tokenizer_uri=layout.tokenizer,
             data_uri=data_uri,
             parent_kind=parent_kind,
             parent=parent,
@@ -144,8 +127,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
             output_uri=artifact.staging_uri,
             data_rows=rows,
         )
-        checkpoints = storage.join(config.run_uri, "checkpoints")
-        fs, checkpoints_path = storage.arrow_filesystem(checkpoints)
+        fs, checkpoints_path = storage.arrow_filesystem(layout.checkpoints_root)
         datasets = {}
         if stage.kind == "cpt":
             shards_fs, shards_path = storage.arrow_filesystem(storage.join(data_uri, "shards"))
@@ -182,13 +164,11 @@ def train_stage(config: RunConfig, name: str) -> dict:
         except Exception as exc:  # Ray wraps worker errors; show the cause, keep the checkpoints
             raise StageError(f"stage {name!r} failed: {exc}") from exc
         final = storage.read_json(storage.join(artifact.staging_uri, SUMMARY_NAME))
-        storage.write_text(storage.join(artifact.staging_uri, "resolved_config.yaml"), config.resolved_yaml())
         manifest = artifact.commit(
             {
                 "kind": "stage",
                 "stage_kind": stage.kind,
                 "name": name,
-                "fingerprint": fp,
                 "parent": parent,
                 "data": stage.data,
                 "data_fingerprint": data_manifest["fingerprint"],

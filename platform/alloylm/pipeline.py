@@ -1,0 +1,414 @@
+"""The pipeline: one run config -> the whole artifact graph, scheduled on the Ray cluster.
+
+    summary = run_pipeline(load_config("configs/quickstart.yaml"))
+
+`alloylm run`, `jobs/pipeline.py` and Python users all call `run_pipeline`. It builds the graph
+of steps (tokenizer -> data sets -> stages -> one evaluation per variant -> comparison -> report),
+checks up front that every stage fits the cluster, and runs the graph:
+
+- a step starts as soon as its parents are done and the CPUs/GPUs it holds fit beside the
+  steps already running (`run.max_parallel_stages` caps how many run at once; 1 reproduces a
+  one-at-a-time run in dependency order);
+- data preparation runs alone (Ray Data spreads over the whole cluster; a training worker beside
+  its actor pool would starve the read tasks on a small cluster);
+- every step skips itself when its artifact is up to date (fingerprints), so a rerun continues an
+  interrupted run, and an interrupted training stage or search resumes from its checkpoint;
+- a failed step stops only its descendants: siblings run on, and the summary lists every failed
+  and every not-run step (the CLI then exits 1).
+
+Each step's log lines carry its name (`[stage:sft] ...`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from alloylm.errors import AlloyLMError, ServeError, StageError, UsageError
+from alloylm.layout import RunLayout
+from alloylm.stages import stage_kind
+
+if TYPE_CHECKING:
+    from alloylm.config import RunConfig
+
+log = logging.getLogger("alloylm")
+
+_current_step: contextvars.ContextVar[str] = contextvars.ContextVar("alloylm_step", default="")
+
+
+class StepLogFilter(logging.Filter):
+    """Adds `record.step` ("[stage:sft] " inside a step, "" elsewhere) for a `%(step)s` log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        step = _current_step.get()
+        record.step = f"[{step}] " if step else ""
+        return True
+
+
+# ------------------------------------------------------------------------------ resources
+
+
+def check_stage_resources(config: RunConfig, names: list[str] | None = None, have: dict[str, float] | None = None) -> None:
+    """Refuse (StageError) a stage the cluster can never schedule, naming what it needs and what there is.
+
+    The one resource check: the pipeline runs it for every stage before any work, and each stage's
+    runner runs it again for itself when it starts (a stage may be run alone with `alloylm train`).
+    """
+    if have is None:
+        import ray
+
+        have = ray.cluster_resources()
+    for name in names if names is not None else config.stage_order():
+        stage = config.stages[name]
+        for resource, (amount, what) in stage_kind(stage.kind).resources(stage).items():
+            if amount > have.get(resource, 0) + 1e-9:
+                raise StageError(
+                    f"stage {name!r}: resources: {what}, but the Ray cluster has {have.get(resource, 0):g}; "
+                    f"nothing was run (lower stages.{name}.resources or use a larger cluster)"
+                )
+
+
+# ------------------------------------------------------------------------------ the graph
+
+
+@dataclass
+class Step:
+    """One node of the artifact graph."""
+
+    key: str  # "tokenizer", "data:NAME", "stage:NAME", "eval:VARIANT", "comparison", "report"
+    run: Callable[[], Any]
+    parents: tuple[str, ...] = ()  # must be done
+    after: tuple[str, ...] = ()  # must be finished, whatever the outcome
+    needs: dict[str, float] = field(default_factory=dict)  # cluster resources held while running
+    exclusive: bool = False  # runs with nothing else running
+
+
+@dataclass
+class RunSummary:
+    """What a run did: every step's outcome, the evaluation and the best variant."""
+
+    experiment: str
+    run: str
+    steps: dict[str, dict] = field(default_factory=dict)  # key -> {status, seconds, error?}
+    datasets: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Failed steps and why, plus steps not run because a parent failed."""
+        return {key: s.get("error", s["status"]) for key, s in self.steps.items() if s["status"] in ("failed", "not run")}
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not (self.evaluation or {}).get("failed")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"experiment": self.experiment, "run": self.run, "datasets": self.datasets, "stages": self.stages}
+        for key in ("evaluation", "report", "best"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        failed = dict(self.failed)
+        for variant, error in ((self.evaluation or {}).get("failed") or {}).items():
+            failed.setdefault(f"eval:{variant}", error)
+        out["failed"] = failed
+        out["steps"] = self.steps
+        out["seconds"] = self.seconds
+        return out
+
+
+def _stage_uris(config: RunConfig) -> dict[str, str]:
+    layout = RunLayout.of(config)
+    return {name: layout.stage(name) for name in config.stages}
+
+
+def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | None = None) -> dict[str, Step]:
+    """The steps of the run, in a dependency order. `only`: these stages and their ancestors, no evaluation."""
+    from alloylm.data.prepare import prepare_dataset, prepare_tokenizer
+
+    layout = RunLayout.of(config)
+    steps: dict[str, Step] = {}
+    wanted = _with_ancestors(config, only) if only else None
+    datasets = sorted(config.datasets) if wanted is None else sorted({d for n in wanted for d in _kind(config, n).datasets(config.stages[n])})
+    tokenizer_state: dict[str, dict] = {}
+
+    def tokenizer() -> dict:
+        tokenizer_state["manifest"] = prepare_tokenizer(config)
+        return tokenizer_state["manifest"]
+
+    if datasets or (config.evaluate is not None and wanted is None):
+        steps["tokenizer"] = Step("tokenizer", tokenizer, exclusive=True)
+    # Generated data sets after the data sets they read.
+    for name in sorted(datasets, key=lambda n: config.datasets[n].generate is not None):
+        spec = config.datasets[name]
+        parents = ["tokenizer"] + ([f"data:{spec.generate.from_}"] if spec.generate is not None and spec.generate.from_ in datasets else [])
+
+        def prepare(name: str = name) -> dict:
+            manifest = prepare_dataset(config, name, tokenizer_state["manifest"])
+            summary.datasets[name] = manifest["counts"]
+            return manifest
+
+        steps[f"data:{name}"] = Step(f"data:{name}", prepare, parents=tuple(parents), exclusive=True)
+    for name in config.stage_order():
+        if wanted is not None and name not in wanted:
+            continue
+        stage = config.stages[name]
+        kind = _kind(config, name)
+        parents = [f"stage:{p}" for p in kind.parents(stage) if p in config.stages]
+        parents += [f"data:{d}" for d in kind.datasets(stage)]
+        needs = {resource: amount for resource, (amount, _) in kind.resources(stage).items() if amount > 0}
+
+        def run_stage(name: str = name, kind=kind) -> dict:
+            manifest = kind.run(config, name)
+            summary.stages[name] = {"stage": name, "kind": kind.name, "model": layout.stage(name), **(manifest.get("metrics") or {})}
+            return manifest
+
+        steps[f"stage:{name}"] = Step(f"stage:{name}", run_stage, parents=tuple(parents), needs=needs)
+    if config.evaluate is not None and wanted is None:
+        _add_evaluation(config, summary, steps)
+    return steps
+
+
+def _kind(config: RunConfig, name: str):
+    return stage_kind(config.stages[name].kind)
+
+
+def _with_ancestors(config: RunConfig, names: list[str]) -> set[str]:
+    unknown = [n for n in names if n not in config.stages]
+    if unknown:
+        raise UsageError(f"--only: no stage {', '.join(map(repr, unknown))}; stages: {', '.join(config.stage_order())}")
+    wanted: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        todo += [p for p in config.stages[name].parent_refs() if p in config.stages]
+    return wanted
+
+
+def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Step]) -> None:
+    """One step per variant (scored as soon as its model exists), then the comparison, then the report."""
+    from alloylm.evaluate import data_uris, evaluate_variants, render_report, resolve_variants
+    from alloylm.evaluate.config import variant_name
+
+    eval_config = config.evaluate
+    layout = RunLayout.of(config)
+    stage_uris = _stage_uris(config)
+    variants = resolve_variants(eval_config, stage_uris)
+    data = data_uris(eval_config, layout.run)
+    data_steps = tuple(f"data:{n}" for n in sorted(data) if f"data:{n}" in steps)
+    evaluations: dict[str, dict] = {}
+    resources = eval_config.resources
+    needs = {k: v for k, v in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)) if v > 0}
+    names = [variant_name(entry) for entry in eval_config.variants]
+
+    def evaluate(variant: str) -> dict:
+        result = evaluate_variants(
+            eval_config,
+            {variant: variants[variant]},
+            data,
+            layout.eval,
+            tokenizer_uri=layout.tokenizer,
+            trust_remote_code=config.trust_remote_code,
+            compare=False,
+        )
+        evaluations[variant] = result["variants"][variant]
+        error = result["failed"].get(variant)
+        if error:
+            raise StageError(f"variant {variant!r}: evaluation failed: {error}")
+        return result
+
+    for variant in names:
+        parents = ("tokenizer", *data_steps) + ((f"stage:{variant}",) if variant in config.stages else ())
+        steps[f"eval:{variant}"] = Step(f"eval:{variant}", lambda v=variant: evaluate(v), parents=parents, needs=needs)
+
+    def compare() -> dict:
+        # Every variant whose evaluation finished; the others are listed as failed with the reason.
+        done = {v: variants[v] for v in names if summary.steps.get(f"eval:{v}", {}).get("status") == "done"}
+        failed = {v: summary.steps.get(f"eval:{v}", {}).get("error", "not evaluated") for v in names if v not in done}
+        result = evaluate_variants(
+            eval_config, done, data, layout.eval, tokenizer_uri=layout.tokenizer, trust_remote_code=config.trust_remote_code
+        ) if done else {"split": eval_config.split, "variants": {}, "failed": {}}
+        failed.update(result["failed"])
+        summary.evaluation = {
+            "split": result["split"],
+            "table": layout.comparison_table,
+            "scores": {name: r.get("score") for name, r in result["variants"].items()},
+            "failed": failed,
+        }
+        scores = {n: s for n, s in summary.evaluation["scores"].items() if s is not None}
+        if scores:
+            best = max(scores, key=scores.get)
+            summary.best = {"variant": best, "score": scores[best], "model": stage_uris.get(best, variants.get(best, best))}
+        if failed:
+            raise StageError(f"evaluation failed for {', '.join(sorted(failed))}")
+        return result
+
+    steps["comparison"] = Step("comparison", compare, after=tuple(f"eval:{v}" for v in names))
+
+    def report() -> dict:
+        searches = {n: layout.search_results(n) for n, s in config.stages.items() if s.kind == "merge_search"}
+        training = {n: stage_uris[n] for n in config.stages if _kind(config, n).command == "train"}  # loss curves
+        summary.report = render_report(layout.eval, layout.report, stages=training, searches=searches, title=f"AlloyLM: {config.experiment}")
+        return summary.report
+
+    steps["report"] = Step("report", report, after=("comparison",))
+
+
+# ------------------------------------------------------------------------------ running it
+
+
+def _fits(needs: dict[str, float], free: dict[str, float]) -> bool:
+    return all(amount <= free.get(resource, 0) + 1e-9 for resource, amount in needs.items())
+
+
+def run_graph(steps: dict[str, Step], summary: RunSummary, *, capacity: dict[str, float], max_parallel: int | None) -> None:
+    """Run every step once its parents are done and its resources fit; record each outcome in `summary.steps`."""
+    order = list(steps)
+    waiting = set(order)
+    running: dict[Future, str] = {}
+    free = dict(capacity)
+    workers = max_parallel or max(1, len(steps))
+
+    def status(key: str) -> str | None:
+        return summary.steps.get(key, {}).get("status")
+
+    def execute(step: Step) -> Any:
+        token = _current_step.set(step.key)
+        try:
+            return step.run()
+        finally:
+            _current_step.reset(token)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alloylm-step") as pool:
+        while waiting or running:
+            # Steps whose parent failed (or was not run) will never run: say so, and why.
+            for key in [k for k in order if k in waiting]:
+                step = steps[key]
+                broken = [p for p in step.parents if status(p) in ("failed", "not run")]
+                if broken:
+                    waiting.discard(key)
+                    summary.steps[key] = {"status": "not run", "error": f"not run: {broken[0]} did not finish"}
+                    log.warning("%s: not run, because %s did not finish", key, broken[0])
+            exclusive_running = any(steps[k].exclusive for k in running.values())
+            for key in [k for k in order if k in waiting]:
+                step = steps[key]
+                if exclusive_running or len(running) >= workers:
+                    break
+                if not all(status(p) == "done" for p in step.parents if p in steps):
+                    continue
+                if not all(status(a) is not None and status(a) != "running" for a in step.after if a in steps):
+                    continue
+                if (step.exclusive and running) or not _fits(step.needs, free):
+                    continue
+                for resource, amount in step.needs.items():
+                    free[resource] = free.get(resource, 0) - amount
+                waiting.discard(key)
+                summary.steps[key] = {"status": "running", "started": time.time()}
+                log.info("%s: started%s", key, f" ({', '.join(f'{v:g} {k}' for k, v in step.needs.items())})" if step.needs else "")
+                running[pool.submit(execute, step)] = key
+                exclusive_running = step.exclusive
+            if not running:
+                if waiting:  # nothing can ever start (resources beyond the cluster): fail them
+                    for key in [k for k in order if k in waiting]:
+                        waiting.discard(key)
+                        summary.steps[key] = {"status": "failed", "error": f"needs {steps[key].needs}, more than the cluster's {capacity}"}
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                key = running.pop(future)
+                step = steps[key]
+                for resource, amount in step.needs.items():
+                    free[resource] = free.get(resource, 0) + amount
+                entry = summary.steps[key]
+                entry["seconds"] = round(time.time() - entry.pop("started"), 1)
+                error = future.exception()
+                if error is None:
+                    entry["status"] = "done"
+                    log.info("%s: done in %.1f s", key, entry["seconds"])
+                else:
+                    entry["status"] = "failed"
+                    entry["error"] = str(error) if isinstance(error, AlloyLMError) else f"{type(error).__name__}: {error}"
+                    if not isinstance(error, AlloyLMError):
+                        log.error("%s failed:\n%s", key, "".join(traceback.format_exception(error)))
+                    log.error("%s: failed: %s", key, entry["error"])
+
+
+def run_pipeline(
+    config: RunConfig,
+    *,
+    only: list[str] | None = None,
+    serve: bool = False,
+    on_summary: Callable[[RunSummary], None] | None = None,
+) -> RunSummary:
+    """Run the whole artifact graph of `config` (or `only` these stages and their ancestors).
+
+    Returns the summary; `summary.ok` is False when any step failed. With `serve`, and only when
+    nothing failed, then serves the `serve:` variants until interrupted (after `on_summary`).
+    """
+    import ray
+
+    from alloylm.cluster import connect_ray
+
+    started = time.monotonic()
+    connect_ray()
+    capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    check_stage_resources(config, have=capacity)
+    summary = RunSummary(experiment=config.experiment, run=config.run_uri)
+    steps = build_graph(config, summary, only=only)
+    log.info("run %s: %d steps on %s", config.experiment, len(steps), ", ".join(f"{v:g} {k}" for k, v in capacity.items()))
+    run_graph(steps, summary, capacity=capacity, max_parallel=config.run.max_parallel_stages)
+    summary.seconds = round(time.monotonic() - started, 1)
+    if on_summary is not None:
+        on_summary(summary)
+    if serve and summary.ok:
+        serve_variants(config)
+    return summary
+
+
+def serve_variants(config: RunConfig) -> None:
+    """Deploy the run's `serve:` variants on the current Ray cluster and block until Ctrl-C."""
+    from alloylm.cluster import connect_ray
+    from alloylm.serve import ServeConfig, serve_run, variant_sources
+
+    serve_config = config.serve or ServeConfig()
+    try:
+        sources = variant_sources(serve_config, config.run_uri)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    connect_ray()
+    check_serve_resources(serve_config)
+    serve_run(serve_config, sources, blocking=True)
+
+
+def check_serve_resources(serve_config) -> None:
+    """Refuse a deployment the cluster can never schedule, instead of waiting for it forever."""
+    import ray
+
+    deployment, ingress = serve_config.deployment, serve_config.ingress
+    autoscaling = deployment.autoscaling
+    replicas = deployment.num_replicas if autoscaling is None else (autoscaling.initial_replicas or autoscaling.min_replicas)
+    variants = len(serve_config.variant_names)
+    need = {
+        "CPU": variants * replicas * deployment.num_cpus + ingress.num_replicas * ingress.num_cpus,
+        "GPU": variants * replicas * deployment.num_gpus,
+    }
+    have = ray.cluster_resources()
+    for resource, amount in need.items():
+        if amount > have.get(resource, 0) + 1e-9:
+            raise ServeError(
+                f"serve: {variants} variant(s) x {replicas} replica(s) x serve.deployment.num_{resource.lower()}s "
+                f"plus the ingress need {amount:g} {resource}s, but the Ray cluster has {have.get(resource, 0):g}; "
+                "lower serve.deployment.num_cpus / num_gpus or serve fewer variants"
+            )
