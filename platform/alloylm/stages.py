@@ -110,7 +110,7 @@ def _validate_stage(value: Any) -> StageConfigBase:
         raise PydanticCustomError("missing_kind", "required key `kind` is missing; known kinds: {known}", {"known": ", ".join(sorted(kinds))})
     if kind not in kinds:
         raise PydanticCustomError(
-            "unknown_kind", "unknown stage kind '{kind}'; known kinds: {known}", {"kind": kind, "known": ", ".join(sorted(kinds))}
+            "unknown_kind", "unknown stage kind '{kind}'; known kinds: {known}", {"kind": kind, "known": ", ".join(map(repr, sorted(kinds)))}
         )
     # A ValidationError raised here keeps its locations: pydantic nests them under this stage's key.
     return kinds[kind].config.model_validate(value)

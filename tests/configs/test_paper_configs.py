@@ -25,7 +25,7 @@ from alloylm.config import (
     stage_parents,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER_DIR = REPO / "configs" / "paper"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 

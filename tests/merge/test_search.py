@@ -76,13 +76,13 @@ def _write(root, raw: dict, name: str = "run.yaml"):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_cluster):
     """A prepared run (tokenizer, benchmark) and two parents built with its tokenizer."""
-    from alloylm.cli import data_command
+    from alloylm.data.prepare import prepare_all
     from alloylm.models.loading import load_tokenizer, save_model
     from alloylm.models.presets import build_model
 
     root = tmp_path_factory.mktemp("merge-search")
     config = load_config(_write(root, _config(root, {})))
-    data_command(config)
+    prepare_all(config)
     tokenizer = load_tokenizer(storage.join(config.run_uri, "tokenizer"))
     for name, seed in (("parent-a", 1), ("parent-b", 2)):
         save_model(build_model("pico-llama", tokenizer, seed=seed), tokenizer, str(root / name))
@@ -183,7 +183,8 @@ def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
 
 
 def test_incompatible_parents_fail_before_any_trial(prepared):
-    from alloylm.merge.stage import StageError, merge_stage
+    from alloylm.errors import StageError
+    from alloylm.merge.stage import merge_stage
     from alloylm.models.loading import load_tokenizer, save_model
     from alloylm.models.presets import build_model
 

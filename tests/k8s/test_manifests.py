@@ -45,7 +45,7 @@ import alloylm
 from alloylm.config import ConfigError, load_config
 from alloylm.serve.config import ServeConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 SECRETS_EXAMPLE = K8S / "secrets.example.yaml"
 DOCKERFILE = REPO / "Dockerfile"

@@ -39,7 +39,7 @@ from alloylm.serve.detokenizer import IncrementalText
 from alloylm.serve.engine import GenerationEngine
 from alloylm.serve.protocol import SamplingParams
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
 KEY = "test-key-1"
 _SENTENCES = [

@@ -1,0 +1,79 @@
+"""`alloylm` exit codes: 0 done, 1 the work failed, 2 the config or the command line is wrong.
+
+The same mistake gets the same code and the same kind of message, whichever command makes it;
+none of these needs a Ray cluster (usage errors are found before one is joined).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alloylm.cli import main
+from alloylm.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, InputError, RunError, StageError, UsageError
+from alloylm.evaluate.prepared import EvaluationInputError
+from alloylm.storage import StorageError
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize(
+    ("command", "stage", "says"),
+    [
+        ("train", "merged", "stage 'merged' is a merge_search stage, which `alloylm train` does not run; run it with `alloylm search"),
+        ("merge", "base", "stage 'base' is a cpt stage, which `alloylm merge` does not run; run it with `alloylm train"),
+        ("search", "dpo", "stage 'dpo' is a dpo stage, which `alloylm search` does not run; run it with `alloylm train"),
+        ("merge", "merged", "stage 'merged' is a merge_search stage, which `alloylm merge` does not run; run it with `alloylm search"),
+        ("train", "ghost", "no stage 'ghost'; stages: base, instruct"),
+    ],
+)
+def test_a_stage_the_command_does_not_run_is_a_usage_error(capsys, command, stage, says):
+    assert main([command, QUICKSTART, stage]) == EXIT_USAGE
+    assert says in capsys.readouterr().err
+
+
+def test_eval_without_an_evaluate_section_is_a_usage_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("experiment: x\ntokenizer: {from: some/model}\n", encoding="utf-8")
+    assert main(["eval", str(config)]) == EXIT_USAGE
+    assert "no `evaluate:` section" in capsys.readouterr().err
+
+
+def test_bad_config_and_bad_override_exit_2(tmp_path, capsys):
+    assert main(["validate", QUICKSTART, "stages.sft.kind=kto"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "override 'stages.sft.kind=kto'" in err and "unknown stage kind 'kto'" in err and "merge_search" in err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == EXIT_USAGE
+    assert main(["validate", QUICKSTART]) == 0
+
+
+def test_error_classes_map_to_their_exit_codes():
+    # The CLI catches the two branches, not a list of classes: each error is on one of them.
+    for error in (ConfigError, UsageError):
+        assert issubclass(error, InputError) and error.exit_code == EXIT_USAGE
+    for error in (StageError, StorageError, EvaluationInputError):
+        assert issubclass(error, RunError) and error.exit_code == EXIT_FAILED
+    from alloylm.data.prepare import DataPreparationError
+    from alloylm.data.sources import SourceError
+    from alloylm.generate.run import TeacherGenerationError
+    from alloylm.merge import stage as merge_stage
+    from alloylm.serve.engine import EngineStoppedError
+    from alloylm.train import launcher
+
+    assert issubclass(SourceError, RunError) and issubclass(TeacherGenerationError, DataPreparationError)
+    assert launcher.StageError is merge_stage.StageError is StageError  # one stage error for every kind
+    assert not hasattr(merge_stage, "MergeStageError")
+    assert EngineStoppedError.__name__ != TeacherGenerationError.__name__
+
+
+def test_job_entry_point_under_the_wrong_python_says_what_to_do():
+    # `python -S` has no site-packages: what a Ray node's system Python without the venv looks like.
+    result = subprocess.run(
+        [sys.executable, "-S", str(REPO / "jobs" / "pipeline.py"), QUICKSTART], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "lacks pydantic" in result.stderr and "source .venv/bin/activate" in result.stderr
