@@ -77,3 +77,29 @@ def test_job_entry_point_under_the_wrong_python_says_what_to_do():
     )
     assert result.returncode == EXIT_USAGE, result.stderr
     assert "lacks pydantic" in result.stderr and "source .venv/bin/activate" in result.stderr
+
+
+def test_cli_exit_code_2_on_bad_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "alloylm.cli", "validate", QUICKSTART, "data.nope=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "data.nope" in result.stderr and "unknown key" in result.stderr
+
+
+def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(tmp_path):
+    quickstart = QUICKSTART
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    run = [sys.executable, "-m", "alloylm.cli", "serve", quickstart, f"storage={tmp_path}"]
+    unfinished = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert unfinished.returncode == 1
+    assert "no manifest.json" in unfinished.stderr
+    for stage in ("merged", "dpo", "instruct"):  # finished (manifest present) as far as serving can tell
+        folder = tmp_path / "quickstart" / "stages" / stage
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text("{}")
+    too_big = subprocess.run([*run, "serve.deployment.num_cpus=4"], capture_output=True, text=True, env=env)
+    assert too_big.returncode == 1
+    assert "need 12.25 CPUs, but the Ray cluster has" in too_big.stderr

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -179,29 +177,3 @@ def test_cli_validate_prints_the_resolved_config(tmp_path, capsys):
     assert resolved["stages"]["base"]["from"] == {"init": "tiny-llama", "seed": None}
     # The resolved config validates again to the same thing.
     assert RunConfig.model_validate(resolved).model_dump() == load_config(write(tmp_path, MINIMAL), ["data.block_size=32"]).model_dump()
-
-
-def test_cli_exit_code_2_on_bad_config(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "alloylm.cli", "validate", str(write(tmp_path, MINIMAL)), "data.nope=1"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert "data.nope" in result.stderr and "unknown key" in result.stderr
-
-
-def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(tmp_path):
-    quickstart = str(QUICKSTART)
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    run = [sys.executable, "-m", "alloylm.cli", "serve", quickstart, f"storage={tmp_path}"]
-    unfinished = subprocess.run(run, capture_output=True, text=True, env=env)
-    assert unfinished.returncode == 1
-    assert "no manifest.json" in unfinished.stderr
-    for stage in ("merged", "dpo", "instruct"):  # finished (manifest present) as far as serving can tell
-        folder = tmp_path / "quickstart" / "stages" / stage
-        folder.mkdir(parents=True)
-        (folder / "manifest.json").write_text("{}")
-    too_big = subprocess.run([*run, "serve.deployment.num_cpus=4"], capture_output=True, text=True, env=env)
-    assert too_big.returncode == 1
-    assert "need 12.25 CPUs, but the Ray cluster has" in too_big.stderr

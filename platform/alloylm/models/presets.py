@@ -88,7 +88,7 @@ def _mistral_config(
 
 # Each entry takes keyword arguments vocab_size, max_position_embeddings, bos_token_id,
 # eos_token_id and pad_token_id, and returns a fresh config. Parameter counts at vocab 2048 are
-# recorded (and checked) in tests/test_models.py.
+# recorded (and checked) in tests/models/test_loading.py.
 PRESETS: dict[str, Callable[..., PretrainedConfig]] = {
     # ~0.14M parameters: the smallest Llama, for merge tests that build many models.
     "pico-llama": partial(
