@@ -40,6 +40,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("alloylm")
 
 _current_step: contextvars.ContextVar[str] = contextvars.ContextVar("alloylm_step", default="")
+# The scheduler's free CPUs/GPUs (after every running step's reservation), while a run is going on.
+_free_pool: dict[str, float] | None = None
+
+
+def unreserved_resources() -> dict[str, float] | None:
+    """What no running step of the current pipeline run holds; None outside a run.
+
+    A CPT stage streams its data through Ray Data read tasks only when a CPU is left for them;
+    inside a run, siblings hold CPUs the cluster's totals do not show.
+    """
+    return None if _free_pool is None else dict(_free_pool)
 
 
 class StepLogFilter(logging.Filter):
@@ -275,74 +286,98 @@ def _fits(needs: dict[str, float], free: dict[str, float]) -> bool:
 
 def run_graph(steps: dict[str, Step], summary: RunSummary, *, capacity: dict[str, float], max_parallel: int | None) -> None:
     """Run every step once its parents are done and its resources fit; record each outcome in `summary.steps`."""
-    order = list(steps)
-    waiting = set(order)
-    running: dict[Future, str] = {}
-    free = dict(capacity)
-    workers = max_parallel or max(1, len(steps))
+    global _free_pool
+    scheduler = _Scheduler(steps, summary, capacity, max_parallel or max(1, len(steps)))
+    _free_pool = scheduler.free
+    try:
+        scheduler.run()
+    finally:
+        _free_pool = None
 
-    def status(key: str) -> str | None:
-        return summary.steps.get(key, {}).get("status")
 
-    def execute(step: Step) -> Any:
+class _Scheduler:
+    def __init__(self, steps: dict[str, Step], summary: RunSummary, capacity: dict[str, float], workers: int) -> None:
+        self.steps, self.summary, self.capacity, self.workers = steps, summary, capacity, workers
+        self.order = list(steps)
+        self.waiting = set(self.order)
+        self.running: dict[Future, str] = {}
+        self.free = dict(capacity)
+
+    def status(self, key: str) -> str | None:
+        return self.summary.steps.get(key, {}).get("status")
+
+    @staticmethod
+    def _execute(step: Step) -> Any:
         token = _current_step.set(step.key)
         try:
             return step.run()
         finally:
             _current_step.reset(token)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alloylm-step") as pool:
-        while waiting or running:
-            # Steps whose parent failed (or was not run) will never run: say so, and why.
-            for key in [k for k in order if k in waiting]:
-                step = steps[key]
-                broken = [p for p in step.parents if status(p) in ("failed", "not run")]
-                if broken:
-                    waiting.discard(key)
-                    summary.steps[key] = {"status": "not run", "error": f"not run: {broken[0]} did not finish"}
-                    log.warning("%s: not run, because %s did not finish", key, broken[0])
-            exclusive_running = any(steps[k].exclusive for k in running.values())
-            for key in [k for k in order if k in waiting]:
-                step = steps[key]
-                if exclusive_running or len(running) >= workers:
-                    break
-                if not all(status(p) == "done" for p in step.parents if p in steps):
-                    continue
-                if not all(status(a) is not None and status(a) != "running" for a in step.after if a in steps):
-                    continue
-                if (step.exclusive and running) or not _fits(step.needs, free):
-                    continue
-                for resource, amount in step.needs.items():
-                    free[resource] = free.get(resource, 0) - amount
-                waiting.discard(key)
-                summary.steps[key] = {"status": "running", "started": time.time()}
-                log.info("%s: started%s", key, f" ({', '.join(f'{v:g} {k}' for k, v in step.needs.items())})" if step.needs else "")
-                running[pool.submit(execute, step)] = key
-                exclusive_running = step.exclusive
-            if not running:
-                if waiting:  # nothing can ever start (resources beyond the cluster): fail them
-                    for key in [k for k in order if k in waiting]:
-                        waiting.discard(key)
-                        summary.steps[key] = {"status": "failed", "error": f"needs {steps[key].needs}, more than the cluster's {capacity}"}
-                break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in done:
-                key = running.pop(future)
-                step = steps[key]
-                for resource, amount in step.needs.items():
-                    free[resource] = free.get(resource, 0) + amount
-                entry = summary.steps[key]
-                entry["seconds"] = round(time.time() - entry.pop("started"), 1)
-                error = future.exception()
-                if error is None:
-                    entry["status"] = "done"
-                    log.info("%s: done in %.1f s", key, entry["seconds"])
-                else:
-                    entry["status"] = "failed"
-                    entry["error"] = str(error) if isinstance(error, AlloyLMError) else f"{type(error).__name__}: {error}"
-                    if not isinstance(error, AlloyLMError):
-                        log.error("%s failed:\n%s", key, "".join(traceback.format_exception(error)))
-                    log.error("%s: failed: %s", key, entry["error"])
+    def _waiting(self) -> list[str]:
+        return [k for k in self.order if k in self.waiting]
+
+    def _skip_broken(self) -> None:
+        """Steps whose parent failed (or was not run) will never run: say so, and why."""
+        for key in self._waiting():
+            broken = [p for p in self.steps[key].parents if self.status(p) in ("failed", "not run")]
+            if broken:
+                self.waiting.discard(key)
+                self.summary.steps[key] = {"status": "not run", "error": f"not run: {broken[0]} did not finish"}
+                log.warning("%s: not run, because %s did not finish", key, broken[0])
+
+    def _ready(self, step: Step) -> bool:
+        parents_done = all(self.status(p) == "done" for p in step.parents if p in self.steps)
+        after_finished = all(self.status(a) not in (None, "running") for a in step.after if a in self.steps)
+        return parents_done and after_finished
+
+    def _start_ready(self, pool: ThreadPoolExecutor) -> None:
+        exclusive_running = any(self.steps[k].exclusive for k in self.running.values())
+        for key in self._waiting():
+            step = self.steps[key]
+            if exclusive_running or len(self.running) >= self.workers:
+                return
+            if not self._ready(step) or (step.exclusive and self.running) or not _fits(step.needs, self.free):
+                continue
+            for resource, amount in step.needs.items():
+                self.free[resource] = self.free.get(resource, 0) - amount
+            self.waiting.discard(key)
+            self.summary.steps[key] = {"status": "running", "started": time.time()}
+            log.info("%s: started%s", key, f" ({', '.join(f'{v:g} {k}' for k, v in step.needs.items())})" if step.needs else "")
+            self.running[pool.submit(self._execute, step)] = key
+            exclusive_running = step.exclusive
+
+    def _finish(self, future: Future) -> None:
+        key = self.running.pop(future)
+        for resource, amount in self.steps[key].needs.items():
+            self.free[resource] = self.free.get(resource, 0) + amount
+        entry = self.summary.steps[key]
+        entry["seconds"] = round(time.time() - entry.pop("started"), 1)
+        error = future.exception()
+        if error is None:
+            entry["status"] = "done"
+            log.info("%s: done in %.1f s", key, entry["seconds"])
+            return
+        entry["status"] = "failed"
+        entry["error"] = str(error) if isinstance(error, AlloyLMError) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, AlloyLMError):
+            log.error("%s failed:\n%s", key, "".join(traceback.format_exception(error)))
+        log.error("%s: failed: %s", key, entry["error"])
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="alloylm-step") as pool:
+            while self.waiting or self.running:
+                self._skip_broken()
+                self._start_ready(pool)
+                if not self.running:
+                    for key in self._waiting():  # nothing can ever start: needs beyond the cluster
+                        self.waiting.discard(key)
+                        needs = self.steps[key].needs
+                        self.summary.steps[key] = {"status": "failed", "error": f"needs {needs}, more than the cluster's {self.capacity}"}
+                    return
+                done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._finish(future)
 
 
 def run_pipeline(

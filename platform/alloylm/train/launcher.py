@@ -132,7 +132,13 @@ def train_stage(config: RunConfig, name: str) -> dict:
         if stage.kind == "cpt":
             shards_fs, shards_path = storage.arrow_filesystem(storage.join(data_uri, "shards"))
             blocks = ray.data.read_parquet(shards_path, filesystem=shards_fs, columns=["input_ids"])
-            spare = ray.cluster_resources().get("CPU", 0) - stage.resources.workers * stage.resources.cpus_per_worker
+            from alloylm.pipeline import unreserved_resources
+
+            unreserved = unreserved_resources()  # inside a run: this stage's share is already reserved
+            if unreserved is not None:
+                spare = unreserved.get("CPU", 0)
+            else:
+                spare = ray.cluster_resources().get("CPU", 0) - stage.resources.workers * stage.resources.cpus_per_worker
             if spare < 1:
                 # The workers will hold every CPU, and Ray Data's read tasks need one to run: read the
                 # (compact, already packed) blocks into the object store now, before they start.
