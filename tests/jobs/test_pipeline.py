@@ -166,6 +166,10 @@ def _manifests(run_uri: str) -> dict[str, dict | None]:
     return {name: storage.read_manifest(storage.join(run_uri, "stages", name)) for name in STAGES}
 
 
+def _eval_manifests(run_uri: str) -> dict[str, dict | None]:
+    return {name: storage.read_manifest(storage.join(run_uri, "eval", name)) for name in ("instruct", "cpt", "sft", "dpo", "orpo", "merged")}
+
+
 @dataclass(frozen=True)
 class FirstRun:
     config: Path
@@ -244,6 +248,7 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     import psutil
 
     before = first_run.manifests
+    evaluated_before = _eval_manifests(first_run.run_uri)
     command = [sys.executable, "-m", "alloylm.cli", "run", str(first_run.config), *DPO_CHANGE]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     # Run 2: killed (driver and all) once dpo, the changed stage, has a checkpoint Ray Train registered.
@@ -281,6 +286,13 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     summary = _summary(done.stdout)
     assert set(summary["stages"]) == set(STAGES) and not summary["evaluation"]["failed"]
     assert summary["best"]["variant"] in summary["evaluation"]["scores"]
+    # The retrained variants were evaluated again; the others' results were reused, not recomputed.
+    evaluated_after = _eval_manifests(first_run.run_uri)
+    for name in ("dpo", "merged"):
+        assert evaluated_after[name]["fingerprint"] != evaluated_before[name]["fingerprint"], name
+        assert evaluated_after[name]["created_at"] != evaluated_before[name]["created_at"], name
+    for name in ("instruct", "cpt", "sft", "orpo"):
+        assert evaluated_after[name] == evaluated_before[name], name
 
 
 # ---------------------------------------------------------------------------------------------
