@@ -29,6 +29,8 @@ from alloylm.errors import EXIT_FAILED, EXIT_USAGE, AlloyLMError, InputError, Ru
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "make_parser"]
 log = logging.getLogger("alloylm")
+# Commands that write into the run: each holds the run's lease (alloylm.lease) while it works.
+WRITERS = ("data", "train", "merge", "search", "eval", "run")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +62,10 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_arguments(run)
     run.add_argument("--serve", action="store_true", help="then serve the `serve:` variants until Ctrl-C (not when a step failed)")
     run.add_argument("--only", action="append", default=None, metavar="STAGE", help="run only this stage and its ancestors (repeatable)")
+    for name in WRITERS:
+        commands.choices[name].add_argument(
+            "--wait", action="store_true", help="if another process is writing to this run (holds its lease), wait for it instead of failing"
+        )
     return parser
 
 
@@ -141,7 +147,7 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
         serve_variants(config)
         return 0
     if args.command == "run":
-        summary = run_pipeline(config, only=args.only, serve=args.serve, on_summary=_print_summary)
+        summary = run_pipeline(config, only=args.only, serve=args.serve, on_summary=_print_summary, wait_for_lease=args.wait)
         return 0 if summary.ok else EXIT_FAILED
     commands = {
         "data": lambda: _data(config, args.only),
@@ -151,7 +157,17 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
         "eval": lambda: _eval(config),
         "report": lambda: _report(config),
     }
-    result = commands[args.command]()
+    if args.command in WRITERS:
+        from alloylm.lease import RunLease
+
+        if args.command in ("train", "merge", "search"):
+            from alloylm.stages import kind_of
+
+            kind_of(config, args.stage, command=args.command)  # a usage error before waiting for a lease
+        with RunLease(config.run_uri, args.command, ttl=config.run.lease_ttl_seconds).held(wait=args.wait):
+            result = commands[args.command]()
+    else:
+        result = commands[args.command]()
     print(json.dumps(result, indent=2, default=str))
     return EXIT_FAILED if isinstance(result, dict) and result.get("failed") else 0
 

@@ -94,6 +94,14 @@ class RunOptions(_Frozen):
             "CPUs/GPUs fit; 1: one at a time, in dependency order."
         ),
     )
+    lease_ttl_seconds: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "A writing command holds <run>/.lease and renews it every ttl/4; a lease not renewed for "
+            "this long belongs to a dead holder and is taken over."
+        ),
+    )
 
 
 class RunConfig(_Frozen):

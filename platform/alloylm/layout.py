@@ -64,6 +64,11 @@ class RunLayout:
         return self._join("stages", name, "search")
 
     @property
+    def lease(self) -> str:
+        """One writer per run (see alloylm.lease)."""
+        return self._join(".lease")
+
+    @property
     def eval(self) -> str:
         return self._join("eval")
 

@@ -386,12 +386,27 @@ def run_pipeline(
     only: list[str] | None = None,
     serve: bool = False,
     on_summary: Callable[[RunSummary], None] | None = None,
+    wait_for_lease: bool = False,
 ) -> RunSummary:
     """Run the whole artifact graph of `config` (or `only` these stages and their ancestors).
 
-    Returns the summary; `summary.ok` is False when any step failed. With `serve`, and only when
-    nothing failed, then serves the `serve:` variants until interrupted (after `on_summary`).
+    Holds the run's lease while it writes (`alloylm.lease`: a second writer fails at once, or
+    waits with `wait_for_lease`). Returns the summary; `summary.ok` is False when any step failed.
+    With `serve`, and only when nothing failed, then serves the `serve:` variants until
+    interrupted (after `on_summary`; serving only reads, and holds no lease).
     """
+    from alloylm.lease import RunLease
+
+    with RunLease(config.run_uri, "run", ttl=config.run.lease_ttl_seconds).held(wait=wait_for_lease):
+        summary = _run(config, only)
+    if on_summary is not None:
+        on_summary(summary)
+    if serve and summary.ok:
+        serve_variants(config)
+    return summary
+
+
+def _run(config: RunConfig, only: list[str] | None) -> RunSummary:
     import ray
 
     from alloylm.cluster import connect_ray
@@ -405,10 +420,6 @@ def run_pipeline(
     log.info("run %s: %d steps on %s", config.experiment, len(steps), ", ".join(f"{v:g} {k}" for k, v in capacity.items()))
     run_graph(steps, summary, capacity=capacity, max_parallel=config.run.max_parallel_stages)
     summary.seconds = round(time.monotonic() - started, 1)
-    if on_summary is not None:
-        on_summary(summary)
-    if serve and summary.ok:
-        serve_variants(config)
     return summary
 
 
