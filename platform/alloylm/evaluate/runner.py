@@ -307,15 +307,16 @@ def _fingerprint(eval_config: EvalConfig, model_uri: str, eval_data: EvalData) -
 
 def write_variant_results(out_uri: str, results: dict, details: Mapping[str, list[dict]], *, fingerprint: str | None = None) -> str:
     """Write `<out_uri>/<variant>/` atomically (results.json, <suite>.jsonl, manifest last); returns its URI."""
+    from alloylm import artifact
+
     uri = storage.join(out_uri, results["variant"])
-    # Results are recomputed, not precious: a rerun replaces them.
-    with storage.begin_artifact(uri, overwrite=True) as artifact:
+    # Results are recomputed, not precious: a rerun replaces them. A None fingerprint (a model
+    # without a manifest, or a failed evaluation) is never taken for up to date.
+    with artifact.begin(uri, fingerprint, overwrite=True) as building:
         for suite, rows in details.items():
-            storage.write_text(storage.join(artifact.staging_uri, f"{suite}.jsonl"), "".join(json.dumps(r, default=str) + "\n" for r in rows))
-        storage.write_json(storage.join(artifact.staging_uri, RESULTS_NAME), results)
-        artifact.commit(
-            {"kind": "evaluation", "variant": results["variant"], "split": results["split"], "status": results["status"], "fingerprint": fingerprint}
-        )
+            storage.write_text(storage.join(building.staging_uri, f"{suite}.jsonl"), "".join(json.dumps(r, default=str) + "\n" for r in rows))
+        storage.write_json(storage.join(building.staging_uri, RESULTS_NAME), results)
+        building.commit({"kind": "evaluation", "variant": results["variant"], "split": results["split"], "status": results["status"]})
     return uri
 
 
@@ -325,9 +326,11 @@ def _evaluate_variant_task(
     """Ray task: score one variant and write its results; returns the results."""
     fp = _fingerprint(eval_config, model_uri, eval_data)
     if reuse and fp is not None:
+        from alloylm import artifact
+
         previous_uri = storage.join(out_uri, name)
-        manifest = storage.read_manifest(previous_uri)
-        if manifest and manifest.get("fingerprint") == fp and manifest.get("status") == "ok":
+        manifest = artifact.up_to_date(previous_uri, fp)
+        if manifest and manifest.get("status") == "ok":
             return {**storage.read_json(storage.join(previous_uri, RESULTS_NAME)), "reused": True}
     results, details = score_model(eval_config, model_uri, eval_data, variant=name, trust_remote_code=trust_remote_code)
     write_variant_results(out_uri, results, details, fingerprint=fp if results["status"] == "ok" else None)
