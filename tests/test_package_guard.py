@@ -22,3 +22,18 @@ def test_library_is_importable_from_platform_folder():
     import alloylm
 
     assert Path(alloylm.__file__).resolve().parent == REPO / "platform" / "alloylm"
+
+
+def test_lazy_package_names_are_the_objects_not_submodules_of_the_same_name():
+    """`from alloylm.merge import materialize` once returned the submodule `materialize` (imported
+    first by another module) instead of its function, and the quickstart's merge failed."""
+    import importlib
+    import pkgutil
+    import types
+
+    for package in ("alloylm.merge", "alloylm.evaluate"):
+        module = importlib.import_module(package)
+        for info in pkgutil.iter_modules(module.__path__):
+            importlib.import_module(f"{package}.{info.name}")  # every submodule imported first
+        for name in module._LAZY:
+            assert not isinstance(getattr(module, name), types.ModuleType), f"{package}.{name} is a module"

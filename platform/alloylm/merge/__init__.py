@@ -14,7 +14,7 @@ _LAZY = {
     "check_compatible": "compat",
     "tensor_shapes": "compat",
     "InMemoryMerger": "inmemory",
-    "materialize": "materialize",
+    "materialize": "materializer",
     "MergeInputError": "mergekit_builder",
     "known_methods": "mergekit_builder",
     "mergekit_config": "mergekit_builder",
