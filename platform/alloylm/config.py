@@ -172,7 +172,11 @@ class RunConfig(_Frozen):
         if self.evaluate is not None:
             problems += self.evaluate.reference_problems(set(self.stages), {n: d.format for n, d in self.datasets.items()})
         if self.serve is not None:
+            if self.serve.model == "best" and self.evaluate is None:
+                problems.append("serve.model: `best` is chosen by the run's evaluation on validation; the run has no `evaluate:` section")
             for name in self.serve.variant_names:
+                if name == "best":
+                    continue
                 if name not in self.stages and name not in self.serve.sources:
                     problems.append(
                         f"serve.variants: {name!r} is neither a stage of this run (stages: {_known(self.stages)}) "

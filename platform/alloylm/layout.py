@@ -77,5 +77,15 @@ class RunLayout:
         return self._join("eval", "comparison.md")
 
     @property
+    def validation_eval(self) -> str:
+        """Every variant scored on the validation split: what "best" is chosen on."""
+        return self._join("eval", "validation")
+
+    @property
+    def best(self) -> str:
+        """The variant the validation comparison chose (`serve.model: best` serves it)."""
+        return self._join("eval", "best.json")
+
+    @property
     def report(self) -> str:
         return self._join("report")

@@ -428,7 +428,7 @@ def serve_variants(config: RunConfig) -> None:
     from alloylm.cluster import connect_ray
     from alloylm.serve import ServeConfig, serve_run, variant_sources
 
-    serve_config = config.serve or ServeConfig()
+    serve_config = resolve_best(config, config.serve or ServeConfig())
     try:
         sources = variant_sources(serve_config, config.run_uri)
     except ValueError as exc:
@@ -436,6 +436,27 @@ def serve_variants(config: RunConfig) -> None:
     connect_ray()
     check_serve_resources(serve_config)
     serve_run(serve_config, sources, blocking=True)
+
+
+def resolve_best(config: RunConfig, serve_config):
+    """`serve.model: best` -> the variant `<run>/eval/best.json` names (chosen on validation by `alloylm run`)."""
+    from alloylm import storage
+    from alloylm.serve.config import BEST, ChosenVariant
+
+    if serve_config.model != BEST:
+        return serve_config
+    uri = RunLayout.of(config).best
+    try:
+        best = storage.read_json(uri)
+    except storage.StorageError:
+        raise ServeError(
+            f"serve.model: best serves the variant the run's validation comparison chose, and {uri} does not exist yet; "
+            "run `alloylm run CONFIG` first (or name a variant in serve.model)"
+        ) from None
+    chosen = ChosenVariant(**{k: best.get(k) for k in ("variant", "score", "score_definition") if best.get(k) is not None},
+                           within_noise=best.get("within_noise") or [])
+    log.info("serve: `best` is %s (validation score %s)", chosen.variant, chosen.score)
+    return serve_config.with_chosen(chosen)
 
 
 def check_serve_resources(serve_config) -> None:

@@ -322,6 +322,7 @@ class OpenAIIngress:
     def __init__(self, models: dict[str, DeploymentHandle], config: ServeConfig, key_digests: list[str]) -> None:
         self._models = models
         self._default = config.model
+        self._chosen = config.chosen.model_dump() if config.chosen else None
         self._limits = config.limits
         self._created = int(time.time())
         self._auth = APIKeyCheck.from_sources(config.api_keys_file, extra_digests=key_digests)
@@ -357,6 +358,8 @@ class OpenAIIngress:
 
     def _handle(self, model: str | None) -> tuple[str, DeploymentHandle]:
         name = model or self._default
+        if name == "best" and self._chosen:  # `model: best`: the alias of the chosen variant
+            name = self._chosen["variant"]
         handle = self._models.get(name)
         if handle is None:
             raise APIError(
@@ -400,13 +403,13 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse(model_list(list(self._models), self._created))
+        return JSONResponse(model_list(list(self._models), self._created, default=self._default, chosen=self._chosen))
 
     @api.get("/v1/models/{model:path}")
     async def get_model(self, model: str, request: Request) -> JSONResponse:
         self._authorize(request)
-        self._handle(model)
-        return JSONResponse(model_list([model], self._created)["data"][0])
+        name, _ = self._handle(model)
+        return JSONResponse(model_list([name], self._created, default=self._default, chosen=self._chosen)["data"][0])
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):

@@ -194,11 +194,30 @@ class VLLMBackendConfig(_Frozen):
         return value
 
 
+BEST = "best"  # `model: best`: the variant the run's validation comparison chose
+
+
+class ChosenVariant(_Frozen):
+    """Why the default variant is the one served: the run's validation comparison chose it."""
+
+    variant: str = Field(pattern=VARIANT_PATTERN, description="The chosen variant.")
+    score: float | None = Field(None, description="Its validation score.")
+    split: Literal["validation"] = Field("validation", description="Chosen on validation, never on test.")
+    score_definition: str | None = Field(None, description="What the score is (suites and weights).")
+    within_noise: list[str] = Field(default_factory=list, description="Variants whose score differs from it by less than noise.")
+
+
 class ServeConfig(_Frozen):
     """How a run's models are served: an OpenAI-compatible HTTP API on Ray Serve."""
 
     model: str = Field(
-        "merged", description="The default variant: the one a request without a `model` field gets.", pattern=VARIANT_PATTERN
+        "merged",
+        description=(
+            "The default variant: the one a request without a `model` field gets. `best`: the variant with "
+            "the best validation score of the run's evaluation (`alloylm run` writes <run>/eval/best.json); "
+            "requests may also name it `best`."
+        ),
+        pattern=VARIANT_PATTERN,
     )
     variants: list[str] = Field(
         default_factory=list,
@@ -248,6 +267,9 @@ class ServeConfig(_Frozen):
         ),
     )
     vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="Ray Serve LLM settings (backend: vllm).")
+    chosen: ChosenVariant | None = Field(
+        None, description="Filled by `alloylm serve` for `model: best`: which variant was chosen, on which split, and its score."
+    )
 
     @field_validator("variants")
     @classmethod
@@ -297,6 +319,13 @@ class ServeConfig(_Frozen):
     def missing_sources(self) -> list[str]:
         """Variants with no model folder under `sources`."""
         return [name for name in self.variant_names if name not in self.sources]
+
+    def with_chosen(self, chosen: ChosenVariant) -> ServeConfig:
+        """`model: best` resolved: the chosen variant becomes the default (and replaces `best` in variants)."""
+        data = self.model_dump()
+        variants = [chosen.variant if v == BEST else v for v in self.variants]
+        data.update(model=chosen.variant, variants=list(dict.fromkeys(variants)), chosen=chosen.model_dump())
+        return ServeConfig.model_validate(data)
 
     def with_sources(self, sources: dict[str, str]) -> ServeConfig:
         """A copy whose `sources` are updated with `sources` (validated again)."""

@@ -320,8 +320,15 @@ def sse(data: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-def model_list(names: list[str], created: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": name, "object": "model", "created": created, "owned_by": "alloylm"} for name in names],
-    }
+def model_list(names: list[str], created: int, *, default: str | None = None, chosen: dict | None = None) -> dict[str, Any]:
+    """OpenAI's model list; `alloylm` says which model is the default and, for `model: best`, why."""
+
+    def entry(name: str) -> dict[str, Any]:
+        item = {"id": name, "object": "model", "created": created, "owned_by": "alloylm"}
+        if default is not None:
+            item["alloylm"] = {"default": name == default}
+            if chosen and chosen.get("variant") == name:
+                item["alloylm"]["chosen"] = {**chosen, "alias": "best"}
+        return item
+
+    return {"object": "list", "data": [entry(name) for name in names]}

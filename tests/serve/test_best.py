@@ -1,0 +1,51 @@
+"""`serve.model: best`: the variant the run's validation comparison chose is served, and says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alloylm.config import ConfigError, load_config
+from alloylm.errors import ServeError
+from alloylm.layout import RunLayout
+from alloylm.pipeline import resolve_best
+from alloylm.serve.config import ChosenVariant, ServeConfig
+from alloylm.serve.protocol import model_list
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def test_best_is_replaced_by_the_chosen_variant():
+    config = ServeConfig(model="best", variants=["best", "dpo", "instruct"])
+    resolved = config.with_chosen(ChosenVariant(variant="dpo", score=0.61, within_noise=["merged"]))
+    assert resolved.model == "dpo" and resolved.variant_names == ["dpo", "instruct"]
+    assert resolved.chosen.variant == "dpo" and resolved.chosen.split == "validation"
+
+
+def test_models_list_names_the_default_and_why_it_was_chosen():
+    chosen = {"variant": "dpo", "score": 0.61, "split": "validation"}
+    listed = model_list(["dpo", "instruct"], 0, default="dpo", chosen=chosen)["data"]
+    assert listed[0]["alloylm"] == {"default": True, "chosen": {**chosen, "alias": "best"}}
+    assert listed[1]["alloylm"] == {"default": False}
+    assert model_list(["x"], 0)["data"][0] == {"id": "x", "object": "model", "created": 0, "owned_by": "alloylm"}
+
+
+def test_resolve_best_reads_the_runs_choice(tmp_path):
+    config = load_config(QUICKSTART, [f"storage={tmp_path}", "serve.model=best", "serve.variants=[best, instruct]"])
+    with pytest.raises(ServeError, match=r"eval/best.json does not exist yet; run `alloylm run CONFIG` first"):
+        resolve_best(config, config.serve)
+    best = Path(RunLayout.of(config).best)
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"variant": "sft", "score": 0.7, "split": "validation", "within_noise": ["dpo"]}))
+    resolved = resolve_best(config, config.serve)
+    assert resolved.model == "sft" and resolved.variant_names == ["sft", "instruct"] and resolved.chosen.within_noise == ["dpo"]
+
+
+def test_best_needs_an_evaluation(tmp_path):
+    text = QUICKSTART.read_text(encoding="utf-8").split("\nevaluate:")[0] + "\nserve: {model: best}\n"
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="serve.model: `best` is chosen by the run's evaluation on validation"):
+        load_config(path)
