@@ -202,14 +202,18 @@ def _cell_interval(result: Mapping, column: Column) -> dict | None:
     return (entry.get("intervals") or {}).get(column.metric)
 
 
+def _scored_units(result: Mapping) -> list[tuple]:
+    return [(name, s.ids, s.clusters) for name in SUITE_NAMES if (s := _suite_samples(result, name)) is not None]
+
+
 def _cell_difference(result: Mapping, reference: Mapping, column: Column) -> dict | None:
     """result - reference on `column`, with its paired-bootstrap interval (None: cannot be paired)."""
     if column.suite is None:
         ours, theirs = _score_replicates(result), _score_replicates(reference)
         if ours is None or theirs is None or result.get("score") is None or reference.get("score") is None:
             return None
-        units = lambda r: [(n, s.ids, s.clusters) for n in SUITE_NAMES if (s := _suite_samples(r, n)) is not None]  # noqa: E731
-        if units(result) != units(reference) or _seed(result) != _seed(reference):
+        same_terms = (result.get("config") or {}).get("suites") == (reference.get("config") or {}).get("suites")
+        if not same_terms or _scored_units(result) != _scored_units(reference) or _seed(result) != _seed(reference):
             return None
         return difference_entry(result["score"] - reference["score"], ours - theirs)
     metric = metric_for(column.suite, column.metric)
