@@ -224,7 +224,10 @@ def render_report(
             md += ["## Metrics", ""]
             parts.append("<h2>Metrics</h2>")
             for column in comparison["columns"]:
-                chance = comparison["chance"].get("multiple_choice") if column["key"].startswith("multiple_choice.accuracy") else None
+                # 1/options is chance for one answer (and for P(correct) of a model that cannot tell the
+                # options apart), not for being right in every rotation: that line would mislead there.
+                with_chance = column["key"] in ("multiple_choice.accuracy", "multiple_choice.accuracy_norm", "multiple_choice.mean_prob_correct")
+                chance = comparison["chance"].get("multiple_choice") if with_chance else None
                 name = _bar_chart(column, comparison["rows"], chance, folder)
                 images.append(name)
                 md += [f"![{column['label']}]({name})", ""]
