@@ -180,6 +180,7 @@ def test_sizes_follow_the_knobs():
     options = BuiltinCorpusOptions(
         materials=30, documents_per_material=2, qa_per_fact=3, preferences_per_fact=2, benchmark_fraction=0.2,
         heldout_documents=7, general_documents=11, general_heldout_documents=5, general_chats=13, choices=5,
+        multiple_choice_per_fact=2,
     )
     counts = {name: len(generate_builtin(name, options)) for name in BUILTIN_SOURCES}
     benchmark_facts = len(PROPERTIES) * round(0.2 * 30)
@@ -188,7 +189,7 @@ def test_sizes_follow_the_knobs():
         "biomaterials-corpus": 30 * 2,
         "biomaterials-qa": training_facts * 3,
         "biomaterials-preferences": training_facts * 2,
-        "biomaterials-benchmark": 2 * benchmark_facts,
+        "biomaterials-benchmark": (2 + 1) * benchmark_facts,  # 2 multiple-choice items and 1 short-answer item per fact
         "biomaterials-heldout-text": 7,
         "general-text": 11,
         "general-heldout-text": 5,

@@ -3,7 +3,8 @@
 - `corpus_documents`: paper-like CPT text; every document states all 7 facts of its material.
 - `qa_chats`: SFT chats about training facts only (some posed as multiple choice).
 - `preference_pairs`: chosen (true value) / rejected (wrong value or evasion) pairs, training facts only.
-- `benchmark_items`: a multiple-choice and a short-answer item per benchmark fact.
+- `benchmark_items`: several multiple-choice items (balanced answer positions) and a short-answer item
+  per benchmark fact.
 - `heldout_documents`: paper-like text in phrasings the CPT documents never use, for domain perplexity.
 
 The sentence pools of the CPT text and of the held-out text are disjoint by construction; the
@@ -467,14 +468,15 @@ def _answer(fact: Fact, material: Material, value: str, rng: random.Random) -> s
 
 
 def _multiple_choice(
-    kb: KnowledgeBase, fact: Fact, count: int, rng: random.Random, *, training_only: bool
+    kb: KnowledgeBase, fact: Fact, count: int, rng: random.Random, *, training_only: bool, answer_index: int | None = None
 ) -> tuple[list[str], int]:
-    """Shuffled choices (the true value and count-1 distractors) and the index of the true value."""
+    """Choices (the true value and count-1 distractors) and the index of the true value (random unless given)."""
     if fact.property in NUMERIC_PROPERTIES:
         distractors = kb.wrong_numbers(fact, count - 1, rng)
     else:
         distractors = kb.other_values(fact, count - 1, rng, training_only=training_only)
-    answer_index = rng.randrange(count)
+    if answer_index is None:
+        answer_index = rng.randrange(count)
     choices = distractors[:answer_index] + [fact.text] + distractors[answer_index:]
     return choices, answer_index
 
@@ -556,17 +558,48 @@ def preference_pairs(options: BuiltinCorpusOptions) -> list[dict]:
     return rows
 
 
-def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
-    """`biomaterials-benchmark`: per benchmark fact, one multiple-choice and one short-answer item.
+def _balanced_positions(fact_count: int, per_fact: int, choices: int, rng: random.Random) -> list[list[int]]:
+    """Answer positions for `per_fact` items of each of `fact_count` facts.
 
-    Both items of a fact share its split, so validation and test never ask about the same fact.
+    Read fact by fact, the positions are the cycle 0, 1, ..., choices-1, 0, 1, ... over every item, so
+    each position holds the answer equally often (exactly when the item count divides by `choices`,
+    else the counts differ by one) and the items of one fact put their answers in different places
+    (when per_fact <= choices). Facts take their turn in a shuffled order, each fact's positions are
+    shuffled among its items, and the position labels are permuted, so no pattern is left to learn.
+    """
+    order = list(range(fact_count))
+    rng.shuffle(order)
+    relabel = list(range(choices))
+    rng.shuffle(relabel)
+    positions: list[list[int]] = [[] for _ in range(fact_count)]
+    for turn, fact in enumerate(order):
+        own = [relabel[(turn * per_fact + j) % choices] for j in range(per_fact)]
+        rng.shuffle(own)
+        positions[fact] = own
+    return positions
+
+
+def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
+    """`biomaterials-benchmark`: per benchmark fact, `multiple_choice_per_fact` multiple-choice items
+    and one short-answer item.
+
+    A fact's multiple-choice items differ in question wording, distractors and answer position; the
+    answer positions of each split are balanced over the options (`_balanced_positions`), so a model
+    that always picks one letter scores chance. Every item of a fact shares its split, so validation
+    and test never ask about the same fact.
     """
     kb = build_knowledge_base(options)
     rng = random_stream(options.seed, "biomaterials-benchmark")
+    facts = kb.benchmark_facts()
+    per_fact = options.multiple_choice_per_fact
+    positions: dict[str, list[int]] = {}
+    for split in ("validation", "test"):
+        in_split = [fact for fact in facts if fact.split == split]
+        dealt = _balanced_positions(len(in_split), per_fact, options.choices, random_stream(options.seed, f"biomaterials-benchmark/positions/{split}"))
+        positions.update({fact.id: own for fact, own in zip(in_split, dealt)})
     rows = []
-    for fact in kb.benchmark_facts():
+    for fact in facts:
         label = PROPERTY_LABELS[fact.property]
-        choices, index = _multiple_choice(kb, fact, options.choices, rng, training_only=False)
         common = {
             "split": fact.split,
             "answer": fact.text,
@@ -576,16 +609,20 @@ def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
             "property": fact.property,
             "fact_id": fact.id,
         }
-        rows.append(
-            {
-                "id": f"bio-bench/{fact.id}/mc",
-                "type": "multiple_choice",
-                "question": rng.choice(_MULTIPLE_CHOICE_STEMS).format(label=label, name=fact.material),
-                "choices": choices,
-                "answer_index": index,
-                **common,
-            }
-        )
+        # Every stem once before any repeats; each item draws its own distractors.
+        stems = rng.sample(_MULTIPLE_CHOICE_STEMS, len(_MULTIPLE_CHOICE_STEMS))
+        for j, index in enumerate(positions[fact.id]):
+            choices, _ = _multiple_choice(kb, fact, options.choices, rng, training_only=False, answer_index=index)
+            rows.append(
+                {
+                    "id": f"bio-bench/{fact.id}/mc" if j == 0 else f"bio-bench/{fact.id}/mc{j}",
+                    "type": "multiple_choice",
+                    "question": stems[j % len(stems)].format(label=label, name=fact.material),
+                    "choices": choices,
+                    "answer_index": index,
+                    **common,
+                }
+            )
         rows.append(
             {
                 "id": f"bio-bench/{fact.id}/sa",

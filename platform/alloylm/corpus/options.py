@@ -35,6 +35,15 @@ class BuiltinCorpusOptions(BaseModel):
         0.5, gt=0.0, lt=1.0, description="Fraction of the held-out facts whose benchmark items go to `validation`; the rest go to `test`."
     )
     choices: int = Field(4, ge=2, le=8, description="Options per multiple-choice item (the answer and choices-1 distractors).")
+    multiple_choice_per_fact: int = Field(
+        3,
+        ge=1,
+        le=8,
+        description=(
+            "Multiple-choice benchmark items per benchmark fact, each with its own question wording, distractors "
+            "and answer position (more items resolve smaller differences; intervals resample them by fact)."
+        ),
+    )
     multiple_choice_chat_fraction: float = Field(
         0.25,
         ge=0.0,

@@ -1,5 +1,6 @@
 """The comparison of variants: one row per variant, one column per headline metric, the best marked,
-and the aggregate `score` the merge search maximises.
+each value with its bootstrap 95% interval and its paired difference from the reference variant,
+and the aggregate `score` the merge search maximises; `best_variant` picks the winner on validation.
 
 Built from the variants' `results.json`; every value the table shows is one of theirs.
 """
@@ -10,7 +11,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from alloylm.evaluate.config import EvalConfig
+from alloylm.evaluate.config import SUITE_NAMES, EvalConfig
+from alloylm.evaluate.intervals import (
+    CONFIDENCE,
+    METHOD,
+    RESAMPLES,
+    Samples,
+    difference_entry,
+    metric_for,
+    paired_difference,
+    percentile_interval,
+    replicates,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,8 @@ class Column:
 
 _FIXED_COLUMNS = (
     Column("multiple_choice", "accuracy", "MC accuracy", True),
+    Column("multiple_choice", "accuracy_circular", "MC accuracy (every rotation)", True),
+    Column("multiple_choice", "mean_prob_correct", "MC P(correct option)", True),
     Column("multiple_choice", "accuracy_norm", "MC accuracy (length-normalised)", True),
     Column("short_answer", "accuracy", "Short-answer accuracy", True),
     Column("short_answer", "exact_match", "Short-answer exact", True),
@@ -38,23 +52,53 @@ _FIXED_COLUMNS = (
     Column("judge", "overall", "Judge overall (1-10)", True),
 )
 
+# multiple_choice.objective_metric -> the metric it names.
+_MC_OBJECTIVE = {"prob_correct": "mean_prob_correct", "accuracy": "accuracy", "accuracy_circular": "accuracy_circular"}
 
-def headline_value(suite: str, metrics: Mapping) -> float | None:
+
+def _config_value(config, key: str, default):
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def headline_metric(suite: str, config=None) -> str:
+    """The metric a suite's headline value is made from; `config` is the suite's config (or its dump).
+
+    Multiple choice: the one its `objective_metric` names (default `mean_prob_correct`).
+    """
+    if suite == "multiple_choice":
+        return _MC_OBJECTIVE[_config_value(config, "objective_metric", "prob_correct")]
+    if suite == "short_answer":
+        return "accuracy"
+    if suite in ("domain_perplexity", "general_perplexity"):
+        return "bits_per_byte"
+    if suite == "judge":
+        return "overall"
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def _to_headline(suite: str, value):
+    """A suite's headline metric (a number or an array of replicates) scaled to 0..1, higher better."""
+    if suite in ("domain_perplexity", "general_perplexity"):
+        return 2.0 ** (-value)
+    if suite == "judge":
+        return (value - 1.0) / 9.0
+    return value
+
+
+def headline_value(suite: str, metrics: Mapping, config=None) -> float | None:
     """A suite's headline metric scaled to 0..1, higher better (what the aggregate score weighs).
 
-    Accuracies as they are; perplexity as 2^-bits_per_byte (the geometric-mean probability of a
-    byte); the judge's 1-10 overall as (overall - 1) / 9.
+    Multiple choice: its `objective_metric` (default the mean probability of the correct option,
+    continuous, so that close merge candidates still get different scores); short answer: accuracy;
+    perplexity as 2^-bits_per_byte (the geometric-mean probability of a byte); the judge's 1-10
+    overall as (overall - 1) / 9. `config` is the suite's config (or its JSON dump).
     """
-    if suite in ("multiple_choice", "short_answer"):
-        value = metrics.get("accuracy")
-    elif suite in ("domain_perplexity", "general_perplexity"):
-        bpb = metrics.get("bits_per_byte")
-        value = None if bpb is None else 2.0 ** (-bpb)
-    elif suite == "judge":
-        overall = metrics.get("overall")
-        value = None if overall is None else (overall - 1.0) / 9.0
-    else:
-        raise ValueError(f"unknown suite {suite!r}")
+    value = metrics.get(headline_metric(suite, config))
+    value = None if value is None else _to_headline(suite, value)
     return None if value is None or not math.isfinite(value) else float(value)
 
 
@@ -70,7 +114,7 @@ def aggregate_score(suites: Mapping[str, Mapping], config: EvalConfig) -> tuple[
         if suite_config.weight == 0:
             continue
         result = suites.get(name) or {}
-        value = headline_value(name, result.get("metrics") or {}) if result.get("status") == "ok" else None
+        value = headline_value(name, result.get("metrics") or {}, suite_config) if result.get("status") == "ok" else None
         if value is None:
             missing.append(name)
             continue
@@ -79,6 +123,20 @@ def aggregate_score(suites: Mapping[str, Mapping], config: EvalConfig) -> tuple[
     if missing or weights == 0:
         return None, missing
     return total / weights, missing
+
+
+def score_definition(config: Mapping | EvalConfig) -> str:
+    """In words, what a result's `score` is: the weighted suites and the metric each contributes."""
+    suites = config.model_dump(mode="json")["suites"] if isinstance(config, EvalConfig) else (config or {}).get("suites") or {}
+    parts = []
+    for name in SUITE_NAMES:
+        suite = suites.get(name) or {}
+        if not suite.get("enabled", name != "judge") or not suite.get("weight", 1.0):
+            continue
+        metric = headline_metric(name, suite)
+        shown = {"bits_per_byte": "2^-bits_per_byte", "overall": "(overall - 1) / 9"}.get(metric, metric)
+        parts.append(f"{name} {shown} (weight {suite.get('weight', 1.0):g})")
+    return "weighted mean of " + ", ".join(parts) if parts else "no weighted suite"
 
 
 def _columns(results: Mapping[str, Mapping]) -> list[Column]:
@@ -95,16 +153,116 @@ def _columns(results: Mapping[str, Mapping]) -> list[Column]:
     return columns
 
 
-def build_comparison(results: Mapping[str, Mapping]) -> dict:
-    """The comparison table of variants' results (name -> results.json content); all on one split."""
+def _suite_samples(result: Mapping, suite: str) -> Samples | None:
+    entry = (result.get("suites") or {}).get(suite) or {}
+    if entry.get("status") != "ok" or not entry.get("samples"):
+        return None
+    try:
+        return Samples.from_json(entry["samples"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _seed(result: Mapping) -> int:
+    seed = result.get("seed")
+    return seed if isinstance(seed, int) else 0
+
+
+def _score_replicates(result: Mapping, resamples: int = RESAMPLES):
+    """The aggregate score on each bootstrap resample (suites resampled independently), or None."""
+    config = result.get("config") or {}
+    suites = config.get("suites") or {}
+    total = weights = 0.0
+    for name in SUITE_NAMES:
+        suite = suites.get(name) or {}
+        weight = suite.get("weight", 1.0)
+        if not suite.get("enabled", name != "judge") or not weight:
+            continue
+        samples = _suite_samples(result, name)
+        metric = metric_for(name, headline_metric(name, suite))
+        if samples is None or metric is None or not len(samples):
+            return None
+        total = total + weight * _to_headline(name, replicates(samples, metric, seed=_seed(result), stream=name, resamples=resamples))
+        weights += weight
+    return total / weights if weights else None
+
+
+def score_interval(result: Mapping) -> dict | None:
+    """The 95% bootstrap interval of a result's aggregate score (each weighted suite resampled on its own)."""
+    reps = _score_replicates(result)
+    return percentile_interval(reps) if reps is not None else None
+
+
+def _cell_interval(result: Mapping, column: Column) -> dict | None:
+    if column.suite is None:
+        return result.get("score_interval") or score_interval(result)
+    entry = (result.get("suites") or {}).get(column.suite) or {}
+    if entry.get("status") != "ok":
+        return None
+    return (entry.get("intervals") or {}).get(column.metric)
+
+
+def _scored_units(result: Mapping) -> list[tuple]:
+    return [(name, s.ids, s.clusters) for name in SUITE_NAMES if (s := _suite_samples(result, name)) is not None]
+
+
+def _cell_difference(result: Mapping, reference: Mapping, column: Column) -> dict | None:
+    """result - reference on `column`, with its paired-bootstrap interval (None: cannot be paired)."""
+    if column.suite is None:
+        ours, theirs = _score_replicates(result), _score_replicates(reference)
+        if ours is None or theirs is None or result.get("score") is None or reference.get("score") is None:
+            return None
+        same_terms = (result.get("config") or {}).get("suites") == (reference.get("config") or {}).get("suites")
+        if not same_terms or _scored_units(result) != _scored_units(reference) or _seed(result) != _seed(reference):
+            return None
+        return difference_entry(result["score"] - reference["score"], ours - theirs)
+    metric = metric_for(column.suite, column.metric)
+    ours, theirs = _suite_samples(result, column.suite), _suite_samples(reference, column.suite)
+    if metric is None or ours is None or theirs is None or _seed(result) != _seed(reference):
+        return None
+    return paired_difference(ours, theirs, metric, seed=_seed(result), stream=column.suite)
+
+
+def _variant_order(results: Mapping[str, Mapping]) -> list[str]:
+    """The variants in the order the evaluate config lists them (the pipeline's), others after, by name."""
+    from alloylm.evaluate.config import variant_name
+
+    order: list[str] = []
+    for result in results.values():
+        for entry in (result.get("config") or {}).get("variants") or []:
+            name = variant_name(entry)
+            if name in results and name not in order:
+                order.append(name)
+    return order + sorted(name for name in results if name not in order)
+
+
+def default_reference(names: Sequence[str]) -> str | None:
+    """The variant others are compared with: `instruct` when there is one, else the first."""
+    return "instruct" if "instruct" in names else (names[0] if names else None)
+
+
+def build_comparison(results: Mapping[str, Mapping], *, reference: str | None = None) -> dict:
+    """The comparison table of variants' results (name -> results.json content); all on one split.
+
+    Rows follow the evaluate config's variant order. Each value carries its 95% bootstrap interval
+    (`intervals`), and each row its paired-bootstrap difference from the `reference` variant
+    (default: `instruct`, else the first row) with `within_noise` when the interval holds 0.
+    """
     splits = sorted({r.get("split") for r in results.values() if r.get("split")})
     if len(splits) > 1:
         raise ValueError(f"results of different splits cannot be compared in one table: {', '.join(splits)}")
     columns = _columns(results)
+    order = _variant_order(results)
+    if reference is not None and reference not in results:
+        raise ValueError(f"reference variant {reference!r} is not among the results ({', '.join(order)})")
+    reference = reference or default_reference(order)
     rows = []
-    for name, result in sorted(results.items()):
+    for name in order:
+        result = results[name]
         suites = result.get("suites") or {}
         values: dict[str, float | None] = {}
+        intervals: dict[str, dict | None] = {}
+        differences: dict[str, dict | None] = {}
         for column in columns:
             if column.suite is None:
                 values[column.key] = result.get("score")
@@ -112,10 +270,23 @@ def build_comparison(results: Mapping[str, Mapping]) -> dict:
                 suite = suites.get(column.suite) or {}
                 value = (suite.get("metrics") or {}).get(column.metric) if suite.get("status") == "ok" else None
                 values[column.key] = value if isinstance(value, (int, float)) and math.isfinite(value) else None
+            intervals[column.key] = _cell_interval(result, column) if values[column.key] is not None else None
+            if name != reference and values[column.key] is not None:
+                differences[column.key] = _cell_difference(result, results[reference], column)
         missing = {s: (v.get("reason") or v.get("status")) for s, v in suites.items() if v.get("status") != "ok"}
         if result.get("status") == "failed":
             missing["model"] = result.get("error") or "failed"
-        rows.append({"variant": name, "model": result.get("model"), "status": result.get("status"), "values": values, "missing": missing})
+        rows.append(
+            {
+                "variant": name,
+                "model": result.get("model"),
+                "status": result.get("status"),
+                "values": values,
+                "intervals": intervals,
+                "differences": differences,
+                "missing": missing,
+            }
+        )
     best: dict[str, list[str]] = {}
     for column in columns:
         scored = [(row["values"][column.key], row["variant"]) for row in rows if row["values"][column.key] is not None]
@@ -126,6 +297,7 @@ def build_comparison(results: Mapping[str, Mapping]) -> dict:
         (r.get("suites") or {}).get("multiple_choice", {}).get("metrics", {}).get("chance") for r in results.values()
     ]
     chance = [c for c in chance if c is not None]
+    first_config = next((r.get("config") for r in results.values() if r.get("config")), None)
     return {
         "split": splits[0] if splits else None,
         "columns": [
@@ -135,6 +307,50 @@ def build_comparison(results: Mapping[str, Mapping]) -> dict:
         "rows": rows,
         "best": best,
         "chance": {"multiple_choice": chance[0]} if chance else {},
+        "reference": reference,
+        "intervals": {"confidence": CONFIDENCE, "resamples": RESAMPLES, "method": METHOD},
+        "score_definition": score_definition(first_config) if first_config else None,
+        "score_leader": _score_leader(rows, results),
+    }
+
+
+def _score_leader(rows: list[dict], results: Mapping[str, Mapping]) -> dict | None:
+    """The row with the highest score (the first of equal ones) and each other row's paired difference from it."""
+    scored = [row for row in rows if row["values"].get("score") is not None]
+    if not scored:
+        return None
+    leader = max(scored, key=lambda row: row["values"]["score"])  # max keeps the first of equal scores
+    column = Column(None, "score", "", True)
+    differences = {
+        row["variant"]: _cell_difference(results[leader["variant"]], results[row["variant"]], column)
+        for row in scored
+        if row is not leader
+    }
+    return {"variant": leader["variant"], "score": leader["values"]["score"], "differences": differences}
+
+
+def best_variant(comparison: Mapping) -> dict:
+    """The variant with the highest `score` in a comparison on the validation split, and why.
+
+    Returns {variant, score, interval, split, score_definition, within_noise}: `within_noise` lists
+    the other variants whose score differs from the winner's by less than noise (paired bootstrap;
+    a difference that could not be paired counts as within noise). Ties go to the earlier variant in
+    pipeline order. Raises ValueError for a comparison on another split (choosing on test would
+    report a fit to it) or with no score.
+    """
+    if comparison.get("split") != "validation":
+        raise ValueError(f"the best variant is chosen on the validation split, this comparison is on {comparison.get('split')!r}")
+    leader = comparison.get("score_leader")
+    if not leader:
+        raise ValueError("no variant has a score to choose by")
+    row = next(r for r in comparison["rows"] if r["variant"] == leader["variant"])
+    return {
+        "variant": leader["variant"],
+        "score": leader["score"],
+        "interval": (row.get("intervals") or {}).get("score"),
+        "split": "validation",
+        "score_definition": comparison.get("score_definition"),
+        "within_noise": [name for name, d in leader["differences"].items() if d is None or d["within_noise"]],
     }
 
 
@@ -149,8 +365,42 @@ def format_value(key: str, value: float | None) -> str:
     return f"{value:.3f}"
 
 
+NOISE_MARK = "≈"
+
+
+def format_cell(key: str, value: float | None, interval: Mapping | None = None, difference: Mapping | None = None) -> str:
+    """`value [low, high]`, with ≈ when its difference from the reference variant is within noise."""
+    text = format_value(key, value)
+    if value is not None and interval:
+        text += f" [{format_value(key, interval['low'])}, {format_value(key, interval['high'])}]"
+    if value is not None and difference and difference.get("within_noise"):
+        text += f" {NOISE_MARK}"
+    return text
+
+
+def comparison_notes(comparison: Mapping) -> list[str]:
+    """The lines under the table: split, arrows, intervals, noise marks, chance, score, what is missing."""
+    notes = [f"Split: `{comparison.get('split')}`. ↑ higher is better, ↓ lower is better; best in bold."]
+    method = comparison.get("intervals")
+    if method:
+        notes.append(f"[low, high]: {method['confidence']:.0%} interval ({method['method']}).")
+    if comparison.get("reference"):
+        notes.append(
+            f"{NOISE_MARK}: the difference from `{comparison['reference']}` lies within noise "
+            f"(its paired-bootstrap {method['confidence'] if method else CONFIDENCE:.0%} interval contains 0)."
+        )
+    if comparison.get("chance", {}).get("multiple_choice") is not None:
+        notes.append(f"Multiple-choice chance level: {comparison['chance']['multiple_choice']:.3f}.")
+    if comparison.get("score_definition"):
+        notes.append(f"Score: {comparison['score_definition']}.")
+    for row in comparison["rows"]:
+        for suite, reason in row["missing"].items():
+            notes.append(f"{row['variant']}: {suite} missing — {reason}")
+    return notes
+
+
 def comparison_markdown(comparison: Mapping, *, columns: Sequence[str] | None = None) -> str:
-    """The comparison as a Markdown table (best value of each column in bold), with its notes."""
+    """The comparison as a Markdown table (value [95% interval], best in bold, ≈ within noise), with its notes."""
     shown = [c for c in comparison["columns"] if columns is None or c["key"] in columns]
     arrows = {True: "↑", False: "↓"}
     header = "| Variant | " + " | ".join(f"{c['label']} {arrows[c['higher_is_better']]}" for c in shown) + " |"
@@ -158,15 +408,13 @@ def comparison_markdown(comparison: Mapping, *, columns: Sequence[str] | None = 
     for row in comparison["rows"]:
         cells = []
         for c in shown:
-            text = format_value(c["key"], row["values"].get(c["key"]))
+            value = row["values"].get(c["key"])
+            interval = (row.get("intervals") or {}).get(c["key"])
+            difference = (row.get("differences") or {}).get(c["key"])
+            text = format_value(c["key"], value)
             if row["variant"] in comparison["best"].get(c["key"], []):
                 text = f"**{text}**"
+            text = text + format_cell(c["key"], value, interval, difference)[len(format_value(c["key"], value)) :]
             cells.append(text)
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    notes = [f"Split: `{comparison.get('split')}`. ↑ higher is better, ↓ lower is better; best in bold."]
-    if comparison.get("chance", {}).get("multiple_choice") is not None:
-        notes.append(f"Multiple-choice chance level: {comparison['chance']['multiple_choice']:.3f}.")
-    for row in comparison["rows"]:
-        for suite, reason in row["missing"].items():
-            notes.append(f"{row['variant']}: {suite} missing — {reason}")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in comparison_notes(comparison)) + "\n"

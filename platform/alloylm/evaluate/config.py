@@ -49,6 +49,22 @@ class MultipleChoiceConfig(_SuiteBase):
 
     dataset: str = Field("domain-benchmark", description="Benchmark data set (format `benchmark`) with the items.")
     prompt: Literal["auto", "chat", "plain"] = Field("auto", description=_PROMPT_DESCRIPTION)
+    circular: bool = Field(
+        True,
+        description=(
+            "Also ask every item with its options rotated (MMBench CircularEval) and report `accuracy_circular` "
+            "(right only if every rotation is). Chat prompts list the options, so this costs one scoring pass "
+            "per option; plain prompts reuse the same log-likelihoods."
+        ),
+    )
+    objective_metric: Literal["prob_correct", "accuracy", "accuracy_circular"] = Field(
+        "prob_correct",
+        description=(
+            "This suite's headline in the aggregate `score` (the merge-search objective and the comparison's Score "
+            "column): `prob_correct` is `mean_prob_correct`, the softmax probability of the correct option over the "
+            "options' log-likelihoods (continuous, so close candidates still differ); or `accuracy`, `accuracy_circular`."
+        ),
+    )
 
 
 class ShortAnswerConfig(_SuiteBase):

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Mapping
 
 from alloylm import storage
-from alloylm.evaluate.comparison import build_comparison, comparison_markdown, format_value
+from alloylm.evaluate.comparison import build_comparison, comparison_markdown, comparison_notes, format_cell, format_value
 from alloylm.evaluate.config import SUITE_NAMES
 from alloylm.evaluate.runner import load_results
 
@@ -54,7 +54,15 @@ def _bar_chart(column: Mapping, rows: list[dict], chance: float | None, folder: 
     names = [row["variant"] for row in rows]
     values = [row["values"].get(column["key"]) for row in rows]
     shown = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-    bars = axes.bar(names, shown, color=["#4C72B0" if v is not None else "#DDDDDD" for v in values])
+    intervals = [(row.get("intervals") or {}).get(column["key"]) for row in rows]
+    # Error bars: each value's 95% bootstrap interval (none where a value has no interval).
+    errors = [
+        [max(0.0, v - i["low"]) if i and v is not None and math.isfinite(i["low"]) else 0.0 for v, i in zip(shown, intervals)],
+        [max(0.0, i["high"] - v) if i and v is not None and math.isfinite(i["high"]) else 0.0 for v, i in zip(shown, intervals)],
+    ]
+    bars = axes.bar(
+        names, shown, yerr=errors, capsize=3, ecolor="#333333", color=["#4C72B0" if v is not None else "#DDDDDD" for v in values]
+    )
     for bar, value in zip(bars, values):
         text = "missing" if value is None else format_value(column["key"], value)
         axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
@@ -157,9 +165,12 @@ def _html_table(comparison: Mapping) -> str:
     for row in comparison["rows"]:
         cells = []
         for c in comparison["columns"]:
-            text = html.escape(format_value(c["key"], row["values"].get(c["key"])))
+            value = row["values"].get(c["key"])
+            text = html.escape(format_value(c["key"], value))
             if row["variant"] in comparison["best"].get(c["key"], []):
                 text = f"<b>{text}</b>"
+            full = format_cell(c["key"], value, (row.get("intervals") or {}).get(c["key"]), (row.get("differences") or {}).get(c["key"]))
+            text += html.escape(full[len(format_value(c["key"], value)) :])
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><th>{html.escape(row['variant'])}</th>{''.join(cells)}</tr>")
     return f"<table>\n<tr><th>Variant</th>{head}</tr>\n" + "\n".join(body) + "\n</table>"
@@ -200,11 +211,7 @@ def render_report(
         else:
             md += [comparison_markdown(comparison), ""]
             parts.append(_html_table(comparison))
-            notes = [f"Split: {REPORTED_SPLIT}. ↑ higher is better, ↓ lower is better; best in bold."]
-            if comparison["chance"].get("multiple_choice") is not None:
-                notes.append(f"Multiple-choice chance level: {comparison['chance']['multiple_choice']:.3f}.")
-            notes += [f"{row['variant']}: {s} missing — {r}" for row in comparison["rows"] for s, r in row["missing"].items()]
-            parts.append(_markdown_to_html_lines(notes))
+            parts.append(_markdown_to_html_lines([n.replace("`", "") for n in comparison_notes(comparison)]))
         if excluded:
             text = (
                 "Not reported, because they were scored on a split other than test (the validation split is "
@@ -217,7 +224,10 @@ def render_report(
             md += ["## Metrics", ""]
             parts.append("<h2>Metrics</h2>")
             for column in comparison["columns"]:
-                chance = comparison["chance"].get("multiple_choice") if column["key"].startswith("multiple_choice.accuracy") else None
+                # 1/options is chance for one answer (and for P(correct) of a model that cannot tell the
+                # options apart), not for being right in every rotation: that line would mislead there.
+                with_chance = column["key"] in ("multiple_choice.accuracy", "multiple_choice.accuracy_norm", "multiple_choice.mean_prob_correct")
+                chance = comparison["chance"].get("multiple_choice") if with_chance else None
                 name = _bar_chart(column, comparison["rows"], chance, folder)
                 images.append(name)
                 md += [f"![{column['label']}]({name})", ""]

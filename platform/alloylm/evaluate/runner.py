@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from alloylm import storage
 from alloylm.evaluate.benchmark import BenchmarkItem, load_benchmark, select_items
-from alloylm.evaluate.comparison import aggregate_score, build_comparison, comparison_markdown
+from alloylm.evaluate.comparison import aggregate_score, build_comparison, comparison_markdown, score_definition, score_interval
+from alloylm.evaluate.intervals import METHOD, samples_from_details, suite_intervals
 from alloylm.evaluate.config import EvalConfig, variant_name, variant_source
 from alloylm.evaluate.judge import JudgeQuestion, load_judge_questions, questions_from_benchmark, run_judge
 from alloylm.evaluate.multiple_choice import run_multiple_choice
@@ -192,7 +193,7 @@ def _suite_run(name: str, eval_config: EvalConfig, scorer, eval_data: EvalData, 
     suite = getattr(eval_config.suites, name)
     items = getattr(eval_data, name)
     if name == "multiple_choice":
-        return (*run_multiple_choice(scorer, items, prompt=suite.prompt), None)
+        return (*run_multiple_choice(scorer, items, prompt=suite.prompt, circular=suite.circular), None)
     if name == "short_answer":
         return (
             *run_short_answer(
@@ -270,6 +271,12 @@ def score_model(
             metrics, suite_details, missing_reason = _suite_run(name, eval_config, scorer, eval_data, data_tokenizer)
             entry.update(status="missing" if missing_reason else "ok", reason=missing_reason, metrics=metrics)
             details[name] = suite_details
+            criteria = eval_config.suites.judge.criteria if name == "judge" else ()
+            samples = samples_from_details(name, suite_details, criteria)
+            if samples is not None and len(samples):
+                # Per-unit columns: the comparison recomputes intervals and paired differences from them.
+                entry["intervals"] = suite_intervals(name, samples, metrics, seed=eval_config.seed)
+                entry["samples"] = samples.to_json()
         except Exception as exc:  # a suite's failure must not cost the other suites' scores
             log.warning("variant %s: suite %s failed: %s", results["variant"], name, exc)
             entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}", metrics={}, traceback=traceback.format_exc(limit=5))
@@ -284,6 +291,9 @@ def score_model(
         error=None,
         score=score,
         score_missing=score_missing,
+        score_definition=score_definition(eval_config),
+        score_interval=score_interval(results) if score is not None else None,
+        intervals_method=METHOD,
         weights={name: s.weight for name, s in eval_config.suites.enabled().items()},
         seconds=round(time.monotonic() - started, 3),
     )

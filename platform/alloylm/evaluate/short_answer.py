@@ -61,6 +61,7 @@ def score_short_answer(
         details.append(
             {
                 "id": item.id,
+                "fact_id": item.fact_id,
                 "question": item.question,
                 "answer": item.answer,
                 "answer_value": item.answer_value,

@@ -141,7 +141,7 @@ def run_trial(tune_config: dict, job: TrialJob, eval_data: EvalData) -> None:
             reasons = {n: s.get("reason") for n, s in results["suites"].items() if s.get("status") != "ok"}
             raise SearchError(f"the objective is missing for this candidate: {results.get('error') or reasons}")
         suites = {
-            f"suite/{name}": headline_value(name, suite.get("metrics") or {})
+            f"suite/{name}": headline_value(name, suite.get("metrics") or {}, getattr(job.eval_config.suites, name))
             for name, suite in results["suites"].items()
             if suite.get("status") == "ok"
         }
