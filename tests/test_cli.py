@@ -92,7 +92,7 @@ def test_cli_exit_code_2_on_bad_config(tmp_path):
 def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(tmp_path):
     quickstart = QUICKSTART
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    run = [sys.executable, "-m", "alloylm.cli", "serve", quickstart, f"storage={tmp_path}"]
+    run = [sys.executable, "-m", "alloylm.cli", "serve", quickstart, f"storage={tmp_path}", "serve.model=merged", "serve.variants=[merged, dpo, instruct]"]
     unfinished = subprocess.run(run, capture_output=True, text=True, env=env)
     assert unfinished.returncode == 1
     assert "no manifest.json" in unfinished.stderr

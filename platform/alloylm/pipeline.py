@@ -224,25 +224,35 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
     needs = {k: v for k, v in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)) if v > 0}
     names = [variant_name(entry) for entry in eval_config.variants]
 
-    def evaluate(variant: str) -> dict:
+    # "Best" is chosen on validation, never on the split the report states (test by default):
+    # every variant is also scored on validation, unless that is already the report's split.
+    splits = {"eval": (eval_config.split, layout.eval)}
+    if eval_config.split != "validation":
+        splits["validate"] = ("validation", layout.validation_eval)
+
+    def evaluate(variant: str, split: str, out: str) -> dict:
         result = evaluate_variants(
             eval_config,
             {variant: variants[variant]},
             data,
-            layout.eval,
+            out,
             tokenizer_uri=layout.tokenizer,
+            split=split,
             trust_remote_code=config.trust_remote_code,
             compare=False,
         )
-        evaluations[variant] = result["variants"][variant]
+        evaluations[(variant, split)] = result["variants"][variant]
         error = result["failed"].get(variant)
         if error:
-            raise StageError(f"variant {variant!r}: evaluation failed: {error}")
+            raise StageError(f"variant {variant!r}: evaluation on {split} failed: {error}")
         return result
 
-    for variant in names:
-        parents = ("tokenizer", *data_steps) + ((f"stage:{variant}",) if variant in config.stages else ())
-        steps[f"eval:{variant}"] = Step(f"eval:{variant}", lambda v=variant: evaluate(v), parents=parents, needs=needs)
+    for prefix, (split, out) in splits.items():
+        for variant in names:
+            parents = ("tokenizer", *data_steps) + ((f"stage:{variant}",) if variant in config.stages else ())
+            steps[f"{prefix}:{variant}"] = Step(
+                f"{prefix}:{variant}", lambda v=variant, s=split, o=out: evaluate(v, s, o), parents=parents, needs=needs
+            )
 
     def compare() -> dict:
         # Every variant whose evaluation finished; the others are listed as failed with the reason.
@@ -258,15 +268,34 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
             "scores": {name: r.get("score") for name, r in result["variants"].items()},
             "failed": failed,
         }
-        scores = {n: s for n, s in summary.evaluation["scores"].items() if s is not None}
-        if scores:
-            best = max(scores, key=scores.get)
-            summary.best = {"variant": best, "score": scores[best], "model": stage_uris.get(best, variants.get(best, best))}
         if failed:
             raise StageError(f"evaluation failed for {', '.join(sorted(failed))}")
         return result
 
     steps["comparison"] = Step("comparison", compare, after=tuple(f"eval:{v}" for v in names))
+
+    def select() -> dict:
+        """The validation comparison of every variant that has validation results, and the best of them."""
+        from alloylm import storage
+        from alloylm.evaluate import best_variant
+
+        storage.remove(layout.best)  # a choice from an earlier run must never outlive a failed selection
+        prefix, (split, out) = ("validate", splits["validate"]) if "validate" in splits else ("eval", splits["eval"])
+        done = {v: variants[v] for v in names if summary.steps.get(f"{prefix}:{v}", {}).get("status") == "done"}
+        if not done:
+            raise StageError("no variant was scored on the validation split: nothing to choose from")
+        result = evaluate_variants(
+            eval_config, done, data, out, tokenizer_uri=layout.tokenizer, split=split, trust_remote_code=config.trust_remote_code
+        )
+        best = best_variant(result["comparison"])
+        best["model"] = stage_uris.get(best["variant"], variants.get(best["variant"]))
+        best["scores"] = {name: r.get("score") for name, r in result["variants"].items()}
+        storage.write_json(layout.best, best)
+        summary.best = best
+        log.info("best on validation: %s (score %s; within noise: %s)", best["variant"], best["score"], ", ".join(best["within_noise"]) or "none")
+        return best
+
+    steps["selection"] = Step("selection", select, after=tuple(f"{'validate' if 'validate' in splits else 'eval'}:{v}" for v in names))
 
     def report() -> dict:
         searches = {n: layout.search_results(n) for n, s in config.stages.items() if s.kind == "merge_search"}
@@ -274,7 +303,7 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         summary.report = render_report(layout.eval, layout.report, stages=training, searches=searches, title=f"AlloyLM: {config.experiment}")
         return summary.report
 
-    steps["report"] = Step("report", report, after=("comparison",))
+    steps["report"] = Step("report", report, after=("comparison", "selection"))
 
 
 # ------------------------------------------------------------------------------ running it

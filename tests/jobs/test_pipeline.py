@@ -33,9 +33,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged")
+STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged", "sft-direct")
 # Stages that neither are dpo nor descend from it: a change to dpo must leave them alone.
-NOT_AFTER_DPO = ("base", "instruct", "cpt", "sft", "orpo")
+NOT_AFTER_DPO = ("base", "instruct", "cpt", "sft", "orpo", "sft-direct")
 # Run 2 changes dpo (beta) and gives it enough steps, with checkpoints, to be cut in the middle.
 DPO_CHANGE = ["stages.dpo.beta=0.2", "stages.dpo.training.max_steps=24", "stages.dpo.checkpoint.every_steps=2", "overwrite=true"]
 
@@ -167,7 +167,7 @@ def _manifests(run_uri: str) -> dict[str, dict | None]:
 
 
 def _eval_manifests(run_uri: str) -> dict[str, dict | None]:
-    return {name: storage.read_manifest(storage.join(run_uri, "eval", name)) for name in ("instruct", "cpt", "sft", "dpo", "orpo", "merged")}
+    return {name: storage.read_manifest(storage.join(run_uri, "eval", name)) for name in (*STAGES[1:],)}
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
     run = first_run.run_uri
     assert all(first_run.manifests.values()), {n: m is not None for n, m in first_run.manifests.items()}
     assert first_run.manifests["cpt"]["workers"] == 2 and first_run.manifests["cpt"]["metrics"]["world_size"] == 2
-    for name in ("base", "instruct", "cpt", "sft", "dpo", "orpo"):
+    for name in ("base", "instruct", "cpt", "sft", "dpo", "orpo", "sft-direct"):
         assert first_run.manifests[name]["metrics"]["global_step"] == 3, name
     assert first_run.manifests["merged"]["parents"] == [storage.join(run, "stages", "dpo"), storage.join(run, "stages", "instruct")]
     # The merge search: its mergekit YAML, its trials (3, the paper's point among them), a model.
@@ -218,14 +218,17 @@ def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
     assert any(f.endswith(".safetensors") for f in storage.list_files(merged))
     # Every variant evaluated; the report compares them.
     summary = _summary(first_run.output)
-    assert sorted(summary["evaluation"]["scores"]) == sorted(["instruct", "cpt", "sft", "dpo", "orpo", "merged"])
+    assert sorted(summary["evaluation"]["scores"]) == sorted(["instruct", "cpt", "sft", "dpo", "orpo", "merged", "sft-direct"])
     assert not summary["evaluation"]["failed"]
     report = storage.read_text(storage.join(run, "report", "report.md"))
     assert "AlloyLM: qs" in report and all(v in report for v in ("instruct", "merged", "orpo"))
     assert storage.exists(storage.join(run, "report", "report.html"))
+    # "Best" is chosen on validation (every variant scored there too), never on the test split.
     best = summary["best"]
-    assert best["variant"] in summary["evaluation"]["scores"] and best["score"] == max(summary["evaluation"]["scores"].values())
+    assert best["split"] == "validation" and set(best["scores"]) == set(summary["evaluation"]["scores"])
+    assert best["score"] == max(s for s in best["scores"].values() if s is not None)
     assert best["model"] == storage.join(run, "stages", best["variant"])
+    assert json.loads(storage.read_text(storage.join(run, "eval", "best.json")))["variant"] == best["variant"]
 
 
 def _registered_checkpoints(s3, bucket: str, prefix: str) -> int:
@@ -291,7 +294,7 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     for name in ("dpo", "merged"):
         assert evaluated_after[name]["fingerprint"] != evaluated_before[name]["fingerprint"], name
         assert evaluated_after[name]["created_at"] != evaluated_before[name]["created_at"], name
-    for name in ("instruct", "cpt", "sft", "orpo"):
+    for name in ("instruct", "cpt", "sft", "orpo", "sft-direct"):
         assert evaluated_after[name] == evaluated_before[name], name
 
 
