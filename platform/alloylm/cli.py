@@ -118,13 +118,19 @@ def _report(config: RunConfig) -> dict[str, Any]:
     from alloylm.layout import RunLayout
     from alloylm.stages import stage_kind
 
+    from alloylm import storage
+    from alloylm.pipeline import stage_dag
+
     layout = RunLayout.of(config)
+    best = storage.read_json(layout.best).get("variant") if storage.exists(layout.best) else None
     return render_report(
         layout.eval,
         layout.report,
         stages={n: layout.stage(n) for n, s in config.stages.items() if stage_kind(s.kind).command == "train"},  # loss curves
         searches={n: layout.search_results(n) for n, s in config.stages.items() if s.kind == "merge_search"},
         title=f"AlloyLM: {config.experiment}",
+        dag=stage_dag(config),
+        best=best,
     )
 
 

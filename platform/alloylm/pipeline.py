@@ -189,6 +189,11 @@ def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | Non
     return steps
 
 
+def stage_dag(config: RunConfig) -> dict[str, list[str]]:
+    """Stage name -> its parent stages (model sources left out), in dependency order."""
+    return {name: [p for p in config.stages[name].parent_refs() if p in config.stages] for name in config.stage_order()}
+
+
 def _kind(config: RunConfig, name: str):
     return stage_kind(config.stages[name].kind)
 
@@ -300,7 +305,10 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
     def report() -> dict:
         searches = {n: layout.search_results(n) for n, s in config.stages.items() if s.kind == "merge_search"}
         training = {n: stage_uris[n] for n in config.stages if _kind(config, n).command == "train"}  # loss curves
-        summary.report = render_report(layout.eval, layout.report, stages=training, searches=searches, title=f"AlloyLM: {config.experiment}")
+        summary.report = render_report(
+            layout.eval, layout.report, stages=training, searches=searches, title=f"AlloyLM: {config.experiment}",
+            dag=stage_dag(config), best=(summary.best or {}).get("variant"),
+        )
         return summary.report
 
     steps["report"] = Step("report", report, after=("comparison", "selection"))

@@ -78,6 +78,99 @@ def _bar_chart(column: Mapping, rows: list[dict], chance: float | None, folder: 
     return name
 
 
+def _nothing_to_show(column: Mapping, rows: list[dict]) -> str | None:
+    """One line instead of a chart when every variant has the same value, or none (e.g. all zeros)."""
+    values = [row["values"].get(column["key"]) for row in rows]
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if not known:
+        return f"{column['label']}: no variant has a value."
+    if len(set(known)) == 1 and len(known) == len(values):
+        return f"{column['label']}: {format_value(column['key'], known[0])} for every variant (nothing to compare)."
+    return None
+
+
+def _depths(dag: Mapping[str, list[str]]) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def of(name: str, seen: tuple[str, ...] = ()) -> int:
+        if name not in depth:
+            parents = [p for p in dag.get(name, []) if p in dag and p not in seen]
+            depth[name] = 1 + max((of(p, (*seen, name)) for p in parents), default=-1)
+        return depth[name]
+
+    for name in dag:
+        of(name)
+    return depth
+
+
+def _dag_figure(dag: Mapping[str, list[str]], rows: list[dict], best: str | None, folder: str) -> str:
+    """The run's stage DAG, left to right by depth, each evaluated variant's score at its node."""
+    depth = _depths(dag)
+    columns: dict[int, list[str]] = {}
+    for name in dag:
+        columns.setdefault(depth[name], []).append(name)
+    height = max(len(names) for names in columns.values())
+    figure = _figure(max(6.4, 2.1 * len(columns)), max(2.6, 1.05 * height + 0.8))
+    axes = figure.add_subplot()
+    position = {name: (d, (height - 1) / 2 - i) for d, names in columns.items() for i, name in enumerate(names)}
+    by_variant = {row["variant"]: row for row in rows}
+    for name, parents in dag.items():
+        for parent in parents:
+            if parent in position:
+                # An edge that skips columns bends, so it does not hide behind the nodes between.
+                skips = position[name][0] - position[parent][0] > 1
+                axes.annotate("", xy=position[name], xytext=position[parent],
+                              arrowprops={"arrowstyle": "->", "color": "#888888", "shrinkA": 28, "shrinkB": 28,
+                                          "connectionstyle": f"arc3,rad={-0.12 if skips else 0.0}"})
+    for name, (x, y) in position.items():
+        row = by_variant.get(name)
+        text = name
+        if row is not None:
+            score = row["values"].get("score")
+            interval = (row.get("intervals") or {}).get("score")
+            text += f"\nscore {format_value('score', score)}"
+            if interval:
+                text += f"\n[{interval['low']:.3f}, {interval['high']:.3f}]"
+        color = "#F2C14E" if name == best else ("#DCE6F2" if row is not None else "#EEEEEE")
+        axes.text(x, y, text, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "facecolor": color, "edgecolor": "#555555"})
+    axes.set_xlim(-0.6, max(columns) + 0.6)
+    axes.set_ylim(-(height + 1) / 2, (height + 1) / 2 + 0.5)
+    axes.axis("off")
+    axes.set_title("The run: stages and their test scores" + (f" (highlighted: {best}, best on validation)" if best else ""), fontsize=10)
+    figure.tight_layout()
+    name = "dag.png"
+    figure.savefig(os.path.join(folder, name), format="png")
+    return name
+
+
+def _trade_off(rows: list[dict], folder: str, chance: float | None = None) -> str | None:
+    """Domain multiple-choice accuracy against general perplexity: forgetting and merging in one picture."""
+    x_key, y_key = "general_perplexity.perplexity", "multiple_choice.accuracy"
+    points = [r for r in rows if r["values"].get(x_key) is not None and r["values"].get(y_key) is not None]
+    if len(points) < 2:
+        return None
+    figure = _figure(6.4, 4.2)
+    axes = figure.add_subplot()
+    for row in points:
+        x, y = row["values"][x_key], row["values"][y_key]
+        xi, yi = (row.get("intervals") or {}).get(x_key), (row.get("intervals") or {}).get(y_key)
+        xerr = [[max(0.0, x - xi["low"])], [max(0.0, xi["high"] - x)]] if xi else None
+        yerr = [[max(0.0, y - yi["low"])], [max(0.0, yi["high"] - y)]] if yi else None
+        axes.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        axes.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if chance is not None:
+        axes.axhline(chance, color="#C44E52", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+        axes.legend(fontsize=8, loc="lower right")
+    axes.set_xscale("log")
+    axes.set_xlabel("general perplexity (held-out general text; lower: less forgetting)")
+    axes.set_ylabel("domain multiple-choice accuracy")
+    axes.set_title("Trade-off: domain knowledge against general text, 95% intervals", fontsize=10)
+    figure.tight_layout()
+    name = "trade_off.png"
+    figure.savefig(os.path.join(folder, name), format="png")
+    return name
+
+
 def _read_jsonl(uri: str) -> tuple[list[dict], int]:
     rows, bad = [], 0
     for line in storage.read_text(uri).splitlines():
@@ -187,11 +280,15 @@ def render_report(
     stages: Mapping[str, str] | None = None,
     searches: Mapping[str, str] | None = None,
     title: str = "AlloyLM report",
+    dag: Mapping[str, list[str]] | None = None,
+    best: str | None = None,
 ) -> dict:
     """Write `report.md`, `report.html` and their PNGs to `report_uri` (atomically); returns a summary.
 
     `eval_uri` holds the variants' results (`<run>/eval`); `stages` maps stage names to their
-    artifact URIs (for loss curves), `searches` merge-search names to the folders with trials.jsonl.
+    artifact URIs (for loss curves), `searches` merge-search names to the folders with trials.jsonl,
+    `dag` stage names to their parent stages (the picture the report opens with) and `best` the
+    variant chosen on validation (highlighted, never chosen here).
     """
     results = load_results(eval_uri) if storage.exists(eval_uri) else {}
     reported = {name: r for name, r in results.items() if r.get("split") == REPORTED_SPLIT}
@@ -201,6 +298,18 @@ def render_report(
         md: list[str] = [f"# {title}", ""]
         parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
         images: list[str] = []
+
+        if comparison is not None and dag:
+            name = _dag_figure(dag, comparison["rows"], best, folder)
+            images.append(name)
+            md += [f"![the run]({name})", ""]
+            parts.append(f'<figure><img src="{name}" alt="the run"></figure>')
+        if comparison is not None:
+            name = _trade_off(comparison["rows"], folder, comparison["chance"].get("multiple_choice"))
+            if name:
+                images.append(name)
+                md += [f"![trade-off]({name})", ""]
+                parts.append(f'<figure><img src="{name}" alt="trade-off"></figure>')
 
         md += ["## Variants compared", ""]
         parts.append("<h2>Variants compared</h2>")
@@ -223,7 +332,12 @@ def render_report(
         if comparison is not None:
             md += ["## Metrics", ""]
             parts.append("<h2>Metrics</h2>")
+            flat = []
             for column in comparison["columns"]:
+                line = _nothing_to_show(column, comparison["rows"])
+                if line:
+                    flat.append(line)
+                    continue
                 # 1/options is chance for one answer (and for P(correct) of a model that cannot tell the
                 # options apart), not for being right in every rotation: that line would mislead there.
                 with_chance = column["key"] in ("multiple_choice.accuracy", "multiple_choice.accuracy_norm", "multiple_choice.mean_prob_correct")
@@ -232,6 +346,9 @@ def render_report(
                 images.append(name)
                 md += [f"![{column['label']}]({name})", ""]
                 parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(column["label"])}"></figure>')
+            if flat:
+                md += [f"- {line}" for line in flat] + [""]
+                parts.append(_markdown_to_html_lines(flat))
             md += ["## What was scored", ""]
             parts.append("<h2>What was scored</h2>")
             scored = []
