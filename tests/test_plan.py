@@ -201,3 +201,15 @@ def test_cluster_section_is_read_and_flags_override_it(capsys):
     assert main(["-q", "plan", str(LLAMA), "cluster.gpus=4", "cluster.gpu_memory_gib=40", "--gpu-memory-gib", "24", "--json"]) == 0
     cluster = json.loads(capsys.readouterr().out)["cluster"]
     assert (cluster["gpus"], cluster["gpu_memory_gib"]) == (4, 24)
+
+
+def test_run_refuses_a_stage_that_cannot_fit_only_where_gpu_memory_is_known():
+    from alloylm.pipeline import check_stage_memory
+
+    too_big = ["stages.cpt.deepspeed.stage=0", "stages.cpt.training.gradient_checkpointing=false"]
+    config = load_config(LLAMA, too_big + ["cluster.gpu_memory_gib=80"])
+    with pytest.raises(StageError, match=r"stage 'cpt' does not fit: \d+\.\d GiB per GPU > 72\.0 GiB usable"):
+        check_stage_memory(config, ["cpt", "sft"], gpus=8)
+    check_stage_memory(config, ["sft"], gpus=8)  # the others fit
+    check_stage_memory(config, ["cpt"], gpus=0)  # a CPU cluster: skipped
+    check_stage_memory(load_config(LLAMA, too_big), ["cpt"], gpus=8)  # no cluster.gpu_memory_gib: skipped
