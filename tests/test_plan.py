@@ -118,6 +118,9 @@ def test_zero2_and_ddp_shard_what_they_should():
     assert zero1.gradients > zero2.gradients and zero1.optimizer == zero2.optimizer
     ddp = model_states(LLAMA_8B, zero_stage=None, precision="bf16", workers=8)
     assert ddp.total == 16 * LLAMA_8B.total  # fp32 weights, gradients and Adam under AMP, nothing sharded
+    # fp32: ZeRO-2 clones an fp32 master partition for its optimizer, ZeRO-3 reuses the fp32 weights.
+    assert model_states(LLAMA_8B, zero_stage=2, precision="fp32", workers=2).optimizer == 12 * LLAMA_8B.total / 2
+    assert model_states(LLAMA_8B, zero_stage=3, precision="fp32", workers=2).optimizer == 8 * LLAMA_8B.total / 2
 
 
 def test_offload_moves_optimizer_states_to_cpu():

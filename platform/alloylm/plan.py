@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from alloylm.errors import StageError
+from alloylm.errors import ConfigError, StageError
 from alloylm.plan_config import ClusterConfig
 
 if TYPE_CHECKING:
@@ -190,9 +190,12 @@ def model_states(
     (nothing sharded); ZeRO 1 adds every rank's full 16-bit gradients (2 bytes per parameter,
     less the shard already counted) to the ZeRO-2 estimate.
 
-    fp32 training (DeepSpeed keeps no separate master copy) and plain DDP (`stage: null`: torch
-    AMP keeps fp32 weights): 4 weight + 4 gradient + 8 Adam bytes per parameter under the same
-    sharding rules; DeepSpeed's estimators (16-bit weights) do not apply, so this formula is used.
+    fp32 training and plain DDP (`stage: null`: torch AMP keeps fp32 weights): 4 weight + 4
+    gradient + 8 Adam bytes per parameter under the same sharding rules; DeepSpeed's estimators
+    (16-bit weights) do not apply, so this formula is used. ZeRO 1 and 2 still clone an fp32
+    partition of the weights for the optimizer (`single_partition_of_fp32_groups` in
+    stage_1_and_2.py): 4 more bytes per parameter, sharded; ZeRO-3 reuses fp32 weights as its
+    master partition (`_create_fp32_partitions` in stage3.py) and ZeRO 0 runs the plain optimizer.
 
     LoRA: the frozen base weights only take their weight bytes (sharded under ZeRO-3); gradients
     and optimizer states exist for the adapters only, which the estimators are given.
@@ -209,7 +212,8 @@ def model_states(
     frozen_bytes = frozen * weight / (n if zero_stage == 3 else 1)
     offload_optimizer = offload_optimizer and bool(zero_stage)
     shard = n if zero_stage else 1  # optimizer states are sharded from ZeRO-1 on
-    opt = 0.0 if offload_optimizer else trained * (12 if mixed else 8) / shard
+    master_copy = mixed or zero_stage in (1, 2)  # 4 bytes of fp32 master weights besides Adam's 8
+    opt = 0.0 if offload_optimizer else trained * (12 if master_copy else 8) / shard
     cpu = 0.0
     if zero_stage == 3:
         gathered = layer * weight  # the largest layer's full weights (and as many bytes of its gradients)
@@ -422,22 +426,22 @@ def _fixes(config: RunConfig, name: str, cluster: ClusterConfig) -> list[str]:
     while batch > 1:  # the same effective batch: halve the micro-batch, double the accumulation
         batch, accumulation = batch // 2, accumulation * 2
         candidates.append([f"{p}.training.batch_size={batch}", f"{p}.training.gradient_accumulation_steps={accumulation}"])
-    if ds.stage is None or ds.stage < 3:
-        candidates.append([f"{p}.deepspeed.stage=3"] + ([f"{p}.deepspeed.precision=bf16"] if ds.precision == "fp32" else []))
+    zero3 = [] if ds.stage == 3 else [f"{p}.deepspeed.stage=3"] + ([f"{p}.deepspeed.precision=bf16"] if ds.precision == "fp32" else [])
+    if zero3:
+        candidates.append(zero3)
     if not ds.offload_optimizer:
-        candidates.append([f"{p}.deepspeed.stage=3", f"{p}.deepspeed.offload_optimizer=true"])
+        candidates.append(zero3 + [f"{p}.deepspeed.offload_optimizer=true"])
     if not ds.offload_params:
-        candidates.append([f"{p}.deepspeed.stage=3", f"{p}.deepspeed.offload_optimizer=true", f"{p}.deepspeed.offload_params=true"])
+        candidates.append(zero3 + [f"{p}.deepspeed.offload_optimizer=true", f"{p}.deepspeed.offload_params=true"])
     checkpointing = [] if tr.gradient_checkpointing else [f"{p}.training.gradient_checkpointing=true"]
-    candidates.append(checkpointing + [f"{p}.deepspeed.stage=3", f"{p}.training.batch_size=1",
-                                       f"{p}.training.gradient_accumulation_steps={tr.batch_size * tr.gradient_accumulation_steps}"])
-    candidates.append(candidates[-1] + [f"{p}.deepspeed.offload_optimizer=true", f"{p}.deepspeed.offload_params=true"])
+    smallest = checkpointing + zero3 + [f"{p}.training.batch_size=1", f"{p}.training.gradient_accumulation_steps={tr.batch_size * tr.gradient_accumulation_steps}"]
+    candidates += [smallest, smallest + [f"{p}.deepspeed.offload_optimizer=true", f"{p}.deepspeed.offload_params=true"]]
     found = []
     for overrides in candidates:
         overrides = list(dict.fromkeys(overrides))
         try:
             changed = _with_overrides(config, overrides)
-        except Exception:
+        except ConfigError:  # a combination the stage's schema refuses
             continue
         row = plan_stage(changed, name, cluster, suggest=False)
         if row.fits:
