@@ -192,10 +192,12 @@ def model_states(
 
     fp32 training and plain DDP (`stage: null`: torch AMP keeps fp32 weights): 4 weight + 4
     gradient + 8 Adam bytes per parameter under the same sharding rules; DeepSpeed's estimators
-    (16-bit weights) do not apply, so this formula is used. ZeRO 1 and 2 still clone an fp32
-    partition of the weights for the optimizer (`single_partition_of_fp32_groups` in
-    stage_1_and_2.py): 4 more bytes per parameter, sharded; ZeRO-3 reuses fp32 weights as its
-    master partition (`_create_fp32_partitions` in stage3.py) and ZeRO 0 runs the plain optimizer.
+    (16-bit weights) do not apply, so this formula is used. ZeRO 1-3 still keep an fp32 partition
+    of the weights of their own for the optimizer (`single_partition_of_fp32_groups` in
+    stage_1_and_2.py, `fp32_partitioned_groups_flat` in stage3.py): 4 more bytes per parameter,
+    sharded, as `benchmarks/plan_accuracy.py` measures on CPU (stage3.py may reuse the weights
+    when they sit on the optimizer's device; the plan does not count on it). ZeRO 0 and DDP run
+    the plain optimizer.
 
     LoRA: the frozen base weights only take their weight bytes (sharded under ZeRO-3); gradients
     and optimizer states exist for the adapters only, which the estimators are given.
@@ -212,7 +214,7 @@ def model_states(
     frozen_bytes = frozen * weight / (n if zero_stage == 3 else 1)
     offload_optimizer = offload_optimizer and bool(zero_stage)
     shard = n if zero_stage else 1  # optimizer states are sharded from ZeRO-1 on
-    master_copy = mixed or zero_stage in (1, 2)  # 4 bytes of fp32 master weights besides Adam's 8
+    master_copy = mixed or bool(zero_stage)  # 4 bytes of fp32 master weights besides Adam's 8
     opt = 0.0 if offload_optimizer else trained * (12 if master_copy else 8) / shard
     cpu = 0.0
     if zero_stage == 3:
