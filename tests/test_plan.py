@@ -230,3 +230,18 @@ def test_model_state_estimate_is_within_10_percent_of_a_real_deepspeed_engine(st
     estimated = plan_accuracy.estimate(stage, preset="small-llama", workers=2)
     for key in ("weights", "optimizer"):
         assert estimated[key] == pytest.approx(held[key], rel=0.10), (key, held, estimated)
+
+
+def test_alloylm_plan_json_on_stdout_is_clean_json():
+    """DeepSpeed logs to stdout at import: `alloylm plan --json | jq` must still parse."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    result = subprocess.run(
+        [sys.executable, "-m", "alloylm.cli", "-q", "plan", str(LLAMA), "--gpus", "8", "--gpu-memory-gib", "80", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {s["name"] for s in json.loads(result.stdout)["stages"]} >= set(load_config(LLAMA).stages)

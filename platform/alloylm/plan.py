@@ -11,9 +11,11 @@ Everything here is an estimate; the formulas are quoted where they are used.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -202,8 +204,10 @@ def model_states(
     LoRA: the frozen base weights only take their weight bytes (sharded under ZeRO-3); gradients
     and optimizer states exist for the adapters only, which the estimators are given.
     """
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    # DeepSpeed's logger writes to the stdout of import time: keep `alloylm plan --json` clean.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     n = max(1, workers)
     per_node = max(1, min(gpus_per_node or n, n))
