@@ -8,6 +8,7 @@
     alloylm report configs/quickstart.yaml
     alloylm serve configs/quickstart.yaml
     alloylm run configs/quickstart.yaml
+    alloylm plan configs/paper/llama-3.1-8b-base.yaml --gpus 8 --gpu-memory-gib 80
 
 Every command takes `key.sub=value` overrides after the config. Exit codes: 0 done, 1 the work
 failed (the message says why), 2 the config or the command line is wrong.
@@ -58,6 +59,14 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_arguments(commands.add_parser("eval", help="score every variant of `evaluate:` in parallel on Ray"))
     _add_config_arguments(commands.add_parser("report", help="render <run>/report (Markdown, HTML, PNG plots)"))
     _add_config_arguments(commands.add_parser("serve", help="serve the run's variants over an OpenAI-compatible API (Ray Serve)"))
+    plan = commands.add_parser("plan", help="memory per GPU, tokens, time and GPU-hours of every stage on a target cluster")
+    _add_config_arguments(plan)
+    plan.add_argument("--gpus", type=int, help="GPUs per node (overrides cluster.gpus)")
+    plan.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU in GiB (overrides cluster.gpu_memory_gib)")
+    plan.add_argument("--nodes", type=int, help="nodes (overrides cluster.nodes)")
+    plan.add_argument("--mfu", type=float, help="model FLOPs utilisation for time estimates (overrides cluster.mfu)")
+    plan.add_argument("--gpu-tflops", type=float, help="peak 16-bit TFLOPS of one GPU (overrides cluster.gpu_tflops)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     run = commands.add_parser("run", help="run the whole pipeline: data, stages, merges, evaluation, report")
     _add_config_arguments(run)
     run.add_argument("--serve", action="store_true", help="then serve the `serve:` variants until Ctrl-C (not when a step failed)")
@@ -134,6 +143,23 @@ def _report(config: RunConfig) -> dict[str, Any]:
     )
 
 
+def _plan(config: RunConfig, args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from alloylm.plan import format_table, plan_run
+    from alloylm.plan_config import ClusterConfig
+
+    flags = {"gpus": args.gpus, "gpu_memory_gib": args.gpu_memory_gib, "nodes": args.nodes, "mfu": args.mfu, "gpu_tflops": args.gpu_tflops}
+    base = config.cluster.model_dump() if config.cluster else {}
+    try:
+        cluster = ClusterConfig.model_validate({**base, **{k: v for k, v in flags.items() if v is not None}})
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"cluster: {problems}") from None
+    plan = plan_run(config, cluster)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_table(plan))
+
+
 def _print_summary(summary) -> None:
     from alloylm import storage
     from alloylm.layout import RunLayout
@@ -151,6 +177,9 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
 
     if args.command == "serve":
         serve_variants(config)
+        return 0
+    if args.command == "plan":  # reads only: no lease
+        _plan(config, args)
         return 0
     if args.command == "run":
         summary = run_pipeline(config, only=args.only, serve=args.serve, on_summary=_print_summary, wait_for_lease=args.wait)

@@ -46,6 +46,7 @@ from alloylm.merge.config import (
     SearchObjective,
     search_eval_config,
 )
+from alloylm.plan_config import ClusterConfig
 from alloylm.schema import DATA_FORMATS, NAME_PATTERN, StageConfigBase, is_model_source
 from alloylm.schema import Frozen as _Frozen
 from alloylm.serve.config import ServeConfig
@@ -129,6 +130,9 @@ class RunConfig(_Frozen):
     evaluate: EvalConfig | None = Field(None, description="Variants scored by `alloylm eval`, on which suites and split.")
     serve: ServeConfig | None = Field(None, description="OpenAI-compatible serving of the run's variants (`alloylm serve`).")
     run: RunOptions = Field(default_factory=RunOptions, description="How `alloylm run` schedules the stages.")
+    cluster: ClusterConfig | None = Field(
+        None, description="The target GPU cluster `alloylm plan` sizes the stages for (and `alloylm run` checks they fit)."
+    )
 
     @field_validator("datasets", "stages")
     @classmethod

@@ -85,6 +85,19 @@ def check_stage_resources(config: RunConfig, names: list[str] | None = None, hav
                 )
 
 
+def check_stage_memory(config: RunConfig, names: list[str], gpus: float) -> None:
+    """Refuse (StageError) a stage `alloylm plan` says cannot fit in one GPU's memory, before any work.
+
+    Only where the memory is known (`cluster.gpu_memory_gib`) and the Ray cluster has GPUs; the
+    message gives the numbers and the overrides that would fit (`alloylm.plan.check_stages_fit`).
+    """
+    if config.cluster is None or config.cluster.gpu_memory_gib is None or gpus <= 0:
+        return
+    from alloylm.plan import check_stages_fit
+
+    check_stages_fit(config, names, config.cluster.model_copy(update={"gpus": int(gpus), "nodes": 1}))
+
+
 # ------------------------------------------------------------------------------ the graph
 
 
@@ -452,6 +465,8 @@ def _run(config: RunConfig, only: list[str] | None) -> RunSummary:
     connect_ray()
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     check_stage_resources(config, have=capacity)
+    names = sorted(_with_ancestors(config, only)) if only else config.stage_order()
+    check_stage_memory(config, names, capacity.get("GPU", 0))
     summary = RunSummary(experiment=config.experiment, run=config.run_uri)
     steps = build_graph(config, summary, only=only)
     log.info("run %s: %d steps on %s", config.experiment, len(steps), ", ".join(f"{v:g} {k}" for k, v in capacity.items()))
