@@ -37,7 +37,8 @@ STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged", "sft-direct
 # Stages that neither are dpo nor descend from it: a change to dpo must leave them alone.
 NOT_AFTER_DPO = ("base", "instruct", "cpt", "sft", "orpo", "sft-direct")
 # Run 2 changes dpo (beta) and gives it enough steps, with checkpoints, to be cut in the middle.
-DPO_CHANGE = ["stages.dpo.beta=0.2", "stages.dpo.training.max_steps=24", "stages.dpo.checkpoint.every_steps=2", "overwrite=true"]
+DPO_CHANGE = ["stages.dpo.beta=0.2", "stages.dpo.training.max_steps=24", "stages.dpo.checkpoint.every_steps=2", "overwrite=true",
+              "run.lease_ttl_seconds=10"]  # the killed run 2 holds the run's lease: run 3 takes it over 10 s after its last heartbeat
 
 
 def reduced_quickstart(storage_uri: str) -> dict:
@@ -273,9 +274,11 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     at_cut = _manifests(first_run.run_uri)
     assert at_cut == before  # nothing upstream was redone, and the cut dpo left no finished artifact
 
-    # Run 3: the same command again, to the end.
-    done = subprocess.run(command, cwd=REPO, env=cluster.driver_env(), capture_output=True, text=True, timeout=3600)
+    # Run 3: the same command again, to the end. The killed run 2 still holds the lease: run 3
+    # waits (--wait) until its heartbeat is older than the TTL, then takes it over.
+    done = subprocess.run([*command, "--wait"], cwd=REPO, env=cluster.driver_env(), capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    assert "took over from a holder that stopped renewing it" in done.stderr, done.stderr[-3000:]
     after = _manifests(first_run.run_uri)
     for name in NOT_AFTER_DPO:
         assert after[name] == before[name], name  # same fingerprint and created_at: skipped
