@@ -4,6 +4,7 @@ checked key by key; no engine is started here (tests/test_train.py trains with t
 
 from __future__ import annotations
 
+from enum import Enum
 from types import SimpleNamespace
 
 import pytest
@@ -157,3 +158,100 @@ def test_deepspeed_reads_the_config_as_the_zero_stage_and_offload_asked_for():
     assert parsed.gradient_accumulation_steps == 3
     assert parsed.optimizer_name == "adamw"
     assert parsed.optimizer_params["torch_adam"] is True
+
+
+# ----------------------------------------------------------------------------- what ran
+
+
+class _OffloadDevice(str, Enum):
+    """As deepspeed.runtime.zero.offload_config.OffloadDeviceEnum (not imported: it is slow)."""
+
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
+
+
+class _FakeEngine:
+    """The engine methods deepspeed_record reads, answering as a configured DeepSpeedEngine would."""
+
+    def __init__(self, stage, offload_optimizer=None, offload_param=None, bf16=False, fp16=False, gather=True):
+        def section(device):
+            return None if device is None else SimpleNamespace(device=_OffloadDevice(device))
+
+        self._answers = (stage, section(offload_optimizer), section(offload_param), bf16, fp16, gather)
+        self.optimizer = type("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer", (), {})()
+
+    def zero_optimization_stage(self):
+        return self._answers[0]
+
+    def zero_offload_optimizer(self):
+        return self._answers[1]
+
+    def zero_offload_param(self):
+        return self._answers[2]
+
+    def bfloat16_enabled(self):
+        return self._answers[3]
+
+    def fp16_enabled(self):
+        return self._answers[4]
+
+    def zero_gather_16bit_weights_on_model_save(self):
+        return self._answers[5]
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    """`deepspeed` with _FakeEngine as its DeepSpeedEngine (deepspeed_record checks the type)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(DeepSpeedEngine=_FakeEngine))
+
+
+def test_no_engine_is_recorded_as_disabled(fake_deepspeed):
+    from alloylm.train.deepspeed import deepspeed_record
+
+    off = {"enabled": False, "zero_stage": None, "offload": {"optimizer": None, "params": None}}
+    assert deepspeed_record(SimpleNamespace(model_wrapped=object(), deepspeed=None)) == off
+    assert deepspeed_record(SimpleNamespace()) == off
+
+
+def test_without_deepspeed_imported_nothing_ran(monkeypatch):
+    import sys
+
+    from alloylm.train.deepspeed import deepspeed_record
+
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    assert deepspeed_record(SimpleNamespace(model_wrapped=_FakeEngine(3)))["enabled"] is False
+
+
+def test_the_engine_gives_stage_offload_and_precision(fake_deepspeed):
+    from alloylm.train.deepspeed import deepspeed_record
+
+    record = deepspeed_record(SimpleNamespace(model_wrapped=_FakeEngine(3, "cpu", "cpu", bf16=True, gather=False)))
+    assert record == {
+        "enabled": True,
+        "zero_stage": 3,
+        "offload": {"optimizer": "cpu", "params": "cpu"},
+        "gather_16bit_weights_on_save": False,
+        "precision": "bf16",
+        "optimizer": "DeepSpeedZeroOptimizer_Stage3",
+    }
+    two = deepspeed_record(SimpleNamespace(model_wrapped=None, deepspeed=_FakeEngine(2, "none", None, fp16=True)))
+    assert (two["zero_stage"], two["offload"], two["precision"], two["optimizer"]) == (
+        2,
+        {"optimizer": None, "params": None},
+        "fp16",
+        "DeepSpeedZeroOptimizer",
+    )
+    assert two["gather_16bit_weights_on_save"] is True
+    assert deepspeed_record(SimpleNamespace(model_wrapped=_FakeEngine(1, None, "nvme")))["offload"] == {"optimizer": None, "params": "nvme"}
+    assert deepspeed_record(SimpleNamespace(model_wrapped=_FakeEngine(0)))["precision"] == "fp32"
+
+
+def test_an_offload_device_given_as_plain_text_is_read_too(fake_deepspeed):
+    from alloylm.train.deepspeed import deepspeed_record
+
+    engine = _FakeEngine(3)
+    engine._answers = (3, SimpleNamespace(device="cpu"), SimpleNamespace(device="none"), False, False, True)
+    assert deepspeed_record(SimpleNamespace(model_wrapped=engine))["offload"] == {"optimizer": "cpu", "params": None}
