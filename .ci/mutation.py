@@ -1,0 +1,131 @@
+"""`make mutation`: mutmut 3 over the modules where AlloyLM's decisions live, run with the fast
+unit tests (no Ray cluster, no training), and a killed/total score per module.
+
+    .venv/bin/python .ci/mutation.py                       # every module of [tool.mutmut] only_mutate
+    .venv/bin/python .ci/mutation.py merge/space.py        # some of them
+    .venv/bin/python .ci/mutation.py --scores-only         # print the scores of the last run again
+
+Why a staging folder: mutmut 3 names a mutated function after its file's path with only a leading
+`src/` dropped, and puts only `./`, `src/` and `source/` of its copy on sys.path. Run on this
+repository it would call platform/alloylm/x.py `platform.alloylm.x`, while the tests import
+`alloylm.x`, and stop ("tests recorded trampoline hits but none match any mutant key"). So the
+run happens in build/mutation/, a copy laid out as `src/alloylm` + the fast tests + pyproject.toml,
+whose `[tool.mutmut]` section (read there by mutmut) says what is mutated and which tests run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = REPO / "build" / "mutation"
+# mutmut's exit codes of a mutant's test run (mutmut.stats.status_by_exit_code): these count as
+# caught. "no tests" counts against the score: no fast test reaches that code.
+_KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check"}
+_STATUS = {0: "survived", 5: "no tests", 33: "no tests", None: "not checked", 34: "skipped", -11: "segfault", -9: "segfault"}
+
+
+def _settings() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mutmut"]
+
+
+def _stage(settings: dict) -> None:
+    """build/mutation/: src/alloylm, the selected tests (and their conftest.py), pyproject.toml."""
+    shutil.rmtree(STAGE, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "platform" / "alloylm", STAGE / "src" / "alloylm", ignore=ignore)
+    (STAGE / "tests").mkdir(parents=True)
+    shutil.copy2(REPO / "tests" / "conftest.py", STAGE / "tests" / "conftest.py")
+    for selected in settings["pytest_add_cli_args_test_selection"]:
+        source = REPO / selected
+        if source.is_dir():
+            shutil.copytree(source, STAGE / selected, ignore=ignore)
+        else:
+            (STAGE / selected).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, STAGE / selected)
+    shutil.copy2(REPO / "pyproject.toml", STAGE / "pyproject.toml")
+
+
+def _module_name(path: str) -> str:
+    return path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+
+
+def _selected(settings: dict, wanted: list[str]) -> list[str]:
+    """The only_mutate paths matching `wanted` (suffixes like merge/space.py), all when empty."""
+    paths = settings["only_mutate"]
+    if not wanted:
+        return paths
+    chosen = [p for p in paths if any(p.endswith(w) or fnmatch.fnmatch(p, w) for w in wanted)]
+    missing = [w for w in wanted if not any(p.endswith(w) or fnmatch.fnmatch(p, w) for p in paths)]
+    if missing:
+        sys.exit(f"not among [tool.mutmut] only_mutate ({', '.join(paths)}): {', '.join(missing)}")
+    return chosen
+
+
+def _scores(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        meta = STAGE / "mutants" / (path + ".meta")
+        if not meta.exists():
+            rows.append({"module": _module_name(path), "total": 0, "killed": 0, "counts": {}, "survivors": [], "ran": False})
+            continue
+        exit_codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+        counts: dict[str, int] = {}
+        survivors = []
+        for key, code in sorted(exit_codes.items()):
+            status = _KILLED.get(code) or _STATUS.get(code, "suspicious")
+            counts[status] = counts.get(status, 0) + 1
+            if code not in _KILLED:
+                survivors.append(f"{key}: {status}")
+        killed = sum(1 for code in exit_codes.values() if code in _KILLED)
+        rows.append({"module": _module_name(path), "total": len(exit_codes), "killed": killed, "counts": counts, "survivors": survivors, "ran": True})
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    width = max(len(r["module"]) for r in rows)
+    print(f"\n{'module':<{width}}  killed/total  score  (other outcomes)")
+    for r in rows:
+        if not r["ran"]:
+            print(f"{r['module']:<{width}}  not run")
+            continue
+        score = f"{100 * r['killed'] / r['total']:5.1f}%" if r["total"] else "   -  "
+        others = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items()) if s != "killed")
+        print(f"{r['module']:<{width}}  {r['killed']:>6}/{r['total']:<5}  {score}  {others}")
+    print(f"\nSurviving mutants: `cd {STAGE.relative_to(REPO)} && mutmut show <name>` shows one; all in {(STAGE / 'scores.json').relative_to(REPO)}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help="only these of only_mutate (path suffixes, e.g. merge/space.py)")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument("--scores-only", action="store_true", help="print the scores of the last run, run nothing")
+    args = parser.parse_args(argv)
+    settings = _settings()
+    paths = _selected(settings, args.modules)
+    if not args.scores_only:
+        _stage(settings)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the mutated copy only
+        patterns = [f"{_module_name(p)}.*" for p in paths] if args.modules else []
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *patterns]
+        print("$", " ".join(command), f"(in {STAGE})", flush=True)
+        status = subprocess.run(command, cwd=STAGE, env=env, check=False).returncode
+        if status != 0:
+            print(f"mutmut run exited with {status}", file=sys.stderr)
+            return status
+    rows = _scores(paths)
+    (STAGE / "scores.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    _print(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
