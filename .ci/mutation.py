@@ -8,9 +8,11 @@ unit tests (no Ray cluster, no training), and a killed/total score per module.
 Why a staging folder: mutmut 3 names a mutated function after its file's path with only a leading
 `src/` dropped, and puts only `./`, `src/` and `source/` of its copy on sys.path. Run on this
 repository it would call platform/alloylm/x.py `platform.alloylm.x`, while the tests import
-`alloylm.x`, and stop ("tests recorded trampoline hits but none match any mutant key"). So the
-run happens in build/mutation/, a copy laid out as `src/alloylm` + the fast tests + pyproject.toml,
-whose `[tool.mutmut]` section (read there by mutmut) says what is mutated and which tests run.
+`alloylm.x`, and stop ("tests recorded trampoline hits but none match any mutant key"). So each
+module runs in build/mutation/<module>/, a copy laid out as `src/alloylm` + the tests of the
+module's package (tests mirror the library: alloylm/merge/space.py -> tests/merge/) +
+pyproject.toml, whose `[tool.mutmut]` section (read there by mutmut) says what is mutated.
+One module at a time: each finished module keeps its score even if a later one is cut short.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +29,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = REPO / "build" / "mutation"
+STAGES = REPO / "build" / "mutation"
 # mutmut's exit codes of a mutant's test run (mutmut.stats.status_by_exit_code): these count as
 # caught. "no tests" counts against the score: no fast test reaches that code.
 _KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check"}
@@ -37,21 +40,30 @@ def _settings() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mutmut"]
 
 
-def _stage(settings: dict) -> None:
-    """build/mutation/: src/alloylm, the selected tests (and their conftest.py), pyproject.toml."""
-    shutil.rmtree(STAGE, ignore_errors=True)
+def _tests_of(path: str, settings: dict) -> list[str]:
+    """The test folders of `path`'s package among the configured ones (src/alloylm/merge/x.py -> tests/merge)."""
+    package = path.split("/")[2]
+    return [t for t in settings["pytest_add_cli_args_test_selection"] if t.rstrip("/") == f"tests/{package}"]
+
+
+def _stage(path: str, settings: dict) -> Path:
+    """build/mutation/<module>/: src/alloylm, the tests of its package (and conftest.py), pyproject.toml."""
+    stage = STAGES / _module_name(path)
+    shutil.rmtree(stage, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "platform" / "alloylm", STAGE / "src" / "alloylm", ignore=ignore)
-    (STAGE / "tests").mkdir(parents=True)
-    shutil.copy2(REPO / "tests" / "conftest.py", STAGE / "tests" / "conftest.py")
-    for selected in settings["pytest_add_cli_args_test_selection"]:
-        source = REPO / selected
-        if source.is_dir():
-            shutil.copytree(source, STAGE / selected, ignore=ignore)
-        else:
-            (STAGE / selected).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, STAGE / selected)
-    shutil.copy2(REPO / "pyproject.toml", STAGE / "pyproject.toml")
+    shutil.copytree(REPO / "platform" / "alloylm", stage / "src" / "alloylm", ignore=ignore)
+    (stage / "tests").mkdir(parents=True)
+    shutil.copy2(REPO / "tests" / "conftest.py", stage / "tests" / "conftest.py")
+    tests = _tests_of(path, settings)
+    if not tests:
+        sys.exit(f"{path}: no test folder tests/{path.split('/')[2]} in [tool.mutmut] pytest_add_cli_args_test_selection")
+    for selected in tests:
+        shutil.copytree(REPO / selected, stage / selected, ignore=ignore)
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^only_mutate = \[[^\]]*\]", f"only_mutate = {json.dumps([path])}", text)
+    text = re.sub(r"(?m)^pytest_add_cli_args_test_selection = \[[^\]]*\]", f"pytest_add_cli_args_test_selection = {json.dumps(tests)}", text)
+    (stage / "pyproject.toml").write_text(text, encoding="utf-8")
+    return stage
 
 
 def _module_name(path: str) -> str:
@@ -73,7 +85,7 @@ def _selected(settings: dict, wanted: list[str]) -> list[str]:
 def _scores(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
-        meta = STAGE / "mutants" / (path + ".meta")
+        meta = STAGES / _module_name(path) / "mutants" / (path + ".meta")
         if not meta.exists():
             rows.append({"module": _module_name(path), "total": 0, "killed": 0, "counts": {}, "survivors": [], "ran": False})
             continue
@@ -100,7 +112,7 @@ def _print(rows: list[dict]) -> None:
         score = f"{100 * r['killed'] / r['total']:5.1f}%" if r["total"] else "   -  "
         others = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items()) if s != "killed")
         print(f"{r['module']:<{width}}  {r['killed']:>6}/{r['total']:<5}  {score}  {others}")
-    print(f"\nSurviving mutants: `cd {STAGE.relative_to(REPO)} && mutmut show <name>` shows one; all in {(STAGE / 'scores.json').relative_to(REPO)}.")
+    print(f"\nSurviving mutants: `cd {STAGES.relative_to(REPO)}/<module> && mutmut show <name>` shows one; all in {(STAGES / 'scores.json').relative_to(REPO)}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,20 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = _settings()
     paths = _selected(settings, args.modules)
+    failed = 0
     if not args.scores_only:
-        _stage(settings)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the mutated copy only
-        patterns = [f"{_module_name(p)}.*" for p in paths] if args.modules else []
-        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *patterns]
-        print("$", " ".join(command), f"(in {STAGE})", flush=True)
-        status = subprocess.run(command, cwd=STAGE, env=env, check=False).returncode
-        if status != 0:
-            print(f"mutmut run exited with {status}", file=sys.stderr)
-            return status
-    rows = _scores(paths)
-    (STAGE / "scores.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        # The console script, not `python -m mutmut`: mutmut warns that the latter re-executes its main module.
+        mutmut = str(Path(sys.executable).parent / "mutmut")
+        for path in paths:
+            stage = _stage(path, settings)
+            command = [mutmut, "run", "--max-children", str(args.max_children)]
+            print("$", " ".join(command), f"(in {stage.relative_to(REPO)})", flush=True)
+            status = subprocess.run(command, cwd=stage, env=env, check=False).returncode
+            if status != 0:
+                print(f"mutmut run exited with {status} for {path}", file=sys.stderr)
+                failed = status
+    rows = _scores(settings["only_mutate"])  # every module: those not run (yet) say so
+    (STAGES / "scores.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     _print(rows)
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

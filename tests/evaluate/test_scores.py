@@ -339,3 +339,16 @@ def test_markdown_bolds_the_best_and_lists_the_notes():
     assert text.endswith("\n")
     everything = comparison_markdown(comparison).splitlines()[0]
     assert everything.count("|") == len(comparison["columns"]) + 2
+
+
+def test_chance_is_taken_from_whichever_variant_reports_it():
+    comparison = build_comparison(
+        {"a": result(0.1, multiple_choice=ok(accuracy=0.1, chance=0.2)), "b": result(0.2, short_answer=ok(accuracy=0.2))}
+    )
+    assert comparison["chance"] == {"multiple_choice": 0.2}
+
+
+def test_markdown_of_a_comparison_without_chance_or_missing_suites():
+    # A comparison.json written before `chance` existed still renders.
+    comparison = {"split": "test", "columns": [{"key": "score", "label": "Score (weighted)", "higher_is_better": True}], "rows": [{"variant": "a", "values": {"score": 0.5}, "missing": {}}], "best": {}}
+    assert comparison_markdown(comparison).splitlines()[2:] == ["| a | 0.500 |", "", "- Split: `test`. ↑ higher is better, ↓ lower is better; best in bold."]
