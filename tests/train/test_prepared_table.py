@@ -18,6 +18,7 @@ def test_every_shard_is_read_with_only_the_asked_columns(tmp_path):
     _shard(tmp_path, "part-0.parquet", {"prompt": ["a", "b"], "chosen": ["x", "y"], "extra": [1, 2]})
     _shard(tmp_path, "part-1.parquet", {"prompt": ["c"], "chosen": ["z"], "extra": [3]})
     (tmp_path / "shards" / "_SUCCESS").write_text("")  # not a parquet file: skipped
+    pq.write_table(pa.table({"prompt": ["beside"], "chosen": ["shards"]}), tmp_path / "sample.parquet")  # not a shard
     table = read_prepared_table(str(tmp_path), ["prompt", "chosen"])
     assert table.column_names == ["prompt", "chosen"]
     assert sorted(table.column("prompt").to_pylist()) == ["a", "b", "c"]
@@ -25,8 +26,8 @@ def test_every_shard_is_read_with_only_the_asked_columns(tmp_path):
 
 
 def test_a_missing_column_names_the_shard_and_its_columns(tmp_path):
-    _shard(tmp_path, "part-0.parquet", {"messages": ["m"]})
-    with pytest.raises(ValueError, match=r"part-0.parquet: the data has no column\(s\) prompt, chosen \(columns: messages\)"):
+    _shard(tmp_path, "part-0.parquet", {"messages": ["m"], "id": [1]})
+    with pytest.raises(ValueError, match=r"part-0.parquet: the data has no column\(s\) prompt, chosen \(columns: messages, id\)"):
         read_prepared_table(str(tmp_path), ["prompt", "chosen", "messages"])
 
 
