@@ -192,3 +192,18 @@ def test_bounds_are_inclusive():
     dims = dimensions(config)
     assert flatten_point({"t": 0.2}, config, dims, where="p") == {"t": 0.2}
     assert flatten_point({"t": 0.8}, config, dims, where="p") == {"t": 0.8}
+
+
+def test_a_searched_default_of_a_parent_stays_with_that_parent():
+    config = search(model_space={"dpo": {"weight": {"anchors": 2, "filters": ["mlp"], "default": "search"}}})
+    dims = dimensions(config)
+    assert [(d.key, d.parent) for d in dims] == [("model.dpo.weight.mlp.0", "dpo"), ("model.dpo.weight.mlp.1", "dpo"), ("model.dpo.weight.default", "dpo")]
+    point = {"model_parameters": {"dpo": {"weight": {"mlp": [0.1, 0.9], "default": 0.4}}}}
+    flat = flatten_point(point, config, dims, where="p")
+    assert assemble(flat, config, dims, parameters={}, model_parameters={}) == ({}, {"dpo": {"weight": {"mlp": [0.1, 0.9], "default": 0.4}}})
+
+
+def test_every_unknown_key_and_every_searched_one_is_listed():
+    config = search(space={"t": {}, "u": {}})
+    with pytest.raises(ValueError, match=r"^p: a, b is not searched \(search.space has: t, u\)$"):
+        flatten_point({"t": 0.5, "u": 0.5, "a": 1, "b": 2}, config, dimensions(config), where="p")
