@@ -295,3 +295,104 @@ def test_a_bad_file_is_named(tmp_path):
     with pytest.raises(MergeInputError, match=rf"^{out}: merge config is not a valid mergekit config"):
         write_mergekit_yaml({"merge_method": "linear"}, str(out))
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- messages, in full
+
+
+def test_every_unknown_model_and_every_parent_is_listed(parents):
+    refused(
+        r"^model_parameters names 'base', 'orpo', which is not a parent; the parents are 'dpo', 'sft'$",
+        "linear", parents, names=NAMES, model_parameters={"orpo": {"weight": 1.0}, "base": {"weight": 1.0}},
+    )
+
+
+def test_an_unknown_parameter_lists_the_methods_parameters(parents):
+    refused(r"^parameters: merge method 'linear' has no parameter 'wieght'; its parameters are normalize, weight$", "linear", parents, names=NAMES, parameters={"wieght": 1.0})
+    refused(r"^model_parameters\['sft'\].t: merge method 'linear' has no parameter 't'; its parameters are normalize, weight$", "linear", parents, names=NAMES, parameters={"weight": 1.0}, model_parameters={"sft": {"t": 1.0}})
+
+
+def test_per_model_errors_name_the_parent_and_parameter(parents):
+    refused(
+        r"^model_parameters\['sft'\].t: 't' is a method-level parameter of 'slerp'; give it in parameters, not per model$",
+        "slerp", parents, names=NAMES, parameters={"t": 0.5}, model_parameters={"sft": {"t": 0.2}},
+    )
+    refused(
+        r"^model_parameters\['sft'\].weight: 'x' is not a valid weight",
+        "linear", parents, names=NAMES, model_parameters={"dpo": {"weight": 1.0}, "sft": {"weight": "x"}},
+    )
+    refused(
+        r"^model_parameters\['dpo'\].density: 'density' does not apply to the base model 'dpo' in 'ties' \(mergekit ignores it there\)$",
+        "ties", parents, names=NAMES, model_parameters={"dpo": {"density": 0.5}, "sft": {"weight": 1.0}},
+    )
+    # The same non-base parameter on a parent that is not the base is fine.
+    cfg = mergekit_config("ties", parents, names=NAMES, model_parameters={"sft": {"weight": 1.0, "density": 0.5}})
+    assert cfg["models"][1]["parameters"] == {"weight": 1.0, "density": 0.5}
+    # A per-model parameter that is not non-base applies to the base too.
+    cfg = mergekit_config("linear", parents, names=NAMES, base=0, model_parameters={"dpo": {"weight": 2.0}, "sft": {"weight": 1.0}})
+    assert cfg["models"][0]["parameters"] == {"weight": 2.0}
+
+
+def test_every_parent_after_the_base_is_checked_for_required_parameters(parents):
+    refused(r"needs parameter 'weight' for parent 'sft' \(give it in model_parameters\['sft'\] or parameters", "ties", parents, names=NAMES, base=0, model_parameters={"sft": {"density": 0.5}})
+    refused(r"^merge method 'slerp' needs parameter 't' \(give it in parameters\)$", "slerp", parents, names=NAMES)
+
+
+def test_slices_take_the_base_models_layer_count_and_per_model_parameters(parents, tmp_path):
+    from transformers import LlamaConfig
+
+    deeper = tmp_path / "deeper"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2, architectures=["LlamaForCausalLM"]).save_pretrained(deeper)
+    cfg = mergekit_config("slerp", [parents[0], str(deeper)], names=["dpo", "deeper"], base=1, parameters={"t": 0.5})
+    assert [s["layer_range"] for s in cfg["slices"][0]["sources"]] == [[0, 5], [0, 5]]
+    cfg = mergekit_config("slerp", [str(deeper), parents[0]], names=["deeper", "dpo"], parameters={"t": 0.5})
+    assert cfg["slices"][0]["sources"][0]["layer_range"] == [0, 5]
+    # nuslerp takes per-model weights: the models form keeps them on each model.
+    cfg = mergekit_config("nuslerp", parents, names=NAMES, model_parameters={"dpo": {"weight": 0.3}, "sft": {"weight": 0.7}})
+    assert [m["parameters"] for m in cfg["models"]] == [{"weight": 0.3}, {"weight": 0.7}]
+
+
+def test_a_single_parent_is_enough_for_a_method_that_takes_one(parents):
+    cfg = mergekit_config("passthrough", parents[:1], names=["dpo"])
+    assert cfg["models"] == [{"model": parents[0]}]
+    message = refused("cannot merge parents dpo, sft: ", "passthrough", parents, names=NAMES)
+    assert message.startswith("merge method 'passthrough' cannot merge parents dpo, sft: ")
+
+
+def test_schema_errors_list_every_problem_with_its_location():
+    with pytest.raises(MergeInputError) as err:
+        validate_merge_config({"merge_method": "linear", "models": [{"model": "/a", "parameters": 5}], "dtype": 3})
+    message = str(err.value)
+    assert message.startswith("merge config is not a valid mergekit config: ")
+    assert "models.0.parameters" in message and "; " in message and "XX" not in message
+
+
+def test_the_yaml_is_block_style_in_the_configs_own_key_order(parents, tmp_path):
+    cfg = mergekit_config("linear", parents, names=NAMES, parameters={"weight": 1.0}, dtype="float32")
+    body = mergekit_yaml_text(cfg).split("\n", 2)[2]
+    assert body.startswith("merge_method: linear\nmodels:\n")  # not sorted: merge_method first
+    path = tmp_path / "exists" / "merge.yml"
+    path.parent.mkdir()
+    write_mergekit_yaml(cfg, str(path))  # an existing folder is fine
+    write_mergekit_yaml(cfg, str(path))  # and so is rewriting the file
+    assert yaml.safe_load(path.read_text(encoding="utf-8")) == cfg
+
+
+def test_a_user_yaml_names_its_file_in_errors_and_resolves_lists_of_models(tmp_path, parents):
+    broken = tmp_path / "broken.yml"
+    broken.write_text("merge_method: [unclosed\n")
+    with pytest.raises(MergeInputError, match=rf"^{broken} is not valid YAML: "):
+        read_mergekit_yaml(str(broken))
+    unknown = tmp_path / "unknown.yml"
+    unknown.write_text("merge_method: slurp\nmodels:\n  - model: dpo\n")
+    with pytest.raises(MergeInputError, match=rf"^{unknown}: unknown merge method 'slurp'"):
+        read_mergekit_yaml(str(unknown), stage_dirs={"dpo": parents[0]})
+    sources = tmp_path / "sources.yml"
+    sources.write_text(
+        "merge_method: slerp\nbase_model: dpo\n"
+        "slices:\n  - sources:\n      - {model: dpo, layer_range: [0, 3]}\n      - {model: sft, layer_range: [0, 3]}\n"
+        "parameters:\n  t: [{filter: dpo, value: 0.5}, {value: 0.5}]\n"
+    )
+    cfg = read_mergekit_yaml(str(sources), stage_dirs={"dpo": parents[0], "sft": parents[1]})
+    assert cfg["parameters"]["t"][0]["filter"] == "dpo"  # a filter named like a stage is not a model
+    assert cfg["slices"][0]["sources"][1]["model"] == parents[1]
