@@ -106,10 +106,18 @@ def test_errors_do_not_echo_the_request_values():
     assert "secret-value-123" not in error.message
 
 
-@pytest.mark.parametrize(("body", "message"), [(b"{not json", "not valid JSON"), (b"\xff\xfe", "not valid JSON"), (b"[1, 2]", "must be a JSON object"), (b"null", "must be a JSON object")])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "the request body is not valid JSON: "),
+        (b"\xff\xfe", "the request body is not valid JSON: "),
+        (b"[1, 2]", "the request body must be a JSON object"),
+        (b"null", "the request body must be a JSON object"),
+    ],
+)
 def test_a_body_that_is_not_a_json_object_is_refused_without_a_param(body, message):
     error = rejected(CompletionRequest, body)
-    assert message in error.message
+    assert error.message.startswith(message) and (error.message == message or message.endswith(": "))
     assert error.param is None
 
 
@@ -183,7 +191,15 @@ def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"logprobs": False}, {"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"response_format": {}}, {"top_logprobs": None}],
+    [
+        {"logprobs": False},
+        {"tools": []},
+        {"tool_choice": "none"},
+        {"response_format": {"type": "text"}},
+        {"response_format": {}},
+        {"response_format": {"json_schema": {"name": "x"}}},  # no type: text
+        {"top_logprobs": None},
+    ],
 )
 def test_chat_fields_at_their_neutral_values_are_accepted(fields):
     assert chat(**fields).unsupported() is None
