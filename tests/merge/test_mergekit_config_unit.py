@@ -75,7 +75,7 @@ def test_a_parent_must_be_a_folder_path(parents, bad):
 
 
 def test_no_parent_is_refused():
-    refused("a merge needs at least one parent", "linear", [])
+    refused("^a merge needs at least one parent$", "linear", [])
 
 
 def test_names_must_match_the_parents_and_differ(parents):
@@ -140,7 +140,8 @@ def test_a_base_is_named_when_the_method_refuses_the_parents(parents, monkeypatc
 
 
 def test_an_unknown_method_that_is_not_a_string_is_named(parents):
-    refused(r"unknown merge method \['slerp'\]", ["slerp"], parents)
+    message = refused(r"^unknown merge method \['slerp'\]; mergekit knows: ", ["slerp"], parents)
+    assert message.endswith("mergekit knows: " + ", ".join(known_methods()))
 
 
 # ----------------------------------------------------------------------------- the mapping
@@ -396,3 +397,7 @@ def test_a_user_yaml_names_its_file_in_errors_and_resolves_lists_of_models(tmp_p
     cfg = read_mergekit_yaml(str(sources), stage_dirs={"dpo": parents[0], "sft": parents[1]})
     assert cfg["parameters"]["t"][0]["filter"] == "dpo"  # a filter named like a stage is not a model
     assert cfg["slices"][0]["sources"][1]["model"] == parents[1]
+
+
+def test_a_missing_config_names_the_base_it_reads_the_layers_from(parents, tmp_path):
+    refused(r"^parent 'empty' \(.*empty\) is not a model folder", "slerp", [parents[0], str(tmp_path / "empty")], names=["dpo", "empty"], base=1, parameters={"t": 0.5})
