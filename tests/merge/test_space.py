@@ -207,3 +207,8 @@ def test_every_unknown_key_and_every_searched_one_is_listed():
     config = search(space={"t": {}, "u": {}})
     with pytest.raises(ValueError, match=r"^p: a, b is not searched \(search.space has: t, u\)$"):
         flatten_point({"t": 0.5, "u": 0.5, "a": 1, "b": 2}, config, dimensions(config), where="p")
+
+
+def test_every_method_parameter_is_a_dimension():
+    config = search(space={"t": {}, "u": {"low": 0.5, "high": 2.0}})
+    assert [(d.key, d.low, d.high) for d in dimensions(config)] == [("t", 0.0, 1.0), ("u", 0.5, 2.0)]
