@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE_DIR)/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: setup warm quickstart test bench clean-runs
+.PHONY: setup warm quickstart test bench mutation clean-runs
 
 setup: $(VENV)/.installed warm
 
@@ -32,6 +32,12 @@ quickstart: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Mutation score of the decision modules ([tool.mutmut] in pyproject.toml), per module; not part of
+# `make test`. MUTATION_ARGS: module path suffixes to limit it (e.g. merge/space.py), --max-children N.
+MUTATION_ARGS ?=
+mutation: setup
+	nice -n 19 $(PY) .ci/mutation.py $(MUTATION_ARGS)
 
 bench: setup
 	$(PY) benchmarks/data_prep.py

@@ -95,6 +95,7 @@ def test_cpt_from_a_preset_learns_and_generates(chain):
     assert_learned_and_generates(uri)
     assert manifests["base"]["metrics"]["global_step"] == 30
     assert manifests["base"]["metrics"]["tokens_seen"] == 30 * 4 * 32
+    assert manifests["base"]["metrics"]["deepspeed"]["enabled"] is False  # no ZeRO asked: plain DDP
     assert storage.list_files(storage.join(uri, "tensorboard"))  # TensorBoard events
     assert "experiment: tr" in storage.read_text(storage.join(uri, "resolved_config.yaml"))
 
@@ -137,11 +138,21 @@ def test_zero3_two_workers_tiny_mistral(chain):
         "mistral": {
             "kind": "cpt", "from": {"init": "tiny-mistral"}, "data": "text", "training": {**FAST, "max_steps": 16},
             "resources": {"workers": 2, "cpus_per_worker": 1}, "deepspeed": {"stage": 3},
+            "checkpoint": {"every_steps": 8},
         }
     }
     cfg = validate_config(raw)
     manifest = train_stage(cfg, "mistral")
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["global_step"] == 16
+    # A ZeRO-3 engine ran (read from the engine, not the config), and its checkpoints hold every
+    # rank's partition of the model and optimizer states.
+    ran = manifest["metrics"]["deepspeed"]
+    assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 3, {"optimizer": None, "params": None})
+    assert ran["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and ran["gather_16bit_weights_on_save"] is True
+    saved = [f for f in storage.list_files(storage.join(cfg.run_uri, "checkpoints")) if "/mistral-" in f and "/global_step" in f]
+    for rank in (0, 1):
+        assert any(os.path.basename(f).startswith(f"zero_pp_rank_{rank}_") and f.endswith("optim_states.pt") for f in saved), saved
+        assert any(os.path.basename(f).startswith(f"zero_pp_rank_{rank}_") and f.endswith("model_states.pt") for f in saved), saved
     # Both workers' batches count: 2 workers x 4 blocks x 32 tokens per step.
     assert manifest["metrics"]["tokens_seen"] == 16 * 2 * 4 * 32
     uri = stage_uri(cfg, "mistral")
@@ -160,7 +171,10 @@ def test_lora_with_zero2_two_workers_saves_a_merged_model(chain):
         },
     }
     cfg = validate_config(raw)
-    train_stage(cfg, "lora")
+    manifest = train_stage(cfg, "lora")
+    ran = manifest["metrics"]["deepspeed"]
+    assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 2, {"optimizer": None, "params": None})
+    assert ran["optimizer"] == "DeepSpeedZeroOptimizer"
     uri = stage_uri(cfg, "lora")
     assert os.path.exists(os.path.join(uri, "adapter", "adapter_config.json"))
     merged = load(uri)

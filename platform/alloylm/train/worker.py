@@ -187,6 +187,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from alloylm.models.loading import load_tokenizer
     from alloylm.train import STAGE_TRAINERS
     from alloylm.train.callbacks import MetricsLogCallback
+    from alloylm.train.deepspeed import deepspeed_record
 
     job = StageJob.model_validate(payload)
     stage = _stage_config(job)
@@ -219,6 +220,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             "world_size": context.get_world_size(),
             "first_loss": next((r["loss"] for r in _read_jsonl(metrics_path) if "loss" in r), None),
             "last_loss": next((r["loss"] for r in reversed(_read_jsonl(metrics_path)) if "loss" in r), None),
+            "deepspeed": deepspeed_record(trainer),
         }
         _save_output(trainer, stage, tokenizer, workdir, job, metrics_path, summary)
         ray.train.report({"final": True, **summary})

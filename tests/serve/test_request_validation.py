@@ -1,0 +1,346 @@
+"""Request validation and response bodies of the OpenAI protocol, without a server.
+
+tests/test_serve.py sends bad requests through HTTP for a few fields (temperature, n, logprobs,
+messages.0.role, token limits); here every field AlloyLM checks or refuses is named in its error,
+and the bodies the server answers with have OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alloylm.serve.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad_request,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_id,
+    completion_response,
+    error_body,
+    model_list,
+    parse_request,
+    sse,
+    usage,
+    usage_chunk,
+)
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def completion(**fields) -> CompletionRequest:
+    return parse_request(CompletionRequest, json.dumps({"prompt": "x"} | fields).encode())
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return parse_request(ChatCompletionRequest, json.dumps({"messages": CHAT} | fields).encode())
+
+
+def rejected(model, body) -> APIError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(APIError) as err:
+        parse_request(model, raw)
+    assert err.value.status == 400 and err.value.type == "invalid_request_error"
+    return err.value
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "temperature": -0.1}, "temperature"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "seed": "abc"}, "seed"),
+        ({"prompt": "x", "stream": "sometimes"}, "stream"),
+        ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+        ({"prompt": "x", "stop": 7}, "stop"),
+        ({"prompt": "x", "logit_bias": {"5": "high"}}, "logit_bias.5"),
+        ({"prompt": {"text": "x"}}, "prompt"),
+        ({"prompt": "x", "echo": "yes please"}, "echo"),
+    ],
+)
+def test_a_bad_completion_field_is_named(body, param):
+    error = rejected(CompletionRequest, body)
+    assert error.param == param
+    assert error.message.startswith(f"{param}: ")
+    assert error.body()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+        ({"messages": CHAT, "top_p": 2}, "top_p"),
+        # A bad part is named by its message's content: pydantic reports the union's first member
+        # (str) first, so the part's own key is not reached.
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": 5}]}, "messages.1.content"),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": CHAT, "response_format": "json"}, "response_format"),
+        ({"messages": CHAT, "tools": {"a": 1}}, "tools"),
+    ],
+)
+def test_a_bad_chat_field_is_named(body, param):
+    error = rejected(ChatCompletionRequest, body)
+    assert error.param == param
+    assert error.message.startswith(f"{param}: ")
+
+
+def test_errors_do_not_echo_the_request_values():
+    error = rejected(CompletionRequest, {"prompt": "x", "temperature": "secret-value-123"})
+    assert error.param == "temperature"
+    assert "secret-value-123" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "the request body is not valid JSON: "),
+        (b"\xff\xfe", "the request body is not valid JSON: "),
+        (b"[1, 2]", "the request body must be a JSON object"),
+        (b"null", "the request body must be a JSON object"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_refused_without_a_param(body, message):
+    error = rejected(CompletionRequest, body)
+    assert error.message.startswith(message) and (error.message == message or message.endswith(": "))
+    assert error.param is None
+
+
+def test_a_missing_required_field_is_named():
+    assert rejected(CompletionRequest, {"model": "m"}).message == "prompt: Field required"
+    assert rejected(ChatCompletionRequest, {"model": "m"}).param == "messages"
+
+
+def test_unknown_fields_are_ignored_and_defaults_apply():
+    request = completion(some_future_field=1, model="dpo")
+    assert request.model == "dpo"
+    assert (request.temperature, request.top_p, request.n, request.min_tokens, request.max_tokens) == (1.0, 1.0, 1, 0, None)
+    assert request.stream is False and request.seed is None
+    assert request.unsupported() is None
+    assert chat(another_new_field={"x": 1}).unsupported() is None
+
+
+def test_boundary_values_are_accepted():
+    request = completion(temperature=0, top_p=1, min_tokens=0, max_tokens=1)
+    assert (request.temperature, request.top_p, request.max_tokens) == (0.0, 1.0, 1)
+    assert completion(temperature=2, top_p=0.01).temperature == 2.0
+
+
+# ----------------------------------------------------------------------------- what is refused
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"logprobs": 0}, "logprobs"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "tail"}, "suffix"),
+        ({"n": 2}, "n"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -0.5}, "frequency_penalty"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ],
+)
+def test_completion_fields_this_server_cannot_honour_are_named(fields, field):
+    assert completion(**fields).unsupported() == field
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"echo": False}, {"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"n": 1}],
+)
+def test_completion_fields_at_their_neutral_values_are_accepted(fields):
+    assert completion(**fields).unsupported() is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 0}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 3}, "n"),
+        ({"presence_penalty": 1}, "presence_penalty"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+        ({"logit_bias": {"1": -100}}, "logit_bias"),
+    ],
+)
+def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
+    assert chat(**fields).unsupported() == field
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"logprobs": False},
+        {"tools": []},
+        {"tool_choice": "none"},
+        {"response_format": {"type": "text"}},
+        {"response_format": {}},
+        {"response_format": {"json_schema": {"name": "x"}}},  # no type: text
+        {"top_logprobs": None},
+    ],
+)
+def test_chat_fields_at_their_neutral_values_are_accepted(fields):
+    assert chat(**fields).unsupported() is None
+
+
+def test_the_first_unsupported_field_is_named_when_there_are_several():
+    assert completion(logprobs=1, n=2).unsupported() == "logprobs"
+    assert completion(suffix="s", presence_penalty=1).unsupported() == "suffix"
+    assert chat(tools=[{"type": "function"}], n=2).unsupported() == "tools"
+    assert completion(n=2, frequency_penalty=1).unsupported() == "n"
+    assert completion(presence_penalty=1, frequency_penalty=1).unsupported() == "presence_penalty"
+    assert completion(frequency_penalty=1, logit_bias={"1": 1}).unsupported() == "frequency_penalty"
+
+
+# ----------------------------------------------------------------------------- what a request asks
+
+
+def test_single_prompt_accepts_one_text_or_one_list_of_ids():
+    assert completion(prompt="hello").single_prompt() == "hello"
+    assert completion(prompt=["hello"]).single_prompt() == "hello"
+    assert completion(prompt=[5, 6, 7]).single_prompt() == [5, 6, 7]
+    assert completion(prompt=[[5, 6]]).single_prompt() == [5, 6]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (["a", "b"], "only one prompt per request is supported"),
+        ([[1], [2]], "only one prompt per request is supported"),
+        ("", "the prompt is empty"),
+        ([], "the prompt is empty"),
+        ([""], "the prompt is empty"),
+        ([[]], "the prompt is empty"),
+    ],
+)
+def test_several_or_empty_prompts_are_refused_naming_prompt(prompt, message):
+    with pytest.raises(APIError) as err:
+        completion(prompt=prompt).single_prompt()
+    assert (err.value.status, err.value.param, err.value.message) == (400, "prompt", message)
+
+
+def test_stop_strings_and_usage_option():
+    assert completion().stop_strings == ()
+    assert completion(stop="\n").stop_strings == ("\n",)
+    assert completion(stop=["a", "b"]).stop_strings == ("a", "b")
+    assert completion().include_usage is False
+    assert completion(stream_options={}).include_usage is False
+    assert completion(stream_options={"include_usage": True}).include_usage is True
+
+
+def test_the_newer_token_limit_wins_over_the_older_name():
+    assert chat().token_limit is None
+    assert chat(max_tokens=7).token_limit == 7
+    assert chat(max_completion_tokens=5).token_limit == 5
+    assert chat(max_tokens=7, max_completion_tokens=5).token_limit == 5
+
+
+def test_conversation_maps_developer_to_system_and_joins_text_parts():
+    request = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert request.conversation() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+def test_requests_are_frozen():
+    request = completion()
+    with pytest.raises(Exception):
+        request.temperature = 0.5  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_errors_have_openais_shape():
+    assert error_body("boom", type="server_error") == {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
+    error = bad_request("too long", "prompt", "context_length_exceeded")
+    assert (error.status, error.headers, str(error)) == (400, {}, "too long")
+    assert error.body() == {
+        "error": {"message": "too long", "type": "invalid_request_error", "param": "prompt", "code": "context_length_exceeded"}
+    }
+    busy = APIError(503, "busy", type="overloaded", headers={"Retry-After": "1"})
+    assert busy.body()["error"]["type"] == "overloaded" and busy.headers == {"Retry-After": "1"}
+
+
+def test_usage_totals_the_tokens():
+    assert usage(7, 5) == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+
+def test_completion_and_chat_bodies():
+    body = completion_response(request_id="cmpl-1", model="m", text="hi", finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+    assert body["object"] == "text_completion" and body["id"] == "cmpl-1" and body["model"] == "m"
+    assert body["choices"] == [{"index": 0, "text": "hi", "finish_reason": "stop", "logprobs": None}]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert isinstance(body["created"], int) and body["created"] > 1_600_000_000
+    body = chat_response(request_id="c-1", model="m", text="yo", finish_reason="length", prompt_tokens=1, completion_tokens=4)
+    assert body["object"] == "chat.completion" and body["id"] == "c-1" and body["model"] == "m"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "yo"}, "finish_reason": "length", "logprobs": None}]
+    assert body["usage"]["total_tokens"] == 5
+    assert isinstance(body["created"], int) and body["created"] > 1_600_000_000
+
+
+def test_stream_chunks():
+    assert completion_chunk(request_id="i", model="m", created=5, text="a", finish_reason=None) == {
+        "id": "i", "object": "text_completion", "created": 5, "model": "m",
+        "choices": [{"index": 0, "text": "a", "finish_reason": None, "logprobs": None}],
+    }  # fmt: skip
+    assert chat_chunk(request_id="i", model="m", created=5, delta={"content": "a"}, finish_reason="stop") == {
+        "id": "i", "object": "chat.completion.chunk", "created": 5, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop", "logprobs": None}],
+    }  # fmt: skip
+    for kind, obj in (("completion", "text_completion"), ("chat", "chat.completion.chunk")):
+        assert usage_chunk(kind=kind, request_id="i", model="m", created=5, prompt_tokens=2, completion_tokens=3) == {
+            "id": "i", "object": obj, "created": 5, "model": "m", "choices": [],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+        }  # fmt: skip
+
+
+def test_server_sent_events():
+    assert sse({"a": 1, "b": [1, 2]}) == b'data: {"a":1,"b":[1,2]}\n\n'
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+    assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def test_ids_and_model_list():
+    a, b = completion_id("completion"), completion_id("completion")
+    assert a.startswith("cmpl-") and len(a) == 5 + 32 and a != b
+    assert completion_id("chat").startswith("chatcmpl-")
+    assert model_list(["dpo", "merged"], 9) == {
+        "object": "list",
+        "data": [
+            {"id": "dpo", "object": "model", "created": 9, "owned_by": "alloylm"},
+            {"id": "merged", "object": "model", "created": 9, "owned_by": "alloylm"},
+        ],
+    }

@@ -1,0 +1,38 @@
+"""Reading a prepared data set's shards inside a training worker (local files, no cluster)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alloylm.train.data import read_prepared_table
+
+
+def _shard(folder, name: str, rows: dict) -> None:
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), folder / "shards" / name)
+
+
+def test_every_shard_is_read_with_only_the_asked_columns(tmp_path):
+    _shard(tmp_path, "part-0.parquet", {"prompt": ["a", "b"], "chosen": ["x", "y"], "extra": [1, 2]})
+    _shard(tmp_path, "part-1.parquet", {"prompt": ["c"], "chosen": ["z"], "extra": [3]})
+    (tmp_path / "shards" / "_SUCCESS").write_text("")  # not a parquet file: skipped
+    pq.write_table(pa.table({"prompt": ["beside"], "chosen": ["shards"]}), tmp_path / "sample.parquet")  # not a shard
+    table = read_prepared_table(str(tmp_path), ["prompt", "chosen"])
+    assert table.column_names == ["prompt", "chosen"]
+    assert sorted(table.column("prompt").to_pylist()) == ["a", "b", "c"]
+    assert table.num_rows == 3
+
+
+def test_a_missing_column_names_the_shard_and_its_columns(tmp_path):
+    _shard(tmp_path, "part-0.parquet", {"messages": ["m"], "id": [1]})
+    with pytest.raises(ValueError, match=r"part-0.parquet: the data has no column\(s\) prompt, chosen \(columns: messages, id\)"):
+        read_prepared_table(str(tmp_path), ["prompt", "chosen", "messages"])
+
+
+def test_no_shards_is_an_error_naming_the_folder(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"no parquet shards under {tmp_path}/shards"):
+        read_prepared_table(str(tmp_path), ["prompt"])

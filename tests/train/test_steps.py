@@ -1,0 +1,71 @@
+"""How many optimizer steps a stage trains for (`steps_for`), against hand counts.
+
+Every paper config and the quickstart train by `epochs`; a wrong count trains for a fraction (or a
+multiple) of the data without any training test noticing, since those all set `max_steps`.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from alloylm.train.data import steps_for
+from alloylm.train.options import TrainingOptions
+
+
+def stage(**training) -> SimpleNamespace:
+    return SimpleNamespace(training=TrainingOptions(**training))
+
+
+def test_one_worker_one_epoch_is_rows_over_batch_size():
+    # 64 rows / 8 per step = 8 steps.
+    assert steps_for(64, stage(epochs=1, batch_size=8), 1) == 8
+
+
+def test_epochs_workers_and_accumulation_multiply_out():
+    # 2 epochs over 100 rows = 200 sequences; a step takes 4 per worker x 2 workers x 3 micro-batches
+    # = 24 sequences; 200 / 24 = 8.33 -> 9 steps (the last one partial rather than dropped).
+    assert steps_for(100, stage(epochs=2, batch_size=4, gradient_accumulation_steps=3), 2) == 9
+
+
+def test_an_exact_fit_has_no_extra_step():
+    # 96 rows / (4 x 2 x 3) = 4 steps exactly.
+    assert steps_for(96, stage(epochs=1, batch_size=4, gradient_accumulation_steps=3), 2) == 4
+    # 3 epochs of it: 12.
+    assert steps_for(96, stage(epochs=3, batch_size=4, gradient_accumulation_steps=3), 2) == 12
+
+
+def test_more_workers_take_fewer_steps_for_the_same_data():
+    one = steps_for(240, stage(epochs=1, batch_size=5, gradient_accumulation_steps=2), 1)
+    four = steps_for(240, stage(epochs=1, batch_size=5, gradient_accumulation_steps=2), 4)
+    assert (one, four) == (24, 6)  # 240 / 10 and 240 / 40
+
+
+def test_accumulation_divides_the_steps():
+    assert steps_for(120, stage(batch_size=3, gradient_accumulation_steps=1), 2) == 20
+    assert steps_for(120, stage(batch_size=3, gradient_accumulation_steps=4), 2) == 5
+
+
+def test_fractional_epochs():
+    # Half an epoch of 100 rows at 10 per step: 5 steps; 1.5 epochs of 10 rows at 4 per step: 15/4 -> 4.
+    assert steps_for(100, stage(epochs=0.5, batch_size=10), 1) == 5
+    assert steps_for(10, stage(epochs=1.5, batch_size=4), 1) == 4
+
+
+def test_tiny_data_still_trains_one_step():
+    assert steps_for(5, stage(epochs=1, batch_size=8), 1) == 1  # 5/8 -> 1
+    assert steps_for(0, stage(epochs=1, batch_size=8), 1) == 1
+
+
+def test_max_steps_overrides_epochs():
+    assert steps_for(10_000, stage(epochs=3, batch_size=1, max_steps=7), 4) == 7
+
+
+@pytest.mark.parametrize("kind", ["cpt", "sft", "dpo", "orpo"])
+def test_every_method_counts_its_steps_from_the_prepared_rows(kind):
+    from alloylm.train import STAGE_TRAINERS
+
+    job = SimpleNamespace(data_rows=100)
+    # 2 epochs x 100 rows / (4 x 2 workers x 3) = 8.33 -> 9, as above.
+    assert STAGE_TRAINERS[kind].max_steps(stage(epochs=2, batch_size=4, gradient_accumulation_steps=3), job, 2) == 9
