@@ -23,7 +23,11 @@ from alloylm.evaluate.config import EvalConfig
 JUDGE_ON = {"enabled": True, "base_url": "http://judge:8000/v1", "model": "judge"}
 
 
+ACCURACY = {"objective_metric": "accuracy"}  # these hand calculations weigh multiple-choice accuracy
+
+
 def eval_config(**suites) -> EvalConfig:
+    suites["multiple_choice"] = {**ACCURACY, **suites.get("multiple_choice", {})}
     return EvalConfig.model_validate({"variants": ["v"], "suites": suites})
 
 
@@ -34,10 +38,17 @@ def ok(**metrics) -> dict:
 # ----------------------------------------------------------------------------- headline values
 
 
+def test_multiple_choice_headline_is_the_configured_objective_metric():
+    metrics = {"accuracy": 0.625, "accuracy_norm": 0.9, "mean_prob_correct": 0.4, "accuracy_circular": 0.25}
+    assert headline_value("multiple_choice", metrics) == 0.4  # default: P(correct option), continuous
+    assert headline_value("multiple_choice", metrics, {"objective_metric": "accuracy_circular"}) == 0.25
+    assert headline_value("multiple_choice", {"accuracy": 0.5}) is None  # the default metric is missing
+
+
 def test_accuracy_suites_use_plain_accuracy_as_is():
-    assert headline_value("multiple_choice", {"accuracy": 0.625, "accuracy_norm": 0.9}) == 0.625
+    assert headline_value("multiple_choice", {"accuracy": 0.625, "accuracy_norm": 0.9}, ACCURACY) == 0.625
     assert headline_value("short_answer", {"accuracy": 0.25, "exact_match": 0.1}) == 0.25
-    value = headline_value("multiple_choice", {"accuracy": 1})
+    value = headline_value("multiple_choice", {"accuracy": 1}, ACCURACY)
     assert value == 1.0 and isinstance(value, float)
 
 
@@ -206,6 +217,8 @@ def test_best_is_the_highest_accuracy_and_score_but_the_lowest_perplexity():
     # Every column of a suite some variant has, in the fixed order, the score last.
     assert keys == [
         "multiple_choice.accuracy",
+        "multiple_choice.accuracy_circular",
+        "multiple_choice.mean_prob_correct",
         "multiple_choice.accuracy_norm",
         "domain_perplexity.perplexity",
         "domain_perplexity.bits_per_byte",
@@ -281,6 +294,8 @@ def test_judge_criteria_become_columns_and_chance_is_kept():
     keys = [c["key"] for c in comparison["columns"]]
     assert keys == [
         "multiple_choice.accuracy",
+        "multiple_choice.accuracy_circular",
+        "multiple_choice.mean_prob_correct",
         "multiple_choice.accuracy_norm",
         "judge.overall",
         "judge.clarity",
@@ -333,6 +348,8 @@ def test_markdown_bolds_the_best_and_lists_the_notes():
     assert lines[4] == ""
     assert lines[5:] == [
         "- Split: `test`. ↑ higher is better, ↓ lower is better; best in bold.",
+        "- [low, high]: 95% interval (percentile bootstrap, 1000 resamples; benchmark items resampled by fact, text blocks and judged questions one by one).",
+        "- ≈: the difference from `a` lies within noise (its paired-bootstrap 95% interval contains 0).",
         "- Multiple-choice chance level: 0.250.",
         "- b: judge missing — timeout",
     ]
