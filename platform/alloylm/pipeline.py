@@ -445,10 +445,19 @@ def run_pipeline(
     With `serve`, and only when nothing failed, then serves the `serve:` variants until
     interrupted (after `on_summary`; serving only reads, and holds no lease).
     """
+    import ray
+
+    from alloylm.cluster import connect_ray
     from alloylm.lease import RunLease
 
+    # A stage the cluster can never hold fails the run before anything is written, the lease included.
+    connect_ray()
+    capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    check_stage_resources(config, have=capacity)
+    names = sorted(_with_ancestors(config, only)) if only else config.stage_order()
+    check_stage_memory(config, names, capacity.get("GPU", 0))
     with RunLease(config.run_uri, "run", ttl=config.run.lease_ttl_seconds).held(wait=wait_for_lease):
-        summary = _run(config, only)
+        summary = _run(config, only, capacity)
     if on_summary is not None:
         on_summary(summary)
     if serve and summary.ok:
@@ -456,17 +465,8 @@ def run_pipeline(
     return summary
 
 
-def _run(config: RunConfig, only: list[str] | None) -> RunSummary:
-    import ray
-
-    from alloylm.cluster import connect_ray
-
+def _run(config: RunConfig, only: list[str] | None, capacity: dict[str, float]) -> RunSummary:
     started = time.monotonic()
-    connect_ray()
-    capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    check_stage_resources(config, have=capacity)
-    names = sorted(_with_ancestors(config, only)) if only else config.stage_order()
-    check_stage_memory(config, names, capacity.get("GPU", 0))
     summary = RunSummary(experiment=config.experiment, run=config.run_uri)
     steps = build_graph(config, summary, only=only)
     log.info("run %s: %d steps on %s", config.experiment, len(steps), ", ".join(f"{v:g} {k}" for k, v in capacity.items()))

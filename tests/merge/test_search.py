@@ -233,7 +233,9 @@ def test_interrupted_search_restores_without_redoing_finished_trials(prepared, r
     root = prepared
     stage = _search_stage(root, num_samples=6, asha=None, max_concurrent_trials=1)
     path = _write(root, _config(root, {"resume": stage}), "resume.yaml")
-    command = [sys.executable, "-m", "alloylm.cli", "search", str(path), "resume"]
+    # run.lease_ttl_seconds: the killed driver still holds the run's lease; the rerun (--wait) takes it
+    # over once its heartbeat is 5 s old.
+    command = [sys.executable, "-m", "alloylm.cli", "search", str(path), "resume", "run.lease_ttl_seconds=5"]
     # The drivers join the session's cluster; killing a driver ends its Tune trials (Ray owns them by driver).
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune saves its experiment state every second, so the test sees progress
@@ -254,8 +256,9 @@ def test_interrupted_search_restores_without_redoing_finished_trials(prepared, r
         first.wait()
     uri = str(root / "runs" / "ms" / "stages" / "resume")
     assert not storage.is_complete(uri)
-    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    second = subprocess.run([*command, "--wait"], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "took over from a holder that stopped renewing it" in second.stderr, second.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(uri, "search", "trials.jsonl"))]
     assert len(rows) == 6
     experiment = [os.path.join(searches, d, "tune") for d in os.listdir(searches) if d.startswith("resume-")][0]
