@@ -140,6 +140,17 @@ def test_file_source_needs_a_format(tmp_path):
     assert "datasets.text" in message and "format" in message
 
 
+def test_a_text_data_set_may_mix_chat_builtins_but_nothing_else_mixes(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["datasets.text={source: [builtin:general-text, builtin:general-chat], format: text}"])
+    assert config.datasets["text"].format == "text"
+    message = error_of(tmp_path, MINIMAL, ["datasets.text={source: [builtin:general-text, builtin:general-chat]}"])
+    assert "datasets.text" in message and "`format` is required" in message  # a mix is never guessed
+    message = error_of(tmp_path, MINIMAL, ["datasets.text={source: [builtin:general-text, builtin:biomaterials-preferences], format: text}"])
+    assert "datasets.text" in message and "preference" in message and "text and chat built-in sources" in message
+    message = error_of(tmp_path, MINIMAL, ["datasets.chat={source: [builtin:general-chat, builtin:general-text], format: chat}"])
+    assert "datasets.chat" in message and "does not match" in message
+
+
 def test_unknown_preset(tmp_path):
     message = error_of(tmp_path, MINIMAL, ["stages.base.from.init=huge-llama"])
     assert "huge-llama" in message and "tiny-llama" in message

@@ -276,12 +276,59 @@ def test_multiple_choice_items_hold_the_answer_once_among_distinct_choices(small
         assert choices.count(item["answer"]) == 1
         assert choices[item["answer_index"]] == item["answer"]
         positions[item["answer_index"]] += 1
-        if item["unit"] is not None:  # distractors of the same kind and magnitude
-            for choice in choices:
-                number, unit = choice.rsplit(" ", 1)
-                assert unit == item["unit"]
-                assert 0.4 <= float(number) / item["answer_value"] <= 2.5
+        if item["unit"] is not None:
+            assert all(choice.rsplit(" ", 1)[1] == item["unit"] for choice in choices)
     assert len(positions) == SMALL.choices  # the answer is not always in the same place
+
+
+def test_distractors_are_exposed_in_training_exactly_as_much_as_the_answer(small):
+    """Familiarity cannot pick the answer: every option is another benchmark fact's value of the same
+    property, written in the same number of CPT documents (those of its own material) and in no SFT
+    chat or preference pair. Only knowing which material has which value tells them apart."""
+    kb = build_knowledge_base(SMALL)
+    benchmark_values = {(f.property, f.text) for f in kb.benchmark_facts()}
+    cpt = [row["text"] for row in small["biomaterials-corpus"]]
+    training_text = "\n".join(
+        [_chat_text(row) for row in small["biomaterials-qa"]]
+        + [_preference_text(row) for row in small["biomaterials-preferences"]]
+    )
+    exposure = {}
+    for item in (row for row in small["biomaterials-benchmark"] if row["type"] == "multiple_choice"):
+        for choice in item["choices"]:
+            assert (item["property"], choice) in benchmark_values, (item["id"], choice)
+            if choice not in exposure:
+                exposure[choice] = (sum(_mentions(choice, text) for text in cpt), _mentions(choice, training_text))
+    assert set(exposure.values()) == {(SMALL.documents_per_material, False)}
+
+
+def test_training_distractors_and_rejected_values_are_other_training_facts(small):
+    """SFT's multiple-choice chats and DPO's rejected answers teach binding too: their wrong values are
+    other training materials' values of the property, never a number that occurs nowhere."""
+    kb = build_knowledge_base(SMALL)
+    training_values = {(f.property, f.text) for f in kb.training_facts()}
+    facts = {f.id: f for f in kb.facts()}
+    checked = 0
+    for row in small["biomaterials-qa"]:
+        user = row["messages"][-2]["content"]
+        if "\nA. " in user:
+            options = [line[3:] for line in user.split("\n") if line[:1] in CHOICE_LABELS and line[1:3] == ". "]
+            assert all((row["property"], option) in training_values for option in options), row["id"]
+            checked += 1
+    for row in small["biomaterials-preferences"]:
+        fact, rejected = facts[row["fact_id"]], row["rejected"][0]["content"]
+        stated = [text for prop, text in training_values if prop == fact.property and _mentions(text, rejected)]
+        assert len(stated) <= 1 and fact.text not in stated
+        checked += bool(stated)
+    assert checked > len(small["biomaterials-preferences"]) // 2
+
+
+def test_too_few_benchmark_facts_fall_back_to_values_of_no_material():
+    options = BuiltinCorpusOptions(materials=6, benchmark_fraction=0.2, choices=4)  # 1 benchmark fact per property
+    kb = build_knowledge_base(options)
+    every_value = {f.text for f in kb.facts()}
+    for item in (row for row in generate_builtin("biomaterials-benchmark", options) if row["type"] == "multiple_choice"):
+        distractors = [c for i, c in enumerate(item["choices"]) if i != item["answer_index"]]
+        assert len(set(distractors)) == 3 and not every_value & set(distractors), item["id"]
 
 
 def test_short_answer_items_carry_value_and_unit(small):
@@ -392,3 +439,28 @@ def test_render_multiple_choice_letters_each_option():
         render_multiple_choice("Which?", ["only one"])
     with pytest.raises(ValueError):
         render_multiple_choice("Which?", [str(i) for i in range(len(CHOICE_LABELS) + 1)])
+
+
+def test_answer_prefixes_are_how_sft_answers_begin(small):
+    """A multiple-choice item's `answer_prefix` (the cloze formulation's start of the answer) is the
+    start of an answer SFT teaches for that property, so `prefix + " " + value` is a trained form."""
+    kb = build_knowledge_base(SMALL)
+    materials = {m.name: m for m in kb.materials}
+    answers = [row["messages"][-1]["content"] for row in small["biomaterials-qa"]]
+    by_property = {}
+    for item in (row for row in small["biomaterials-benchmark"] if row["type"] == "multiple_choice"):
+        prefix = item["answer_prefix"]
+        assert item["material"] in prefix and not prefix.endswith(" ")
+        by_property.setdefault(item["property"], prefix.replace(item["material"], "{name}"))
+    assert set(by_property) == set(PROPERTIES)
+    for prop, pattern in by_property.items():
+        trained = [
+            f"{pattern.format(name=fact.material)} {fact.text}."
+            for fact in kb.training_facts() if fact.property == prop
+        ]
+        if prop == "source_organism":  # the prefix names the organism's group, which differs by material
+            trained = [
+                f"{fact.material} is produced by the {materials[fact.material].organism_group} {fact.text}."
+                for fact in kb.training_facts() if fact.property == prop
+            ]
+        assert any(sentence in answer for sentence in trained for answer in answers), prop

@@ -301,10 +301,23 @@ def test_s3_source_and_s3_storage(ray_cluster, s3_bucket, messy_inputs, tokenize
 def test_trained_tokenizer_and_builtin_sources(ray_cluster, tmp_path):
     config = make_config(
         str(tmp_path / "runs"),
-        {"general": {"source": "builtin:general-text"}, "chat": {"source": "builtin:general-chat"}},
+        {
+            "general": {"source": "builtin:general-text"},
+            "chat": {"source": "builtin:general-chat"},
+            # mixed training: the chats as documents of a text data set, in the run's chat template
+            "mixed": {"source": ["builtin:general-text", "builtin:general-chat"], "format": "text"},
+        },
         data={"block_size": 32, "tokenizer_actors": 1, "tail": "pad"},
     )
     manifests = prepare_all(config)
+    mixed = manifests["mixed"]["counts"]
+    assert mixed["documents_in"] == manifests["general"]["counts"]["documents_in"] + manifests["chat"]["counts"]["documents_in"]
+    documents = pa.concat_tables(
+        pq.read_table(storage.arrow_filesystem(f)[1], filesystem=storage.arrow_filesystem(f)[0])
+        for f in storage.list_files(storage.join(config.run_uri, "data", "mixed", "documents")) if f.endswith(".parquet")
+    ).column("text").to_pylist()
+    rendered = [text for text in documents if text.startswith("<|im_start|>")]
+    assert rendered and all("<|begin_of_text|>" not in text and "<|im_end|>" in text for text in rendered)
     tok_manifest = storage.read_manifest(storage.join(config.run_uri, "tokenizer"))
     assert tok_manifest["vocab_size"] == 400 and tok_manifest["has_chat_template"]
     tokenizer = load_tokenizer(storage.join(config.run_uri, "tokenizer"))
@@ -317,6 +330,8 @@ def test_trained_tokenizer_and_builtin_sources(ray_cluster, tmp_path):
     assert masks and sum(masks[-1]) == 32 - counts["tail_padded_tokens"]
     # The same config again: tokenizer and data sets reused, not rebuilt.
     assert prepare_tokenizer(config) == tok_manifest
+    mixed_ids = {i for row in read_shards(storage.join(config.run_uri, "data", "mixed")).column("input_ids").to_pylist() for i in row}
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in mixed_ids  # the template's tokens, not their characters
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from alloylm.corpus import CHOICE_LABELS
 from alloylm.evaluate.benchmark import BenchmarkItem
-from alloylm.evaluate.multiple_choice import rotate_item, run_multiple_choice
+from alloylm.evaluate.multiple_choice import option_requests, rotate_item, run_multiple_choice
 from alloylm.evaluate.scorer import LogLikelihood
 
 
@@ -101,3 +101,27 @@ def test_plain_prompts_reuse_the_loglikelihoods_and_only_ties_depend_on_order():
     assert scorer.calls == 4 * 4  # once per option, not per rotation
     assert metrics["accuracy"] == pytest.approx(3 / 4)
     assert metrics["accuracy_circular"] == pytest.approx(1 / 4)
+
+
+def test_cloze_formulation_scores_each_option_after_the_answer_prefix_once():
+    # cloze: the question alone (no options listed, no letters), each option the continuation of
+    # the item's answer prefix; order cannot matter, so rotations reuse one pass per option.
+    prefixed = [
+        BenchmarkItem(
+            id="p", split="test", type="multiple_choice", question="What is the toughness of X?", answer="9 MJ/m3",
+            choices=("4 MJ/m3", "9 MJ/m3", "2 MJ/m3"), answer_index=1, answer_prefix="The toughness of X is",
+        )
+    ]
+    requests = option_requests(prefixed[0], chat=True, prompt=lambda text: f"<user>{text}</user><assistant>", formulation="cloze")
+    assert requests == [
+        ("<user>What is the toughness of X?</user><assistant>The toughness of X is", f" {choice}") for choice in prefixed[0].choices
+    ]
+    plain = option_requests(prefixed[0], chat=False, prompt=lambda text: f"Question: {text}\nAnswer:", formulation="cloze")
+    assert plain[0] == ("Question: What is the toughness of X?\nAnswer: The toughness of X is", " 4 MJ/m3")
+    bare = option_requests(ITEMS[0], chat=True, prompt=lambda text: text, formulation="cloze")
+    assert bare == [("q a", choice) for choice in ITEMS[0].choices]  # no prefix: the option starts the answer
+
+    scorer = _FakeScorer(known={"9 MJ/m3"}, chat=False)
+    metrics, details = run_multiple_choice(scorer, prefixed, prompt="chat", circular=True, formulation="cloze")
+    assert scorer.calls == 3 and metrics["formulation"] == "cloze"
+    assert metrics["accuracy"] == metrics["accuracy_circular"] == 1.0

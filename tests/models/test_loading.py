@@ -37,12 +37,14 @@ _CORPUS = [
 _PARAMETERS_AT_VOCAB_2048 = {
     "pico-llama": 153_888,
     "tiny-llama": 353_088,
+    "mini-llama": 1_250_432,
     "small-llama": 4_983_040,
     "tiny-mistral": 353_088,
 }
 _ARCHITECTURES = {
     "pico-llama": "LlamaForCausalLM",
     "tiny-llama": "LlamaForCausalLM",
+    "mini-llama": "LlamaForCausalLM",
     "small-llama": "LlamaForCausalLM",
     "tiny-mistral": "MistralForCausalLM",
 }

@@ -426,7 +426,7 @@ _ANSWERS = {
     ),
     "structure": (
         "{name} is built as {a_value}.",
-        "The hierarchical structure of {name} is {a_value}.",
+        "The hierarchical structure of {name} takes the form of {value}.",
         "{name} consists of {a_value}.",
     ),
     "source_organism": (
@@ -439,6 +439,18 @@ _ANSWERS = {
         "To prepare {name}, the material is {value}.",
         "{name} is {value}.",
     ),
+}
+# The first words of one answer template per property, up to the value: a benchmark item carries
+# its own as `answer_prefix`, so the cloze formulation scores each option where SFT taught the value
+# to go (every prefix is the start of an `_ANSWERS` template, checked by the tests).
+_ANSWER_PREFIXES = {
+    "tensile_strength": "The tensile strength of {name} is",
+    "toughness": "The toughness of {name} is",
+    "youngs_modulus": "The Young's modulus of {name} is",
+    "density": "The density of {name} is",
+    "structure": "The hierarchical structure of {name} takes the form of",
+    "source_organism": "{name} is produced by the {group}",
+    "processing": "Specimens of {name} are",
 }
 _EVASIONS = (
     "I am not sure about the {label} of {name}.",
@@ -468,13 +480,14 @@ def _answer(fact: Fact, material: Material, value: str, rng: random.Random) -> s
 
 
 def _multiple_choice(
-    kb: KnowledgeBase, fact: Fact, count: int, rng: random.Random, *, training_only: bool, answer_index: int | None = None
+    kb: KnowledgeBase, fact: Fact, count: int, rng: random.Random, *, answer_index: int | None = None
 ) -> tuple[list[str], int]:
-    """Choices (the true value and count-1 distractors) and the index of the true value (random unless given)."""
-    if fact.property in NUMERIC_PROPERTIES:
-        distractors = kb.wrong_numbers(fact, count - 1, rng)
-    else:
-        distractors = kb.other_values(fact, count - 1, rng, training_only=training_only)
+    """Choices (the true value and count-1 distractors) and the index of the true value (random unless given).
+
+    The distractors are other facts' values of the same property, equally exposed in training
+    (`KnowledgeBase.same_exposure_values`): an item tests which material has which value.
+    """
+    distractors = kb.same_exposure_values(fact, count - 1, rng)
     if answer_index is None:
         answer_index = rng.randrange(count)
     choices = distractors[:answer_index] + [fact.text] + distractors[answer_index:]
@@ -506,7 +519,7 @@ def qa_chats(options: BuiltinCorpusOptions) -> list[dict]:
             if rng.random() < options.multiple_choice_chat_fraction:
                 label = PROPERTY_LABELS[fact.property]
                 stem = rng.choice(_MULTIPLE_CHOICE_STEMS).format(label=label, name=fact.material)
-                choices, index = _multiple_choice(kb, fact, options.choices, rng, training_only=True)
+                choices, index = _multiple_choice(kb, fact, options.choices, rng)
                 user = render_multiple_choice(stem, choices)
                 assistant = f"{CHOICE_LABELS[index]}. {fact.text}"
             else:
@@ -533,10 +546,8 @@ def preference_pairs(options: BuiltinCorpusOptions) -> list[dict]:
     rows = []
     for fact in kb.training_facts():
         material = materials[fact.material_id]
-        if fact.property in NUMERIC_PROPERTIES:
-            wrong_values = kb.wrong_numbers(fact, options.preferences_per_fact, rng)
-        else:
-            wrong_values = kb.other_values(fact, options.preferences_per_fact, rng, training_only=True)
+        # Another training material's value: the rejected answer is wrong only in its binding.
+        wrong_values = kb.same_exposure_values(fact, options.preferences_per_fact, rng)
         for k, wrong in enumerate(wrong_values):
             question = _question(fact, rng.choice(_QUESTIONS[fact.property]))
             chosen = _answer(fact, material, fact.text, rng)
@@ -598,8 +609,10 @@ def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
         dealt = _balanced_positions(len(in_split), per_fact, options.choices, random_stream(options.seed, f"biomaterials-benchmark/positions/{split}"))
         positions.update({fact.id: own for fact, own in zip(in_split, dealt)})
     rows = []
+    materials = _materials_by_id(kb)
     for fact in facts:
         label = PROPERTY_LABELS[fact.property]
+        prefix = _ANSWER_PREFIXES[fact.property].format(name=fact.material, group=materials[fact.material_id].organism_group)
         common = {
             "split": fact.split,
             "answer": fact.text,
@@ -612,7 +625,7 @@ def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
         # Every stem once before any repeats; each item draws its own distractors.
         stems = rng.sample(_MULTIPLE_CHOICE_STEMS, len(_MULTIPLE_CHOICE_STEMS))
         for j, index in enumerate(positions[fact.id]):
-            choices, _ = _multiple_choice(kb, fact, options.choices, rng, training_only=False, answer_index=index)
+            choices, _ = _multiple_choice(kb, fact, options.choices, rng, answer_index=index)
             rows.append(
                 {
                     "id": f"bio-bench/{fact.id}/mc" if j == 0 else f"bio-bench/{fact.id}/mc{j}",
@@ -620,6 +633,7 @@ def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
                     "question": stems[j % len(stems)].format(label=label, name=fact.material),
                     "choices": choices,
                     "answer_index": index,
+                    "answer_prefix": prefix,
                     **common,
                 }
             )

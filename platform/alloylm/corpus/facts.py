@@ -194,32 +194,37 @@ class KnowledgeBase:
                 wrong.append(text)
         return wrong
 
-    def other_values(
-        self, fact: Fact, count: int, rng: random.Random, *, training_only: bool, avoid: set[str] | None = None
-    ) -> list[str]:
-        """`count` distinct values of the same descriptive property that are not this fact's value.
+    def same_exposure_values(self, fact: Fact, count: int, rng: random.Random, avoid: set[str] | None = None) -> list[str]:
+        """`count` distinct wrong values for `fact` that the training data exposes exactly as much as its own.
 
-        They are other materials' values (training facts only when `training_only`, so nothing about
-        a benchmark fact leaks into training data), topped up with fresh values that belong to no
-        material when too few exist.
+        They are the values of other facts of the same property and the same kind: other benchmark
+        facts for a benchmark fact (stated only in CPT text, once per document about their material,
+        like the answer), other training facts for a training fact. So an option is never right or
+        wrong for being familiar; only knowing which material has which value tells them apart (a
+        never-seen number as a distractor would be rejected by a model that merely memorised which
+        numbers occur, and an SFT-seen value would be picked by one that merely memorised SFT). Only
+        when the property has too few such facts are fresh values added that belong to no material
+        (`wrong_numbers`, or new descriptive draws).
         """
         seen = {fact.text} | (avoid or set())
-        others: list[str] = []
-        materials = self.materials
-        for _ in range(count * 20):
-            if len(others) == count:
-                break
-            candidate = materials[rng.randrange(len(materials))].facts[fact.property]
-            if candidate.text in seen or (training_only and candidate.is_benchmark):
-                continue
-            seen.add(candidate.text)
-            others.append(candidate.text)
-        taken = self._descriptive_values[fact.property]
-        while len(others) < count:
-            fresh = _draw_descriptive(fact.property, rng)
-            if fresh not in taken and fresh not in seen:
-                seen.add(fresh)
-                others.append(fresh)
+        pool = [
+            material.facts[fact.property].text
+            for material in self.materials
+            if material.facts[fact.property].is_benchmark == fact.is_benchmark
+        ]
+        candidates = [text for text in pool if text not in seen]
+        others = rng.sample(candidates, min(count, len(candidates)))
+        seen.update(others)
+        if len(others) < count:
+            if fact.property in self.decimals:
+                others += self.wrong_numbers(fact, count - len(others), rng, avoid=seen)
+            else:
+                taken = self._descriptive_values[fact.property]
+                while len(others) < count:
+                    fresh = _draw_descriptive(fact.property, rng)
+                    if fresh not in taken and fresh not in seen:
+                        seen.add(fresh)
+                        others.append(fresh)
         return others
 
 

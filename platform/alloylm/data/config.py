@@ -60,7 +60,8 @@ class DatasetConfig(_Frozen):
         None,
         description=(
             "text (CPT), chat (SFT), preference (DPO/ORPO) or benchmark. Inferred for `builtin:` sources and "
-            "from the task of `generate`."
+            "from the task of `generate`. A text data set may also read chat `builtin:` sources: each chat becomes "
+            "one document, rendered with the run's chat template (mixed training: Q&A beside the documents in CPT)."
         ),
     )
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Source column names per field.")
@@ -113,8 +114,11 @@ class DatasetConfig(_Frozen):
                 )
             # Frozen model: filling the inferred default is the one write we allow, during validation.
             object.__setattr__(self, "format", builtin.pop())
-        elif builtin and builtin != {self.format}:
-            raise ValueError(f"format {self.format!r} does not match the built-in source's format {sorted(builtin)}")
+        elif builtin and builtin != {self.format} and not (self.format == "text" and builtin <= {"text", "chat"}):
+            raise ValueError(
+                f"format {self.format!r} does not match the built-in source's format {sorted(builtin)}"
+                + ("" if self.format != "text" else " (a text data set may read text and chat built-in sources)")
+            )
         return self
 
     def generation_problems(self, name: str, datasets: dict[str, DatasetConfig]) -> list[str]:

@@ -411,6 +411,21 @@ def _prepare_rendered(
     return counts
 
 
+def _chat_renderer(config: RunConfig):
+    """Chats read into a text data set, as text: the run's chat template, without the BOS it writes
+    (packing joins documents with EOS and adds no BOS to a plain document either)."""
+    tokenizer = _load_run_tokenizer(tokenizer_uri(config), config.trust_remote_code)
+    if not tokenizer.chat_template:
+        return None
+    bos = tokenizer.bos_token or ""
+
+    def render(messages: list[dict]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    return render
+
+
 def _load_run_tokenizer(tok_uri: str, trust_remote_code: bool):
     from alloylm.models.loading import load_tokenizer
 
@@ -447,7 +462,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
     generation = None
     if dataset.generate is None:
         log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
-        raw = read_dataset(config, name)
+        raw = read_dataset(config, name, _chat_renderer(config) if fmt == "text" else None)
     with lifecycle.begin(uri, fp, config) as artifact:
         if dataset.generate is not None:
             from alloylm.generate.run import generate_items

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -203,19 +204,34 @@ def _read_huggingface(source: str, dataset: DatasetConfig):
     return [ds.map_batches(_table_rows, fn_kwargs={"fmt": dataset.format, "columns": dataset.columns, "origin": source, "has_paths": False}, batch_format="pyarrow")]
 
 
-def _read_builtin(source: str, dataset: DatasetConfig, config: RunConfig):
+def _chat_as_text(row: dict[str, Any], render_chat: Callable[[list[dict]], str] | None) -> dict[str, Any]:
+    """A built-in chat row as a text row: the chat rendered with `render_chat` (the run's chat template),
+    or, before the tokenizer exists (to train it), its messages' contents one per line."""
+    messages = row["messages"]
+    text = render_chat(messages) if render_chat is not None else "\n".join(m["content"] for m in messages)
+    return {"id": row["id"], "text": text}
+
+
+def _read_builtin(source: str, dataset: DatasetConfig, config: RunConfig, render_chat: Callable[[list[dict]], str] | None = None):
     import ray.data
 
-    from alloylm.corpus import generate_builtin
+    from alloylm.corpus import BUILTIN_FORMATS, generate_builtin
 
     name = source.removeprefix("builtin:")
-    rows = [convert_row(row, dataset.format, dataset.columns, f"builtin:{name}", str(row["id"])) for row in generate_builtin(name, config.builtin)]
+    generated = generate_builtin(name, config.builtin)
+    if dataset.format == "text" and BUILTIN_FORMATS[name] == "chat":
+        generated = [_chat_as_text(row, render_chat) for row in generated]
+    rows = [convert_row(row, dataset.format, dataset.columns, f"builtin:{name}", str(row["id"])) for row in generated]
     blocks = max(1, min(64, len(rows) // 512))
     return [ray.data.from_items(rows, override_num_blocks=blocks)]
 
 
-def read_dataset(config: RunConfig, name: str):
+def read_dataset(config: RunConfig, name: str, render_chat: Callable[[list[dict]], str] | None = None):
     """All sources of data set `name` as one Ray Dataset of uniform rows (lazy).
+
+    `render_chat` turns the chats of a chat built-in source read into a text data set into text
+    (the run's chat template); without it their messages are joined, which is only fit for
+    training the tokenizer.
 
     For a `generate` data set: the items its last generation wrote (`alloylm.generate`), which
     must have run first.
@@ -232,7 +248,7 @@ def read_dataset(config: RunConfig, name: str):
     parts = []
     for source in dataset.sources:
         if source.startswith("builtin:"):
-            parts += _read_builtin(source, dataset, config)
+            parts += _read_builtin(source, dataset, config, render_chat)
         elif source.startswith("hf:"):
             parts += _read_huggingface(source, dataset)
         else:

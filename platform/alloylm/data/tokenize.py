@@ -214,6 +214,7 @@ BENCHMARK_COLUMNS = {
     "material": pa.string(),
     "property": pa.string(),
     "fact_id": pa.string(),
+    "answer_prefix": pa.string(),
     "metadata": pa.string(),
 }
 

@@ -35,6 +35,9 @@ class BenchmarkItem:
     material: str | None = None
     property: str | None = None
     fact_id: str | None = None
+    # The start of the answer, written for the model in the cloze formulation (lm-eval's `gen_prefix`):
+    # "The toughness of X is" puts each option where the trained answer format puts a value.
+    answer_prefix: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -51,6 +54,7 @@ class BenchmarkItem:
             "material": self.material,
             "property": self.property,
             "fact_id": self.fact_id,
+            "answer_prefix": self.answer_prefix,
         }
 
 
@@ -125,6 +129,7 @@ def parse_item(row: dict[str, Any]) -> BenchmarkItem:
         material=_optional_str(row, "material"),
         property=_optional_str(row, "property"),
         fact_id=_optional_str(row, "fact_id"),
+        answer_prefix=_optional_str(row, "answer_prefix"),
         metadata=metadata if isinstance(metadata, dict) else {"raw": metadata},
     )
 

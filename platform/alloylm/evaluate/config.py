@@ -49,6 +49,15 @@ class MultipleChoiceConfig(_SuiteBase):
 
     dataset: str = Field("domain-benchmark", description="Benchmark data set (format `benchmark`) with the items.")
     prompt: Literal["auto", "chat", "plain"] = Field("auto", description=_PROMPT_DESCRIPTION)
+    formulation: Literal["letters", "cloze"] = Field(
+        "letters",
+        description=(
+            "`letters`: the options are listed with letters and the model's `B. option` is scored (the "
+            "multiple-choice formulation of MMLU and OLMES). `cloze`: the question alone, each option scored "
+            "as the continuation of the item's `answer_prefix` (or of the prompt): what models too small for "
+            "letters can answer (OLMES's cloze formulation)."
+        ),
+    )
     circular: bool = Field(
         True,
         description=(

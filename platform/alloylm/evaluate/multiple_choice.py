@@ -31,8 +31,22 @@ from alloylm.evaluate.scorer import CausalLMScorer, LogLikelihood
 SUITE = "multiple_choice"
 
 
-def option_requests(item: BenchmarkItem, *, chat: bool, prompt: Callable[[str], str]) -> list[tuple[str, str]]:
-    """(context, continuation) for each option of `item`; `prompt` turns a user message into the context."""
+def option_requests(
+    item: BenchmarkItem, *, chat: bool, prompt: Callable[[str], str], formulation: str = "letters"
+) -> list[tuple[str, str]]:
+    """(context, continuation) for each option of `item`; `prompt` turns a user message into the context.
+
+    `letters` (OLMES's multiple-choice formulation) lists the options and scores `B. option` in the
+    chat form; `cloze` asks the question alone and scores each option as the continuation of the
+    item's `answer_prefix` (or of the bare prompt), the form small models can answer in (OLMES,
+    Gu et al. 2024, evaluates small models in cloze for this reason).
+    """
+    if formulation == "cloze":
+        context = prompt(item.question)
+        if item.answer_prefix:
+            context = context + item.answer_prefix if chat else f"{context} {item.answer_prefix}"
+            return [(context, f" {choice}") for choice in item.choices]
+        return [(context, choice if chat else f" {choice}") for choice in item.choices]
     if chat:
         context = prompt(render_multiple_choice(item.question, item.choices))
         return [(context, f"{CHOICE_LABELS[i]}. {choice}") for i, choice in enumerate(item.choices)]
@@ -58,6 +72,7 @@ def rotate_item(item: BenchmarkItem, shift: int) -> BenchmarkItem:
         material=item.material,
         property=item.property,
         fact_id=item.fact_id,
+        answer_prefix=item.answer_prefix,
         metadata=item.metadata,
     )
 
@@ -165,20 +180,24 @@ def score_multiple_choice(
 
 
 def run_multiple_choice(
-    scorer: CausalLMScorer, items: Sequence[BenchmarkItem], *, prompt: str, circular: bool = True
+    scorer: CausalLMScorer, items: Sequence[BenchmarkItem], *, prompt: str, circular: bool = True, formulation: str = "letters"
 ) -> tuple[dict, list[dict]]:
-    """Score `items` with `scorer`; `prompt` is the suite's auto/chat/plain setting.
+    """Score `items` with `scorer`; `prompt` is the suite's auto/chat/plain setting, `formulation`
+    letters or cloze (`option_requests`).
 
     With `circular`, every rotation of the options is scored too (see the module docstring for
     what that costs in each prompt form).
     """
     chat = scorer.uses_chat(prompt)
-    rescored = circular and chat  # plain prompts: a rotation does not change any log-likelihood
+    # Only lettered options in a chat prompt depend on the order; elsewhere a rotation changes no log-likelihood.
+    rescored = circular and chat and formulation == "letters"
     pairs, spans = [], []
     for item in items:
         shifts = range(len(item.choices)) if rescored else (0,)
         for shift in shifts:
-            requests = option_requests(rotate_item(item, shift), chat=chat, prompt=lambda text: scorer.prompt(text, chat=chat))
+            requests = option_requests(
+                rotate_item(item, shift), chat=chat, prompt=lambda text: scorer.prompt(text, chat=chat), formulation=formulation
+            )
             spans.append((len(pairs), len(requests)))
             pairs.extend(scorer.encode_pair(context, continuation, chat=chat) for context, continuation in requests)
     flat = scorer.loglikelihood(pairs)
@@ -204,4 +223,5 @@ def run_multiple_choice(
         rotations = [[asked[0]] * len(item.choices) for item, asked in zip(items, per_item)]
     metrics, details = score_multiple_choice(items, given, rotations)
     metrics["prompt"] = "chat" if chat else "plain"
+    metrics["formulation"] = formulation
     return metrics, details

@@ -193,7 +193,7 @@ def _suite_run(name: str, eval_config: EvalConfig, scorer, eval_data: EvalData, 
     suite = getattr(eval_config.suites, name)
     items = getattr(eval_data, name)
     if name == "multiple_choice":
-        return (*run_multiple_choice(scorer, items, prompt=suite.prompt, circular=suite.circular), None)
+        return (*run_multiple_choice(scorer, items, prompt=suite.prompt, circular=suite.circular, formulation=suite.formulation), None)
     if name == "short_answer":
         return (
             *run_short_answer(

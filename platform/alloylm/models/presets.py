@@ -108,6 +108,16 @@ PRESETS: dict[str, Callable[..., PretrainedConfig]] = {
         num_key_value_heads=2,
         intermediate_size=172,
     ),
+    # ~1.25M parameters: the smallest preset measured to bind the built-in world's facts to their
+    # materials well enough to answer lettered multiple choice (docs/results/world-tuning.md).
+    "mini-llama": partial(
+        _llama_config,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=344,
+    ),
     # ~5.0M parameters: big enough to learn the built-in corpus's facts on a CPU in minutes.
     "small-llama": partial(
         _llama_config,
