@@ -73,6 +73,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-cli", action="store_true", help="skip the disk_cli mode (the slowest)")
     parser.add_argument("--skip-quality", action="store_true", help="skip part (b), search quality per budget")
     parser.add_argument(
+        "--skip-throughput", action="store_true",
+        help="skip part (a); the results file keeps its earlier part (a) figures, marked as not measured in this run",
+    )
+    parser.add_argument(
+        "--search-seeds", default="0",
+        help="part (b): comma-separated seeds of the TPE and random searches; figures per seed and their mean (default 0)",
+    )
+    parser.add_argument(
         "--quickstart-storage",
         default="runs",
         help="storage of the quickstart run whose dpo and instruct stages are the parents of part (b); "
@@ -342,14 +350,15 @@ def _grid_points(count: int) -> list[dict]:
     return points[:count]
 
 
-def _search_stage(searcher: str, trials: int, items: int, points: list[dict] | None = None) -> dict:
+def _search_stage(searcher: str, trials: int, items: int, points: list[dict] | None = None, seed: int = 0) -> dict:
     search = {
-        "space": {"t": {"anchors": 5, "filters": ["self_attn", "mlp"], "default": 0.5}},
+        # the quickstart's space: embeddings, norms and lm_head (no filter matches them) get a t of their own
+        "space": {"t": {"anchors": 5, "filters": ["self_attn", "mlp"], "default": "search"}},
         "searcher": searcher,
         "num_samples": trials,
         "max_concurrent_trials": 2,
         "objective": {"max_items": items},
-        "seed": 0,
+        "seed": seed,
     }
     if points:
         search["points"] = points
@@ -378,13 +387,17 @@ def quality_per_budget(args: argparse.Namespace) -> dict:
     raw["evaluate"]["variants"] = [v for v in raw["evaluate"]["variants"] if v != "merged"]
     grid = args.grid_points
     third = max(1, grid // 3)
-    stages = {
-        f"qb-grid-{grid}": _search_stage("grid", grid, args.quality_items, _grid_points(grid)),
-        f"qb-tpe-{third}": _search_stage("tpe", third, args.quality_items),
-        f"qb-random-{third}": _search_stage("random", third, args.quality_items),
-        f"qb-tpe-{grid}": _search_stage("tpe", grid, args.quality_items),
-        f"qb-random-{grid}": _search_stage("random", grid, args.quality_items),
-    }
+    seeds = [int(s) for s in str(args.search_seeds).split(",") if s.strip()]
+    # The grid is the same points whatever the seed: one search. TPE and random run once per seed.
+    stages = {f"qb-grid-{grid}": _search_stage("grid", grid, args.quality_items, _grid_points(grid))}
+    for seed in seeds:
+        suffix = "" if seed == 0 else f"-s{seed}"
+        stages |= {
+            f"qb-tpe-{third}{suffix}": _search_stage("tpe", third, args.quality_items, seed=seed),
+            f"qb-random-{third}{suffix}": _search_stage("random", third, args.quality_items, seed=seed),
+            f"qb-tpe-{grid}{suffix}": _search_stage("tpe", grid, args.quality_items, seed=seed),
+            f"qb-random-{grid}{suffix}": _search_stage("random", grid, args.quality_items, seed=seed),
+        }
     raw["stages"] = {n: s for n, s in raw["stages"].items() if s.get("kind") not in ("merge", "merge_search")} | stages
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(raw, handle, sort_keys=False)
@@ -411,15 +424,23 @@ def quality_per_budget(args: argparse.Namespace) -> dict:
         _say(f"(b) {name}: best {manifest['metrics']['best_score']:.4f} over {len(rows)} trial(s)")
     best = {n: f["best"] for n, f in figures["searches"].items()}
     grid_best = best[f"qb-grid-{grid}"]
+
+    def mean_over_seeds(searcher: str, trials: int) -> float:
+        return statistics.fmean(best[f"qb-{searcher}-{trials}" + ("" if seed == 0 else f"-s{seed}")] for seed in seeds)
+
+    means = {f"{searcher}_{trials}": round(mean_over_seeds(searcher, trials), 6) for searcher in ("tpe", "random") for trials in (third, grid)}
+    figures["seeds"] = seeds
+    figures["mean_best_over_seeds"] = means
     figures["ratios"] = {
-        f"tpe_{third}_over_grid_{grid}": round(best[f"qb-tpe-{third}"] / grid_best, 4),
-        f"random_{third}_over_grid_{grid}": round(best[f"qb-random-{third}"] / grid_best, 4),
-        f"tpe_{grid}_over_grid_{grid}": round(best[f"qb-tpe-{grid}"] / grid_best, 4),
-        f"tpe_{grid}_over_random_{grid}": round(best[f"qb-tpe-{grid}"] / best[f"qb-random-{grid}"], 4),
+        f"tpe_{third}_over_grid_{grid}": round(means[f"tpe_{third}"] / grid_best, 4),
+        f"random_{third}_over_grid_{grid}": round(means[f"random_{third}"] / grid_best, 4),
+        f"tpe_{grid}_over_grid_{grid}": round(means[f"tpe_{grid}"] / grid_best, 4),
+        f"tpe_{grid}_over_random_{grid}": round(means[f"tpe_{grid}"] / means[f"random_{grid}"], 4),
     }
-    figures["goal"] = f"TPE with {third} trials >= grid with {grid}"
-    figures["goal_met"] = best[f"qb-tpe-{third}"] >= grid_best
-    _say(f"(b) TPE {third} trials {best[f'qb-tpe-{third}']:.4f} vs grid {grid} {grid_best:.4f}: goal {'met' if figures['goal_met'] else 'missed'}")
+    figures["goal"] = f"TPE with {third} trials >= grid with {grid}, as the mean over seeds {seeds}"
+    figures["goal_met"] = means[f"tpe_{third}"] >= grid_best
+    _say(f"(b) TPE {third} trials, mean over {len(seeds)} seed(s) {means[f'tpe_{third}']:.4f} vs grid {grid} {grid_best:.4f}: "
+         f"goal {'met' if figures['goal_met'] else 'missed'}")
     return figures
 
 
@@ -427,10 +448,21 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.threads < 1 or args.trials < 1 or args.eval_blocks < 1 or args.block_size < 2 or args.layers < 1 or args.hidden_size < 64:
         raise SystemExit("--trials, --eval-blocks and --layers must be positive, --block-size at least 2, --hidden-size at least 64")
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    results["trial_throughput"] = trial_throughput(args)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "measured_now": []}
+    earlier = json.loads(Path(args.results).read_text(encoding="utf-8")) if Path(args.results).exists() else {}
+    if args.skip_throughput:
+        if "trial_throughput" in earlier:
+            results["trial_throughput"] = earlier["trial_throughput"]  # an earlier run's: not in measured_now
+    else:
+        results["trial_throughput"] = trial_throughput(args)
+        results["measured_now"].append("trial_throughput")
     if not args.skip_quality:
+        load_before = os.getloadavg()[0]
         results["quality_per_budget"] = quality_per_budget(args)
+        results["quality_per_budget"]["load_1min"] = {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}
+        results["measured_now"].append("quality_per_budget")
+    elif "quality_per_budget" in earlier:
+        results["quality_per_budget"] = earlier["quality_per_budget"]
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(results), flush=True)

@@ -226,10 +226,11 @@ def test_search_points_fit_the_search_space(name):
     search = next(s for s in _load(name).stages.values() if isinstance(s, MergeSearchStageConfig)).search
     assert set(search.space) == {"t"}
     t = search.space["t"]
-    assert (t.anchors, t.filters, t.default) == (5, ["self_attn", "mlp"], 0.5)
+    # the tensors no filter matches (embeddings, norms, lm_head) have a t of their own, searched
+    assert (t.anchors, t.filters, t.default) == (5, ["self_attn", "mlp"], "search")
     for point in search.points:
         gradient = point["t"]
-        assert set(gradient) == {*t.filters, "default"} and gradient["default"] == t.default, point
+        assert set(gradient) == {*t.filters, "default"} and t.low <= gradient["default"] <= t.high, point
         for tensor_filter in t.filters:
             anchors = gradient[tensor_filter]
             assert len(anchors) == t.anchors and all(t.low <= a <= t.high for a in anchors), point

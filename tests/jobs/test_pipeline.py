@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged", "sft-direct")
+STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged", "sft-direct")
 # Stages that neither are dpo nor descend from it: a change to dpo must leave them alone.
 NOT_AFTER_DPO = ("base", "instruct", "cpt", "sft", "orpo", "sft-direct")
 # Run 2 changes dpo (beta) and gives it enough steps, with checkpoints, to be cut in the middle.
@@ -219,7 +219,7 @@ def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
     assert any(f.endswith(".safetensors") for f in storage.list_files(merged))
     # Every variant evaluated; the report compares them.
     summary = _summary(first_run.output)
-    assert sorted(summary["evaluation"]["scores"]) == sorted(["instruct", "cpt", "sft", "dpo", "orpo", "merged", "sft-direct"])
+    assert sorted(summary["evaluation"]["scores"]) == sorted(["instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged", "sft-direct"])
     assert not summary["evaluation"]["failed"]
     report = storage.read_text(storage.join(run, "report", "report.md"))
     assert "AlloyLM: qs" in report and all(v in report for v in ("instruct", "merged", "orpo"))
@@ -282,7 +282,7 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     after = _manifests(first_run.run_uri)
     for name in NOT_AFTER_DPO:
         assert after[name] == before[name], name  # same fingerprint and created_at: skipped
-    for name in ("dpo", "merged"):
+    for name in ("dpo", "merged-paper", "merged"):
         assert after[name]["fingerprint"] != before[name]["fingerprint"], name
         assert after[name]["created_at"] != before[name]["created_at"], name
     metrics = after["dpo"]["metrics"]
@@ -294,7 +294,7 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     assert summary["best"]["variant"] in summary["evaluation"]["scores"]
     # The retrained variants were evaluated again; the others' results were reused, not recomputed.
     evaluated_after = _eval_manifests(first_run.run_uri)
-    for name in ("dpo", "merged"):
+    for name in ("dpo", "merged-paper", "merged"):
         assert evaluated_after[name]["fingerprint"] != evaluated_before[name]["fingerprint"], name
         assert evaluated_after[name]["created_at"] != evaluated_before[name]["created_at"], name
     for name in ("instruct", "cpt", "sft", "orpo", "sft-direct"):

@@ -225,8 +225,15 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     checkpoints = os.path.join(cfg.run_uri, "checkpoints")
     killed = None
     while thread.is_alive() and killed is None:
-        # Two persisted checkpoints: the first is then surely registered with Ray Train, not just uploaded.
-        saved = sum(name.startswith("checkpoint_") for _, dirs, _ in os.walk(checkpoints) for name in dirs)
+        # Two persisted checkpoints of this stage (`long-<fingerprint>/`; other tests of the module
+        # checkpoint into the same run): the first is then surely registered with Ray Train.
+        saved = sum(
+            name.startswith("checkpoint_")
+            for folder in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
+            if folder.startswith("long-")
+            for _, dirs, _ in os.walk(os.path.join(checkpoints, folder))
+            for name in dirs
+        )
         pids = _worker_pids() if saved >= 2 else []
         if pids:
             killed = pids[0]
