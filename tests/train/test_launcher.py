@@ -192,8 +192,9 @@ def test_lora_with_zero2_two_workers_saves_a_merged_model(chain):
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_pids() -> list[int]:
-    """Ray Train worker processes of this test session's cluster only (children of its raylet)."""
+def _worker_pids(since: float = 0.0) -> list[int]:
+    """Ray Train worker processes of this test session's cluster only (children of its raylet),
+    started after `since` (a time.time()): the session's cluster also holds earlier tests' workers."""
     import psutil
     import ray
 
@@ -201,7 +202,7 @@ def _worker_pids() -> list[int]:
     pids = []
     for child in psutil.Process(raylet).children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
+            if "RayTrainWorker" in " ".join(child.cmdline()) and child.create_time() >= since:
                 pids.append(child.pid)
         except psutil.NoSuchProcess:
             pass
@@ -221,6 +222,7 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     cfg = validate_config(raw)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(manifest=train_stage(cfg, "long")), daemon=True)
+    started = time.time()
     thread.start()
     checkpoints = os.path.join(cfg.run_uri, "checkpoints")
     killed = None
@@ -234,7 +236,7 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
             for _, dirs, _ in os.walk(os.path.join(checkpoints, folder))
             for name in dirs
         )
-        pids = _worker_pids() if saved >= 2 else []
+        pids = _worker_pids(since=started) if saved >= 2 else []
         if pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
