@@ -238,8 +238,14 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
         )
         pids = _worker_pids(since=started) if saved >= 2 else []
         if pids:
+            # Every Train worker process this stage started (one worker, but Ray may have started a
+            # spare process under the same name); the stage's own worker is among them.
             killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         time.sleep(0.5)
     thread.join()
     assert killed is not None, "training finished before a worker could be killed"
