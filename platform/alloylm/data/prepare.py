@@ -39,6 +39,7 @@ from alloylm.layout import RunLayout
 from alloylm.config import DataPrepConfig, RunConfig
 from alloylm.errors import DataPreparationError as _DataPreparationError
 from alloylm.data import clean, minhash
+from alloylm.corpus import BUILTIN_FORMATS
 from alloylm.data.sources import SourceError, read_dataset
 from alloylm.data.tokenize import (
     BackendTokenizerState,
@@ -462,7 +463,10 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
     generation = None
     if dataset.generate is None:
         log.info("data %s: reading %s (%s)", name, ", ".join(dataset.sources), fmt)
-        raw = read_dataset(config, name, _chat_renderer(config) if fmt == "text" else None)
+        reads_chats = fmt == "text" and any(
+            BUILTIN_FORMATS.get(source.removeprefix("builtin:")) == "chat" for source in dataset.sources if source.startswith("builtin:")
+        )
+        raw = read_dataset(config, name, _chat_renderer(config) if reads_chats else None)
     with lifecycle.begin(uri, fp, config) as artifact:
         if dataset.generate is not None:
             from alloylm.generate.run import generate_items
