@@ -192,21 +192,17 @@ def test_lora_with_zero2_two_workers_saves_a_merged_model(chain):
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_pids(since: float = 0.0) -> list[int]:
-    """Ray Train worker processes of this test session's cluster only (children of its raylet),
-    started after `since` (a time.time()): the session's cluster also holds earlier tests' workers."""
-    import psutil
-    import ray
+def _train_worker_actors() -> dict[str, int]:
+    """Alive Ray Train worker actors of this session's cluster, actor id -> PID, from the GCS's own
+    actor table. Process names are not enough: the session's cluster also holds earlier tests'
+    processes, and an actor may run in a worker process Ray started before the stage did."""
+    from ray._private import state
 
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    pids = []
-    for child in psutil.Process(raylet).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()) and child.create_time() >= since:
-                pids.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
+    return {
+        actor_id: info["Pid"]
+        for actor_id, info in state.actors().items()
+        if info["ActorClassName"] == "RayTrainWorker" and info["State"] == "ALIVE"
+    }
 
 
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
@@ -222,36 +218,41 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     cfg = validate_config(raw)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(manifest=train_stage(cfg, "long")), daemon=True)
-    started = time.time()
+    earlier = set(_train_worker_actors())  # left by earlier tests (or still being torn down)
     thread.start()
     checkpoints = os.path.join(cfg.run_uri, "checkpoints")
     killed = None
     while thread.is_alive() and killed is None:
-        # Two persisted checkpoints of this stage (`long-<fingerprint>/`; other tests of the module
-        # checkpoint into the same run): the first is then surely registered with Ray Train.
-        saved = sum(
-            name.startswith("checkpoint_")
-            for folder in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
-            if folder.startswith("long-")
-            for _, dirs, _ in os.walk(os.path.join(checkpoints, folder))
-            for name in dirs
-        )
-        pids = _worker_pids(since=started) if saved >= 2 else []
-        if pids:
-            # Every Train worker process this stage started (one worker, but Ray may have started a
-            # spare process under the same name); the stage's own worker is among them.
-            killed = pids[0]
-            for pid in pids:
+        # Kill only once Ray Train's controller has registered a checkpoint of this stage: a folder
+        # on disk is not enough (the controller collects reports when it polls its workers, and a
+        # report still in a killed worker's queue is lost). It writes its checkpoint manager's
+        # snapshot after each registration, in the stage's `long-<fingerprint>/` experiment folder
+        # (other tests of the module checkpoint into the same run).
+        registered = 0
+        for folder in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+            snapshot = os.path.join(checkpoints, folder, "checkpoint_manager_snapshot.json")
+            if folder.startswith("long-") and os.path.exists(snapshot):
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    with open(snapshot, encoding="utf-8") as f:
+                        registered = len(json.load(f)["checkpoint_results"])
+                except (OSError, ValueError):  # being written
                     pass
+        ours = {a: pid for a, pid in _train_worker_actors().items() if a not in earlier} if registered else {}
+        if ours:
+            # The stage's Train worker actor (not in `earlier`): kill its process.
+            killed = next(iter(ours.values()))
+            try:
+                os.kill(killed, signal.SIGKILL)
+            except ProcessLookupError:
+                killed = None
         time.sleep(0.5)
     thread.join()
     assert killed is not None, "training finished before a worker could be killed"
     metrics = result["manifest"]["metrics"]
     assert metrics["global_step"] == 80  # the step count is intact
-    assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 80
+    assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 80, (
+        f"killed PID {killed}; Train worker actors now: {_train_worker_actors()}; before the stage: {earlier}"
+    )
 
 
 @pytest.mark.s3
