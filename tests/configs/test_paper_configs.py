@@ -266,3 +266,45 @@ def test_alloylm_validate_accepts_it(name):
     assert result.returncode == 0, result.stderr
     # It prints the resolved config: every default filled in, the same as loading it here.
     assert yaml.safe_load(result.stdout) == yaml.safe_load(_load(name).resolved_yaml())
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/science.yaml: the paper's table in miniature, on the built-in world (docs/results/science.md)
+# ---------------------------------------------------------------------------------------------
+
+SCIENCE = REPO / "configs" / "science.yaml"
+
+
+def test_science_config_runs_every_chain_of_the_papers_table():
+    config = load_config(SCIENCE)
+    chain = {name: stage_parents(stage) for name, stage in config.stages.items()}
+    assert chain == {
+        "base": [],
+        "instruct": ["base"],
+        "cpt": ["instruct"],
+        "cpt-sft": ["cpt"],
+        "cpt-sft-dpo": ["cpt-sft"],
+        "cpt-sft-orpo": ["cpt-sft"],
+        "cpt-orpo": ["cpt"],
+        "sft-direct": ["instruct"],
+        "merged-paper": ["cpt-sft-dpo", "instruct"],
+        "merged": ["cpt-sft-dpo", "instruct"],
+    }
+    kinds = {name: stage.kind for name, stage in config.stages.items()}
+    assert [kinds[n] for n in ("cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo", "cpt-orpo", "sft-direct")] == [
+        "cpt", "sft", "dpo", "orpo", "orpo", "sft",
+    ]
+    # The ablation differs from cpt-sft only in its parent: the same data and training.
+    assert config.stages["sft-direct"].training == config.stages["cpt-sft"].training
+    assert config.stages["sft-direct"].data == config.stages["cpt-sft"].data
+    # The paper's fixed merge (Instruct as t=0) and the search starting from the same gradients.
+    paper = config.stages["merged-paper"]
+    assert (paper.method, paper.base, paper.parameters) == ("slerp", "instruct", {"t": PAPER_T})
+    search = config.stages["merged"].search
+    mirrored = {k: ([round(1 - a, 6) for a in v] if isinstance(v, list) else round(1 - v, 6)) for k, v in PAPER_T.items()}
+    assert config.stages["merged"].base == "cpt-sft-dpo" and search.points[0] == {"t": mirrored}
+    # Larger than the quickstart in model and world, and every variant is evaluated.
+    quickstart = load_config(QUICKSTART)
+    assert config.builtin.materials > quickstart.builtin.materials
+    assert config.stages["base"].from_.init != quickstart.stages["base"].from_.init
+    assert set(config.evaluate.variants) == set(config.stages) - {"base"}

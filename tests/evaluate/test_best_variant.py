@@ -102,3 +102,15 @@ def test_best_variant_is_chosen_on_validation_only():
     assert best["interval"]["low"] < best["score"]
     with pytest.raises(ValueError, match="validation"):
         best_variant(build_comparison(_results("test")))
+
+
+def test_every_rotation_column_is_shown_only_where_the_order_was_scored():
+    lettered = build_comparison(_results())
+    assert "multiple_choice.accuracy_circular" in [c["key"] for c in lettered["columns"]]
+    cloze = _results()
+    for result in cloze.values():  # as run_multiple_choice records a cloze run
+        result["suites"]["multiple_choice"]["metrics"]["formulation"] = "cloze"
+    comparison = build_comparison(cloze)
+    keys = [c["key"] for c in comparison["columns"]]
+    assert "multiple_choice.accuracy_circular" not in keys and "multiple_choice.accuracy" in keys
+    assert "every rotation" not in comparison_markdown(comparison)

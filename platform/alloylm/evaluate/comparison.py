@@ -139,9 +139,19 @@ def score_definition(config: Mapping | EvalConfig) -> str:
     return "weighted mean of " + ", ".join(parts) if parts else "no weighted suite"
 
 
+def _order_sensitive(result: Mapping) -> bool:
+    """Whether this result's multiple choice was scored with the options in order (lettered, in a chat prompt)."""
+    metrics = ((result.get("suites") or {}).get("multiple_choice") or {}).get("metrics") or {}
+    return metrics.get("formulation", "letters") == "letters" and metrics.get("prompt", "chat") == "chat"
+
+
 def _columns(results: Mapping[str, Mapping]) -> list[Column]:
     present = {suite for r in results.values() for suite in (r.get("suites") or {})}
     columns = [c for c in _FIXED_COLUMNS if c.suite in present]
+    if not any(_order_sensitive(r) for r in results.values()):
+        # Cloze or plain-prompt scoring never sees the options' order: every rotation is the item
+        # itself, and the column would repeat MC accuracy.
+        columns = [c for c in columns if c.key != "multiple_choice.accuracy_circular"]
     criteria: list[str] = []
     for r in results.values():
         for criterion in ((r.get("config") or {}).get("suites", {}).get("judge", {}) or {}).get("criteria", []):
