@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE_DIR)/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: setup warm quickstart test bench mutation clean-runs
+.PHONY: setup warm quickstart science test bench mutation clean-runs
 
 setup: $(VENV)/.installed warm
 
@@ -29,6 +29,10 @@ warm: $(VENV)/.installed
 
 quickstart: setup
 	$(VENV)/bin/alloylm run configs/quickstart.yaml
+
+# The paper's table at a larger scale (docs/results/science.md): about 15 minutes on 2 cores.
+science: setup
+	$(VENV)/bin/alloylm run configs/science.yaml
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
