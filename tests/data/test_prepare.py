@@ -359,3 +359,34 @@ def test_minhash_finds_near_duplicates_only():
 def test_normalise_text():
     assert normalise_text("  a\r\nb \t\n\n\n\nc\x00\ufeff ") == "a\nb\n\nc"
     assert normalise_text("Cafe\u0301") == "Caf\u00e9"
+
+
+def test_an_edited_source_file_changes_the_fingerprint_and_an_untouched_one_does_not(tmp_path):
+    from alloylm.data.prepare import dataset_fingerprint
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    paper = folder / "a.txt"
+    paper.write_text("Spider silk is tough.\n", encoding="utf-8")
+    config = make_config(str(tmp_path / "runs"), {"papers": {"source": str(folder), "format": "text"}})
+    first = dataset_fingerprint(config, "papers", "tok")
+    assert dataset_fingerprint(config, "papers", "tok") == first  # nothing changed
+    assert dataset_fingerprint(config, "papers", "other-tokenizer") != first
+    stat = paper.stat()
+    paper.write_text("Spider silk is TOUGH.\n", encoding="utf-8")  # same size, new content
+    os.utime(paper, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    edited = dataset_fingerprint(config, "papers", "tok")
+    assert edited != first
+    (folder / "b.txt").write_text("Nacre is stiff.\n", encoding="utf-8")  # a file added to the folder
+    assert dataset_fingerprint(config, "papers", "tok") not in (first, edited)
+
+
+def test_builtin_world_settings_change_the_fingerprint_of_builtin_sources_only(tmp_path):
+    from alloylm.data.prepare import dataset_fingerprint
+
+    (tmp_path / "mine.txt").write_text("Collagen is hierarchical.\n", encoding="utf-8")
+    datasets = {"world": {"source": "builtin:biomaterials-corpus"}, "mine": {"source": str(tmp_path / "mine.txt"), "format": "text"}}
+    small = make_config(str(tmp_path / "runs"), datasets)
+    larger = make_config(str(tmp_path / "runs"), datasets, builtin={**SMALL_BUILTIN, "materials": SMALL_BUILTIN.get("materials", 4) + 1})
+    assert dataset_fingerprint(small, "world", "tok") != dataset_fingerprint(larger, "world", "tok")
+    assert dataset_fingerprint(small, "mine", "tok") == dataset_fingerprint(larger, "mine", "tok")
