@@ -20,8 +20,13 @@ What it does:
    is the median over its rounds (every round is in the JSON).
 4. Ratios: batched over unbatched median throughput per level, and the batched p99/p50 latency
    (medians over rounds).
+5. Scoring (`--scoring-levels`, default 16): log-likelihood requests as lm-evaluation-harness's
+   `local-completions` sends them (`echo: true`, `logprobs: 1`, `max_tokens: 0`) on a prompt of
+   about `--scoring-prompt-tokens` tokens, batched against unbatched the same way; the figure is
+   requests/s (and prompt tokens scored per second).
 
-Goal (issue): >= 5x the unbatched throughput at concurrency 16-32 with p99 <= 2x p50.
+Goals (issues): >= 5x the unbatched throughput at concurrency 16-32 with p99 <= 2x p50; scoring
+>= 5x the unbatched requests/s at concurrency 16.
 
 Output: a table, then as the last line one JSON object with every figure, also written to
 `benchmarks/results/serve_load.json`. The load generator runs in this process, on the same CPUs
@@ -62,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=32, help="batch size of the batched deployment")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray cluster")
     parser.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs reserved for each model replica")
+    parser.add_argument("--scoring-levels", default="16", help="concurrency levels of the scoring workload ('' skips it)")
+    parser.add_argument("--scoring-prompt-tokens", type=int, default=96, help="about how many tokens each scored prompt has")
+    parser.add_argument("--skip-generation", action="store_true", help="measure only the scoring workload")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes (default benchmarks/results/serve_load.json)")
     return parser
 
@@ -108,7 +116,13 @@ def _serve_config(args: argparse.Namespace, port: int, name: str, batch_size: in
     )
 
 
-def _measure(url: str, concurrency: int, args: argparse.Namespace) -> dict:
+def _scoring_prompt(tokens: int) -> str:
+    # About 12 tokens per sentence with the benchmark's tokenizer; the server reports the true count.
+    sentences = [f"Material {i} has a toughness of {i * 3 % 17} MPa and a modulus of {i * 7 % 23} GPa." for i in range(1000)]
+    return " ".join(sentences[: max(1, tokens // 12)])
+
+
+def _measure(url: str, concurrency: int, args: argparse.Namespace, *, scoring: bool = False) -> dict:
     from alloylm.serve.loadgen import run_load
 
     result = asyncio.run(
@@ -118,8 +132,9 @@ def _measure(url: str, concurrency: int, args: argparse.Namespace) -> dict:
             concurrency=concurrency,
             requests=max(16, args.requests_per_slot * concurrency),
             max_tokens=args.max_tokens,
-            min_tokens=args.max_tokens,
-            prompt=PROMPT,
+            min_tokens=None if scoring else args.max_tokens,
+            prompt=_scoring_prompt(args.scoring_prompt_tokens) if scoring else PROMPT,
+            scoring=scoring,
         )
     ).as_dict()
     if result["errors"]:
@@ -129,7 +144,8 @@ def _measure(url: str, concurrency: int, args: argparse.Namespace) -> dict:
 
 def _show(name: str, result: dict) -> None:
     print(
-        f"  {name:9s} c={result['concurrency']:3d}  {result['tokens_per_s']:9.1f} tok/s  {result['requests_per_s']:7.2f} req/s  "
+        f"  {name:9s} c={result['concurrency']:3d}  {result['tokens_per_s']:9.1f} tok/s  {result['prompt_tokens_per_s']:9.1f} prompt tok/s  "
+        f"{result['requests_per_s']:7.2f} req/s  "
         f"p50 {result['latency_p50_s'] * 1000:8.1f} ms  p99 {result['latency_p99_s'] * 1000:8.1f} ms",
         flush=True,
     )
@@ -139,7 +155,7 @@ def _median_round(rounds: list[dict]) -> dict:
     """Median figures of one deployment at one level; p99/p50 is the median of each round's ratio."""
     figures = {
         key: round(statistics.median(r[key] for r in rounds), 4)
-        for key in ("tokens_per_s", "requests_per_s", "latency_p50_s", "latency_p99_s")
+        for key in ("tokens_per_s", "prompt_tokens_per_s", "requests_per_s", "latency_p50_s", "latency_p99_s")
     }
     figures["p99_over_p50"] = round(statistics.median(r["latency_p99_s"] / r["latency_p50_s"] for r in rounds), 2)
     figures["requests"] = sum(r["requests"] for r in rounds)
@@ -152,7 +168,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
     from alloylm.serve import serve_run
 
-    levels = [int(level) for level in args.levels.split(",")]
+    levels = [] if args.skip_generation else [int(level) for level in args.levels.split(",") if level]
+    scoring_levels = [int(level) for level in args.scoring_levels.split(",") if level]
     started = time.perf_counter()
     model = args.model or _build_model(args.preset, workdir)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -160,6 +177,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deployments = {"batched": args.max_batch_size, "unbatched": 1}
     figures: dict[str, dict[str, list[dict]]] = {name: {} for name in deployments}
+    scoring: dict[str, dict[str, list[dict]]] = {name: {} for name in deployments}
+    scoring_prompt_tokens = None
     try:
         urls = {}
         for name, batch_size in deployments.items():
@@ -168,11 +187,22 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             print(f"{name} (max_batch_size={batch_size}) ready in {time.perf_counter() - deploy_started:.1f} s at {urls[name]}", flush=True)
         for name, url in urls.items():  # warm-up: first forward passes, connections, routing tables
             _measure(url, 4, argparse.Namespace(**{**vars(args), "requests_per_slot": 2}))
+            if scoring_levels:
+                warm = _measure(url, 4, argparse.Namespace(**{**vars(args), "requests_per_slot": 2}), scoring=True)
+                scoring_prompt_tokens = warm["prompt_tokens"] // warm["requests"]
         for concurrency in levels:
             for _ in range(args.rounds):
                 for name, url in urls.items():
                     result = _measure(url, concurrency, args)
                     figures[name].setdefault(str(concurrency), []).append(result)
+                    _show(name, result)
+        if scoring_levels:
+            print("scoring (echo, logprobs 1, max_tokens 0):", flush=True)
+        for concurrency in scoring_levels:
+            for _ in range(args.rounds):
+                for name, url in urls.items():
+                    result = _measure(url, concurrency, args, scoring=True)
+                    scoring[name].setdefault(str(concurrency), []).append(result)
                     _show(name, result)
     finally:
         serve.shutdown()
@@ -184,6 +214,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     }
     tails = {level: r["p99_over_p50"] for level, r in summary["batched"].items()}
     high = [level for level in ratios if 16 <= int(level) <= 32]
+    scored = {name: {level: _median_round(rounds) for level, rounds in by_level.items()} for name, by_level in scoring.items()}
+    scoring_ratios = {
+        level: round(scored["batched"][level]["requests_per_s"] / scored["unbatched"][level]["requests_per_s"], 2)
+        for level in scored["batched"]
+    }
     return {
         "benchmark": "serve_load",
         "model": args.model or args.preset,
@@ -199,6 +234,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "batched_p99_over_p50": tails,
         "goal": f">= {GOAL_RATIO}x unbatched throughput at concurrency 16-32 with p99 <= {GOAL_TAIL}x p50",
         "goal_met": bool(high) and all(ratios[level] >= GOAL_RATIO and tails[level] <= GOAL_TAIL for level in high),
+        "scoring": {
+            "prompt_tokens": scoring_prompt_tokens,
+            "batched": scored["batched"],
+            "unbatched": scored["unbatched"],
+            "requests_per_s_ratio": scoring_ratios,
+            "goal": f">= {GOAL_RATIO}x unbatched log-likelihood requests/s at concurrency 16",
+            "goal_met": "16" in scoring_ratios and scoring_ratios["16"] >= GOAL_RATIO,
+        },
         "wall_s": round(time.perf_counter() - started, 1),
         "all_rounds": figures,
     }
@@ -209,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="alloylm-serve-bench-") as tmp:
         result = run(args, Path(tmp))
     print("\nthroughput batched/unbatched:", result["throughput_ratio"], " batched p99/p50:", result["batched_p99_over_p50"])
+    print("scoring requests/s batched/unbatched:", result["scoring"]["requests_per_s_ratio"])
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)

@@ -369,6 +369,47 @@ def test_vllm_llm_configs_follow_ray_serve_llm_schema():
         validate_llm_config({**configs[0], "deployment_config": {"max_ongoing_requests": -5}})
 
 
+def test_vllm_backend_passes_scoring_fields_within_alloylms_limits():
+    # vLLM serves logprobs, echo, max_tokens 0 and n itself; the ingress holds them to `limits`.
+    # Ray Serve LLM's request classes need vLLM to import, so plain objects with its field names
+    # stand for them here.
+    from types import SimpleNamespace
+
+    from alloylm.serve.config import LimitsConfig
+    from alloylm.serve.llm_backend import check_vllm_request, llm_configs
+    from alloylm.serve.protocol import APIError
+
+    limits = LimitsConfig(max_tokens=64, default_max_tokens=16, max_n=4, max_logprobs=5)
+
+    def completion(**fields):
+        return SimpleNamespace(**{"n": 1, "logprobs": None, "echo": False, "max_tokens": 16, **fields})
+
+    def chat(**fields):
+        return SimpleNamespace(**{"n": 1, "logprobs": False, "top_logprobs": None, "echo": False, "max_tokens": None, "max_completion_tokens": 8, **fields})
+
+    for body, method in (
+        (completion(logprobs=5, echo=True, max_tokens=0), "completions"),
+        (completion(n=4, logprobs=1, max_tokens=64), "completions"),
+        (chat(logprobs=True, top_logprobs=20, n=4), "chat"),
+        (SimpleNamespace(input="x"), "embeddings"),
+    ):
+        check_vllm_request(body, method, limits)
+    for body, method, param in (
+        (completion(logprobs=6), "completions", "logprobs"),
+        (completion(n=5), "completions", "n"),
+        (completion(max_tokens=0), "completions", "max_tokens"),
+        (completion(max_tokens=65), "completions", "max_tokens"),
+        (chat(echo=True), "chat", "echo"),
+        (chat(top_logprobs=3), "chat", "top_logprobs"),
+        (chat(max_completion_tokens=100), "chat", "max_tokens"),
+    ):
+        with pytest.raises(APIError) as err:
+            check_vllm_request(body, method, limits)
+        assert (err.value.status, err.value.param) == (400, param), body
+    config = ServeConfig.model_validate({"model": "m", "sources": {"m": "org/m"}, "backend": "vllm", "limits": {"max_logprobs": 5}})
+    assert llm_configs(config)[0]["engine_kwargs"]["max_logprobs"] == 20  # chat's top_logprobs reach 20
+
+
 # -------------------------------------------------------------------------------------------
 # The application over HTTP
 # -------------------------------------------------------------------------------------------
@@ -400,7 +441,7 @@ def api_url(serve_port, model_dirs) -> str:
             "batching": {"max_batch_size": 16},
             "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 32},
             "ingress": {"num_cpus": 0.1},
-            "limits": {"max_prompt_tokens": 128, "max_tokens": 256, "default_max_tokens": 8},
+            "limits": {"max_prompt_tokens": 128, "max_tokens": 256, "default_max_tokens": 8, "max_n": 4},
         }
     )
     # Read by serve_run in this process; only the keys' digests reach the (already running) cluster.
@@ -565,6 +606,221 @@ def test_sixteen_parallel_requests_are_answered_and_batched(api_url):
     assert steps < tokens / 2, f"{steps} decoding steps for {tokens} tokens: requests were not batched"
 
 
+# ----------------------------------------------------------------------------- scoring and n
+
+
+@pytest.fixture(scope="module")
+def merged_model(model_dirs):
+    """The served `merged` variant loaded here, to check the server's numbers against."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dirs["merged"]).eval()
+
+
+def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log P(token i | tokens before i) for i >= 1, from one unbatched forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, tokenizer, merged_model):
+    ids = tokenizer("Material 12 has a toughness of 2 MPa")["input_ids"]
+    response = client.completions.create(model="merged", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    (choice,) = response.choices
+    logprobs = choice.logprobs
+    assert choice.text == tokenizer.decode(ids) and choice.finish_reason == "length"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), 0)
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    reference = _reference_logprobs(merged_model, ids)
+    assert torch.allclose(torch.tensor(logprobs.token_logprobs[1:]), reference, atol=1e-4)
+    for token, value, top in zip(logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
+        # The 2 most likely tokens, plus the prompt's own where it is not among them.
+        assert len(top) in (2, 3) and top[token] == value
+        assert max(top.values()) >= value
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(ids))]
+
+
+def test_logprobs_of_generated_tokens_and_echo_with_generation(client, tokenizer, merged_model):
+    prompt = "Nacre is"
+    ids = tokenizer(prompt)["input_ids"]
+    greedy = client.completions.create(model="merged", prompt=prompt, max_tokens=5, temperature=0, logprobs=1, extra_body={"min_tokens": 5})
+    (choice,) = greedy.choices
+    assert len(choice.logprobs.tokens) == greedy.usage.completion_tokens == 5
+    assert "".join(choice.logprobs.tokens) == choice.text
+    # Greedy: each token is the most likely one, so its logprob is the top one's.
+    assert all(value == max(top.values()) for value, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs))
+    # lm-eval's request: echo, 1 new token, logprobs 1; the prompt part equals a plain forward pass.
+    echoed = client.completions.create(model="merged", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1).choices[0]
+    assert echoed.text.startswith(prompt) and len(echoed.logprobs.tokens) == len(ids) + 1
+    reference = _reference_logprobs(merged_model, ids)
+    assert torch.allclose(torch.tensor(echoed.logprobs.token_logprobs[1 : len(ids)]), reference, atol=1e-4)
+    assert echoed.logprobs.tokens[-1] == choice.logprobs.tokens[0]
+    assert abs(echoed.logprobs.token_logprobs[-1] - choice.logprobs.token_logprobs[0]) < 1e-4
+
+
+def test_streamed_logprobs_cover_every_token(client):
+    kwargs = dict(model="merged", prompt="Silk fibroin", max_tokens=12, temperature=0, logprobs=1, extra_body={"min_tokens": 12})
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert sum((p.tokens for p in streamed), []) == whole.logprobs.tokens
+    assert sum((p.token_logprobs for p in streamed), []) == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    assert sum((p.text_offset for p in streamed), []) == whole.logprobs.text_offset
+    echo = [c for c in client.completions.create(stream=True, echo=True, max_tokens=0, model="merged", prompt="Silk fibroin", logprobs=0) if c.choices]
+    assert echo[0].choices[0].text == "Silk fibroin" and echo[0].choices[0].logprobs.token_logprobs[0] is None
+    assert echo[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs_in_chat_shape(client):
+    response = client.chat.completions.create(
+        model="dpo", messages=_CHAT, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0, extra_body={"min_tokens": 4}
+    )
+    content = response.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+        assert entry.bytes == list(entry.token.encode())
+    assert client.chat.completions.create(model="dpo", messages=_CHAT, max_tokens=2).choices[0].logprobs is None
+
+
+def test_n_choices_differ_and_usage_counts_them_all(client, tokenizer):
+    response = client.completions.create(model="merged", prompt="Bone", n=3, max_tokens=8, temperature=1, extra_body={"min_tokens": 8})
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert len({c.text for c in response.choices}) == 3
+    # Every choice's tokens count; the prompt's count once, as OpenAI counts them.
+    assert response.usage.completion_tokens == 24 and response.usage.prompt_tokens == len(tokenizer("Bone")["input_ids"])
+    seeded = [client.completions.create(model="merged", prompt="Bone", n=2, seed=5, max_tokens=6, extra_body={"min_tokens": 6}) for _ in range(2)]
+    assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
+    assert seeded[0].choices[0].text != seeded[0].choices[1].text
+    # A batch of prompts: choices are numbered prompt-major, each prompt's prompt tokens counted once.
+    batch = client.completions.create(model="merged", prompt=["Bone", "Nacre is"], n=2, max_tokens=3, temperature=0, extra_body={"min_tokens": 3})
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text and batch.choices[2].text == batch.choices[3].text
+    assert batch.usage.completion_tokens == 12
+    chat = client.chat.completions.create(model="dpo", messages=_CHAT, n=2, max_tokens=5, extra_body={"min_tokens": 5})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 10
+
+
+def test_streamed_n_choices_arrive_by_index(client):
+    chunks = list(client.chat.completions.create(model="dpo", messages=_CHAT, n=2, max_tokens=6, stream=True, stream_options={"include_usage": True}, extra_body={"min_tokens": 6}))
+    pieces = {0: [], 1: []}
+    finishes = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        pieces[choice.index].append(choice.delta.content or "")
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert finishes == {0: "length", 1: "length"}
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[1].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_sixteen_scoring_requests_share_prefills(api_url, tokenizer):
+    before = _stats("merged")
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=api_url, api_key=KEY, max_retries=0)
+        try:
+            return await asyncio.gather(
+                *(
+                    client.completions.create(model="merged", prompt=_SENTENCES[i], max_tokens=0, echo=True, logprobs=1)
+                    for i in range(16)
+                )
+            )
+        finally:
+            await client.close()
+
+    answers = asyncio.run(run())
+    after = _stats("merged")
+    assert [len(a.choices[0].logprobs.tokens) for a in answers] == [len(tokenizer(_SENTENCES[i])["input_ids"]) for i in range(16)]
+    prefills = after["prefills"] - before["prefills"]
+    assert after["sequences_started"] - before["sequences_started"] == 16
+    assert prefills < 16 / 2, f"{prefills} prefills for 16 scoring requests: they were not batched"
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def _lm_eval(args: list[str], out: Path) -> list[dict]:
+    """Run the `lm_eval` command line (as the README shows it) and return its logged samples."""
+    env = {**os.environ, "OPENAI_API_KEY": KEY}  # lm-eval's local-* models send it as the bearer key
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), *args, "--log_samples", "--output_path", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    (samples,) = out.rglob("samples_*.jsonl")
+    return [json.loads(line) for line in samples.read_text().splitlines()]
+
+
+def test_lm_eval_local_completions_scores_as_alloylm_does(api_url, model_dirs, tmp_path):
+    # The same items, the same model: lm-eval through the server's log-likelihoods, and AlloyLM's
+    # own multiple-choice suite in process, must choose the same option for every item.
+    from alloylm.evaluate.benchmark import BenchmarkItem
+    from alloylm.evaluate.lm_eval_export import export_lm_eval_task
+    from alloylm.evaluate.multiple_choice import option_requests, score_multiple_choice
+    from alloylm.evaluate.scorer import CausalLMScorer
+
+    items = [
+        BenchmarkItem(
+            id=f"q{i}", split="test", type="multiple_choice", question=f"What is the toughness of material {i}?",
+            answer=f"{i * 3 % 17} MPa", choices=tuple(f"{(i * 3 + k) % 17} MPa" for k in range(4)), answer_index=0,
+        )
+        for i in range(10)
+    ]  # fmt: skip
+    task = export_lm_eval_task(items, str(tmp_path / "task"), splits=("test",))
+    model_args = (
+        f"model=merged,base_url={api_url}/completions,tokenizer_backend=huggingface,"
+        f"tokenizer={model_dirs['merged']},add_bos_token=True,max_length=128"
+    )
+    samples = _lm_eval(
+        ["--model", "local-completions", "--model_args", model_args, "--tasks", "alloylm_domain_mc",
+         "--include_path", str(Path(task["yaml"]).parent), "--batch_size", "8"],
+        tmp_path / "out",
+    )  # fmt: skip
+    # The logged samples hold each option's (logprob, is_greedy) as strings.
+    served = {s["doc"]["id"]: [float(resp[0][0]) for resp in s["resps"]] for s in samples}
+
+    scorer = CausalLMScorer.load(model_dirs["merged"])
+    prompt = lambda question: scorer.prompt(question, chat=False)  # noqa: E731
+    loglikelihoods = [
+        scorer.loglikelihood([scorer.encode_pair(c, o, chat=False) for c, o in option_requests(item, chat=False, prompt=prompt)])
+        for item in items
+    ]
+    _, details = score_multiple_choice(items, loglikelihoods)
+    assert sorted(served) == sorted(d["id"] for d in details)
+    for detail in details:
+        assert served[detail["id"]] == pytest.approx(detail["loglikelihoods"], abs=1e-4), detail["id"]
+        assert max(range(4), key=served[detail["id"]].__getitem__) == detail["predicted"]
+        sample = next(s for s in samples if s["doc"]["id"] == detail["id"])
+        assert sample["acc"] == float(detail["correct"])
+
+
+def test_lm_eval_local_chat_completions_runs_a_generation_task(api_url, tmp_path):
+    data = tmp_path / "task" / "gen.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"question": f"Name material {i}.", "answer": f"Material {i}"}) + "\n" for i in range(3)))
+    (data.parent / "gen.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "alloylm_chat_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
+                "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )  # fmt: skip
+    samples = _lm_eval(
+        ["--model", "local-chat-completions", "--model_args", f"model=dpo,base_url={api_url}/chat/completions",
+         "--tasks", "alloylm_chat_gen", "--include_path", str(data.parent), "--apply_chat_template"],
+        tmp_path / "out",
+    )  # fmt: skip
+    assert len(samples) == 3
+    assert all(isinstance(s["resps"][0][0], str) for s in samples)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param", "code"),
     [
@@ -575,8 +831,14 @@ def test_sixteen_parallel_requests_are_answered_and_batched(api_url):
         ("/completions", {"model": "merged", "prompt": "Material " * 150}, 400, "prompt", "context_length_exceeded"),
         ("/completions", {"model": "merged", "prompt": [5, 6, 100000]}, 400, "prompt", None),
         ("/completions", {"model": "merged", "prompt": "x", "temperature": 3}, 400, "temperature", None),
-        ("/completions", {"model": "merged", "prompt": "x", "n": 2}, 400, "n", "unsupported_parameter"),
-        ("/completions", {"model": "merged", "prompt": "x", "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+        ("/completions", {"model": "merged", "prompt": "x", "n": 5}, 400, "n", None),
+        ("/chat/completions", {"model": "dpo", "messages": _CHAT, "n": 5}, 400, "n", None),
+        ("/completions", {"model": "merged", "prompt": "x", "logprobs": 6}, 400, "logprobs", None),
+        ("/completions", {"model": "merged", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
+        ("/chat/completions", {"model": "dpo", "messages": _CHAT, "echo": True}, 400, "echo", "unsupported_parameter"),
+        ("/chat/completions", {"model": "dpo", "messages": _CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+        ("/completions", {"model": "merged", "prompt": ["x"] * 65}, 400, "prompt", None),
+        ("/completions", {"model": "merged", "prompt": "x", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
         ("/completions", {"model": "merged", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
         ("/completions", {"model": "merged", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", None),
         ("/completions", {"model": "merged"}, 400, "prompt", None),

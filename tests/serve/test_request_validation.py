@@ -1,8 +1,8 @@
 """Request validation and response bodies of the OpenAI protocol, without a server.
 
-tests/test_serve.py sends bad requests through HTTP for a few fields (temperature, n, logprobs,
-messages.0.role, token limits); here every field AlloyLM checks or refuses is named in its error,
-and the bodies the server answers with have OpenAI's shape.
+tests/serve/test_app.py sends bad requests through HTTP for a few fields (temperature, n, logprobs,
+echo, messages.0.role, token limits); here every field AlloyLM checks or refuses is named in its
+error, and the bodies the server answers with have OpenAI's shape, logprobs included.
 """
 
 from __future__ import annotations
@@ -11,20 +11,30 @@ import json
 
 import pytest
 
+from alloylm.serve.config import LimitsConfig
+
 from alloylm.serve.protocol import (
     SSE_DONE,
     APIError,
+    LOGPROB_FLOOR,
     ChatCompletionRequest,
     CompletionRequest,
+    SamplingParams,
+    TokenLogprob,
     bad_request,
+    chat_choice,
     chat_chunk,
+    chat_logprobs,
     chat_response,
+    completion_choice,
     completion_chunk,
     completion_id,
+    completion_logprobs,
     completion_response,
     error_body,
     model_list,
     parse_request,
+    sampling_params,
     sse,
     usage,
     usage_chunk,
@@ -60,7 +70,8 @@ def rejected(model, body) -> APIError:
         ({"prompt": "x", "temperature": -0.1}, "temperature"),
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
-        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs"),
         ({"prompt": "x", "seed": "abc"}, "seed"),
         ({"prompt": "x", "stream": "sometimes"}, "stream"),
         ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
@@ -83,6 +94,7 @@ def test_a_bad_completion_field_is_named(body, param):
         ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
         ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
         ({"messages": CHAT, "top_p": 2}, "top_p"),
+        ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         # A bad part is named by its message's content: pydantic reports the union's first member
         # (str) first, so the part's own key is not reached.
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}, "messages.0.content"),
@@ -147,12 +159,8 @@ def test_boundary_values_are_accepted():
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        ({"logprobs": 0}, "logprobs"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"echo": True}, "echo"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "tail"}, "suffix"),
-        ({"n": 2}, "n"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": -0.5}, "frequency_penalty"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
@@ -164,7 +172,10 @@ def test_completion_fields_this_server_cannot_honour_are_named(fields, field):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"echo": False}, {"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"n": 1}],
+    [
+        {"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"echo": False}, {"echo": True}, {"logprobs": 0},
+        {"logprobs": 5}, {"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"n": 1}, {"n": 3},
+    ],  # fmt: skip
 )
 def test_completion_fields_at_their_neutral_values_are_accepted(fields):
     assert completion(**fields).unsupported() is None
@@ -173,13 +184,11 @@ def test_completion_fields_at_their_neutral_values_are_accepted(fields):
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 0}, "logprobs"),
+        ({"echo": True}, "echo"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"n": 3}, "n"),
         ({"presence_penalty": 1}, "presence_penalty"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
         ({"logit_bias": {"1": -100}}, "logit_bias"),
@@ -199,6 +208,8 @@ def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
         {"response_format": {}},
         {"response_format": {"json_schema": {"name": "x"}}},  # no type: text
         {"top_logprobs": None},
+        {"logprobs": True, "top_logprobs": 20},
+        {"n": 3},
     ],
 )
 def test_chat_fields_at_their_neutral_values_are_accepted(fields):
@@ -206,10 +217,10 @@ def test_chat_fields_at_their_neutral_values_are_accepted(fields):
 
 
 def test_the_first_unsupported_field_is_named_when_there_are_several():
-    assert completion(logprobs=1, n=2).unsupported() == "logprobs"
+    assert completion(best_of=2, suffix="s").unsupported() == "best_of"
     assert completion(suffix="s", presence_penalty=1).unsupported() == "suffix"
-    assert chat(tools=[{"type": "function"}], n=2).unsupported() == "tools"
-    assert completion(n=2, frequency_penalty=1).unsupported() == "n"
+    assert chat(echo=True, tools=[{"type": "function"}]).unsupported() == "echo"
+    assert chat(tools=[{"type": "function"}], presence_penalty=2).unsupported() == "tools"
     assert completion(presence_penalty=1, frequency_penalty=1).unsupported() == "presence_penalty"
     assert completion(frequency_penalty=1, logit_bias={"1": 1}).unsupported() == "frequency_penalty"
 
@@ -217,27 +228,29 @@ def test_the_first_unsupported_field_is_named_when_there_are_several():
 # ----------------------------------------------------------------------------- what a request asks
 
 
-def test_single_prompt_accepts_one_text_or_one_list_of_ids():
-    assert completion(prompt="hello").single_prompt() == "hello"
-    assert completion(prompt=["hello"]).single_prompt() == "hello"
-    assert completion(prompt=[5, 6, 7]).single_prompt() == [5, 6, 7]
-    assert completion(prompt=[[5, 6]]).single_prompt() == [5, 6]
+def test_prompts_are_one_text_one_list_of_ids_or_a_batch_of_them():
+    assert completion(prompt="hello").prompts() == ["hello"]
+    assert completion(prompt=["hello"]).prompts() == ["hello"]
+    assert completion(prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert completion(prompt=[5, 6, 7]).prompts() == [[5, 6, 7]]
+    assert completion(prompt=[[5, 6]]).prompts() == [[5, 6]]
+    assert completion(prompt=[[5, 6], [7]]).prompts() == [[5, 6], [7]]
 
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        (["a", "b"], "only one prompt per request is supported"),
-        ([[1], [2]], "only one prompt per request is supported"),
         ("", "the prompt is empty"),
         ([], "the prompt is empty"),
         ([""], "the prompt is empty"),
         ([[]], "the prompt is empty"),
+        (["a", ""], "prompt 1 of the batch is empty"),
+        ([[1], []], "prompt 1 of the batch is empty"),
     ],
 )
-def test_several_or_empty_prompts_are_refused_naming_prompt(prompt, message):
+def test_empty_prompts_are_refused_naming_prompt(prompt, message):
     with pytest.raises(APIError) as err:
-        completion(prompt=prompt).single_prompt()
+        completion(prompt=prompt).prompts()
     assert (err.value.status, err.value.param, err.value.message) == (400, "prompt", message)
 
 
@@ -299,12 +312,16 @@ def test_usage_totals_the_tokens():
 
 
 def test_completion_and_chat_bodies():
-    body = completion_response(request_id="cmpl-1", model="m", text="hi", finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+    choices = [completion_choice(0, "hi", "stop"), completion_choice(1, "ho", "length", {"tokens": []})]
+    body = completion_response(request_id="cmpl-1", model="m", choices=choices, prompt_tokens=3, completion_tokens=2)
     assert body["object"] == "text_completion" and body["id"] == "cmpl-1" and body["model"] == "m"
-    assert body["choices"] == [{"index": 0, "text": "hi", "finish_reason": "stop", "logprobs": None}]
+    assert body["choices"] == [
+        {"index": 0, "text": "hi", "finish_reason": "stop", "logprobs": None},
+        {"index": 1, "text": "ho", "finish_reason": "length", "logprobs": {"tokens": []}},
+    ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert isinstance(body["created"], int) and body["created"] > 1_600_000_000
-    body = chat_response(request_id="c-1", model="m", text="yo", finish_reason="length", prompt_tokens=1, completion_tokens=4)
+    body = chat_response(request_id="c-1", model="m", choices=[chat_choice(0, "yo", "length")], prompt_tokens=1, completion_tokens=4)
     assert body["object"] == "chat.completion" and body["id"] == "c-1" and body["model"] == "m"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "yo"}, "finish_reason": "length", "logprobs": None}]
     assert body["usage"]["total_tokens"] == 5
@@ -316,6 +333,9 @@ def test_stream_chunks():
         "id": "i", "object": "text_completion", "created": 5, "model": "m",
         "choices": [{"index": 0, "text": "a", "finish_reason": None, "logprobs": None}],
     }  # fmt: skip
+    assert completion_chunk(request_id="i", model="m", created=5, text="a", finish_reason=None, index=3, logprobs={"x": 1})["choices"] == [
+        {"index": 3, "text": "a", "finish_reason": None, "logprobs": {"x": 1}}
+    ]
     assert chat_chunk(request_id="i", model="m", created=5, delta={"content": "a"}, finish_reason="stop") == {
         "id": "i", "object": "chat.completion.chunk", "created": 5, "model": "m",
         "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop", "logprobs": None}],
@@ -325,6 +345,85 @@ def test_stream_chunks():
             "id": "i", "object": obj, "created": 5, "model": "m", "choices": [],
             "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
         }  # fmt: skip
+
+
+TEXTS = {1: "<s>", 7: "The", 8: " cat", 9: " sat", 10: " mat"}
+
+
+def test_completion_logprobs_in_openais_legacy_shape():
+    entries = [
+        TokenLogprob(1, None),  # a prompt's first token: nothing predicts it
+        TokenLogprob(7, -1.5, ((7, -1.5), (8, -2.0))),
+        TokenLogprob(8, -3.0, ((9, -0.5),)),  # not among the top 1: added, so k + 1 entries
+        TokenLogprob(9, float("-inf"), ()),  # JSON has no -inf
+    ]
+    body = completion_logprobs(entries, TEXTS.__getitem__, offset=4)
+    assert body == {
+        "tokens": ["<s>", "The", " cat", " sat"],
+        "token_logprobs": [None, -1.5, -3.0, LOGPROB_FLOOR],
+        "top_logprobs": [None, {"The": -1.5, " cat": -2.0}, {" sat": -0.5, " cat": -3.0}, {" sat": LOGPROB_FLOOR}],
+        "text_offset": [4, 7, 10, 14],
+    }
+    json.dumps(body, allow_nan=False)
+
+
+def test_chat_logprobs_in_openais_chat_shape():
+    entries = [TokenLogprob(7, -0.25, ((7, -0.25), (10, -2.5))), TokenLogprob(8, -1.0, ())]
+    assert chat_logprobs(entries, TEXTS.__getitem__) == {
+        "content": [
+            {
+                "token": "The", "logprob": -0.25, "bytes": [84, 104, 101],
+                "top_logprobs": [
+                    {"token": "The", "logprob": -0.25, "bytes": [84, 104, 101]},
+                    {"token": " mat", "logprob": -2.5, "bytes": [32, 109, 97, 116]},
+                ],
+            },
+            {"token": " cat", "logprob": -1.0, "bytes": [32, 99, 97, 116], "top_logprobs": []},
+        ]
+    }  # fmt: skip
+
+
+LIMITS = LimitsConfig(max_tokens=64, default_max_tokens=16, max_n=4, max_logprobs=5)
+
+
+@pytest.mark.parametrize(
+    ("build", "fields", "param", "message"),
+    [
+        (completion, {"n": 5}, "n", "n is 5; this server allows at most 4"),
+        (chat, {"n": 5}, "n", "n is 5; this server allows at most 4"),
+        (completion, {"logprobs": 6}, "logprobs", "logprobs is 6; this server allows at most 5"),
+        (completion, {"max_tokens": 0}, "max_tokens", "max_tokens: 0 generates nothing"),
+        (completion, {"max_tokens": 65}, "max_tokens", "max_tokens is 65; this server allows at most 64"),
+        (chat, {"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+        (chat, {"echo": True}, "echo", "'echo' is not supported by this server"),
+        (chat, {"max_completion_tokens": 65}, "max_completion_tokens", "max_completion_tokens is 65"),
+        (completion, {"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
+        (completion, {"stop": [""]}, "stop", "stop sequences must not be empty"),
+        (completion, {"max_tokens": 3, "min_tokens": 4}, "min_tokens", "min_tokens (4) exceeds max_tokens (3)"),
+    ],
+)
+def test_sampling_params_refuse_what_the_limits_forbid(build, fields, param, message):
+    with pytest.raises(APIError) as err:
+        sampling_params(build(**fields), LIMITS)
+    assert (err.value.status, err.value.param) == (400, param)
+    assert err.value.message.startswith(message)
+
+
+def test_sampling_params_carry_logprobs_echo_and_defaults():
+    params = sampling_params(completion(logprobs=2, echo=True, max_tokens=0, seed=3, stop="\n", temperature=0), LIMITS)
+    assert params == SamplingParams(max_tokens=0, temperature=0, seed=3, stop=("\n",), logprobs=2, prompt_logprobs=2)
+    assert sampling_params(completion(logprobs=0), LIMITS).prompt_logprobs is None  # no echo: prompt not scored
+    assert sampling_params(completion(echo=True), LIMITS).prompt_logprobs is None  # echo text only
+    assert sampling_params(completion(), LIMITS).max_tokens == 16
+    assert sampling_params(chat(logprobs=True), LIMITS).logprobs == 0
+    assert sampling_params(chat(logprobs=True, top_logprobs=20, max_tokens=7), LIMITS).logprobs == 20
+    assert sampling_params(chat(), LIMITS).logprobs is None
+
+
+def test_each_choice_gets_its_own_seed():
+    params = SamplingParams(max_tokens=4, seed=10)
+    assert [params.for_choice(j).seed for j in range(3)] == [10, 11, 12]
+    assert SamplingParams(max_tokens=4).for_choice(2).seed is None
 
 
 def test_server_sent_events():

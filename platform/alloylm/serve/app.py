@@ -11,6 +11,7 @@ requests continuously. Variants scale independently; Ray Serve's `max_ongoing_re
 # No `from __future__ import annotations` here: FastAPI evaluates the endpoints' annotations in the
 # replica, where the ingress class arrives pickled by value with only the globals it names, so
 # string annotations such as "Request" would not resolve.
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -36,14 +37,19 @@ from alloylm.serve.protocol import (
     CompletionRequest,
     SamplingParams,
     bad_request,
+    chat_choice,
     chat_chunk,
+    chat_logprobs,
     chat_response,
+    completion_choice,
     completion_chunk,
     completion_id,
+    completion_logprobs,
     completion_response,
     error_body,
     model_list,
     parse_request,
+    sampling_params,
     sse,
     usage_chunk,
 )
@@ -59,12 +65,22 @@ OPEN_SERVER_WARNING = (
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What the ingress hands a model replica: the prompt (text, token ids or chat) and sampling."""
+    """What the ingress hands a model replica: the prompts (texts or token ids) or a chat, and sampling.
+
+    A completions request may hold a batch of prompts; each gets `n` choices, numbered prompt-major
+    (choice index = prompt index * n + j), as OpenAI numbers them.
+    """
 
     kind: Literal["completion", "chat"]
     params: SamplingParams
-    prompt: str | list[int] | None = None
+    prompts: tuple[str | list[int], ...] = ()
     messages: list[dict[str, str]] | None = None
+    n: int = 1
+    echo: bool = False
+
+    @property
+    def choices(self) -> int:
+        return (len(self.prompts) if self.messages is None else 1) * self.n
 
 
 # -------------------------------------------------------------------------------------------
@@ -144,30 +160,43 @@ async def _sse_chunks(
     request_id: str,
     model: str,
     prompt_tokens: int,
+    choices: int,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """OpenAI's chunks for one streamed answer, then `data: [DONE]`."""
+    """OpenAI's chunks for one streamed answer (each chunk one choice's piece), then `data: [DONE]`."""
     created = int(time.time())
 
-    def chunk(text: str | None, finish_reason: str | None, *, role: bool = False) -> bytes:
+    def chunk(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None = None, *, role: bool = False) -> bytes:
         if kind == "completion":
-            return sse(completion_chunk(request_id=request_id, model=model, created=created, text=text or "", finish_reason=finish_reason))
+            return sse(
+                completion_chunk(
+                    request_id=request_id, model=model, created=created, text=text or "",
+                    finish_reason=finish_reason, index=index, logprobs=logprobs,
+                )
+            )  # fmt: skip
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        return sse(chat_chunk(request_id=request_id, model=model, created=created, delta=delta, finish_reason=finish_reason))
+        return sse(
+            chat_chunk(
+                request_id=request_id, model=model, created=created, delta=delta,
+                finish_reason=finish_reason, index=index, logprobs=logprobs,
+            )
+        )  # fmt: skip
 
     if kind == "chat":
-        yield chunk(None, None, role=True)
-    completion_tokens = 0
+        for index in range(choices):
+            yield chunk(index, None, None, role=True)
+    completion_tokens: dict[int, int] = {}
     async for event in events:
         if "error" in event:
             fields = event["error"]
             yield sse(error_body(fields["message"], type=fields["type"], code=fields["code"]))
             break
-        completion_tokens = event["completion_tokens"]
-        if event["text"]:
-            yield chunk(event["text"], None)
+        index = event["index"]
+        completion_tokens[index] = event["completion_tokens"]
+        if event["text"] or event["logprobs"]:
+            yield chunk(index, event["text"], None, event["logprobs"])
         if event["finish_reason"] is not None:
-            yield chunk(None, event["finish_reason"])
+            yield chunk(index, None, event["finish_reason"])
     if include_usage:
         yield sse(
             usage_chunk(
@@ -176,7 +205,7 @@ async def _sse_chunks(
                 model=model,
                 created=created,
                 prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                completion_tokens=sum(completion_tokens.values()),
             )
         )
     yield SSE_DONE
@@ -213,6 +242,7 @@ class ModelServer:
         stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.context_length = _context_length(model.config, self.tokenizer)
         self.vocab_size = len(self.tokenizer)
+        self._token_texts: dict[int, str] = {}
         self.engine = GenerationEngine(
             model,
             self.tokenizer,
@@ -229,7 +259,15 @@ class ModelServer:
             config.batching.max_batch_size,
         )
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._token_texts[token] = text
+        return text
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[tuple[list[int], str]]:
+        """Each prompt's token ids and its text (what `echo` returns)."""
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise bad_request(f"model {self.variant!r} has no chat template; use /v1/completions", "messages")
@@ -237,62 +275,135 @@ class ModelServer:
                 text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
             except Exception as err:  # jinja raises its own errors for conversations a template refuses
                 raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(request.prompt, str):
-            ids = self.tokenizer(request.prompt)["input_ids"]
+            prompts = [(self.tokenizer(text, add_special_tokens=False)["input_ids"], text)]
         else:
-            ids = list(request.prompt or [])
-            if any(not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
-                raise bad_request(f"prompt token ids must lie in [0, {self.vocab_size})", "prompt")
+            prompts = []
+            for prompt in request.prompts:
+                if isinstance(prompt, str):
+                    prompts.append((self.tokenizer(prompt)["input_ids"], prompt))
+                    continue
+                # Token ids are scored and continued exactly as given.
+                ids = list(prompt)
+                if any(not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
+                    raise bad_request(f"prompt token ids must lie in [0, {self.vocab_size})", "prompt")
+                text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) if request.echo else ""
+                prompts.append((ids, text))
         param = "messages" if request.messages is not None else "prompt"
-        if not ids:
-            raise bad_request("the prompt is empty", param)
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise bad_request(
-                f"the prompt has {len(ids)} tokens; this server accepts at most {self.limits.max_prompt_tokens}",
-                param,
-                "context_length_exceeded",
-            )
-        if len(ids) + request.params.max_tokens > self.context_length:
-            raise bad_request(
-                f"this model's context is {self.context_length} tokens; the prompt ({len(ids)}) plus "
-                f"max_tokens ({request.params.max_tokens}) exceed it",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        return ids
+        for ids, _ in prompts:
+            if not ids:
+                raise bad_request("the prompt is empty", param)
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise bad_request(
+                    f"the prompt has {len(ids)} tokens; this server accepts at most {self.limits.max_prompt_tokens}",
+                    param,
+                    "context_length_exceeded",
+                )
+            if len(ids) + request.params.max_tokens > self.context_length:
+                raise bad_request(
+                    f"this model's context is {self.context_length} tokens; the prompt ({len(ids)}) plus "
+                    f"max_tokens ({request.params.max_tokens}) exceed it",
+                    "max_tokens",
+                    "context_length_exceeded",
+                )
+        return prompts
+
+    def _sequences(self, request: GenerationRequest, prompts: list[tuple[list[int], str]]):
+        """(choice index, prompt ids, prompt text, sampling) of every choice, prompt-major."""
+        return [
+            (p * request.n + j, ids, text, request.params.for_choice(j))
+            for p, (ids, text) in enumerate(prompts)
+            for j in range(request.n)
+        ]
+
+    def _logprobs(self, request: GenerationRequest, entries, *, offset: int = 0) -> dict | None:
+        if request.params.logprobs is None:
+            return None
+        if request.kind == "chat":
+            return chat_logprobs(entries, self._token_text)
+        return completion_logprobs(entries, self._token_text, offset=offset)
 
     async def complete(self, request: GenerationRequest) -> dict[str, Any]:
-        """The whole answer: `{prompt_tokens, text, finish_reason, completion_tokens}` or `{error}`."""
+        """The whole answer: `{choices, prompt_tokens, completion_tokens}` or `{error}`."""
         try:
-            ids = self._prompt_ids(request)
+            prompts = self._prompt_ids(request)
         except APIError as err:
             return {"error": _error_fields(err)}
-        async for event in self.engine.generate(ids, request.params, stream=False):
+
+        async def last_event(ids: list[int], params: SamplingParams):
+            async for event in self.engine.generate(ids, params, stream=False):
+                if event.finish_reason is not None:
+                    return event
+            raise RuntimeError("generation ended without a finish event")
+
+        sequences = self._sequences(request, prompts)
+        # Every choice of every prompt enters the engine at once, so they share its batches.
+        events = await asyncio.gather(*(last_event(ids, params) for _, ids, _, params in sequences))
+        choices = []
+        for (index, _, prompt_text, _), event in zip(sequences, events):
             if event.finish_reason == "error":
                 return {"error": _error_fields(APIError(500, event.text, type="server_error"))}
-            if event.finish_reason is not None:
-                return {
-                    "prompt_tokens": len(ids),
-                    "text": event.text,
-                    "finish_reason": event.finish_reason,
-                    "completion_tokens": event.completion_tokens,
-                }
-        raise RuntimeError("generation ended without a finish event")
+            text, entries = event.text, event.logprobs
+            if request.echo:
+                text, entries = prompt_text + text, (*(event.prompt_logprobs or ()), *entries)
+            logprobs = self._logprobs(request, entries)
+            build = completion_choice if request.kind == "completion" else chat_choice
+            choices.append(build(index, text, event.finish_reason, logprobs))
+        return {
+            "choices": choices,
+            "prompt_tokens": sum(len(ids) for ids, _ in prompts),
+            "completion_tokens": sum(event.completion_tokens for event in events),
+        }
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        """`{prompt_tokens}` (or `{error}`) first, then `{text, completion_tokens, finish_reason}` pieces."""
+        """`{prompt_tokens}` (or `{error}`) first, then `{index, text, logprobs, completion_tokens,
+        finish_reason}` pieces of the choices as they come."""
         try:
-            ids = self._prompt_ids(request)
+            prompts = self._prompt_ids(request)
         except APIError as err:
             yield {"error": _error_fields(err)}
             return
-        yield {"prompt_tokens": len(ids)}
-        async for event in self.engine.generate(ids, request.params, stream=True):
-            if event.finish_reason == "error":
-                yield {"error": _error_fields(APIError(500, event.text, type="server_error"))}
-                return
-            yield {"text": event.text, "completion_tokens": event.completion_tokens, "finish_reason": event.finish_reason}
+        yield {"prompt_tokens": sum(len(ids) for ids, _ in prompts)}
+        sequences = self._sequences(request, prompts)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
+            try:
+                async for event in self.engine.generate(ids, params, stream=True):
+                    queue.put_nowait((index, event))
+            except Exception as err:  # noqa: BLE001 - reported to the client as the stream's error
+                queue.put_nowait((index, err))
+
+        tasks = [asyncio.create_task(pump(index, ids, params)) for index, ids, _, params in sequences]
+        prompt_text = {index: text for index, _, text, _ in sequences}
+        sent = dict.fromkeys(prompt_text, 0)  # characters of each choice's token texts sent so far
+        echoed: set[int] = set()
+        left = len(tasks)
+        try:
+            while left:
+                index, event = await queue.get()
+                if isinstance(event, Exception) or event.finish_reason == "error":
+                    message = str(event) if isinstance(event, Exception) else event.text
+                    yield {"error": _error_fields(APIError(500, message, type="server_error"))}
+                    return
+                text, entries = event.text, (*(event.prompt_logprobs or ()), *event.logprobs)
+                if request.echo and index not in echoed:
+                    echoed.add(index)
+                    text = prompt_text[index] + text
+                logprobs = self._logprobs(request, entries, offset=sent[index])
+                sent[index] += sum(len(self._token_text(e.token)) for e in entries)
+                if event.finish_reason is not None:
+                    left -= 1
+                yield {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "completion_tokens": event.completion_tokens,
+                    "finish_reason": event.finish_reason,
+                }
+        finally:
+            # The client left, or all is sent: a cancelled generation leaves the batch at the next step.
+            for task in tasks:
+                task.cancel()
 
     def stats(self) -> dict[str, float]:
         """The engine's counters (steps, largest batch, running and waiting sequences...)."""
@@ -370,31 +481,6 @@ class OpenAIIngress:
             )
         return name, handle
 
-    def _sampling(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
-        unsupported = body.unsupported()
-        if unsupported:
-            raise bad_request(f"{unsupported!r} is not supported by this server", unsupported, "unsupported_parameter")
-        limits = self._limits
-        wanted = limits.default_max_tokens if max_tokens is None else max_tokens
-        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
-        if wanted > limits.max_tokens:
-            raise bad_request(f"{param} is {wanted}; this server allows at most {limits.max_tokens}", param)
-        stop = body.stop_strings
-        if len(stop) > limits.max_stop_sequences:
-            raise bad_request(f"at most {limits.max_stop_sequences} stop sequences are allowed", "stop")
-        if any(not s for s in stop):
-            raise bad_request("stop sequences must not be empty", "stop")
-        if body.min_tokens > wanted:
-            raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({wanted})", "min_tokens")
-        return SamplingParams(
-            max_tokens=wanted,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=stop,
-            min_tokens=body.min_tokens,
-        )
-
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         # Unauthenticated on purpose: load balancers and Kubernetes probes carry no key.
@@ -416,8 +502,11 @@ class OpenAIIngress:
         self._authorize(request)
         body: CompletionRequest = parse_request(CompletionRequest, await self._body(request))
         name, handle = self._handle(body.model)
-        params = self._sampling(body, body.max_tokens)
-        generation = GenerationRequest(kind="completion", params=params, prompt=body.single_prompt())
+        params = sampling_params(body, self._limits)
+        prompts = body.prompts()
+        if len(prompts) > self._limits.max_prompts:
+            raise bad_request(f"the request has {len(prompts)} prompts; this server accepts at most {self._limits.max_prompts}", "prompt")
+        generation = GenerationRequest(kind="completion", params=params, prompts=tuple(prompts), n=body.n, echo=body.echo)
         return await self._answer(generation, name, handle, stream=body.stream, include_usage=body.include_usage)
 
     @api.post("/v1/chat/completions")
@@ -425,8 +514,8 @@ class OpenAIIngress:
         self._authorize(request)
         body: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._body(request))
         name, handle = self._handle(body.model)
-        params = self._sampling(body, body.token_limit)
-        generation = GenerationRequest(kind="chat", params=params, messages=body.conversation())
+        params = sampling_params(body, self._limits)
+        generation = GenerationRequest(kind="chat", params=params, messages=body.conversation(), n=body.n)
         return await self._answer(generation, name, handle, stream=body.stream, include_usage=body.include_usage)
 
     async def _answer(
@@ -452,6 +541,7 @@ class OpenAIIngress:
             request_id=request_id,
             model=name,
             prompt_tokens=first["prompt_tokens"],
+            choices=generation.choices,
             include_usage=include_usage,
         )
         return StreamingResponse(

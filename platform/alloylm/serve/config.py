@@ -156,6 +156,22 @@ class LimitsConfig(_Frozen):
         1_000_000, ge=1024, description="Largest request body, checked before the body is parsed."
     )
     max_stop_sequences: int = Field(4, ge=0, description="Most `stop` strings in one request (OpenAI allows 4).")
+    max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt) a request may ask for.")
+    max_logprobs: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description=(
+            "Largest `logprobs` of a /v1/completions request (alternatives per token; OpenAI's legacy API "
+            "allows 5). Chat's `top_logprobs` goes up to 20, as OpenAI's."
+        ),
+    )
+    max_prompts: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Most prompts in one /v1/completions request (lm-eval sends its batches as one request).",
+    )
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> LimitsConfig:

@@ -7,6 +7,13 @@ token with that sequence's own temperature, top_p and seed. A sequence leaves th
 it ends (its own `max_tokens`, a stop token or a stop string), so no request waits for another's
 `max_tokens`, and a request that arrives mid-batch starts at the next step instead of waiting for
 the batch to drain.
+
+Scoring rides the same batch. A sequence that asks for its prompt's logprobs (`echo` with
+`logprobs`) is prefilled with the logits of every prompt position kept, in a prefill of its own
+with the other scoring requests admitted at that step (so that generation-only rows do not pay
+for those logits), and one that asks for no new tokens (`max_tokens: 0`) leaves the batch right
+after that prefill. Logprobs are the model's own distribution (log-softmax of the raw logits,
+before temperature, top_p or min_tokens), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from alloylm.serve.detokenizer import IncrementalText
-from alloylm.serve.protocol import SamplingParams
+from alloylm.serve.protocol import SamplingParams, TokenLogprob
 
 log = logging.getLogger("alloylm.serve")
 
@@ -37,6 +44,8 @@ class GenerationEvent:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop" or "length"; "error" if generation failed
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the previous event
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once per sequence, where asked for
 
 
 class EngineStoppedError(RuntimeError):
@@ -53,6 +62,9 @@ class _Sequence:
     rng: random.Random
     generated: list[int] = field(default_factory=list)
     pending: int = -1  # last sampled token, fed to the model at the next step
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent_logprobs: int = 0  # how many of token_logprobs earlier events carried
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def decode_as_you_go(self) -> bool:
@@ -66,7 +78,8 @@ class _Sequence:
 class EngineStats:
     """Counters of one engine, for health reports, tests and benchmarks."""
 
-    steps: int = 0
+    steps: int = 0  # decoding steps (one forward pass for every running sequence)
+    prefills: int = 0  # prefill forward passes (one for every group of prompts admitted together)
     sequences_started: int = 0
     sequences_finished: int = 0
     tokens_generated: int = 0
@@ -125,8 +138,8 @@ class GenerationEngine:
         """
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if params.max_tokens < 0:
+            raise ValueError("max_tokens must not be negative")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
@@ -240,6 +253,14 @@ class GenerationEngine:
                 self._running, self._cache, self._mask = [], None, None
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
+        # Rows that score their prompt keep every position's logits; the others keep only the last.
+        scoring = [s for s in admitted if s.params.prompt_logprobs is not None]
+        plain = [s for s in admitted if s.params.prompt_logprobs is None]
+        for group in (plain, scoring):
+            if group:
+                self._prefill_group(group, keep=max(len(s.prompt_ids) for s in group) if group is scoring else 1)
+
+    def _prefill_group(self, admitted: list[_Sequence], *, keep: int) -> None:
         width = max(len(s.prompt_ids) for s in admitted)
         ids = torch.full((len(admitted), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(admitted), width), dtype=torch.long)
@@ -250,12 +271,35 @@ class GenerationEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
         )
+        self._stats.prefills += 1
         self._stats.sequences_started += len(admitted)
-        tokens = self._sample(out.logits[:, -1, :], admitted)
+        if keep > 1:
+            self._score_prompts(admitted, out.logits)
+        for sequence in admitted:
+            if sequence.params.max_tokens == 0:
+                self._finish(sequence, "length")
+        tokens = self._next_tokens(out.logits[:, -1, :], admitted)
         self._join(admitted, out.cache, mask)
         self._accept(admitted, tokens)
+
+    def _score_prompts(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each row's prompt tokens' logprobs from the prefill's logits (the prompts are left-padded,
+        so a prompt of L tokens ends at the last column: token i is predicted at column keep - L + i - 1)."""
+        keep = logits.shape[1]
+        for row, sequence in enumerate(rows):
+            prompt = sequence.prompt_ids
+            entries = [TokenLogprob(prompt[0], None)]
+            if len(prompt) > 1:
+                logprobs = torch.log_softmax(logits[row, keep - len(prompt) : keep - 1].float(), -1)
+                targets = torch.tensor(prompt[1:], device=logprobs.device).unsqueeze(1)
+                chosen = logprobs.gather(1, targets).squeeze(1).tolist()
+                top = _top(logprobs, sequence.params.prompt_logprobs)
+                entries += [TokenLogprob(t, lp, alt) for t, lp, alt in zip(prompt[1:], chosen, top)]
+            sequence.prompt_logprobs = tuple(entries)
+            if sequence.stream:
+                sequence.deliver(GenerationEvent("", 0, prompt_logprobs=sequence.prompt_logprobs))
 
     def _decode_step(self) -> None:
         rows = self._running
@@ -273,7 +317,19 @@ class GenerationEngine:
         self._cache = out.cache
         self._stats.steps += 1
         self._stats.largest_batch = max(self._stats.largest_batch, len(rows))
-        self._accept(rows, self._sample(out.logits[:, -1, :], rows))
+        self._accept(rows, self._next_tokens(out.logits[:, -1, :], rows))
+
+    def _next_tokens(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+        """Sample one token per row and record its logprob for the rows that asked for them."""
+        wanted = [i for i, s in enumerate(rows) if s.params.logprobs is not None and not s.done]
+        # Before sampling: _sample masks stop tokens in place for min_tokens.
+        logprobs = torch.log_softmax(logits.float(), -1) if wanted else None
+        tokens = self._sample(logits, rows)
+        for i in wanted:
+            row = logprobs[i]
+            (top,) = _top(row.unsqueeze(0), rows[i].params.logprobs)
+            rows[i].token_logprobs.append(TokenLogprob(tokens[i], float(row[tokens[i]]), top))
+        return tokens
 
     def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
         """One token per row, each with its row's temperature, top_p, seed and min_tokens."""
@@ -324,7 +380,7 @@ class GenerationEngine:
             elif len(sequence.generated) >= sequence.params.max_tokens:
                 self._finish(sequence, "length", piece)
             elif piece and sequence.stream:
-                sequence.deliver(GenerationEvent(piece, len(sequence.generated)))
+                sequence.deliver(GenerationEvent(piece, len(sequence.generated), logprobs=self._unsent(sequence)))
 
     def _finish(self, sequence: _Sequence, reason: str, piece: str = "", *, message: str = "") -> None:
         if sequence.done:
@@ -342,7 +398,22 @@ class GenerationEngine:
             rest = piece + sequence.text.finish()
             # Without streaming, the one event carries the whole text.
             text = rest if sequence.stream else sequence.text.text
-        sequence.deliver(GenerationEvent(text, len(sequence.generated), reason))
+        sequence.deliver(
+            GenerationEvent(
+                text,
+                len(sequence.generated),
+                reason,
+                logprobs=self._unsent(sequence),
+                # A stream got its prompt's logprobs in an event of their own, right after the prefill.
+                prompt_logprobs=None if sequence.stream else sequence.prompt_logprobs,
+            )
+        )
+
+    @staticmethod
+    def _unsent(sequence: _Sequence) -> tuple[TokenLogprob, ...]:
+        entries = tuple(sequence.token_logprobs[sequence.sent_logprobs :])
+        sequence.sent_logprobs = len(sequence.token_logprobs)
+        return entries
 
     def _join(self, admitted: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Add freshly prefilled rows to the running batch, left-padding whichever is shorter."""
@@ -382,6 +453,15 @@ class GenerationEngine:
             for layer in self._cache.layers
         ]
         self._cache = DynamicCache(ddp_cache_data=layers)
+
+
+def _top(logprobs: torch.Tensor, k: int | None) -> list[tuple[tuple[int, float], ...]]:
+    """The k most likely (token id, logprob) of each row of `logprobs`, best first."""
+    k = min(k or 0, logprobs.shape[-1])
+    if k == 0:
+        return [() for _ in range(logprobs.shape[0])]
+    values, ids = logprobs.topk(k, -1)
+    return [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -3,8 +3,10 @@
 `llm_configs(config)` gives one `LLMConfig` mapping per variant (model id = variant name), checked
 against Ray Serve LLM's own `LLMConfig` schema, which imports without vLLM; `openai_app_args`
 wraps them as the `args` of `import_path: ray.serve.llm:build_openai_app`; `build_vllm_app` builds
-the application, behind an ingress that enforces AlloyLM's API keys and `max_tokens` bound, and
-fails with a clear message where vLLM is not installed (as on CPU machines).
+the application, behind an ingress that enforces AlloyLM's API keys and `limits` (`max_tokens`,
+`n`, `logprobs`, `echo`; `check_vllm_request`), and fails with a clear message where vLLM is not
+installed (as on CPU machines). vLLM itself serves `logprobs`, `echo`, `max_tokens: 0` and `n`, so
+those fields pass through to it unchanged once they are within the limits.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from alloylm.serve.config import ServeConfig
+from alloylm.serve.config import LimitsConfig, ServeConfig
+
+# OpenAI's chat API allows top_logprobs up to 20; vLLM must keep that many per position.
+CHAT_TOP_LOGPROBS = 20
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -43,6 +48,8 @@ def llm_configs(config: ServeConfig) -> list[dict[str, Any]]:
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         # A served model runs no code shipped with its weights.
         "trust_remote_code": False,
+        # vLLM refuses logprobs above this; the ingress holds completions to limits.max_logprobs.
+        "max_logprobs": max(settings.engine_kwargs.get("max_logprobs", 0), config.limits.max_logprobs, CHAT_TOP_LOGPROBS),
     }
     if settings.max_model_len is not None:
         engine_kwargs["max_model_len"] = settings.max_model_len
@@ -103,8 +110,30 @@ def build_vllm_app(config: ServeConfig, *, key_digests: list[str] | tuple[str, .
                 "ingress_extra_kwargs": {
                     "api_keys_file": config.api_keys_file,
                     "key_digests": list(key_digests),
-                    "max_tokens_limit": config.limits.max_tokens,
+                    "limits": config.limits.model_dump(),
                 },
             },
         }
+    )
+
+
+def check_vllm_request(body: Any, call_method: str, limits: LimitsConfig) -> None:
+    """AlloyLM's bounds on a request bound for vLLM (`body` is Ray Serve LLM's request object, with
+    OpenAI's field names): `max_tokens`, `n`, `logprobs`, `top_logprobs`, `echo` and `max_tokens: 0`.
+    Raises `APIError` (400, naming the field) as AlloyLM's own backend does."""
+    from alloylm.serve.protocol import bad_request, check_choice_fields
+
+    if call_method not in ("completions", "chat"):
+        return
+    max_tokens = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise bad_request(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
+    check_choice_fields(
+        chat=call_method == "chat",
+        limits=limits,
+        n=getattr(body, "n", None),
+        logprobs=getattr(body, "logprobs", None),
+        top_logprobs=getattr(body, "top_logprobs", None),
+        echo=getattr(body, "echo", None),
+        max_tokens=getattr(body, "max_tokens", None),
     )

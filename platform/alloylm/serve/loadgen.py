@@ -1,7 +1,9 @@
 """A closed-loop HTTP load generator for any OpenAI-compatible endpoint (AlloyLM's or another).
 
 `run_load` keeps `concurrency` requests in flight until `requests` have been answered and reports
-throughput (completion tokens/s, requests/s) and latency percentiles. `serving/load_test.py` is its
+throughput (completion tokens/s, requests/s) and latency percentiles. With `scoring=True` each
+request is a log-likelihood request as lm-evaluation-harness sends one (`echo`, `logprobs: 1`,
+`max_tokens: 0`), and throughput counts the prompt tokens scored. `serving/load_test.py` is its
 command line; `benchmarks/serve_load.py` uses it to compare batched and unbatched deployments.
 """
 
@@ -24,6 +26,8 @@ class LoadResult:
     wall_s: float
     completion_tokens: int
     tokens_per_s: float
+    prompt_tokens: int
+    prompt_tokens_per_s: float
     requests_per_s: float
     latency_p50_s: float
     latency_p99_s: float
@@ -55,6 +59,7 @@ async def run_load(
     api_key: str | None = None,
     temperature: float = 1.0,
     min_tokens: int | None = None,
+    scoring: bool = False,
 ) -> LoadResult:
     """Send `requests` requests, `concurrency` at a time, and measure them.
 
@@ -65,8 +70,12 @@ async def run_load(
 
     if concurrency < 1 or requests < 1:
         raise ValueError("concurrency and requests must be at least 1")
+    if scoring and chat:
+        raise ValueError("scoring requests are completions (echo with logprobs); chat has no echo")
     path = "/chat/completions" if chat else "/completions"
     body: dict = {"max_tokens": max_tokens, "temperature": temperature}
+    if scoring:
+        body = {"max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
     if model:
         body["model"] = model
     if min_tokens is not None:
@@ -81,11 +90,12 @@ async def run_load(
         headers["Authorization"] = f"Bearer {api_key}"
     latencies: list[float] = []
     tokens = 0
+    prompt_tokens = 0
     errors = 0
     remaining = requests
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal remaining, tokens, errors
+        nonlocal remaining, tokens, errors, prompt_tokens
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
@@ -95,7 +105,9 @@ async def run_load(
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - started)
-            tokens += json.loads(answer)["usage"]["completion_tokens"]
+            counts = json.loads(answer)["usage"]
+            tokens += counts["completion_tokens"]
+            prompt_tokens += counts["prompt_tokens"]
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -110,6 +122,8 @@ async def run_load(
         wall_s=round(wall, 4),
         completion_tokens=tokens,
         tokens_per_s=round(tokens / wall, 2),
+        prompt_tokens=prompt_tokens,
+        prompt_tokens_per_s=round(prompt_tokens / wall, 2),
         requests_per_s=round(answered / wall, 3),
         latency_p50_s=round(percentile(latencies, 50), 4),
         latency_p99_s=round(percentile(latencies, 99), 4),

@@ -1,8 +1,15 @@
 """OpenAI's HTTP protocol as AlloyLM serves it: request and response bodies, chunks and errors.
 
 Requests ignore fields they do not know (clients add new ones all the time) but reject, with a
-400 naming the field, the known fields AlloyLM cannot honour (`n` > 1, `logprobs`, `echo`, tools,
-penalties...), so that no client silently gets something other than what it asked for.
+400 naming the field, the known fields AlloyLM cannot honour (tools, penalties, `best_of`, `echo` on
+chat...), so that no client silently gets something other than what it asked for.
+
+Scoring follows OpenAI's legacy completions API, as vLLM serves it and lm-evaluation-harness's
+`local-completions` model calls it: `logprobs: k` gives each token's log-probability and the k most
+likely alternatives (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), `echo: true` puts
+the prompt and its tokens' logprobs before the completion (the first prompt token's is null), and
+`max_tokens: 0` with `echo` scores the prompt without generating. Chat takes `logprobs: true` and
+`top_logprobs` in OpenAI's chat shape. `n` asks for several choices per prompt.
 """
 
 from __future__ import annotations
@@ -11,10 +18,13 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alloylm.serve.config import LimitsConfig
 
 
 class APIError(Exception):
@@ -66,6 +76,25 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_tokens: int = 0  # vLLM's extension: stop tokens are masked until this many tokens exist
+    logprobs: int | None = None  # None: none; k: each generated token's logprob and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo); None: not scored
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of `n`: a seeded request gets seed, seed + 1, ... so its
+        choices differ from one another and repeat from one request to the next."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=self.seed + index)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (null for a prompt's first token) and the most
+    likely alternatives at its position, as (token id, logprob), best first."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class _Request(BaseModel):
@@ -82,7 +111,7 @@ class _SamplingFields(_Request):
     model: str | None = Field(None, description="Variant to use; the server's default variant when absent.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    n: int = Field(1, ge=1, description="Choices per prompt; only 1 is supported.")
+    n: int = Field(1, ge=1, description="Choices per prompt (at most the server's limits.max_n).")
     stream: bool = Field(False, description="Answer as server-sent events, one chunk per piece of text.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
     stop: str | list[str] | None = Field(None, description="Strings that end the text (not included in it).")
@@ -104,8 +133,6 @@ class _SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _unsupported_common(self) -> str | None:
-        if self.n != 1:
-            return "n"
         if self.presence_penalty:
             return "presence_penalty"
         if self.frequency_penalty:
@@ -118,35 +145,34 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions`."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, or token ids.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    logprobs: int | None = Field(None, description="Unsupported.")
-    echo: bool = Field(False, description="Unsupported.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text or token ids; a list of them is a batch (one set of choices per prompt)."
+    )
+    max_tokens: int | None = Field(None, ge=0, description="Most tokens to generate; 0 (with echo) only scores the prompt.")
+    logprobs: int | None = Field(
+        None, ge=0, description="Log-probability of each token and of the `logprobs` most likely alternatives."
+    )
+    echo: bool = Field(False, description="Return the prompt (and its logprobs) before the completion.")
     best_of: int | None = Field(None, description="Unsupported unless 1.")
     suffix: str | None = Field(None, description="Unsupported.")
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
-        if self.logprobs is not None:
-            return "logprobs"
-        if self.echo:
-            return "echo"
         if self.best_of not in (None, 1):
             return "best_of"
         if self.suffix:
             return "suffix"
         return self._unsupported_common()
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of the request: a string or a list of token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a string or a list of token ids (a batch is a list of them)."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise bad_request("only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-        if (isinstance(prompt, list) and not prompt) or prompt == "":
-            raise bad_request("the prompt is empty", "prompt")
-        return prompt
+        batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        for index, one in enumerate(batch):
+            if (isinstance(one, list) and not one) or one == "":
+                where = "the prompt is empty" if len(batch) == 1 else f"prompt {index} of the batch is empty"
+                raise bad_request(where, "prompt")
+        return batch
 
 
 class TextPart(_Request):
@@ -173,8 +199,11 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (older name).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    logprobs: bool = Field(False, description="Unsupported.")
-    top_logprobs: int | None = Field(None, description="Unsupported.")
+    logprobs: bool = Field(False, description="Log-probability of each generated token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: the most likely alternatives at each position (0-20)."
+    )
+    echo: bool = Field(False, description="Unsupported on chat (completions only).")
     tools: list[Any] | None = Field(None, description="Unsupported.")
     tool_choice: Any = Field(None, description="Unsupported unless 'none'.")
     response_format: dict[str, Any] | None = Field(None, description="Only {type: text}.")
@@ -184,8 +213,8 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs is not None:
-            return "logprobs"
+        if self.echo:
+            return "echo"
         if self.tools:
             return "tools"
         if self.tool_choice not in (None, "none"):
@@ -223,6 +252,72 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         raise bad_request(message, param=param) from None
 
 
+def check_choice_fields(
+    *,
+    chat: bool,
+    limits: LimitsConfig,
+    n: int | None = 1,
+    logprobs: int | bool | None = None,
+    top_logprobs: int | None = None,
+    echo: bool | None = False,
+    max_tokens: int | None = None,
+) -> None:
+    """The bounds on `n`, logprobs, `echo` and `max_tokens: 0`, for AlloyLM's requests and for the
+    vLLM backend's (whose request classes carry the same fields); a 400 naming the field."""
+    if n is not None and n > limits.max_n:
+        raise bad_request(f"n is {n}; this server allows at most {limits.max_n}", "n")
+    if chat:
+        if echo:
+            raise bad_request("'echo' is not supported by this server", "echo", "unsupported_parameter")
+        if top_logprobs is not None and not logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        return
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise bad_request(f"logprobs is {logprobs}; this server allows at most {limits.max_logprobs}", "logprobs")
+    if max_tokens == 0 and not echo:
+        raise bad_request("max_tokens: 0 generates nothing; it is allowed only with echo: true, to score the prompt", "max_tokens")
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, limits: LimitsConfig) -> SamplingParams:
+    """What `body` asks of generation, checked against the server's `limits`; a 400 naming the field."""
+    unsupported = body.unsupported()
+    if unsupported:
+        raise bad_request(f"{unsupported!r} is not supported by this server", unsupported, "unsupported_parameter")
+    if isinstance(body, ChatCompletionRequest):
+        check_choice_fields(chat=True, limits=limits, n=body.n, logprobs=body.logprobs, top_logprobs=body.top_logprobs)
+        max_tokens = body.token_limit
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = None
+    else:
+        check_choice_fields(
+            chat=False, limits=limits, n=body.n, logprobs=body.logprobs, echo=body.echo, max_tokens=body.max_tokens
+        )
+        max_tokens, param = body.max_tokens, "max_tokens"
+        logprobs = body.logprobs
+        prompt_logprobs = body.logprobs if body.echo else None
+    wanted = limits.default_max_tokens if max_tokens is None else max_tokens
+    if wanted > limits.max_tokens:
+        raise bad_request(f"{param} is {wanted}; this server allows at most {limits.max_tokens}", param)
+    stop = body.stop_strings
+    if len(stop) > limits.max_stop_sequences:
+        raise bad_request(f"at most {limits.max_stop_sequences} stop sequences are allowed", "stop")
+    if any(not s for s in stop):
+        raise bad_request("stop sequences must not be empty", "stop")
+    if body.min_tokens > wanted:
+        raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({wanted})", "min_tokens")
+    return SamplingParams(
+        max_tokens=wanted,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+        min_tokens=body.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
 # -------------------------------------------------------------------------------------------
 # Responses
 # -------------------------------------------------------------------------------------------
@@ -240,60 +335,130 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish_reason,
+        "logprobs": logprobs,
+    }
+
+
 def completion_response(
-    *, request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    *, request_id: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
+    """A /v1/completions answer; `choices` from `completion_choice`, prompt-major (index = prompt * n + j)."""
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chat_response(
-    *, request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    *, request_id: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
+    """A /v1/chat/completions answer; `choices` from `chat_choice`."""
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def completion_chunk(
-    *, request_id: str, model: str, created: int, text: str, finish_reason: str | None
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str | None,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [completion_choice(index, text, finish_reason, logprobs)],
     }
 
 
 def chat_chunk(
-    *, request_id: str, model: str, created: int, delta: dict[str, str], finish_reason: str | None
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, str],
+    finish_reason: str | None,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
+    }
+
+
+# The floor of a reported logprob: JSON has no -inf (vLLM reports the same floor).
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(value: float) -> float:
+    return max(value, LOGPROB_FLOOR) if value == value else LOGPROB_FLOOR  # NaN too
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], *, offset: int = 0
+) -> dict[str, list]:
+    """OpenAI's legacy `logprobs` object for `entries`: each token's text, logprob (null for a
+    prompt's first token), its alternatives as {text: logprob} with the chosen token always among
+    them (so up to k + 1 entries, as OpenAI documents), and where each token starts in the text
+    (counted from `offset`, the characters of this choice already sent)."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for entry in entries:
+        text = token_text(entry.token)
+        tokens.append(text)
+        text_offset.append(offset)
+        offset += len(text)
+        if entry.logprob is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_finite(entry.logprob))
+        top = {token_text(token): _finite(logprob) for token, logprob in entry.top}
+        top.setdefault(text, _finite(entry.logprob))
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, list]:
+    """OpenAI's chat `logprobs` object: `content`, one entry per generated token with its UTF-8 bytes."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    return {
+        "content": [
+            {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+            for e in entries
+            if e.logprob is not None
+        ]
     }
 
 

@@ -1,4 +1,4 @@
-"""Ray Serve LLM's OpenAI ingress with AlloyLM's API keys and `max_tokens` bound (backend: vllm).
+"""Ray Serve LLM's OpenAI ingress with AlloyLM's API keys and limits (backend: vllm).
 
 Imported only where vLLM is installed (Ray's ingress module needs it). Every request that reaches
 a model goes through `OpenAiIngress._get_response`, so the check sits there; `GET /v1/models`
@@ -14,6 +14,9 @@ from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPExc
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 
 from alloylm.serve.auth import APIKeyCheck
+from alloylm.serve.config import LimitsConfig
+from alloylm.serve.llm_backend import check_vllm_request
+from alloylm.serve.protocol import APIError
 
 log = logging.getLogger("alloylm.serve")
 
@@ -26,12 +29,12 @@ class AuthenticatedOpenAiIngress(OpenAiIngress):
         *,
         api_keys_file: str | None = None,
         key_digests: list[str] | None = None,
-        max_tokens_limit: int | None = None,
+        limits: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._auth = APIKeyCheck.from_sources(api_keys_file, extra_digests=key_digests or [])
-        self._max_tokens_limit = max_tokens_limit
+        self._limits = LimitsConfig.model_validate(limits or {})
         if self._auth.is_open:
             from alloylm.serve.app import OPEN_SERVER_WARNING
 
@@ -41,12 +44,9 @@ class AuthenticatedOpenAiIngress(OpenAiIngress):
         header = raw_request.headers.get("authorization") if raw_request is not None else None
         if not self._auth.allows(header):
             raise OpenAIHTTPException(status_code=401, message="Missing or invalid API key.", type="invalid_api_key")
-        wanted = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
-        if self._max_tokens_limit is not None and wanted is not None and wanted > self._max_tokens_limit:
-            raise OpenAIHTTPException(
-                status_code=400,
-                message=f"max_tokens is {wanted}; this server allows at most {self._max_tokens_limit}",
-                type="invalid_request_error",
-            )
+        try:
+            check_vllm_request(body, call_method, self._limits)
+        except APIError as err:
+            raise OpenAIHTTPException(status_code=err.status, message=err.message, type=err.type) from None
         async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
             yield response
