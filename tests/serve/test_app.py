@@ -973,7 +973,17 @@ def test_overload_is_503_and_clears_when_the_client_leaves(tight_app):
 
 
 @pytest.mark.slow
-def test_serve_run_serves_until_interrupted(model_dirs):
+@pytest.mark.parametrize(
+    "stop_signal",
+    [
+        # Ctrl-C, sent to a server started in the background by a script: such a process inherits
+        # SIGINT as ignored, which once left it serving after the signal.
+        pytest.param(signal.SIGINT, id="SIGINT"),
+        # What Kubernetes and `ray job stop` send.
+        pytest.param(signal.SIGTERM, id="SIGTERM"),
+    ],
+)
+def test_serve_run_serves_until_interrupted(model_dirs, stop_signal):
     port = _free_port()
     script = textwrap.dedent(
         f"""
@@ -994,23 +1004,37 @@ def test_serve_run_serves_until_interrupted(model_dirs):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+        start_new_session=True,  # detached, as with setsid
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `cmd &` in a script
     )
     try:
         url = proc.stdout.readline().strip()
         assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read()[-3000:] if not url else url
         client = openai.OpenAI(base_url=url, api_key="blocking-key", max_retries=0)
         assert client.completions.create(model="merged", prompt="Up", max_tokens=2).usage.prompt_tokens > 0
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate()
+        sent = time.monotonic()
+        proc.send_signal(stop_signal)
+        out, err = proc.communicate(timeout=60)
+        stopped_s = time.monotonic() - sent
         assert proc.returncode == 0 and out.strip().splitlines()[-1] == "stopped", err[-3000:]
+        assert stopped_s <= 10, f"stopping took {stopped_s:.1f} s"
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        # No Ray process of its cluster is left behind (they all ran in its process group).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.5)
+        assert not _group_alive(proc.pid), subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None or _group_alive(proc.pid):
             _kill_group(proc.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is left in process group `pgid`."""
+    listing = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    return any(not state.startswith("Z") for state in listing)
 
 
 # -------------------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ def _wait_until_stopped(app_name: str) -> None:
     def _raise_interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Both signals explicitly: a process started in the background by a non-interactive shell
+    # inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt handler for it.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             time.sleep(_STATUS_POLL_S)
@@ -121,7 +123,8 @@ def _wait_until_stopped(app_name: str) -> None:
     except KeyboardInterrupt:
         log.info("stopping application %r", app_name)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop(app_name: str) -> None:
