@@ -1,6 +1,7 @@
 """Evaluation: every variant of a run scored on the domain benchmark (multiple choice, short answer),
-held-out domain and general perplexity and an LLM judge, in parallel on Ray; the comparison of
-variants; the lm-evaluation-harness export; and the report with its plots.
+held-out domain and general perplexity, an LLM judge and lm-evaluation-harness tasks (general
+retention), in parallel on Ray; the comparison of variants; the lm-evaluation-harness export; and
+the report with its plots.
 
     results = evaluate_variants(config.evaluate, resolve_variants(config.evaluate, stage_uris),
                                 data_uris(config.evaluate, run_uri), join(run_uri, "eval"),
@@ -19,6 +20,7 @@ from alloylm.evaluate.config import (
     EvalConfig,
     EvalResources,
     JudgeConfig,
+    LmEvalConfig,
     MultipleChoiceConfig,
     DomainPerplexityConfig,
     GeneralPerplexityConfig,
@@ -35,6 +37,7 @@ _LAZY = {
     "build_comparison": "comparison",
     "comparison_markdown": "comparison",
     "export_lm_eval_task": "lm_eval_export",
+    "run_lm_eval": "lm_eval_suite",
     "render_report": "report",
     "EvalData": "runner",
     "check_variant_sources": "runner",
@@ -63,6 +66,7 @@ __all__ = [
     "EvaluationInputError",
     "GeneralPerplexityConfig",
     "JudgeConfig",
+    "LmEvalConfig",
     "MultipleChoiceConfig",
     "ShortAnswerConfig",
     "SuitesConfig",
@@ -79,6 +83,7 @@ __all__ = [
     "load_results",
     "render_report",
     "resolve_variants",
+    "run_lm_eval",
     "score_model",
     "write_variant_results",
 ]

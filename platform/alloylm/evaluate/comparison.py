@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from alloylm.evaluate.config import SUITE_NAMES, EvalConfig
+from alloylm.evaluate.config import OFF_BY_DEFAULT, SUITE_NAMES, EvalConfig
 from alloylm.evaluate.intervals import (
     CONFIDENCE,
     METHOD,
@@ -77,6 +77,8 @@ def headline_metric(suite: str, config=None) -> str:
         return "bits_per_byte"
     if suite == "judge":
         return "overall"
+    if suite == "lm_eval":
+        return _config_value(config, "objective_metric", "acc")
     raise ValueError(f"unknown suite {suite!r}")
 
 
@@ -131,7 +133,7 @@ def score_definition(config: Mapping | EvalConfig) -> str:
     parts = []
     for name in SUITE_NAMES:
         suite = suites.get(name) or {}
-        if not suite.get("enabled", name != "judge") or not suite.get("weight", 1.0):
+        if not suite.get("enabled", name not in OFF_BY_DEFAULT) or not suite.get("weight", 1.0):
             continue
         metric = headline_metric(name, suite)
         shown = {"bits_per_byte": "2^-bits_per_byte", "overall": "(overall - 1) / 9"}.get(metric, metric)
@@ -159,8 +161,28 @@ def _columns(results: Mapping[str, Mapping]) -> list[Column]:
                 criteria.append(criterion)
     if "judge" in present:
         columns += [Column("judge", c, f"Judge: {c.replace('_', ' ')}", True) for c in criteria]
+    columns += _lm_eval_columns(results)
     columns.append(Column(None, "score", "Score (weighted)", True))
     return columns
+
+
+def _lm_eval_columns(results: Mapping[str, Mapping]) -> list[Column]:
+    """General retention: one column per lm-eval task and metric, and the pooled headline when there are several tasks."""
+    keys: dict[str, str] = {}  # key -> label
+    higher: dict[str, bool] = {}
+    pooled: dict[str, str] = {}
+    for result in results.values():
+        metrics = ((result.get("suites") or {}).get("lm_eval") or {}).get("metrics") or {}
+        tasks = list(metrics.get("tasks") or {})
+        higher.update(metrics.get("higher_is_better") or {})
+        for task in tasks:
+            for key, value in metrics.items():
+                if key.startswith(f"{task}/") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    keys.setdefault(key, f"Retention: {task} {key[len(task) + 1 :]}")
+        objective = headline_metric("lm_eval", ((result.get("config") or {}).get("suites") or {}).get("lm_eval"))
+        if len(tasks) > 1 and objective in metrics:
+            pooled.setdefault(objective, f"Retention: {objective} over all tasks")
+    return [Column("lm_eval", key, label, bool(higher.get(key, True))) for key, label in {**keys, **pooled}.items()]
 
 
 def _suite_samples(result: Mapping, suite: str) -> Samples | None:
@@ -186,7 +208,7 @@ def _score_replicates(result: Mapping, resamples: int = RESAMPLES):
     for name in SUITE_NAMES:
         suite = suites.get(name) or {}
         weight = suite.get("weight", 1.0)
-        if not suite.get("enabled", name != "judge") or not weight:
+        if not suite.get("enabled", name not in OFF_BY_DEFAULT) or not weight:
             continue
         samples = _suite_samples(result, name)
         metric = metric_for(name, headline_metric(name, suite))
@@ -321,7 +343,19 @@ def build_comparison(results: Mapping[str, Mapping], *, reference: str | None = 
         "intervals": {"confidence": CONFIDENCE, "resamples": RESAMPLES, "method": METHOD},
         "score_definition": score_definition(first_config) if first_config else None,
         "score_leader": _score_leader(rows, results),
+        "lm_eval_splits": _lm_eval_splits(results),
     }
+
+
+def _lm_eval_splits(results: Mapping[str, Mapping]) -> dict[str, str]:
+    """lm-eval task -> the split it was scored on (the comparison's `split` is the domain suites')."""
+    splits: dict[str, str] = {}
+    for result in results.values():
+        tasks = (((result.get("suites") or {}).get("lm_eval") or {}).get("metrics") or {}).get("tasks") or {}
+        for task, info in tasks.items():
+            if isinstance(info, Mapping) and info.get("split"):
+                splits.setdefault(task, str(info["split"]))
+    return splits
 
 
 def _score_leader(rows: list[dict], results: Mapping[str, Mapping]) -> dict | None:
@@ -401,12 +435,27 @@ def comparison_notes(comparison: Mapping) -> list[str]:
         )
     if comparison.get("chance", {}).get("multiple_choice") is not None:
         notes.append(f"Multiple-choice chance level: {comparison['chance']['multiple_choice']:.3f}.")
+    retention = _retention_note(comparison)
+    if retention:
+        notes.append(retention)
     if comparison.get("score_definition"):
         notes.append(f"Score: {comparison['score_definition']}.")
     for row in comparison["rows"]:
         for suite, reason in row["missing"].items():
             notes.append(f"{row['variant']}: {suite} missing — {reason}")
     return notes
+
+
+def _retention_note(comparison: Mapping) -> str | None:
+    splits = comparison.get("lm_eval_splits") or {}
+    if not any(c.get("suite") == "lm_eval" for c in comparison.get("columns") or []):
+        return None
+    shown = ", ".join(f"{task} on {split}" for task, split in splits.items())
+    return (
+        "Retention: lm-evaluation-harness tasks run in process on each variant, each on its own evaluation split"
+        + (f" ({shown})" if shown else "")
+        + "; intervals by the same bootstrap over docs (lm-eval's stderr for metrics that are not a mean over docs)."
+    )
 
 
 def comparison_markdown(comparison: Mapping, *, columns: Sequence[str] | None = None) -> str:

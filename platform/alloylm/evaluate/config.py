@@ -6,6 +6,8 @@ the run config; a bad key or value fails when the config is loaded, before any m
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Collection, Mapping
 from typing import Literal
@@ -169,6 +171,113 @@ class JudgeConfig(_SuiteBase):
         return self
 
 
+_LM_EVAL_TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$"
+_LM_EVAL_METRIC_PATTERN = r"^[A-Za-z][A-Za-z0-9_,.-]{0,99}$"
+
+
+class LmEvalConfig(_SuiteBase):
+    """lm-evaluation-harness tasks run in process on every variant (what the domain training may erode)."""
+
+    enabled: bool = Field(False, description="Run this suite; on when `tasks` are given, unless set false.")
+    weight: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of `objective_metric` pooled over every task's docs in the aggregate `score` (0: reported as "
+            "retention columns, not scored). Each task is scored on its own evaluation split (lm-eval's rule: its "
+            "`test_split`, else `validation_split`), whatever `evaluate.split` is."
+        ),
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "lm-eval task, group or tag names: tasks of `include_path`, or installed ones whose data is available "
+            "offline (in the local Hugging Face cache or in local files). Nothing is downloaded."
+        ),
+    )
+    include_path: str | None = Field(
+        None,
+        description=(
+            "Local folder of task YAMLs (e.g. what `export_lm_eval_task` writes), searched before lm-eval's own "
+            "tasks (`lm_eval --include_path`); a relative path is taken from where the config is loaded."
+        ),
+    )
+    limit: int | float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Docs per task: a count, or a fraction below 1 of each task's docs (lm-eval's `--limit`: the first ones); "
+            "none: all."
+        ),
+    )
+    max_items: int | None = Field(
+        None, gt=0, description="Score at most this many docs in all, taken from the tasks in turn; none: every selected doc."
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt (lm-eval's `--num_fewshot`); none: each task's own default (0 if it has none)."
+    )
+    objective_metric: str = Field(
+        "acc",
+        pattern=_LM_EVAL_METRIC_PATTERN,
+        description=(
+            "The metric (mean over docs, 0..1, higher better: acc, acc_norm, exact_match, ...) pooled over every task "
+            "that reports it: this suite's headline in the aggregate `score` when `weight` > 0."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enabled_by_tasks(cls, data):
+        # `lm_eval: {tasks: [...]}` is enough to run it; `enabled` stays false without tasks.
+        if isinstance(data, Mapping) and "enabled" not in data:
+            return {**data, "enabled": bool(data.get("tasks"))}
+        return data
+
+    @field_validator("include_path")
+    @classmethod
+    def _absolute_include_path(cls, value: str | None) -> str | None:
+        # Resolved where the config is loaded: a Ray worker may run in another working directory.
+        if value is None or "://" in value:
+            return value
+        return os.path.abspath(os.path.expanduser(value))
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(_LM_EVAL_TASK_PATTERN, name):
+                raise ValueError(f"task {name!r} must match {_LM_EVAL_TASK_PATTERN}")
+        repeated = sorted({n for n in value if value.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tasks must not repeat: {', '.join(repeated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _tasks_when_enabled(self) -> LmEvalConfig:
+        if self.enabled and not self.tasks:
+            raise ValueError("an enabled lm_eval suite needs `tasks`")
+        if isinstance(self.limit, float) and self.limit >= 1 and not self.limit.is_integer():
+            raise ValueError(f"limit {self.limit} must be a whole number of docs or a fraction below 1")
+        return self
+
+    def limit_for(self, docs: int) -> int:
+        """How many of a task's `docs` the suite scores (lm-eval's `--limit` rule)."""
+        if self.limit is None:
+            return docs
+        count = math.ceil(docs * self.limit) if self.limit < 1 else int(self.limit)
+        return min(docs, count)
+
+    def include_problem(self) -> str | None:
+        """Why `include_path` cannot be read (None when it can or is not given)."""
+        if self.include_path is None:
+            return None
+        if "://" in self.include_path and not self.include_path.startswith("file://"):
+            return f"{self.include_path!r}: lm-eval reads task YAMLs from a local folder"
+        if not os.path.isdir(os.path.expanduser(self.include_path.removeprefix("file://"))):
+            return f"{self.include_path!r} is not a folder"
+        return None
+
+
 class SuitesConfig(_Frozen):
     """The suites every variant is scored on."""
 
@@ -186,13 +295,19 @@ class SuitesConfig(_Frozen):
         description="Perplexity on held-out general text: what continued pretraining may make the model forget.",
     )
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM judge of open questions.")
+    lm_eval: LmEvalConfig = Field(
+        default_factory=LmEvalConfig,
+        description="lm-evaluation-harness tasks run in process: general retention columns (off unless `tasks` are given).",
+    )
 
     def enabled(self) -> dict[str, _SuiteBase]:
         """The enabled suites by name, in a fixed order."""
         return {name: suite for name in SUITE_NAMES if (suite := getattr(self, name)).enabled}
 
 
-SUITE_NAMES = ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge")
+SUITE_NAMES = ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge", "lm_eval")
+# Suites a config leaves off unless it turns them on (what an older results.json without them meant).
+OFF_BY_DEFAULT = ("judge", "lm_eval")
 
 
 class EvalResources(_Frozen):
@@ -272,6 +387,9 @@ class EvalConfig(_Frozen):
                     f"(stages: {', '.join(sorted(stages)) or 'none'}) nor a model path, s3:// URI or Hugging Face id"
                 )
         for name, suite in self.suites.enabled().items():
+            if name == "lm_eval":
+                problems += [f"evaluate.suites.lm_eval.{problem}" for problem in _lm_eval_problems(suite)]
+                continue
             if name == "judge" and suite.questions:
                 continue
             need = "text" if name.endswith("perplexity") else "benchmark"
@@ -289,6 +407,21 @@ class EvalConfig(_Frozen):
         """The item cap of `suite`: the smaller of its own max_items and the global one."""
         caps = [c for c in (getattr(self.suites, suite).max_items, self.max_items) if c is not None]
         return min(caps) if caps else None
+
+
+def _lm_eval_problems(suite: LmEvalConfig) -> list[str]:
+    """`<key>: problem` lines for the lm_eval suite: the include folder, lm-eval itself, unknown task names."""
+    problem = suite.include_problem()
+    if problem:
+        return [f"include_path: {problem}"]
+    # Imported only here: a config without the suite never imports lm-eval.
+    from alloylm.evaluate.lm_eval_suite import unknown_tasks, unknown_tasks_message
+
+    try:
+        unknown = unknown_tasks(suite.tasks, suite.include_path)
+    except ImportError as exc:
+        return [f"tasks: lm-eval cannot be imported ({exc}); install it (pip install lm_eval) or disable the suite"]
+    return [f"tasks: {unknown_tasks_message(unknown, suite.include_path)}"] if unknown else []
 
 
 def _named(entry: str) -> tuple[str, str] | None:

@@ -27,6 +27,7 @@ import numpy as np
 
 RESAMPLES = 1000
 CONFIDENCE = 0.95
+_Z95 = 1.959963984540054  # the normal quantile of a 95% two-sided interval
 METHOD = "percentile bootstrap, 1000 resamples; benchmark items resampled by fact, text blocks and judged questions one by one"
 
 
@@ -37,6 +38,9 @@ class RatioMetric:
     numerator: str
     denominator: str = "n"  # `n`: one per unit
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+    # Only units whose id starts with this count (one lm-eval task among the suite's); the others
+    # are still resampled, so every task's replicates come from the same resample indices.
+    id_prefix: str | None = None
 
     def apply(self, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -75,6 +79,7 @@ SUITE_METRICS: dict[str, dict[str, RatioMetric]] = {
     "domain_perplexity": _PERPLEXITY_METRICS,
     "general_perplexity": _PERPLEXITY_METRICS,
     "judge": {"overall": RatioMetric("overall", "graded")},
+    # lm_eval: any `<task>/<metric>` and pooled `<metric>`, see metric_for.
 }
 
 
@@ -115,9 +120,12 @@ class Samples:
         index = np.array([order.setdefault(c, len(order)) for c in self.clusters], dtype=np.int64)
         return index, len(order)
 
-    def cluster_sums(self, column: str) -> np.ndarray:
-        """The sum of `column` (`n`: the unit count) within each cluster, clusters in first-seen order."""
+    def cluster_sums(self, column: str, id_prefix: str | None = None) -> np.ndarray:
+        """The sum of `column` (`n`: the unit count) within each cluster, clusters in first-seen order;
+        with `id_prefix`, over the units whose id starts with it only."""
         values = np.ones(len(self.ids)) if column == "n" else np.asarray(self.columns[column], dtype=np.float64)
+        if id_prefix is not None:
+            values = values * np.array([i.startswith(id_prefix) for i in self.ids], dtype=np.float64)
         index, count = self._cluster_index()
         return np.bincount(index, weights=values, minlength=count)
 
@@ -133,6 +141,10 @@ def metric_for(suite: str, metric: str) -> RatioMetric | None:
         return known[metric]
     if suite == "judge" and metric not in ("items", "graded", "unparseable"):
         return RatioMetric(metric, "graded")  # a criterion
+    if suite == "lm_eval":
+        # `<task>/<metric>`: that task's docs; `<metric>`: every doc of a task that reports it.
+        task, sep, name = metric.rpartition("/")
+        return RatioMetric(name, f"n:{name}", id_prefix=f"{task}/" if sep else None)
     return None
 
 
@@ -151,13 +163,16 @@ def point_value(samples: Samples, metric: RatioMetric) -> float | None:
     """The metric on all units (what the suite reports)."""
     if metric.numerator not in samples.columns and metric.numerator != "n":
         return None
-    value = metric.apply(np.array([samples.cluster_sums(metric.numerator).sum()]), np.array([samples.cluster_sums(metric.denominator).sum()]))[0]
+    numerator = samples.cluster_sums(metric.numerator, metric.id_prefix).sum()
+    denominator = samples.cluster_sums(metric.denominator, metric.id_prefix).sum()
+    value = metric.apply(np.array([numerator]), np.array([denominator]))[0]
     return float(value) if math.isfinite(value) else None
 
 
 def replicates(samples: Samples, metric: RatioMetric, *, seed: int, stream: str, resamples: int = RESAMPLES) -> np.ndarray:
     """The metric on each bootstrap resample (NaN where a resample has no denominator)."""
-    numerator, denominator = samples.cluster_sums(metric.numerator), samples.cluster_sums(metric.denominator)
+    numerator = samples.cluster_sums(metric.numerator, metric.id_prefix)
+    denominator = samples.cluster_sums(metric.denominator, metric.id_prefix)
     index = resample_indices(len(numerator), seed=seed, stream=stream, resamples=resamples)
     return metric.apply(numerator[index].sum(axis=1), denominator[index].sum(axis=1))
 
@@ -227,13 +242,23 @@ def difference_entry(point: float, replicate_differences: np.ndarray, confidence
 
 
 def suite_intervals(suite: str, samples: Samples, metrics: Mapping, *, seed: int) -> dict[str, dict[str, float]]:
-    """metric -> {low, high} for every metric of `metrics` that has a bootstrap definition."""
+    """metric -> {low, high} for every metric of `metrics` that has a bootstrap definition.
+
+    A metric without per-unit columns but with a standard error the suite reports
+    (`metrics["stderr"][name]`, lm-eval's for its non-mean metrics) gets the normal interval
+    value +- 1.96 stderr instead.
+    """
     out = {}
+    reported_stderr = metrics.get("stderr") if isinstance(metrics.get("stderr"), Mapping) else {}
     for name, value in metrics.items():
-        metric = metric_for(suite, name)
-        if metric is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        interval = bootstrap_interval(samples, metric, seed=seed, stream=suite)
+        metric = metric_for(suite, name)
+        interval = bootstrap_interval(samples, metric, seed=seed, stream=suite) if metric is not None else None
+        stderr = reported_stderr.get(name)
+        if interval is None and isinstance(stderr, (int, float)) and math.isfinite(stderr) and math.isfinite(value):
+            half = _Z95 * float(stderr)
+            interval = {"low": float(value) - half, "high": float(value) + half}
         if interval is not None:
             out[name] = interval
     return out
@@ -276,4 +301,13 @@ def samples_from_details(suite: str, details: Sequence[Mapping], criteria: Seque
             (sum(float(g.get(c, 0.0)) for c in criteria) / len(criteria)) if g and criteria else 0.0 for g in graded
         )
         return Samples("question", tuple(str(d.get("id", i)) for i, d in enumerate(details)), columns)
+    if suite == "lm_eval":
+        # One unit per doc (docs are independent); a column per mean metric, 0 where a task lacks it,
+        # and `n:<metric>` counting the docs that have it.
+        names = list(dict.fromkeys(metric for d in details for metric in d["scores"]))
+        columns = {}
+        for name in names:
+            columns[name] = tuple(float(d["scores"].get(name, 0.0)) for d in details)
+            columns[f"n:{name}"] = tuple(_flag(name in d["scores"]) for d in details)
+        return Samples("doc", tuple(f"{d['task']}/{d['doc_id']}" for d in details), columns)
     return None

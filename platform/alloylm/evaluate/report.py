@@ -32,6 +32,7 @@ _SUITE_TITLES = {
     "domain_perplexity": "Domain perplexity (held-out domain text)",
     "general_perplexity": "General perplexity (held-out general text: forgetting)",
     "judge": "LLM judge",
+    "lm_eval": "General retention (lm-evaluation-harness tasks)",
 }
 
 

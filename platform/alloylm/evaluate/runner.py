@@ -22,8 +22,9 @@ from alloylm import storage
 from alloylm.evaluate.benchmark import BenchmarkItem, load_benchmark, select_items
 from alloylm.evaluate.comparison import aggregate_score, build_comparison, comparison_markdown, score_definition, score_interval
 from alloylm.evaluate.intervals import METHOD, samples_from_details, suite_intervals
-from alloylm.evaluate.config import EvalConfig, variant_name, variant_source
+from alloylm.evaluate.config import SUITE_NAMES, EvalConfig, variant_name, variant_source
 from alloylm.evaluate.judge import JudgeQuestion, load_judge_questions, questions_from_benchmark, run_judge
+from alloylm.evaluate.lm_eval_suite import HarnessDoc, load_harness_docs, run_lm_eval
 from alloylm.evaluate.multiple_choice import run_multiple_choice
 from alloylm.evaluate.perplexity import TextBlock, load_text_blocks, run_perplexity, split_blocks
 from alloylm.evaluate.prepared import EvaluationInputError
@@ -43,7 +44,8 @@ class EvalData:
     domain_perplexity: list[TextBlock] = field(default_factory=list)
     general_perplexity: list[TextBlock] = field(default_factory=list)
     judge: list[JudgeQuestion] = field(default_factory=list)
-    sources: dict[str, str] = field(default_factory=dict)  # suite -> data URI
+    lm_eval: list[HarnessDoc] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # suite -> data URI (lm_eval: its tasks, in words)
     fingerprints: dict[str, str | None] = field(default_factory=dict)  # data URI -> manifest fingerprint
     tokenizer_uri: str | None = None  # the tokenizer that wrote the text blocks
 
@@ -51,13 +53,13 @@ class EvalData:
         """The first `fraction` of every suite's items (at least one each): the merge search's ASHA rungs."""
         cut = {
             name: getattr(self, name)[: max(1, math.ceil(fraction * len(getattr(self, name))))] if getattr(self, name) else []
-            for name in ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge")
+            for name in SUITE_NAMES
         }
         return dataclasses.replace(self, **cut)
 
     def sizes(self) -> dict[str, int]:
         """Items per suite."""
-        return {name: len(getattr(self, name)) for name in ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge")}
+        return {name: len(getattr(self, name)) for name in SUITE_NAMES}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -142,7 +144,7 @@ def load_eval_data(
     if tokenizer_uri and not storage.exists(storage.join(tokenizer_uri, "tokenizer_config.json")):
         raise EvaluationInputError(f"no tokenizer at {tokenizer_uri} (tokenizer_config.json missing); run `alloylm data CONFIG` first")
     suites = eval_config.suites.enabled()
-    needed = {name: s.dataset for name, s in suites.items() if not (name == "judge" and s.questions)}
+    needed = {name: s.dataset for name, s in suites.items() if name != "lm_eval" and not (name == "judge" and s.questions)}
     unknown = sorted({d for d in needed.values() if d not in data})
     if unknown:
         raise EvaluationInputError(
@@ -157,8 +159,17 @@ def load_eval_data(
 
     loaded: dict[str, list] = {}
     sources: dict[str, str] = {}
+    task_fingerprints: dict[str, str] = {}
     for name, suite in suites.items():
         cap = eval_config.suite_max_items(name)
+        if name == "lm_eval":
+            # The tasks are built (their data read, offline) here, once, so a task that cannot be
+            # fails the evaluation before any variant is scored.
+            loaded[name], task_fingerprint = load_harness_docs(suite, max_items=cap)
+            where = f" from {suite.include_path}" if suite.include_path else ""
+            sources[name] = f"lm-eval tasks {', '.join(suite.tasks)}{where}"
+            task_fingerprints[sources[name]] = task_fingerprint
+            continue
         if name == "judge":
             if suite.questions:
                 sources[name] = suite.questions
@@ -180,7 +191,7 @@ def load_eval_data(
     return EvalData(
         split=split,
         sources=sources,
-        fingerprints={uri: _manifest_fingerprint(uri) for uri in sorted(set(sources.values()))},
+        fingerprints={uri: task_fingerprints.get(uri) or _manifest_fingerprint(uri) for uri in sorted(set(sources.values()))},
         tokenizer_uri=tokenizer_uri,
         **loaded,
     )
@@ -211,6 +222,8 @@ def _suite_run(name: str, eval_config: EvalConfig, scorer, eval_data: EvalData, 
         return (*run_perplexity(scorer, items, data_tokenizer=data_tokenizer), None)
     if name == "judge":
         return run_judge(scorer, items, suite, seed=eval_config.seed)
+    if name == "lm_eval":
+        return (*run_lm_eval(scorer, items, suite, seed=eval_config.seed), None)
     raise ValueError(f"unknown suite {name!r}")
 
 
