@@ -7,8 +7,8 @@ with the dotted path, the file and line, and what is allowed, before any cluster
 This module keeps the run config itself, loading, overrides and error formatting. The schemas of
 the parts live next to their code and are re-exported here: data sets and the tokenizer in
 `alloylm.data.config`, teacher generation in `alloylm.generate.config`, training stages in
-`alloylm.train.config`, merge stages in `alloylm.merge.config`. Stage kinds come from the
-registry in `alloylm.stages`.
+`alloylm.train.config`, merge stages in `alloylm.merge.config`, experiment tracking in
+`alloylm.tracking`. Stage kinds come from the registry in `alloylm.stages`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from alloylm.schema import DATA_FORMATS, NAME_PATTERN, StageConfigBase, is_model
 from alloylm.schema import Frozen as _Frozen
 from alloylm.serve.config import ServeConfig
 from alloylm.stages import AnyStage, load_builtin_kinds
+from alloylm.tracking import MlflowConfig, TrackingConfig
 from alloylm.train.config import (
     STAGE_DATA_FORMAT,
     TRAIN_STAGES,
@@ -66,10 +67,10 @@ from alloylm.train.config import (
 __all__ = [
     "DATA_FORMATS", "GENERATE_TASK_FORMATS", "MERGE_STAGES", "NAME_PATTERN", "STAGE_DATA_FORMAT", "TRAIN_STAGES",
     "AshaConfig", "ColumnMapping", "ConfigError", "CptStageConfig", "DataPrepConfig", "DatasetConfig", "DpoStageConfig",
-    "GenerateConfig", "HeldoutConfig", "MergeResources", "MergeSearchConfig", "MergeSearchStageConfig", "MergeStageConfig",
+    "GenerateConfig", "HeldoutConfig", "MergeResources", "MergeSearchConfig", "MergeSearchStageConfig", "MergeStageConfig", "MlflowConfig",
     "ModelFrom", "NearDedupConfig", "OrpoStageConfig", "PresetInit", "RunConfig", "RunOptions", "SearchObjective",
     "SearchedParameter", "SftStageConfig", "StageConfigBase", "TeacherConfig", "TokenizerConfig", "TrainStageConfig",
-    "TrainTokenizerConfig", "apply_overrides", "fingerprint", "load_config", "parse_override", "stage_parents",
+    "TrackingConfig", "TrainTokenizerConfig", "apply_overrides", "fingerprint", "load_config", "parse_override", "stage_parents",
     "validate_config",
 ]
 
@@ -132,6 +133,9 @@ class RunConfig(_Frozen):
     run: RunOptions = Field(default_factory=RunOptions, description="How `alloylm run` schedules the stages.")
     cluster: ClusterConfig | None = Field(
         None, description="The target GPU cluster `alloylm plan` sizes the stages for (and `alloylm run` checks they fit)."
+    )
+    tracking: TrackingConfig | None = Field(
+        None, description="Optional experiment tracking (`tracking.mlflow`, needs `pip install 'alloylm[mlflow]'`)."
     )
 
     @field_validator("datasets", "stages")

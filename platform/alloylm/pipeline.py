@@ -230,6 +230,7 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
     """One step per variant (scored as soon as its model exists), then the comparison, then the report."""
     from alloylm.evaluate import data_uris, evaluate_variants, render_report, resolve_variants
     from alloylm.evaluate.config import variant_name
+    from alloylm.tracking import log_comparison
 
     eval_config = config.evaluate
     layout = RunLayout.of(config)
@@ -286,6 +287,7 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
             "scores": {name: r.get("score") for name, r in result["variants"].items()},
             "failed": failed,
         }
+        log_comparison(config, result)  # to MLflow, with `tracking.mlflow` only
         if failed:
             raise StageError(f"evaluation failed for {', '.join(sorted(failed))}")
         return result

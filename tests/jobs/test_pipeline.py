@@ -2,7 +2,8 @@
 
 One reduced copy of configs/quickstart.yaml (the same DAG: base -> instruct -> cpt (2 workers,
 ZeRO-2) -> sft -> dpo, cpt -> orpo, merged = searched SLERP of dpo and instruct; evaluation and
-the report) is submitted with `ray job submit` and stores on S3 (moto). Then the same run with
+the report) is submitted with `ray job submit`, stores on S3 (moto) and tracks to a local MLflow
+file store (`tracking.mlflow`). Then the same run with
 one stage changed is killed while that stage trains and run again: the stages upstream of it are
 skipped, the cut stage resumes from its checkpoint and its descendant reruns. Bad input (a cycle,
 a missing parent, an unknown stage kind, more CPUs than the cluster has) fails before any work.
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged", "sft-direct")
+TRAINED = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "sft-direct")
 # Stages that neither are dpo nor descend from it: a change to dpo must leave them alone.
 NOT_AFTER_DPO = ("base", "instruct", "cpt", "sft", "orpo", "sft-direct")
 # Run 2 changes dpo (beta) and gives it enough steps, with checkpoints, to be cut in the middle.
@@ -179,6 +181,7 @@ class FirstRun:
     prefix: str
     output: str
     manifests: dict
+    mlflow_uri: str
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +193,9 @@ def first_run(cluster, s3_endpoint, tmp_path_factory) -> FirstRun:
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     root = tmp_path_factory.mktemp("pipeline")
     config = root / "quickstart-small.yaml"
-    config.write_text(yaml.safe_dump(reduced_quickstart(f"s3://{bucket}/runs"), sort_keys=False), encoding="utf-8")
+    raw = reduced_quickstart(f"s3://{bucket}/runs")
+    raw["tracking"] = {"mlflow": {"tracking_uri": str(root / "mlruns")}}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     submission = f"alloylm-pipeline-{uuid.uuid4().hex[:8]}"
     done = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", submission,
@@ -201,7 +206,7 @@ def first_run(cluster, s3_endpoint, tmp_path_factory) -> FirstRun:
     # `ray job submit` exits 1 for a FAILED job and logs "succeeded" only for SUCCEEDED.
     assert done.returncode == 0 and f"Job '{submission}' succeeded" in output, output[-5000:]
     run_uri = f"s3://{bucket}/runs/qs"
-    return FirstRun(config, run_uri, bucket, "runs/qs", output, _manifests(run_uri))
+    return FirstRun(config, run_uri, bucket, "runs/qs", output, _manifests(run_uri), (root / "mlruns").as_uri())
 
 
 def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
@@ -230,6 +235,34 @@ def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
     assert best["score"] == max(s for s in best["scores"].values() if s is not None)
     assert best["model"] == storage.join(run, "stages", best["variant"])
     assert json.loads(storage.read_text(storage.join(run, "eval", "best.json")))["variant"] == best["variant"]
+
+
+def test_the_run_is_tracked_in_mlflow(first_run, monkeypatch):
+    """One MLflow run per trained stage (rank 0's loss per step), per search trial and for the evaluation."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=first_run.mlflow_uri)
+    experiment = client.get_experiment_by_name("qs")  # tracking.mlflow.experiment defaults to the run's name
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    by_step: dict[str, list] = {}
+    for run in runs:
+        by_step.setdefault(run.data.tags.get("alloylm.step"), []).append(run)
+    for name in TRAINED:
+        [run] = by_step[f"stage:{name}"]  # cpt's second worker logs nothing
+        assert run.info.run_name == f"qs/{name}" and run.info.status == "FINISHED", name
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3], name
+        assert run.data.params["max_steps"] == "3", name
+    trials = by_step["stage:merged"]
+    assert len(trials) == 3 and all(t.data.tags["trial_name"].startswith("run_trial_") for t in trials)
+    assert all("score" in t.data.metrics and t.info.status == "FINISHED" for t in trials)
+    assert "stage:merged-paper" not in by_step  # a fixed merge trains nothing and tries nothing
+    [evaluation] = by_step["comparison"]
+    assert evaluation.info.run_name == "qs/evaluation"
+    scores = _summary(first_run.output)["evaluation"]["scores"]
+    logged = {key.split("/")[0]: value for key, value in evaluation.data.metrics.items() if key.endswith("/score")}
+    assert logged == pytest.approx({variant: score for variant, score in scores.items() if score is not None})
+    assert sorted(a.path for a in client.list_artifacts(evaluation.info.run_id)) == ["comparison.json", "comparison.md"]
 
 
 def _registered_checkpoints(s3, bucket: str, prefix: str) -> int:

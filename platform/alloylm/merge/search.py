@@ -21,13 +21,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alloylm import storage
 from alloylm.config import MergeSearchStageConfig
 from alloylm.evaluate.config import EvalConfig
 from alloylm.evaluate.runner import EvalData
 from alloylm.merge.space import GRID_KEY, Dimension, assemble, dimensions, flatten_point, grid_size, tune_space
+
+if TYPE_CHECKING:
+    from alloylm.tracking import MlflowTarget
 
 log = logging.getLogger("alloylm.merge")
 EXPERIMENT_NAME = "tune"
@@ -203,9 +206,17 @@ def prepare_job(stage: MergeSearchStageConfig, parent_uris, names, eval_config: 
     )
 
 
-def run_search(job: TrialJob, eval_data: EvalData, experiment_uri: str, *, seed: int) -> list[dict]:
-    """Run (or resume) the Tune experiment under `experiment_uri`; returns one row per trial."""
+def run_search(
+    job: TrialJob, eval_data: EvalData, experiment_uri: str, *, seed: int, mlflow: MlflowTarget | None = None
+) -> list[dict]:
+    """Run (or resume) the Tune experiment under `experiment_uri`; returns one row per trial.
+
+    With `mlflow`, Ray Tune's MLflowLoggerCallback logs every trial (its values and each rung's
+    report) as an MLflow run, from the driver.
+    """
     from ray import tune
+
+    from alloylm.tracking import search_callbacks
 
     stage = job.stage
     search = stage.search
@@ -238,6 +249,7 @@ def run_search(job: TrialJob, eval_data: EvalData, experiment_uri: str, *, seed:
                 storage_path=root,
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=1),
+                callbacks=search_callbacks(mlflow) or None,
                 verbose=1,
             ),
         )

@@ -207,6 +207,7 @@ def _search_inputs(config: RunConfig, name: str):
 
 def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, staging_uri: str) -> tuple[dict, dict]:
     from alloylm.merge.search import SearchError, mergekit_config_for, prepare_job, run_search
+    from alloylm.tracking import mlflow_target
 
     stage: MergeSearchStageConfig = config.stages[name]
     eval_config, eval_data = inputs
@@ -216,7 +217,7 @@ def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, st
         raise StageError(f"stages.{name}.{exc}") from None
     experiment_uri = RunLayout.of(config).search(name, fp)
     seed = stage.search.seed if stage.search.seed is not None else config.seed
-    rows = run_search(job, eval_data, experiment_uri, seed=seed)
+    rows = run_search(job, eval_data, experiment_uri, seed=seed, mlflow=mlflow_target(config, step=f"stage:{name}"))
     complete = [r for r in rows if r["score"] is not None]
     if not complete:
         errors = sorted({r["error"] for r in rows if r["error"]})

@@ -94,6 +94,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
 
     from alloylm.pipeline import check_stage_resources
     from alloylm.stages import kind_of
+    from alloylm.tracking import ensure_experiment, mlflow_target
 
     kind_of(config, name, command="train")  # UsageError (exit 2): no such stage, or not a training stage
     stage = config.stages[name]
@@ -112,6 +113,9 @@ def train_stage(config: RunConfig, name: str) -> dict:
     check_stage_resources(config, [name])
     _check_vocabulary(config, parent_kind, parent)
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
+    mlflow = mlflow_target(config, step=f"stage:{name}")
+    if mlflow is not None:
+        ensure_experiment(mlflow)  # here, once: parallel stages' workers would race to create it
     started = time.monotonic()
     with lifecycle.begin(uri, fp, config) as artifact:
         job = StageJob(
@@ -126,6 +130,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
             parent_seed=parent_id["seed"] if parent_kind == "preset" else 0,
             output_uri=artifact.staging_uri,
             data_rows=rows,
+            mlflow=mlflow,
         )
         fs, checkpoints_path = storage.arrow_filesystem(layout.checkpoints_root)
         datasets = {}

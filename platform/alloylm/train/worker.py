@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alloylm.tracking import MlflowTarget
+
 
 class StageJob(BaseModel):
     """The config argument of the train loop: one stage, with every URI resolved by the driver."""
@@ -32,6 +34,7 @@ class StageJob(BaseModel):
     parent_seed: int = 0
     output_uri: str = Field(description="Where rank 0 writes the finished model (the artifact's staging location).")
     data_rows: int = Field(description="Rows in the prepared data set (packed blocks for CPT).")
+    mlflow: MlflowTarget | None = Field(None, description="Where rank 0 logs the metrics to MLflow; None: not at all.")
 
 
 def _stage_config(job: StageJob):
@@ -85,7 +88,9 @@ def common_arguments(job: StageJob, stage, workdir: str, max_steps: int) -> dict
         "fp16": stage.deepspeed.precision == "fp16",
         "deepspeed": deepspeed_config(stage.deepspeed, on_gpu=on_gpu),
         "ddp_backend": None if on_gpu else "gloo",
-        "report_to": ["tensorboard"],
+        # transformers' MLflowCallback logs on the world process zero only, from the MLFLOW_* variables.
+        "report_to": ["tensorboard", "mlflow"] if job.mlflow is not None else ["tensorboard"],
+        **({"run_name": job.mlflow.run_name} if job.mlflow is not None else {}),
         "include_num_input_tokens_seen": "non_padding",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
@@ -190,6 +195,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from alloylm.train.deepspeed import deepspeed_record
 
     job = StageJob.model_validate(payload)
+    if job.mlflow is not None:
+        from alloylm.tracking import require_mlflow
+
+        require_mlflow()
+        os.environ.update(job.mlflow.environment())  # this worker process runs this one stage
     stage = _stage_config(job)
     method = STAGE_TRAINERS[stage.kind]
     context = ray.train.get_context()
