@@ -821,6 +821,79 @@ def test_lm_eval_local_chat_completions_runs_a_generation_task(api_url, tmp_path
     assert all(isinstance(s["resps"][0][0], str) for s in samples)
 
 
+def test_no_log_holds_an_api_key_or_authorization_value(api_url, client):
+    import ray
+
+    client.completions.create(model="merged", prompt="Secret", max_tokens=2)
+    wrong = "Bearer sk-wrong-secret-7f3a"
+    assert _raw(api_url, "POST", "/completions", json.dumps({"prompt": "x"}).encode(), {"Authorization": wrong})[0] == 401
+    time.sleep(1)  # log lines are flushed by the replicas' and the controller's own loggers
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    assert any((logs / "serve").glob("replica_alloylm_*")), "no replica log to search"
+    for secret in (KEY, "test-key-2", "sk-wrong-secret-7f3a"):
+        assert not _files_containing(logs, secret.encode()), secret
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+
+def _fuzz_bodies():
+    """Request bodies a careless or hostile client might send: wrong types, huge, negative and
+    non-finite numbers, odd unicode, long strings, deep nesting, and bytes that are not JSON."""
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40)
+        | st.sampled_from(["", "\x00", "\ud7ff\ue000\U0010ffff", "🧪" * 50, "x" * 5000, "merged", "dpo"])
+    )  # fmt: skip
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    deep = st.integers(min_value=1, max_value=3000).map(lambda depth: "[" * depth + "]" * depth)
+    fields = st.sampled_from(
+        ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+         "stream", "stream_options", "logprobs", "top_logprobs", "echo", "min_tokens", "logit_bias", "best_of", "suffix"]
+    )  # fmt: skip
+    # Mostly sensible values so that many bodies get past parsing, with one field gone wrong.
+    sensible = st.fixed_dictionaries(
+        {"model": st.sampled_from(["merged", "dpo"]), "max_tokens": st.integers(0, 4), "prompt": st.text(min_size=1, max_size=30),
+         "messages": st.just([{"role": "user", "content": "hi"}])}
+    )  # fmt: skip
+    mutated = st.tuples(sensible, st.dictionaries(fields, values, max_size=3)).map(lambda pair: {**pair[0], **pair[1]})
+    as_json = (mutated | st.dictionaries(fields, values, max_size=6) | values).map(
+        lambda body: json.dumps(body, allow_nan=True).encode()
+    )
+    return st.tuples(st.sampled_from(["/completions", "/chat/completions"]), as_json | deep.map(str.encode) | st.binary(max_size=200))
+
+
+def test_fuzzed_bodies_get_openai_errors_never_a_crash(api_url):
+    from hypothesis import HealthCheck, given, settings
+
+    seen = {"count": 0, "ok": 0}
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(_fuzz_bodies())
+    def check(request):
+        path, body = request
+        status, _, raw = _raw(api_url, "POST", path, body, _auth())
+        seen["count"] += 1
+        assert status < 500 or status == 503, (status, body[:300], raw[:300])
+        if status == 200:
+            seen["ok"] += 1
+            if raw.startswith(b"data: "):  # streamed: every event is JSON, the last [DONE]
+                events = [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
+                assert events[-1] == "[DONE]" and all(isinstance(json.loads(e), dict) for e in events[:-1])
+            else:
+                assert json.loads(raw)["object"] in ("text_completion", "chat.completion")
+        else:
+            answer = json.loads(raw)
+            error = answer["error"]
+            assert isinstance(error["message"], str) and error["message"] and error["type"], answer
+
+    check()
+    assert seen["count"] >= 300 and seen["ok"] > 0, seen  # some bodies were valid and answered
+    assert _raw(api_url.removesuffix("/v1"), "GET", "/health")[0] == 200
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param", "code"),
     [
@@ -1020,6 +1093,9 @@ def test_serve_run_serves_until_interrupted(model_dirs, stop_signal):
         assert stopped_s <= 10, f"stopping took {stopped_s:.1f} s"
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        # The key is in no log: not the driver's output, not any log of its Ray cluster.
+        assert "blocking-key" not in out + err
+        assert not _files_containing(Path(ray_tmp), b"blocking-key")
         # No Ray process of its cluster is left behind (they all ran in its process group).
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _group_alive(proc.pid):
@@ -1029,6 +1105,10 @@ def test_serve_run_serves_until_interrupted(model_dirs, stop_signal):
         if proc.poll() is None or _group_alive(proc.pid):
             _kill_group(proc.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _files_containing(folder: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
 
 
 def _group_alive(pgid: int) -> bool:

@@ -133,6 +133,12 @@ def test_a_body_that_is_not_a_json_object_is_refused_without_a_param(body, messa
     assert error.param is None
 
 
+def test_deeply_nested_bodies_get_400():
+    deep = b"[" * 5000 + b"]" * 5000
+    assert rejected(CompletionRequest, deep).message == "the request body is nested too deeply"
+    assert rejected(CompletionRequest, b'{"prompt": "x", "stop": ' + deep + b"}").message == "the request body is nested too deeply"
+
+
 def test_a_missing_required_field_is_named():
     assert rejected(CompletionRequest, {"model": "m"}).message == "prompt: Field required"
     assert rejected(ChatCompletionRequest, {"model": "m"}).param == "messages"

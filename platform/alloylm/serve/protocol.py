@@ -239,10 +239,14 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise bad_request(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     except ValidationError as err:
         first = err.errors()[0]
         # pydantic adds union members' type tags ("str", "list[int]", "TextPart") to locations.
