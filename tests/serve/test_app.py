@@ -531,6 +531,22 @@ def test_two_variants_answer_side_by_side(client):
     assert answers["merged"].choices[0].text != answers["dpo"].choices[0].text  # different weights
 
 
+def test_each_variant_answers_with_its_own_weights(client, model_dirs, tokenizer):
+    # Routing: the HTTP greedy answer of each variant is transformers' greedy generate on that
+    # variant's own folder (a swap of dpo and merged would fail here).
+    from transformers import AutoModelForCausalLM
+
+    prompt = "Nacre is"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    for variant in ("merged", "dpo"):
+        served = client.completions.create(model=variant, prompt=prompt, max_tokens=8, temperature=0, extra_body={"min_tokens": 8})
+        model = AutoModelForCausalLM.from_pretrained(model_dirs[variant]).eval()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        local = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert served.choices[0].text == local, variant
+
+
 def test_stop_strings_cut_the_text(client):
     def complete(**kwargs):
         return client.completions.create(model="merged", prompt="Bone", max_tokens=24, temperature=0, extra_body={"min_tokens": 24}, **kwargs).choices[0]
