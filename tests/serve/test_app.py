@@ -850,6 +850,116 @@ def test_no_log_holds_an_api_key_or_authorization_value(api_url, client):
         assert not _files_containing(logs, secret.encode()), secret
 
 
+def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
+    # 100 streaming requests, each dropped after its first chunk: their sequences must leave the
+    # engine (not run to max_tokens), and the server must serve as fast afterwards as before.
+    import aiohttp
+
+    from alloylm.serve.loadgen import run_load
+
+    def throughput() -> float:
+        rounds = [
+            asyncio.run(run_load(api_url, model="dpo", concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
+            for _ in range(2)
+        ]
+        assert all(r.errors == 0 for r in rounds)
+        return max(r.tokens_per_s for r in rounds)
+
+    before_rate = throughput()
+    before = _stats("dpo")
+    body = json.dumps({"model": "dpo", "prompt": "Leave", "max_tokens": 200, "min_tokens": 200, "stream": True})
+
+    async def leave_after_first_chunk(session: aiohttp.ClientSession) -> bool:
+        async with session.post(api_url + "/completions", data=body, headers=_auth()) as response:
+            if response.status != 200:
+                return False
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    return True  # leaving the block closes the connection mid-stream
+        return False
+
+    async def leave_all() -> list[bool]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100, force_close=True)) as session:
+            return await asyncio.gather(*(leave_after_first_chunk(session) for _ in range(100)))
+
+    started = sum(asyncio.run(leave_all()))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (_stats("dpo")["running"] or _stats("dpo")["waiting"]):
+        time.sleep(0.5)
+    after = _stats("dpo")
+    assert (after["running"], after["waiting"]) == (0, 0), after
+    assert started >= 90, f"only {started} of 100 streams started"  # a few may be refused as overload
+    generated = after["tokens_generated"] - before["tokens_generated"]
+    assert generated < started * 200 / 4, f"{generated} tokens for {started} abandoned streams: they kept generating"
+    after_rate = throughput()
+    assert after_rate >= 0.8 * before_rate, (before_rate, after_rate)
+
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_fails_fast_and_is_replaced(serve_port, model_dirs):
+    # 16 clients send while the model replica's process is SIGKILLed: requests in flight get an
+    # OpenAI-shaped 5xx/503 (none hangs), Serve starts a new replica, and requests succeed again.
+    from ray import serve
+    from ray._private import state
+
+    from alloylm.serve import serve_run
+
+    config = ServeConfig.model_validate(
+        {"model": "merged", "app_name": "crash", "route_prefix": "/crash", "port": serve_port,
+         "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 32}, "ingress": {"num_cpus": 0.1}}
+    )  # fmt: skip
+    url = serve_run(config, {"merged": model_dirs["merged"]}, blocking=False)
+
+    def replica_pids() -> set[int]:
+        return {
+            info["Pid"] for info in state.actors().values()
+            if info["ActorClassName"] == "ServeReplica:crash:model-merged" and info["State"] == "ALIVE"
+        }  # fmt: skip
+
+    (pid,) = replica_pids()
+    outcomes: list[tuple[float, float, int, bytes]] = []  # (sent, answered, status, body)
+    killed_at: list[float] = []
+
+    async def client_loop(session, stop_at: float) -> None:
+        body = json.dumps({"model": "merged", "prompt": "Load", "max_tokens": 24, "min_tokens": 24})
+        while time.monotonic() < stop_at:
+            sent = time.monotonic()
+            async with session.post(url + "/completions", data=body, headers=_auth("x")) as response:
+                outcomes.append((sent, time.monotonic(), response.status, await response.read()))
+            if killed_at and outcomes[-1][2] == 200 and outcomes[-1][0] > killed_at[0]:
+                return  # recovered
+
+    async def scenario() -> None:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=30)  # a request that hangs fails the test
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            stop_at = time.monotonic() + 60
+            clients = [asyncio.create_task(client_loop(session, stop_at)) for _ in range(16)]
+            await asyncio.sleep(1.5)
+            killed_at.append(time.monotonic())
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.gather(*clients)
+
+    try:
+        asyncio.run(scenario())
+        failures = [(status, raw) for _, _, status, raw in outcomes if status != 200]
+        before = [o for o in outcomes if o[1] < killed_at[0]]
+        assert before and all(o[2] == 200 for o in before)
+        assert failures, "the kill did not hit a request in flight"
+        for status, raw in failures:
+            assert status >= 500, (status, raw[:300])
+            error = json.loads(raw)["error"]
+            assert error["message"] and error["type"] == "server_error", error
+        recovered = min(o[1] for o in outcomes if o[2] == 200 and o[0] > killed_at[0])
+        recovery_s = recovered - killed_at[0]
+        print(f"recovery after the replica was killed: {recovery_s:.1f} s, {len(failures)} requests failed")
+        assert recovery_s <= 30, recovery_s
+        assert replica_pids() and pid not in replica_pids()
+    finally:
+        serve.delete("crash")
+
+
 # ----------------------------------------------------------------------------- fuzzing
 
 

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -140,13 +141,17 @@ async def _unexpected_error(_: Request, err: Exception) -> JSONResponse:
 
 @contextmanager
 def _busy_as_503(model: str) -> Iterator[None]:
-    """Serve's backpressure (queue full) or a deployment with no replica up, as OpenAI's 503."""
+    """Serve's backpressure (queue full), a deployment with no replica up, or a replica that died
+    with the request in flight (Serve starts another), as OpenAI's 503 with Retry-After."""
     try:
         yield
     except BackPressureError:
         raise _overloaded(f"model {model!r} is overloaded; retry later") from None
     except DeploymentUnavailableError:
         raise _overloaded(f"model {model!r} is not available right now; retry later") from None
+    except RayActorError:  # ActorDiedError, ActorUnavailableError: the replica process is gone
+        log.warning("a replica of model %r failed with a request in flight", model)
+        raise _overloaded(f"the replica serving model {model!r} failed; retry (a new one is starting)") from None
 
 
 def _overloaded(message: str) -> APIError:
@@ -186,17 +191,23 @@ async def _sse_chunks(
         for index in range(choices):
             yield chunk(index, None, None, role=True)
     completion_tokens: dict[int, int] = {}
-    async for event in events:
-        if "error" in event:
-            fields = event["error"]
-            yield sse(error_body(fields["message"], type=fields["type"], code=fields["code"]))
-            break
-        index = event["index"]
-        completion_tokens[index] = event["completion_tokens"]
-        if event["text"] or event["logprobs"]:
-            yield chunk(index, event["text"], None, event["logprobs"])
-        if event["finish_reason"] is not None:
-            yield chunk(index, None, event["finish_reason"])
+    finished = False
+    try:
+        async for event in _failures_as_errors(events, model):
+            if "error" in event:
+                fields = event["error"]
+                yield sse(error_body(fields["message"], type=fields["type"], code=fields["code"]))
+                break
+            index = event["index"]
+            completion_tokens[index] = event["completion_tokens"]
+            if event["text"] or event["logprobs"]:
+                yield chunk(index, event["text"], None, event["logprobs"])
+            if event["finish_reason"] is not None:
+                yield chunk(index, None, event["finish_reason"])
+        finished = True
+    finally:
+        if not finished:  # the client left mid-stream (or an error ended it): stop the replica's side
+            events.cancel()
     if include_usage:
         yield sse(
             usage_chunk(
@@ -209,6 +220,17 @@ async def _sse_chunks(
             )
         )
     yield SSE_DONE
+
+
+async def _failures_as_errors(events: AsyncIterator[dict[str, Any]], model: str) -> AsyncIterator[dict[str, Any]]:
+    """The replica's events; a replica that dies mid-stream ends the stream with an error event
+    (the status line, 200, is already sent) instead of a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except RayActorError:
+        log.warning("a replica of model %r failed while streaming", model)
+        yield {"error": {"message": f"the replica serving model {model!r} failed; retry", "type": "server_error", "code": "overloaded"}}
 
 
 # -------------------------------------------------------------------------------------------
