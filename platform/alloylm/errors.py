@@ -7,6 +7,7 @@
     └── RunError (exit 1)     the work itself failed; the message names the cause
         ├── StageError          a stage (training or merge) that could not run or failed
         ├── DataPreparationError, SourceError, EvaluationInputError, StorageError (their own modules)
+        │   └── CorruptFileError (storage.py)   a truncated or unreadable file, named
         └── TeacherGenerationError (generate/), EngineError (serve/)
 
 `alloylm.cli` maps `InputError` to exit 2 and `RunError` to exit 1 and catches nothing else by

@@ -32,6 +32,7 @@ __all__ = [
     "MANIFEST_NAME",
     "STAGING_DIR_NAME",
     "ArtifactExistsError",
+    "CorruptFileError",
     "StagedArtifact",
     "StorageError",
     "StorageNotFoundError",
@@ -77,6 +78,11 @@ class StorageNotFoundError(StorageError, FileNotFoundError):
 
 class ArtifactExistsError(StorageError):
     """A complete artifact already exists at the URI and overwrite is off."""
+
+
+class CorruptFileError(StorageError):
+    """A file exists but cannot be read as what it must be (truncated weights or optimizer state,
+    a manifest that is not JSON, a tokenizer folder without its tokenizer); the message names it."""
 
 
 class _BoundedS3FileSystem(s3fs.S3FileSystem):
@@ -424,15 +430,30 @@ def remove(uri: str) -> None:
 
 
 def read_manifest(uri: str) -> dict | None:
-    """The manifest of the artifact at ``uri``, or None if it has none (incomplete or absent)."""
+    """The manifest of the artifact at ``uri``, or None if it has none (incomplete or absent).
+
+    A manifest that is not a JSON object raises CorruptFileError naming it: the artifact is neither
+    taken as complete nor silently rebuilt over, since its fingerprint cannot be known.
+    """
     manifest_uri = join(uri, MANIFEST_NAME)
     try:
-        manifest = read_json(manifest_uri)
+        data = read_bytes(manifest_uri)
     except StorageNotFoundError:
         return None
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+        raise _corrupt_manifest(manifest_uri, uri, f"not valid JSON: {err}") from None
     if not isinstance(manifest, dict):
-        raise StorageError(f"{manifest_uri} is not a JSON object")
+        raise _corrupt_manifest(manifest_uri, uri, f"a JSON {type(manifest).__name__}, not an object")
     return manifest
+
+
+def _corrupt_manifest(manifest_uri: str, uri: str, problem: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"{_where(manifest_uri)} is corrupt ({problem}), so the artifact at {uri} is not taken as "
+        f"complete; delete {uri} to rebuild it, or restore its {MANIFEST_NAME}"
+    )
 
 
 def is_complete(uri: str) -> bool:

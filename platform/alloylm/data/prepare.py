@@ -165,7 +165,7 @@ def _tokenizer_training_texts(config: RunConfig, limit: int):
 
 def prepare_tokenizer(config: RunConfig) -> dict:
     """Train (or fetch) the run's tokenizer into `<run>/tokenizer/`; returns its manifest."""
-    from alloylm.models.loading import load_tokenizer
+    from alloylm.models.loading import check_tokenizer_folder, load_tokenizer
     from alloylm.models.tokenizer import train_tokenizer
 
     uri = tokenizer_uri(config)
@@ -181,6 +181,10 @@ def prepare_tokenizer(config: RunConfig) -> dict:
     fp = fingerprint("tokenizer", spec.model_dump(mode="json", by_alias=True), inputs)
     manifest = lifecycle.up_to_date(uri, fp)
     if manifest:
+        try:
+            check_tokenizer_folder(uri)  # one listing: every step that tokenizes starts here
+        except storage.CorruptFileError as exc:
+            raise storage.CorruptFileError(f"{exc}; its manifest says the tokenizer is complete: delete {uri} to rebuild it") from None
         log.info("tokenizer: up to date (%s)", uri)
         return manifest
     started = time.monotonic()

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from alloylm.merge.mergekit_builder import MergeInputError
@@ -35,10 +35,14 @@ def tensor_shapes(folder: str) -> dict[str, list[int]]:
         )
     shapes: dict[str, list[int]] = {}
     for shard in shards:
+        path = os.path.join(folder, shard)
         # safe_open reads the JSON header and maps the file; get_slice touches no tensor data.
-        with safe_open(os.path.join(folder, shard), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = list(f.get_slice(name).get_shape())
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = list(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise MergeInputError(f"{path} is truncated, corrupt or missing (safetensors: {err})") from None
     return shapes
 
 

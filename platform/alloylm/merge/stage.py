@@ -66,11 +66,27 @@ def _local_dirs(uris: list[str]) -> list[str]:
         raise StageError(f"cannot read a parent model: {exc}") from None
 
 
-def _check_parents(stage: MergeStageConfig, dirs: list[str], trust_remote_code: bool) -> None:
+def _check_parents(config: RunConfig, name: str, uris: list[str], dirs: list[str]) -> None:
+    """Every parent's weights are whole (a truncated file is named before anything is written) and
+    the parents can be merged at all."""
     from alloylm.merge import MergeInputError, check_compatible
+    from alloylm.models.loading import check_safetensors
 
+    stage = config.stages[name]
+    for parent, uri, folder in zip(stage.parents, uris, dirs, strict=True):
+        if not os.path.isdir(folder):
+            continue  # a Hub id: transformers checks the files it downloads itself
+        try:
+            check_safetensors(folder, shown_as=uri)
+        except storage.CorruptFileError as exc:
+            fix = (
+                f"retrain stage {parent!r} (delete {uri} first: its manifest says it is complete) or restore the file"
+                if parent in config.stages
+                else "restore the file or save the model again"
+            )
+            raise StageError(f"stage {name!r}: its parent {parent!r}: {exc}; {fix}") from None
     try:
-        check_compatible(dirs, list(stage.parents), trust_remote_code=trust_remote_code)
+        check_compatible(dirs, list(stage.parents), trust_remote_code=config.trust_remote_code)
     except MergeInputError as exc:
         raise StageError(f"cannot merge {', '.join(stage.parents)}: {exc}") from None
 
@@ -149,7 +165,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         return manifest
     check_stage_resources(config, [name])
     dirs = _local_dirs(parent_uris)
-    _check_parents(stage, dirs, config.trust_remote_code)
+    _check_parents(config, name, parent_uris, dirs)
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
     with lifecycle.begin(uri, fp, config) as artifact:
         if isinstance(stage, MergeSearchStageConfig):

@@ -1,6 +1,8 @@
 """Models: the built-in tiny architectures, their tokenizer, and loading/saving from any source."""
 
 from alloylm.models.loading import (
+    check_safetensors,
+    check_tokenizer_folder,
     classify_source,
     load_model,
     load_tokenizer,
@@ -14,6 +16,8 @@ __all__ = [
     "CHAT_TEMPLATE",
     "PRESETS",
     "build_model",
+    "check_safetensors",
+    "check_tokenizer_folder",
     "classify_source",
     "load_model",
     "load_tokenizer",

@@ -2,8 +2,9 @@
 
 This module owns turning a model source into something ``from_pretrained`` can read (S3 folders
 are downloaded into a local cache first), the rule that weights are loaded from safetensors only
-and remote code is never run unless asked for, and saving a model with its tokenizer to a local
-folder or to S3.
+and remote code is never run unless asked for, the check that a folder's weights and tokenizer are
+whole (a truncated file is refused naming it, not deep inside transformers), and saving a model
+with its tokenizer to a local folder or to S3.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Literal
 
 import torch
 from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -27,6 +29,7 @@ from transformers import (
 )
 
 from alloylm import storage
+from alloylm.storage import CorruptFileError
 
 SourceKind = Literal["local", "s3", "hub"]
 
@@ -40,6 +43,9 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _COMPLETE_MARKER = ".alloylm-download-complete"
+# Files a tokenizer is built from: the fast tokenizer's own, or a slow tokenizer's vocabulary.
+_TOKENIZER_FILE = "tokenizer.json"
+_SLOW_VOCABULARIES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
 
 
 def classify_source(source: str) -> SourceKind:
@@ -161,12 +167,57 @@ def load_tokenizer(
     """The tokenizer saved at ``source`` (local folder, ``s3://`` folder or Hub id)."""
     kind = classify_source(source)
     location = _materialize(source, cache_dir=cache_dir, required_file="tokenizer_config.json")
+    shown_as = source if kind == "s3" else location
+    if kind != "hub":
+        check_tokenizer_folder(location, shown_as=shown_as)
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as err:
         if kind == "hub":
             raise _hub_error("tokenizer", source, err) from err
         raise
+    except Exception:
+        if kind != "hub":
+            _check_tokenizer_json(location, shown_as)  # a truncated tokenizer.json, named
+        raise
+
+
+def check_tokenizer_folder(uri: str, *, shown_as: str | None = None) -> None:
+    """Raise CorruptFileError unless the folder ``uri`` (local or ``s3://``) holds a file a
+    tokenizer is built from.
+
+    That is ``tokenizer.json`` (what AlloyLM and every fast tokenizer save) or a slow tokenizer's
+    vocabulary (``tokenizer.model``, ``vocab.json``, ...). Without one, transformers fails with a
+    message about sentencepiece that names no file.
+    """
+    shown_as = shown_as or uri
+    if storage.is_remote(uri):
+        prefix = uri.rstrip("/") + "/"
+        files = sorted(f.removeprefix(prefix) for f in storage.list_files(uri))
+    else:
+        files = sorted(os.listdir(storage.resolve(uri)))
+    if _TOKENIZER_FILE in files or any(name in files for name in _SLOW_VOCABULARIES) or any(
+        name.endswith(".tiktoken") for name in files
+    ):
+        return
+    raise CorruptFileError(
+        f"{storage.join(shown_as, _TOKENIZER_FILE)} is missing: the tokenizer folder {shown_as} holds "
+        f"{', '.join(files) or 'nothing'} but no {_TOKENIZER_FILE} (nor a slow tokenizer's vocabulary "
+        f"such as {', '.join(_SLOW_VOCABULARIES[:2])}), so no tokenizer can be built from it"
+    )
+
+
+def _check_tokenizer_json(folder: str, shown_as: str) -> None:
+    path = os.path.join(folder, _TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except ValueError as err:
+        raise CorruptFileError(
+            f"{storage.join(shown_as, _TOKENIZER_FILE)} is truncated or corrupt (not valid JSON: {err})"
+        ) from None
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
@@ -199,6 +250,41 @@ def _require_safetensors(folder: str, shown_as: str) -> None:
     )
 
 
+def check_safetensors(folder: str, *, shown_as: str | None = None) -> None:
+    """Raise CorruptFileError naming the first safetensors file of the local ``folder`` that is
+    truncated or unreadable, or a shard its index lists that is missing.
+
+    Reads the headers only: safetensors refuses a file whose length differs from what its header
+    declares, so a file cut short anywhere is caught before any weight is loaded.
+    """
+    shown_as = shown_as or folder
+    files = sorted(os.listdir(folder))
+    index = os.path.join(folder, _SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptFileError(
+                f"{storage.join(shown_as, _SAFETENSORS_INDEX)} is corrupt ({type(err).__name__}: {err})"
+            ) from None
+        missing = [shard for shard in shards if shard not in files]
+        if missing:
+            raise CorruptFileError(
+                f"{storage.join(shown_as, missing[0])} is missing: {_SAFETENSORS_INDEX} lists it as a shard"
+            )
+    for name in files:
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise CorruptFileError(
+                f"{storage.join(shown_as, name)} is truncated or corrupt (safetensors: {err})"
+            ) from None
+
+
 def load_model(
     source: str,
     *,
@@ -215,6 +301,7 @@ def load_model(
     location = materialize_model_dir(source, cache_dir=cache_dir)
     if kind != "hub":
         _require_safetensors(location, shown_as=source if kind == "s3" else location)
+        check_safetensors(location, shown_as=source if kind == "s3" else location)
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -19,6 +19,7 @@ from alloylm.config import PresetInit, RunConfig, TrainStageConfig
 from alloylm import artifact as lifecycle
 from alloylm.artifact import fingerprint
 from alloylm.errors import StageError
+from alloylm.storage import CorruptFileError
 from alloylm.layout import RunLayout
 
 log = logging.getLogger("alloylm.train")
@@ -54,19 +55,38 @@ def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str
     return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
 
 
-def _check_vocabulary(config: RunConfig, parent_kind: str, parent: str) -> None:
-    """The run's tokenizer must fit the parent's embeddings (its data was tokenized with it)."""
-    if parent_kind != "model":
-        return
+def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, parent: str) -> None:
+    """Before anything of the stage is written: the run's tokenizer loads, the parent's weights are
+    whole (a truncated file is named here, not after Ray retried every worker on it), and the
+    tokenizer fits the parent's embeddings (its data was tokenized with it)."""
+    import os
+
     from transformers import AutoConfig
 
-    from alloylm.models.loading import load_tokenizer, materialize_model_dir
+    from alloylm.models.loading import check_safetensors, load_tokenizer, materialize_model_dir
 
+    tokenizer_uri = RunLayout.of(config).tokenizer
     try:
-        model_config = AutoConfig.from_pretrained(materialize_model_dir(parent), trust_remote_code=config.trust_remote_code)
+        tokens = len(load_tokenizer(tokenizer_uri, trust_remote_code=config.trust_remote_code))
+    except CorruptFileError as exc:
+        raise StageError(f"stage {name!r}: the run's tokenizer: {exc}; delete {tokenizer_uri} to rebuild it") from None
+    if parent_kind != "model":
+        return
+    parent_stage = config.stages[name].from_
+    try:
+        local = materialize_model_dir(parent)
+        model_config = AutoConfig.from_pretrained(local, trust_remote_code=config.trust_remote_code)
+        if os.path.isdir(local):  # not a Hub id: transformers checks the files it downloads itself
+            check_safetensors(local, shown_as=parent)
+    except CorruptFileError as exc:
+        fix = (
+            f"retrain stage {parent_stage!r} (delete {parent} first: its manifest says it is complete) or restore the file"
+            if parent_stage in config.stages
+            else "restore the file or save the model again"
+        )
+        raise StageError(f"stage {name!r}: its parent {parent_stage!r}: {exc}; {fix}") from None
     except (OSError, ValueError) as exc:
         raise StageError(f"cannot read the parent model {parent}: {exc}") from None
-    tokens = len(load_tokenizer(RunLayout.of(config).tokenizer, trust_remote_code=config.trust_remote_code))
     embeddings = getattr(model_config, "vocab_size", None) or getattr(model_config.get_text_config(), "vocab_size", None)
     if embeddings is not None and tokens > embeddings:
         raise StageError(
@@ -82,6 +102,18 @@ def _check_data(stage: TrainStageConfig, data_uri: str) -> None:
         read_prepared_table(data_uri, REQUIRED_COLUMNS[stage.kind]).slice(0, 1)
     except ValueError as exc:
         raise StageError(f"data for a {stage.kind} stage: {exc}") from None
+
+
+def _failure_message(name: str, exc: Exception) -> str:
+    """What a failed `fit` says: an AlloyLM error a worker raised on purpose (it names the file or
+    the cause) as it is, rather than inside Ray's traceback snippet, which cuts long messages."""
+    from alloylm.errors import AlloyLMError
+
+    ours = [e for e in (getattr(exc, "worker_failures", None) or {}).values() if isinstance(e, AlloyLMError)]
+    if not ours:
+        return f"stage {name!r} failed: {exc}"
+    message = str(ours[0])
+    return message if message.startswith(f"stage {name!r}") else f"stage {name!r} failed on a worker: {message}"
 
 
 def train_stage(config: RunConfig, name: str) -> dict:
@@ -111,7 +143,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     data_uri = dataset_uri(config, stage.data)
     _check_data(stage, data_uri)
     check_stage_resources(config, [name])
-    _check_vocabulary(config, parent_kind, parent)
+    _check_parent_and_tokenizer(config, name, parent_kind, parent)
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     mlflow = mlflow_target(config, step=f"stage:{name}")
     if mlflow is not None:
@@ -173,7 +205,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
         try:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; show the cause, keep the checkpoints
-            raise StageError(f"stage {name!r} failed: {exc}") from exc
+            raise StageError(_failure_message(name, exc)) from exc
         final = storage.read_json(storage.join(artifact.staging_uri, SUMMARY_NAME))
         manifest = artifact.commit(
             {

@@ -1,6 +1,7 @@
 """What every Ray Train worker runs for a training stage: load the parent, build the method's
-trainer (cpt.py, sft.py, dpo.py, orpo.py), resume from Ray Train's checkpoint, train, and (rank 0)
-save a plain Hugging Face model folder to the stage's staging location.
+trainer (cpt.py, sft.py, dpo.py, orpo.py), resume from Ray Train's newest whole checkpoint (one
+with a truncated file is skipped, named in a warning), train, and (rank 0) save a plain Hugging
+Face model folder to the stage's staging location.
 
 Workers get everything through their config argument (`StageJob`), never through module globals.
 """
@@ -8,6 +9,7 @@ Workers get everything through their config argument (`StageJob`), never through
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from alloylm.tracking import MlflowTarget
+
+log = logging.getLogger("alloylm.train")
 
 
 class StageJob(BaseModel):
@@ -132,21 +136,106 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _resume_dir(workdir: str) -> str | None:
-    """Ray Train's latest checkpoint (a HF Trainer checkpoint folder), copied locally, or None."""
+def _resume_dir(workdir: str, stage_name: str, announce: bool) -> str | None:
+    """The newest whole checkpoint Ray Train holds for this stage, copied locally, or None.
+
+    Ray Train hands every worker its latest checkpoint; the ones it registered before it (as many
+    as `checkpoint.keep` leaves) are the fall-backs when a file of the latest is cut short.
+    """
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return None
-    with checkpoint.as_directory() as folder:
-        source = os.path.join(folder, "checkpoint")
-        # Keep transformers' name (checkpoint-<step>): it reads the step from it.
-        with open(os.path.join(source, "trainer_state.json"), encoding="utf-8") as f:
-            step = json.load(f)["global_step"]
-        target = os.path.join(workdir, f"checkpoint-{step}")
-        shutil.copytree(source, target)
-    return target
+    # Nothing is in flight before this worker's first report, so this returns at once; the timeout
+    # only guards against waiting on a report of a dead worker group (then the list is as it stands).
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
+    )
+    earlier = [r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path]  # newest first
+    return copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce)
+
+
+def _checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train checkpoint lives, as AlloyLM names storage (pyarrow drops `s3://`)."""
+    if getattr(checkpoint.filesystem, "type_name", "local") == "s3":
+        return f"s3://{checkpoint.path}"
+    return checkpoint.path
+
+
+def checkpoint_problem(folder: str, shown_as: str) -> str | None:
+    """None when every file a resume reads from the HF Trainer checkpoint `folder` is whole, else a
+    sentence naming the first one that is not (`shown_as`: where the folder lives in storage).
+
+    Checked without loading anything: `trainer_state.json` parses, each safetensors file is as long
+    as its header says, and each PyTorch file (optimizer, scheduler, RNG states, DeepSpeed's ZeRO
+    shards) ends with its zip directory, which a truncated file has lost.
+    """
+    import zipfile
+
+    from alloylm import storage
+    from alloylm.models.loading import check_safetensors
+    from alloylm.storage import CorruptFileError
+
+    def shown(path: str) -> str:
+        return storage.join(shown_as, os.path.relpath(path, folder).replace(os.sep, "/"))
+
+    state = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(state, encoding="utf-8") as f:
+            int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{shown(state)} is missing or unreadable ({type(err).__name__}: {err})"
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        if any(name.endswith(".safetensors") for name in filenames):
+            try:
+                check_safetensors(dirpath, shown_as=shown(dirpath))
+            except CorruptFileError as err:
+                return str(err)
+        for name in sorted(filenames):
+            if not name.endswith((".pt", ".pth", ".bin")):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (zipfile.BadZipFile, OSError) as err:
+                return f"{shown(path)} is truncated or corrupt (not a whole PyTorch archive: {err})"
+    return None
+
+
+def copy_first_whole_checkpoint(candidates: list, workdir: str, stage_name: str, *, announce: bool = True) -> str:
+    """Copy the first of `candidates` (Ray Train checkpoints, newest first) whose files are whole
+    into `workdir` as `checkpoint-<step>`, and return that folder.
+
+    A skipped checkpoint is logged with the file that is not whole; every rank reads the same files,
+    so all ranks pick the same checkpoint. Raises StageError naming each bad file when none is whole.
+    """
+    from alloylm import storage
+    from alloylm.errors import StageError
+
+    problems: list[str] = []
+    for checkpoint in candidates:
+        shown = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
+        with checkpoint.as_directory() as folder:
+            source = os.path.join(folder, "checkpoint")
+            problem = checkpoint_problem(source, shown)
+            if problem is None:
+                with open(os.path.join(source, "trainer_state.json"), encoding="utf-8") as f:
+                    step = json.load(f)["global_step"]
+                # Keep transformers' name (checkpoint-<step>): it reads the step from it.
+                target = os.path.join(workdir, f"checkpoint-{step}")
+                shutil.copytree(source, target)
+                return target
+        problems.append(problem)
+        if announce:
+            log.warning("stage %s: cannot resume from checkpoint %s: %s; trying the checkpoint before it", stage_name, shown, problem)
+    experiment = os.path.dirname(_checkpoint_uri(candidates[0]).rstrip("/"))
+    raise StageError(
+        f"stage {stage_name!r} cannot resume: no checkpoint of it is whole ({'; '.join(problems)}); "
+        f"restore the file, or delete {experiment} to train the stage from the start"
+    )
 
 
 SUMMARY_NAME = "train_summary.json"
@@ -216,7 +305,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         trainer.add_callback(MetricsLogCallback(metrics_path, job.stage_name, max_steps))
         trainer.add_callback(RayTrainReportCallback())
         trainer = prepare_trainer(trainer)
-        resume = _resume_dir(workdir)
+        resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0)
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume)

@@ -1,0 +1,285 @@
+"""Corrupt inputs on disk (really truncated or rewritten, nothing mocked) fail with an error that
+names the file, and nothing of the stage that read them is written: a truncated `model.safetensors`
+in a parent stage, a `manifest.json` that is not JSON, a tokenizer folder without `tokenizer.json`;
+a checkpoint whose optimizer state is truncated is skipped for the one before it, and when no
+checkpoint is whole the resume fails naming each file.
+
+Everything runs without Ray except the stage test, which needs the session's cluster to prepare the
+child's data (Ray Data) before the parent's weights are checked; it trains nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from alloylm import artifact, storage
+from alloylm.config import validate_config
+from alloylm.errors import RunError, StageError
+from alloylm.models import build_model, check_safetensors, load_model, load_tokenizer, save_model, train_tokenizer
+from alloylm.storage import CorruptFileError
+
+_CORPUS = [
+    "Nacre is a composite of aragonite platelets and a protein matrix; its toughness is high.",
+    "Spider silk combines strength and extensibility through hierarchical beta-sheet crystals.",
+] * 20
+
+
+def _truncate(path: str, keep: int | None = None) -> None:
+    """Cut the file at `path` short on disk (to half its length unless `keep` bytes are given)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2 if keep is None else keep)
+
+
+def _files(root: str) -> set[str]:
+    """Every file and folder below `root` (hidden ones too): what a failed step must leave alone."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        found.update(os.path.relpath(os.path.join(folder, name), root) for name in dirs + files)
+    return found
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("tokenizer"))
+    train_tokenizer(_CORPUS, vocab_size=300).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def model_dir(tokenizer_dir, tmp_path) -> str:
+    """A whole pico model folder (safetensors weights and the tokenizer)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    folder = str(tmp_path / "model")
+    save_model(build_model("pico-llama", tokenizer, seed=0), tokenizer, folder)
+    return folder
+
+
+def _run_config(root: str, tokenizer_dir: str, other: str | None = None) -> dict:
+    fast = {"batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1}
+    stages = {
+        "cpt": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**fast, "max_steps": 4}},
+        "child": {"kind": "cpt", "from": "cpt", "data": "text", "training": {**fast, "max_steps": 2}, "checkpoint": {"max_failures": 0}},
+    }
+    if other is not None:
+        stages["merged"] = {"kind": "merge", "method": "slerp", "parents": ["cpt", other], "base": "cpt", "parameters": {"t": {"default": 0.5}}}
+    return {
+        "experiment": "corrupt",
+        "storage": os.path.join(root, "runs"),
+        "builtin": {"materials": 2, "documents_per_material": 1, "general_documents": 10, "general_chats": 4},
+        "tokenizer": {"from": tokenizer_dir},
+        "datasets": {"text": {"source": "builtin:general-text"}},
+        "data": {"block_size": 16, "tokenizer_actors": 1},
+        "stages": stages,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keep", [lambda size: size // 2, lambda size: size - 1, lambda size: 5], ids=["half", "all-but-the-last-byte", "into-the-header"]
+)
+def test_load_model_names_a_truncated_safetensors_file(model_dir, keep):
+    weights = os.path.join(model_dir, "model.safetensors")
+    check_safetensors(model_dir)  # whole: no complaint
+    _truncate(weights, keep(os.path.getsize(weights)))
+    with pytest.raises(CorruptFileError) as caught:
+        load_model(model_dir)
+    assert isinstance(caught.value, RunError)  # the CLI exits 1 with the message, no traceback
+    assert f"{weights} is truncated or corrupt (safetensors: " in str(caught.value)
+
+
+def test_a_shard_missing_from_its_index_is_named(tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    folder = tmp_path / "sharded"
+    build_model("pico-llama", tokenizer, seed=0).save_pretrained(folder, max_shard_size="100KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) >= 2 and (folder / "model.safetensors.index.json").is_file()
+    os.remove(folder / shards[-1])
+    with pytest.raises(CorruptFileError, match=f"{folder / shards[-1]} is missing: model.safetensors.index.json lists it"):
+        load_model(str(folder))
+
+
+def test_merge_compatibility_check_names_a_truncated_parent(model_dir):
+    from alloylm.merge import MergeInputError
+    from alloylm.merge.compat import tensor_shapes
+
+    weights = os.path.join(model_dir, "model.safetensors")
+    _truncate(weights)
+    with pytest.raises(MergeInputError, match=f"{weights} is truncated, corrupt or missing"):
+        tensor_shapes(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b'{"fingerprint": "ab', b"\xff\xfe not text", b"[1, 2]"], ids=["cut-short", "not-utf8", "a-list"])
+def test_a_manifest_that_is_not_a_json_object_is_named_and_never_complete(tmp_path, content):
+    uri = str(tmp_path / "artifact")
+    with storage.begin_artifact(uri) as staged:
+        storage.write_text(storage.join(staged.staging_uri, "weights.txt"), "1 2 3")
+        staged.commit({"fingerprint": "abc"})
+    manifest = os.path.join(uri, "manifest.json")
+    with open(manifest, "wb") as f:
+        f.write(content)
+    before = _files(str(tmp_path))
+    for read in (storage.read_manifest, storage.is_complete, lambda u: artifact.up_to_date(u, "abc"), storage.begin_artifact):
+        with pytest.raises(CorruptFileError) as caught:
+            read(uri)
+        assert str(caught.value).startswith(f"{manifest} is corrupt (")
+        assert f"the artifact at {uri} is not taken as complete; delete {uri} to rebuild it" in str(caught.value)
+    assert _files(str(tmp_path)) == before  # no staging folder, nothing rewritten
+
+
+def test_stages_whose_parent_manifest_is_not_json_fail_before_anything_is_written(tokenizer_dir, model_dir, tmp_path):
+    from alloylm.merge.stage import merge_stage
+    from alloylm.train.launcher import train_stage
+
+    config = validate_config(_run_config(str(tmp_path), tokenizer_dir, other=model_dir))
+    parent = os.path.join(config.run_uri, "stages", "cpt")
+    shutil.copytree(model_dir, parent)
+    manifest = os.path.join(parent, "manifest.json")
+    with open(manifest, "w", encoding="utf-8") as f:
+        f.write('{"kind": "stage", "fingerprint": "0123')  # cut short mid-write
+    before = _files(config.run_uri)
+    for run_stage, name in ((train_stage, "child"), (merge_stage, "merged")):
+        with pytest.raises(CorruptFileError, match=f"^{manifest} is corrupt \\(not valid JSON: "):
+            run_stage(config, name)
+    assert _files(config.run_uri) == before  # no tokenizer, data, staging or stage folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_tokenizer_names_a_missing_or_truncated_tokenizer_json(tokenizer_dir, tmp_path):
+    folder = str(tmp_path / "tokenizer")
+    shutil.copytree(tokenizer_dir, folder)
+    tokenizer_json = os.path.join(folder, "tokenizer.json")
+    _truncate(tokenizer_json)
+    with pytest.raises(CorruptFileError, match=f"{tokenizer_json} is truncated or corrupt \\(not valid JSON: "):
+        load_tokenizer(folder)
+    os.remove(tokenizer_json)
+    with pytest.raises(CorruptFileError, match=f"{tokenizer_json} is missing: the tokenizer folder {folder} holds "):
+        load_tokenizer(folder)
+
+
+@pytest.mark.s3
+def test_a_tokenizer_folder_on_s3_without_tokenizer_json_is_named(tokenizer_dir, s3_bucket):
+    from alloylm.models import check_tokenizer_folder
+
+    uri = f"s3://{s3_bucket}/run/tokenizer"
+    storage.upload_dir(tokenizer_dir, uri)
+    check_tokenizer_folder(uri)  # whole: no complaint
+    storage.remove(storage.join(uri, "tokenizer.json"))
+    with pytest.raises(CorruptFileError, match=f"^{uri}/tokenizer.json is missing: the tokenizer folder {uri} holds "):
+        check_tokenizer_folder(uri)
+
+
+def test_the_runs_tokenizer_without_tokenizer_json_is_refused_not_reused(tokenizer_dir, tmp_path):
+    from alloylm.data.prepare import prepare_tokenizer
+
+    config = validate_config(_run_config(str(tmp_path), tokenizer_dir))
+    prepare_tokenizer(config)  # the artifact, complete
+    tokenizer_json = os.path.join(config.run_uri, "tokenizer", "tokenizer.json")
+    os.remove(tokenizer_json)
+    before = _files(config.run_uri)
+    with pytest.raises(CorruptFileError) as caught:
+        prepare_tokenizer(config)  # every step that tokenizes (data, training) starts here
+    assert str(caught.value).startswith(f"{tokenizer_json} is missing")
+    assert f"delete {os.path.dirname(tokenizer_json)} to rebuild it" in str(caught.value)
+    assert _files(config.run_uri) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoints(tokenizer_dir, tmp_path) -> tuple[str, str]:
+    """Two Ray Train checkpoint folders (older, newer) each holding a real HF Trainer checkpoint
+    (steps 2 and 4 of a pico model), laid out as RayTrainReportCallback uploads them."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = torch.tensor(tokenizer(_CORPUS[0])["input_ids"][:16])
+    rows = [{"input_ids": ids, "labels": ids}] * 16
+    output = tmp_path / "trainer"
+    arguments = TrainingArguments(
+        output_dir=str(output), max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+        use_cpu=True, report_to=[], disable_tqdm=True,
+    )
+    Trainer(model=build_model("pico-llama", tokenizer, seed=0), args=arguments, train_dataset=rows).train()
+    folders = []
+    for step in (2, 4):
+        folder = tmp_path / "experiment" / f"checkpoint_00000{step}"
+        shutil.copytree(output / f"checkpoint-{step}", folder / "checkpoint")
+        folders.append(str(folder))
+    return folders[0], folders[1]
+
+
+def test_checkpoint_choice_warns_naming_the_file_or_fails_naming_every_file(checkpoints, tmp_path, caplog):
+    """The choice every worker makes before resuming (`alloylm.train.worker`), without Ray."""
+    import ray.train
+
+    from alloylm.train.worker import copy_first_whole_checkpoint
+
+    older, newer = checkpoints
+    bad = os.path.join(newer, "checkpoint", "optimizer.pt")
+    _truncate(bad)
+    candidates = [ray.train.Checkpoint(newer), ray.train.Checkpoint(older)]  # newest first
+    with caplog.at_level(logging.WARNING, logger="alloylm.train"):
+        chosen = copy_first_whole_checkpoint(candidates, str(tmp_path / "work1"), "cpt")
+    assert os.path.basename(chosen) == "checkpoint-2"
+    assert sorted(os.listdir(chosen)) == sorted(os.listdir(os.path.join(older, "checkpoint")))
+    assert f"{bad} is truncated or corrupt (not a whole PyTorch archive: " in caplog.text
+
+    also_bad = os.path.join(older, "checkpoint", "rng_state.pth")
+    _truncate(also_bad, keep=10)
+    workdir = tmp_path / "work2"
+    workdir.mkdir()
+    with pytest.raises(StageError) as caught:
+        copy_first_whole_checkpoint(candidates, str(workdir), "cpt")
+    assert bad in str(caught.value) and also_bad in str(caught.value)
+    assert f"delete {os.path.dirname(newer)} to train the stage from the start" in str(caught.value)
+    assert not os.listdir(workdir)  # nothing copied to resume from
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages on Ray: a parent stage whose weights are truncated
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stages_with_a_parent_whose_weights_are_truncated_fail_naming_the_file(ray_cluster, tokenizer_dir, model_dir, tmp_path):
+    from alloylm.merge.stage import merge_stage
+    from alloylm.train.launcher import train_stage
+
+    config = validate_config(_run_config(str(tmp_path), tokenizer_dir, other=model_dir))
+    parent = os.path.join(config.run_uri, "stages", "cpt")
+    with artifact.begin(parent, "parent-fingerprint") as building:  # stage cpt's finished artifact
+        shutil.copytree(model_dir, building.staging_uri, dirs_exist_ok=True)
+        building.commit({"kind": "stage", "name": "cpt"})
+    weights = os.path.join(parent, "model.safetensors")
+    _truncate(weights)
+    for run_stage, name in ((train_stage, "child"), (merge_stage, "merged")):
+        before = _files(config.run_uri)  # the child's tokenizer and data are prepared by the first
+        with pytest.raises(StageError) as caught:
+            run_stage(config, name)
+        message = str(caught.value)
+        assert message.startswith(f"stage {name!r}: its parent 'cpt': {weights} is truncated or corrupt (safetensors: ")
+        assert f"retrain stage 'cpt' (delete {parent} first" in message
+        # Refused on the driver before the stage's artifact or Ray Train's run folder exists.
+        assert not os.path.exists(os.path.join(config.run_uri, "stages", name))
+        assert not os.path.exists(os.path.join(config.run_uri, "checkpoints"))
+        assert {f for f in _files(config.run_uri) - before if not f.startswith(("tokenizer", "data"))} == set()
