@@ -50,6 +50,16 @@ def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float 
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def storage_retry_window():
+    """The suite's storage retry window: 0 s (one attempt, with the S3 clients' own quick retries)
+    unless ALLOYLM_STORAGE_RETRY_S is set. Tests that point S3 at a closed port expect a quick
+    StorageError, not the 60 s default wait; tests/test_storage_outage.py sets its own windows.
+    Autouse, so it is set before the session's Ray cluster starts and its workers inherit it."""
+    os.environ.setdefault("ALLOYLM_STORAGE_RETRY_S", "0")
+    yield os.environ["ALLOYLM_STORAGE_RETRY_S"]
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on a free loopback port; AWS_ENDPOINT_URL points every client at it."""

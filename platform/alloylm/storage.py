@@ -6,19 +6,39 @@ whose ``manifest.json`` is written last, so a folder without one is incomplete a
 
 The S3 endpoint is read from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` on every call (tests
 start moto on a random port); credentials come from the usual AWS environment/config chain.
+
+Storage outages. Every S3 operation is retried while its failure looks transient (the endpoint
+refuses or drops connections, times out, or answers 5xx/SlowDown) for up to a *retry window* of
+``ALLOYLM_STORAGE_RETRY_S`` seconds (default 60; 0 keeps only the S3 clients' own few quick
+retries), with backoff from 0.5 s to 5 s between attempts. An attempt under way when the window
+ends is finished first, so the wait is bounded by the window plus one attempt (connect and read
+timeouts below). When the window is spent the error is a StorageError naming the operation, the
+URI, the S3 endpoint and the window. Errors that retrying cannot fix (not found, access denied, a
+full local disk) fail at once. Each retried operation is idempotent (a whole PUT, a copy, a
+delete, a read), and artifacts stay atomic through any outage: the manifest is written only after
+every file of the artifact is in place, so a commit cut short leaves no manifest.
+
+Ray Train's storage (``train_filesystem``) gets the same window: its controller and workers run in
+other processes, so the window and the endpoint are carried inside the pickled filesystem.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import io
 import json
+import logging
+import math
 import os
 import posixpath
 import shutil
+import tempfile
+import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs
@@ -26,10 +46,14 @@ import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
 from alloylm import __version__
-from alloylm.errors import RunError
+from alloylm.errors import InputError, RunError
+
+log = logging.getLogger("alloylm.storage")
+_T = TypeVar("_T")
 
 __all__ = [
     "MANIFEST_NAME",
+    "RETRY_WINDOW_ENV",
     "STAGING_DIR_NAME",
     "ArtifactExistsError",
     "CorruptFileError",
@@ -37,6 +61,7 @@ __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "arrow_filesystem",
+    "arrow_uri",
     "begin_artifact",
     "download_dir",
     "exists",
@@ -51,6 +76,10 @@ __all__ = [
     "read_text",
     "remove",
     "resolve",
+    "retry_window_s",
+    "retrying",
+    "storage_environment",
+    "train_filesystem",
     "upload_dir",
     "write_json",
     "write_text",
@@ -65,6 +94,11 @@ _CONNECT_TIMEOUT_S = 5.0
 # Per socket read, not per request: a stalled transfer fails, a long one does not.
 _READ_TIMEOUT_S = 30.0
 _MAX_ATTEMPTS = 2  # botocore / AWS SDK attempts per request, the first one included
+# The retry window over those attempts: how long an S3 outage an operation rides out.
+RETRY_WINDOW_ENV = "ALLOYLM_STORAGE_RETRY_S"
+DEFAULT_RETRY_WINDOW_S = 60.0
+_FIRST_BACKOFF_S = 0.5
+_MAX_BACKOFF_S = 5.0
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -134,26 +168,174 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _where(uri: str) -> str:
+def _where(uri: str, endpoint: str | None = None) -> str:
     """The URI, with the S3 endpoint it was tried against: what an error message needs."""
     if _is_s3(uri):
-        return f"{uri} (S3 endpoint {_s3_endpoint() or 'AWS default'})"
+        return f"{uri} (S3 endpoint {endpoint or _s3_endpoint() or 'AWS default'})"
     return uri
+
+
+def _no_space(err: BaseException) -> bool:
+    """A full disk: ENOSPC itself, or shutil.copytree's collected errors holding one."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, shutil.Error) and ("[Errno 28]" in str(err) or "No space left" in str(err))
+
+
+def _free_space(uri: str) -> str:
+    path = resolve(uri)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        usage = shutil.disk_usage(path or "/")
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+
+
+def _first_cause(err: BaseException) -> str:
+    """shutil.copytree's Error lists every file it could not copy: the first one, and how many."""
+    if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) and err.args[0]:
+        failed = err.args[0]
+        first = failed[0][2] if isinstance(failed[0], tuple) and len(failed[0]) == 3 else failed[0]
+        return f"{first}" + (f"; {len(failed) - 1} more file(s) not copied" if len(failed) > 1 else "")
+    return f"{type(err).__name__}: {err}"
+
+
+def _describe(action: str, uri: str, err: BaseException, endpoint: str | None = None) -> StorageError:
+    """The StorageError for ``err``: names the operation and the URI (and endpoint, on S3)."""
+    if isinstance(err, FileNotFoundError):
+        return StorageNotFoundError(f"cannot {action} {_where(uri, endpoint)}: not found ({err})")
+    if not is_remote(uri) and _no_space(err):
+        return StorageError(
+            f"cannot {action} {_where(uri)}: no space left on the device ({_free_space(uri)} there); "
+            f"free some space or point `storage` at a bigger disk ({_first_cause(err)})"
+        )
+    return StorageError(f"cannot {action} {_where(uri, endpoint)}: {type(err).__name__}: {err}")
 
 
 @contextlib.contextmanager
 def _storage_errors(action: str, uri: str) -> Iterator[None]:
-    """Re-raise any underlying error as a StorageError whose message names the URI."""
+    """Re-raise any underlying error as a StorageError whose message names the URI (no retries:
+    for local files, whose errors retrying does not fix)."""
     try:
         yield
     except StorageError:
         raise
-    except FileNotFoundError as err:
-        raise StorageNotFoundError(f"cannot {action} {_where(uri)}: not found ({err})") from err
     except Exception as err:
-        raise StorageError(
-            f"cannot {action} {_where(uri)}: {type(err).__name__}: {err}"
-        ) from err
+        raise _describe(action, uri, err) from err
+
+
+def storage_environment() -> dict[str, str]:
+    """The storage settings of this process that other processes of a stage must share: the S3
+    endpoint (when set) and the retry window in effect. Never credentials: those stay out of Ray's
+    task specs, and each node takes them from its own AWS chain."""
+    env = {name: os.environ[name] for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(name)}
+    env[RETRY_WINDOW_ENV] = f"{retry_window_s():g}"
+    return env
+
+
+def retry_window_s() -> float:
+    """The storage retry window in seconds: ``ALLOYLM_STORAGE_RETRY_S``, else 60."""
+    raw = os.environ.get(RETRY_WINDOW_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_WINDOW_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{RETRY_WINDOW_ENV}={raw!r}: the storage retry window must be a number of seconds >= 0")
+    return value
+
+
+# Substrings of transient failures as pyarrow's S3 client (AWS SDK for C++) words them.
+_TRANSIENT_TEXT = (
+    "NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Connection refused", "Connection reset",
+    "Connection was reset", "connection was closed", "Timeout was reached", "timed out", "SLOW_DOWN",
+    "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "REQUEST_TIMEOUT", "THROTTLING", "Empty reply from server",
+)
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException"}
+
+
+def _transient_types() -> tuple[type, ...]:
+    types: list[type] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as be
+
+        types += [be.HTTPClientError, getattr(be, "ResponseStreamingError", be.HTTPClientError)]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    return tuple(types)
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is one that a later attempt may not get:
+    the endpoint unreachable or overloaded, not a missing object or a refused permission."""
+    types = _transient_types()
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (FileNotFoundError, PermissionError, FileExistsError)):
+            return False
+        if isinstance(current, types):
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):  # botocore ClientError
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = response.get("Error", {}).get("Code", "")
+            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+                return True
+        if isinstance(current, OSError) and any(text in str(current) for text in _TRANSIENT_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def retrying(
+    action: str, uri: str, fn: Callable[[], _T], *, window: float | None = None, endpoint: str | None = None
+) -> _T:
+    """``fn()``, retried while it fails transiently on remote storage, for up to the retry window.
+
+    ``action`` and ``uri`` name the operation in errors ("cannot {action} {uri} (S3 endpoint ...)").
+    Local storage is not retried. ``window`` overrides ``ALLOYLM_STORAGE_RETRY_S`` (0: one attempt);
+    ``endpoint`` names the endpoint when it is not this process's ``AWS_ENDPOINT_URL``.
+    """
+    if not is_remote(uri):
+        with _storage_errors(action, uri):
+            return fn()
+    window = retry_window_s() if window is None else window
+    started = time.monotonic()
+    delay, attempt = _FIRST_BACKOFF_S, 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as err:
+            if not _transient(err):
+                raise _describe(action, uri, err, endpoint) from err
+            waited = time.monotonic() - started
+            if waited >= window:
+                raise StorageError(
+                    f"cannot {action} {_where(uri, endpoint)}: storage unreachable; gave up after {attempt} attempt(s) over "
+                    f"{waited:.1f} s (retry window {window:g} s, set by {RETRY_WINDOW_ENV}): {type(err).__name__}: {err}"
+                ) from err
+            if attempt == 1:
+                log.warning(
+                    "storage: cannot %s %s: %s: %s; retrying for up to %g s (%s)",
+                    action, _where(uri, endpoint), type(err).__name__, err, window, RETRY_WINDOW_ENV,
+                )
+            time.sleep(min(delay, max(window - waited, 0.0)))
+            delay = min(delay * 2, _MAX_BACKOFF_S)
 
 
 # ----------------------------------------------------------------------------- filesystems
@@ -191,24 +373,155 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path on it: for Ray Data's ``filesystem=``."""
     if not is_remote(uri):
         return pyarrow.fs.LocalFileSystem(), resolve(uri)
-    with _storage_errors("open a pyarrow filesystem for", uri):
-        if not _is_s3(uri):
+    if not _is_s3(uri):
+        with _storage_errors("open a pyarrow filesystem for", uri):
             fs, path = fsspec_filesystem(uri)
             return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
-        s3_uri = "s3://" + uri.split("://", 1)[1]
-        # from_uri finds the bucket's region (or takes it from the environment when an
-        # endpoint is set); the filesystem is then rebuilt with bounded timeouts and retries,
-        # which from_uri cannot set.
-        found, path = pyarrow.fs.FileSystem.from_uri(s3_uri)
-        endpoint = _s3_endpoint()
-        fs = pyarrow.fs.S3FileSystem(
-            region=getattr(found, "region", None),
-            endpoint_override=endpoint,
-            connect_timeout=_CONNECT_TIMEOUT_S,
-            request_timeout=_READ_TIMEOUT_S,
-            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_MAX_ATTEMPTS),
-        )
-        return fs, path.rstrip("/")
+    s3_uri = "s3://" + uri.split("://", 1)[1]
+    # from_uri finds the bucket's region (or takes it from the environment when an endpoint is
+    # set); the filesystem is then rebuilt with bounded timeouts and retries, which from_uri
+    # cannot set. The retry strategy is not pickled with the filesystem: in another process
+    # (Ray tasks, Ray Train) pyarrow's default applies; Ray Data retries reads on its own.
+    found, path = retrying("open a pyarrow filesystem for", uri, lambda: pyarrow.fs.FileSystem.from_uri(s3_uri))
+    endpoint = _s3_endpoint()
+    fs = pyarrow.fs.S3FileSystem(
+        region=getattr(found, "region", None),
+        endpoint_override=endpoint,
+        connect_timeout=_CONNECT_TIMEOUT_S,
+        request_timeout=_READ_TIMEOUT_S,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_MAX_ATTEMPTS),
+    )
+    return fs, path.rstrip("/")
+
+
+def train_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem for Ray Train's ``storage_filesystem`` (checkpoints) at ``uri``.
+
+    On S3 it retries every operation within the retry window, which it carries to the Ray Train
+    controller and workers it is pickled to (with the endpoint): the controller writes its
+    checkpoint list after each checkpoint, and an outage at that moment would otherwise end the
+    stage with Ray's "controller error". Local paths get pyarrow's local filesystem.
+    """
+    fs, path = arrow_filesystem(uri)
+    if not _is_s3(uri):
+        return fs, path
+    handler = _RetryingArrowHandler(fs, _s3_endpoint() or "AWS default", retry_window_s())
+    return pyarrow.fs.PyFileSystem(handler), path
+
+
+def arrow_uri(fs: pyarrow.fs.FileSystem, path: str) -> str:
+    """A path on a pyarrow filesystem as AlloyLM names storage (pyarrow's S3 paths drop ``s3://``)."""
+    name = getattr(fs, "type_name", "local")
+    return f"s3://{path}" if name == "s3" or name.endswith("+s3") else path
+
+
+class _RetryingArrowHandler(pyarrow.fs.FileSystemHandler):
+    """A pyarrow S3 filesystem whose operations ride out outages within a retry window.
+
+    Metadata operations, deletes and copies are retried whole. A file written through
+    ``open_output_stream`` is spooled (in memory up to 64 MiB, then to a temporary file) and
+    uploaded on close, retried whole. Reads retry the open; a read cut off mid-stream is retried by
+    the caller (AlloyLM downloads checkpoints inside ``retrying``).
+    """
+
+    def __init__(self, fs: pyarrow.fs.FileSystem, endpoint: str, window: float) -> None:
+        self.fs, self.endpoint, self.window = fs, endpoint, window
+
+    def _call(self, action: str, path: str, fn: Callable[[], _T]) -> _T:
+        # Named with the endpoint this filesystem was built for (this process may know another).
+        return retrying(action, f"s3://{path}", fn, window=self.window, endpoint=self.endpoint)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RetryingArrowHandler) and self.fs.equals(other.fs)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "alloylm+" + self.fs.type_name
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list:
+        return self._call("look up", ", ".join(paths), lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector) -> list:
+        return self._call("list", selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._call("create the folder", path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def _delete(self, action: str, path: str, fn: Callable[[], None]) -> None:
+        def attempt() -> None:
+            try:
+                fn()
+            except Exception:
+                # A retry after an attempt whose answer was lost finds the path gone: deleted.
+                if self.fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+                    return
+                raise
+
+        self._call(action, path, attempt)
+
+    def delete_dir(self, path: str) -> None:
+        self._delete("delete the folder", path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._call("empty the folder", path, lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        raise StorageError("refusing to delete every bucket of the S3 endpoint")
+
+    def delete_file(self, path: str) -> None:
+        self._delete("delete", path, lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._call(f"move s3://{src} to", dest, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._call(f"copy s3://{src} to", dest, lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path: str):
+        return self._call("open", path, lambda: self.fs.open_input_stream(path, compression=None))
+
+    def open_input_file(self, path: str):
+        return self._call("open", path, lambda: self.fs.open_input_file(path))
+
+    def open_append_stream(self, path: str, metadata=None):
+        return self.fs.open_append_stream(path, compression=None, metadata=metadata)
+
+    def open_output_stream(self, path: str, metadata=None):
+        return pyarrow.PythonFile(_SpooledUpload(self, path, metadata), mode="w")
+
+
+class _SpooledUpload(io.RawIOBase):
+    """A file being written to S3: spooled locally, uploaded whole on close (retried)."""
+
+    def __init__(self, handler: _RetryingArrowHandler, path: str, metadata) -> None:
+        super().__init__()
+        self._handler, self._path, self._metadata = handler, path, metadata
+        self._spool = tempfile.SpooledTemporaryFile(max_size=64 * 2**20)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self._spool.write(data)
+
+    def _upload(self) -> None:
+        self._spool.seek(0)
+        with self._handler.fs.open_output_stream(self._path, compression=None, metadata=self._metadata) as out:
+            shutil.copyfileobj(self._spool, out, 8 * 2**20)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._handler._call("write", self._path, self._upload)
+        finally:
+            self._spool.close()
+            super().close()
 
 
 # ----------------------------------------------------------------------------- files
@@ -219,7 +532,8 @@ def exists(uri: str) -> bool:
     if not is_remote(uri):
         return os.path.exists(resolve(uri))
     fs, path = fsspec_filesystem(uri)
-    with _storage_errors("check whether this exists:", uri):
+
+    def check() -> bool:
         if _is_s3(uri):
             # s3fs.exists turns every error (an unreachable endpoint too) into "no"; info
             # raises FileNotFoundError only for a real absence.
@@ -230,12 +544,13 @@ def exists(uri: str) -> bool:
             return True
         return bool(fs.exists(path))
 
+    return retrying("check whether this exists:", uri, check)
+
 
 def read_bytes(uri: str) -> bytes:
     """The whole content of the file at ``uri``."""
     fs, path = fsspec_filesystem(uri)
-    with _storage_errors("read", uri):
-        return fs.cat_file(path)
+    return retrying("read", uri, lambda: fs.cat_file(path))
 
 
 def read_text(uri: str) -> str:
@@ -263,10 +578,9 @@ def _write_bytes(uri: str, data: bytes) -> None:
                     os.remove(tmp)
         return
     fs, path = fsspec_filesystem(uri)
-    with _storage_errors("write", uri):
-        # One PUT: S3 makes the object visible whole or not at all.
-        fs.pipe_file(path, data)
-        fs.invalidate_cache(path)
+    # One PUT: S3 makes the object visible whole or not at all; a retried PUT writes it again.
+    retrying("write", uri, lambda: fs.pipe_file(path, data))
+    fs.invalidate_cache(path)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -316,11 +630,10 @@ def list_files(uri: str, pattern: str | None = None) -> list[str]:
         pattern_path, glob = posixpath.join(path, pattern.lstrip("/")), True
     else:
         pattern_path, glob = path, False
-    with _storage_errors("list", uri):
-        if glob:
-            found = fs.glob(pattern_path, detail=True)
-        else:
-            found = fs.find(path, detail=True)
+    if glob:
+        found = retrying("list", uri, lambda: fs.glob(pattern_path, detail=True))
+    else:
+        found = retrying("list", uri, lambda: fs.find(path, detail=True))
     # Keys ending in "/" are S3 "folder" marker objects (pyarrow writes them), not files.
     files = [name for name, info in found.items() if info.get("type") == "file" and not name.endswith("/")]
     return sorted(_full_uri(uri, fs, name) for name in files)
@@ -329,8 +642,7 @@ def list_files(uri: str, pattern: str | None = None) -> list[str]:
 def _relative_files(uri: str) -> list[tuple[str, str]]:
     """(path on the filesystem, path relative to ``uri`` with ``/``) for every file below it."""
     fs, root = fsspec_filesystem(uri)
-    with _storage_errors("list", uri):
-        found = fs.find(root)
+    found = retrying("list", uri, lambda: fs.find(root))
     out = []
     for name in found:
         if name.endswith("/"):
@@ -343,13 +655,17 @@ def _relative_files(uri: str) -> list[tuple[str, str]]:
     return out
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy every file below ``local_dir`` to the same relative path under ``uri``."""
+def upload_dir(local_dir: str, uri: str, *, action: str = "upload to") -> None:
+    """Copy every file below ``local_dir`` to the same relative path under ``uri``.
+
+    On S3 the whole upload is retried within the retry window (each file is one PUT, so a retry
+    rewrites what an interrupted attempt wrote). ``action`` names the operation in errors.
+    """
     src = resolve(local_dir)
     if not os.path.isdir(src):
         raise StorageNotFoundError(f"cannot upload {src} to {_where(uri)}: not a directory")
     if not is_remote(uri):
-        with _storage_errors("upload to", uri):
+        with _storage_errors(action, uri):
             shutil.copytree(src, resolve(uri), dirs_exist_ok=True)
         return
     fs, root = fsspec_filesystem(uri)
@@ -362,9 +678,8 @@ def upload_dir(local_dir: str, uri: str) -> None:
             rpaths.append(f"{root}/{rel}")
     if not lpaths:
         return
-    with _storage_errors("upload to", uri):
-        fs.put(lpaths, rpaths)
-        fs.invalidate_cache(root)
+    retrying(action, uri, lambda: fs.put(lpaths, rpaths))
+    fs.invalidate_cache(root)
 
 
 def download_dir(uri: str, local_dir: str) -> str:
@@ -388,27 +703,32 @@ def download_dir(uri: str, local_dir: str) -> str:
             raise StorageError(f"cannot download {uri}: object {name} would land outside {dest}")
         rpaths.append(name)
         lpaths.append(lpath)
-    with _storage_errors("download", uri):
+    with _storage_errors("create the folder", dest):
         os.makedirs(dest, exist_ok=True)
-        fs.get(rpaths, lpaths)
+    retrying("download", uri, lambda: fs.get(rpaths, lpaths))
     return local_dir
 
 
-def _s3_delete_prefix(uri: str) -> None:
+def _s3_delete_prefix(uri: str, *, window: float | None = None) -> None:
     """Delete every object at ``uri`` or below ``uri/``, never one that merely shares the prefix."""
     fs, root = fsspec_filesystem(uri)
     if "/" not in root:
         raise StorageError(f"refusing to delete the whole bucket {uri}")
-    with _storage_errors("remove", uri):
+
+    def delete() -> None:
         found = fs.find(root)
-        doomed = [n for n in found if (n == root or n.startswith(root + "/")) ]
+        doomed = [n for n in found if (n == root or n.startswith(root + "/"))]
         if doomed:
             fs.rm(doomed)
-        fs.invalidate_cache(root)
+
+    retrying("remove", uri, delete, window=window)
+    fs.invalidate_cache(root)
 
 
-def remove(uri: str) -> None:
-    """Delete the file or folder at ``uri`` and everything below it; a missing one is fine."""
+def remove(uri: str, *, window: float | None = None) -> None:
+    """Delete the file or folder at ``uri`` and everything below it; a missing one is fine.
+
+    ``window`` overrides the retry window (0: one attempt, for best-effort clean-ups)."""
     if not is_remote(uri):
         path = resolve(uri)
         with _storage_errors("remove", uri):
@@ -418,12 +738,15 @@ def remove(uri: str) -> None:
                 os.remove(path)
         return
     if _is_s3(uri):
-        _s3_delete_prefix(uri)
+        _s3_delete_prefix(uri, window=window)
         return
     fs, path = fsspec_filesystem(uri)
-    with _storage_errors("remove", uri):
+
+    def delete() -> None:
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+    retrying("remove", uri, delete, window=window)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -505,7 +828,13 @@ class StagedArtifact:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self._state == "open":
-            self.abort()
+            # Best effort, one attempt: the error that ended the block is the one to report (it
+            # may be this very storage being down), and a leftover staging folder is never read
+            # as a result.
+            try:
+                self.abort(window=0)
+            except StorageError as err:
+                log.warning("could not remove the staging folder %s (%s); it is never taken for a result", self.staging_uri, err)
 
     def commit(self, manifest: dict) -> dict:
         """Publish the staged files at ``final_uri``, the manifest last; returns it as written."""
@@ -559,25 +888,29 @@ class StagedArtifact:
             if rel != MANIFEST_NAME  # the manifest is ours, and goes last
         ]
         manifest_path = f"{final_root}/{MANIFEST_NAME}"
-        with _storage_errors("commit the artifact", self.final_uri):
-            # No rename on S3: first make readers see the old artifact as incomplete, then
-            # replace its objects, and only then publish the new manifest.
-            if fs.exists(manifest_path):
-                fs.rm_file(manifest_path)
-                fs.invalidate_cache(final_root)
-            _s3_delete_prefix(self.final_uri)
-            if staged:
-                fs.copy([n for n, _ in staged], [f"{final_root}/{rel}" for _, rel in staged])
-            fs.pipe_file(manifest_path, manifest_data)
+        manifest_uri = join(self.final_uri, MANIFEST_NAME)
+        action = "commit the artifact"
+        # No rename on S3: first make readers see the old artifact as incomplete, then replace its
+        # objects, and only then publish the new manifest. Each step is retried on its own within
+        # the retry window; if one gives up, the manifest is not written (and an old one is gone),
+        # so the folder reads as incomplete, never as a finished artifact with files missing.
+        if exists(manifest_uri):  # not fs.exists, which says "no" when the endpoint is down
+            retrying(f"{action} (remove the old manifest)", self.final_uri, lambda: fs.rm_file(manifest_path))
             fs.invalidate_cache(final_root)
+        _s3_delete_prefix(self.final_uri)
+        if staged:
+            sources, targets = [n for n, _ in staged], [f"{final_root}/{rel}" for _, rel in staged]
+            retrying(f"{action} (copy its files)", self.final_uri, lambda: fs.copy(sources, targets))
+        retrying(f"{action} (write its manifest last)", self.final_uri, lambda: fs.pipe_file(manifest_path, manifest_data))
+        fs.invalidate_cache(final_root)
         _s3_delete_prefix(self.staging_uri)
 
-    def abort(self) -> None:
-        """Delete the staging location; the final URI is never touched."""
+    def abort(self, *, window: float | None = None) -> None:
+        """Delete the staging location; the final URI is never touched. ``window``: see remove."""
         if self._state == "committed":
             return
         self._state = "aborted"
-        remove(self.staging_uri)
+        remove(self.staging_uri, window=window)
         if not is_remote(self.staging_uri):
             _remove_empty_staging_parent(resolve(self.staging_uri))
 

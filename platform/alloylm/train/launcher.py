@@ -6,6 +6,12 @@ does not have), skips a stage whose fingerprint is unchanged, and otherwise trai
 with checkpoints under `<run>/checkpoints/<stage>-<fingerprint>/`, so an interrupted stage resumes
 from its last checkpoint when it is run again. The model is written to `<run>/stages/<name>/`
 with `metrics.jsonl`, TensorBoard events, the resolved config and a manifest written last.
+
+Storage outages: Ray Train's checkpoint storage is `storage.train_filesystem` and the workers get
+the driver's S3 endpoint and retry window (`StageJob.storage_env`), so an S3 outage shorter than
+`ALLOYLM_STORAGE_RETRY_S` is waited out wherever it hits (a worker's checkpoint upload, the
+controller's checkpoint list); a longer one, or a full local disk, fails the stage with a
+StorageError naming the operation and the endpoint, and no manifest is written.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from alloylm.config import PresetInit, RunConfig, TrainStageConfig
 from alloylm import artifact as lifecycle
 from alloylm.artifact import fingerprint
 from alloylm.errors import StageError
-from alloylm.storage import CorruptFileError
+from alloylm.storage import CorruptFileError, StorageError
 from alloylm.layout import RunLayout
 
 log = logging.getLogger("alloylm.train")
@@ -104,16 +110,24 @@ def _check_data(stage: TrainStageConfig, data_uri: str) -> None:
         raise StageError(f"data for a {stage.kind} stage: {exc}") from None
 
 
-def _failure_message(name: str, exc: Exception) -> str:
-    """What a failed `fit` says: an AlloyLM error a worker raised on purpose (it names the file or
-    the cause) as it is, rather than inside Ray's traceback snippet, which cuts long messages."""
+def _failure(name: str, exc: Exception) -> StageError | StorageError:
+    """What a failed `fit` raises: an AlloyLM error a worker (or Ray Train's controller, through the
+    checkpoint filesystem) raised on purpose, which names the file or the cause, as it is rather than
+    inside Ray's traceback snippet, which cuts long messages. Storage that stayed unreachable past the
+    retry window, or a full disk, is a StorageError; anything else (a corrupt file too) a StageError."""
     from alloylm.errors import AlloyLMError
 
-    ours = [e for e in (getattr(exc, "worker_failures", None) or {}).values() if isinstance(e, AlloyLMError)]
+    failures = list((getattr(exc, "worker_failures", None) or {}).values())
+    failures.append(getattr(exc, "controller_failure", None))
+    ours = [e for e in failures if isinstance(e, AlloyLMError)]
     if not ours:
-        return f"stage {name!r} failed: {exc}"
-    message = str(ours[0])
-    return message if message.startswith(f"stage {name!r}") else f"stage {name!r} failed on a worker: {message}"
+        return StageError(f"stage {name!r} failed: {exc}")
+    unreachable = [e for e in ours if isinstance(e, StorageError) and not isinstance(e, CorruptFileError)]
+    first = (unreachable or ours)[0]
+    message = str(first)
+    where = "in Ray Train's controller" if first is failures[-1] else "on a worker"
+    message = message if message.startswith(f"stage {name!r}") else f"stage {name!r} failed {where}: {message}"
+    return StorageError(message) if unreachable else StageError(message)
 
 
 def train_stage(config: RunConfig, name: str) -> dict:
@@ -163,8 +177,10 @@ def train_stage(config: RunConfig, name: str) -> dict:
             output_uri=artifact.staging_uri,
             data_rows=rows,
             mlflow=mlflow,
+            storage_env=storage.storage_environment(),
         )
-        fs, checkpoints_path = storage.arrow_filesystem(layout.checkpoints_root)
+        # Retries within the storage retry window in Ray Train's controller too (see storage.py).
+        fs, checkpoints_path = storage.train_filesystem(layout.checkpoints_root)
         datasets = {}
         if stage.kind == "cpt":
             shards_fs, shards_path = storage.arrow_filesystem(storage.join(data_uri, "shards"))
@@ -205,7 +221,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
         try:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; show the cause, keep the checkpoints
-            raise StageError(_failure_message(name, exc)) from exc
+            raise _failure(name, exc) from exc
         final = storage.read_json(storage.join(artifact.staging_uri, SUMMARY_NAME))
         manifest = artifact.commit(
             {

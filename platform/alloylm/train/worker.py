@@ -3,16 +3,24 @@ trainer (cpt.py, sft.py, dpo.py, orpo.py), resume from Ray Train's newest whole 
 with a truncated file is skipped, named in a warning), train, and (rank 0) save a plain Hugging
 Face model folder to the stage's staging location.
 
+Checkpoints are uploaded by AlloyLM (`ray.train.report`'s `checkpoint_upload_fn`), through
+`storage.upload_dir`: on S3 an outage within the storage retry window is waited out, and a longer
+one fails the worker with a StorageError naming the checkpoint, the URI and the endpoint; on a local
+disk a full disk is named as such and the partial copy removed. The checkpoint is only registered
+with Ray Train (and so only ever resumed from) once every file of it is stored.
+
 Workers get everything through their config argument (`StageJob`), never through module globals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +47,10 @@ class StageJob(BaseModel):
     output_uri: str = Field(description="Where rank 0 writes the finished model (the artifact's staging location).")
     data_rows: int = Field(description="Rows in the prepared data set (packed blocks for CPT).")
     mlflow: MlflowTarget | None = Field(None, description="Where rank 0 logs the metrics to MLflow; None: not at all.")
+    storage_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="The driver's storage settings (S3 endpoint, storage retry window; never credentials), set in the worker.",
+    )
 
 
 def _stage_config(job: StageJob):
@@ -158,9 +170,77 @@ def _resume_dir(workdir: str, stage_name: str, announce: bool) -> str | None:
 
 def _checkpoint_uri(checkpoint) -> str:
     """Where a Ray Train checkpoint lives, as AlloyLM names storage (pyarrow drops `s3://`)."""
-    if getattr(checkpoint.filesystem, "type_name", "local") == "s3":
-        return f"s3://{checkpoint.path}"
-    return checkpoint.path
+    from alloylm import storage
+
+    return storage.arrow_uri(checkpoint.filesystem, checkpoint.path)
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(checkpoint) -> Iterator[str]:
+    """A local folder holding the checkpoint's files. From S3, the download is retried whole within
+    the storage retry window (a StorageError naming the checkpoint and the endpoint past it)."""
+    from alloylm import storage
+
+    uri = _checkpoint_uri(checkpoint)
+    if not uri.startswith("s3://"):
+        with checkpoint.as_directory() as folder:
+            yield folder
+        return
+    folder = tempfile.mkdtemp(prefix="alloylm-checkpoint-")
+    try:
+        try:
+            storage.download_dir(uri, folder)
+        except storage.StorageNotFoundError:
+            pass  # no files: checkpoint_problem names the missing trainer_state.json
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def upload_checkpoint(stage_name: str):
+    """The `checkpoint_upload_fn` of `ray.train.report`: copy the checkpoint to Ray Train's storage
+    through `storage.upload_dir`, and return it as the Ray Train checkpoint stored there."""
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        from alloylm import storage
+
+        train_storage = ray.train.get_context().get_storage()
+        fs = train_storage.storage_filesystem
+        path = train_storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        uri = storage.arrow_uri(fs, path)
+        try:
+            storage.upload_dir(checkpoint.path, uri, action=f"upload checkpoint {checkpoint_dir_name} of stage {stage_name!r} to")
+        except storage.StorageError:
+            if not storage.is_remote(uri):  # e.g. a full disk: give back what the partial copy took
+                shutil.rmtree(storage.resolve(uri), ignore_errors=True)
+            raise
+        return ray.train.Checkpoint(path=path, filesystem=fs)
+
+    return upload
+
+
+def report_callback(stage_name: str):
+    """Ray Train's Hugging Face report callback, uploading checkpoints with `upload_checkpoint`."""
+    import ray.train
+    import transformers
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    class ReportCallback(RayTrainReportCallback):
+        def on_save(self, args, state, control, **kwargs):
+            with tempfile.TemporaryDirectory() as tmpdir:
+                metrics: dict[str, Any] = {}
+                for entry in state.log_history:
+                    metrics.update(entry)
+                source = transformers.trainer.get_last_checkpoint(args.output_dir)
+                checkpoint = None
+                if source is not None:
+                    shutil.copytree(source, os.path.join(tmpdir, self.CHECKPOINT_NAME))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmpdir)
+                ray.train.report(metrics=metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint(stage_name))
+
+    return ReportCallback()
 
 
 def checkpoint_problem(folder: str, shown_as: str) -> str | None:
@@ -218,7 +298,7 @@ def copy_first_whole_checkpoint(candidates: list, workdir: str, stage_name: str,
     problems: list[str] = []
     for checkpoint in candidates:
         shown = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
-        with checkpoint.as_directory() as folder:
+        with _checkpoint_folder(checkpoint) as folder:
             source = os.path.join(folder, "checkpoint")
             problem = checkpoint_problem(source, shown)
             if problem is None:
@@ -267,16 +347,14 @@ def _save_output(trainer, stage, tokenizer, workdir: str, job: StageJob, metrics
     runs = os.path.join(workdir, "trainer", "runs")
     if os.path.isdir(runs):
         shutil.copytree(runs, os.path.join(model_dir, "tensorboard"))
-    if storage.is_remote(job.output_uri):
-        storage.upload_dir(model_dir, job.output_uri)
-    else:
-        shutil.copytree(model_dir, storage.resolve(job.output_uri), dirs_exist_ok=True)
+    # Retried within the storage retry window on S3; a full local disk is named as such.
+    storage.upload_dir(model_dir, job.output_uri, action=f"upload the trained model of stage {job.stage_name!r} to")
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's train loop for every stage kind."""
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
     from alloylm.models.loading import load_tokenizer
     from alloylm.train import STAGE_TRAINERS
@@ -284,6 +362,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from alloylm.train.deepspeed import deepspeed_record
 
     job = StageJob.model_validate(payload)
+    os.environ.update(job.storage_env)  # this worker process runs this one stage
     if job.mlflow is not None:
         from alloylm.tracking import require_mlflow
 
@@ -303,7 +382,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         trainer = method.build_trainer(stage, job, model, tokenizer, arguments)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         trainer.add_callback(MetricsLogCallback(metrics_path, job.stage_name, max_steps))
-        trainer.add_callback(RayTrainReportCallback())
+        trainer.add_callback(report_callback(job.stage_name))
         trainer = prepare_trainer(trainer)
         resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0)
         if resume and context.get_world_rank() == 0:
