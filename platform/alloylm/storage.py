@@ -9,8 +9,8 @@ start moto on a random port); credentials come from the usual AWS environment/co
 
 Storage outages. Every S3 operation is retried while its failure looks transient (the endpoint
 refuses or drops connections, times out, or answers 5xx/SlowDown) for up to a *retry window* of
-``ALLOYLM_STORAGE_RETRY_S`` seconds (default 60; 0 keeps only the S3 clients' own few quick
-retries), with backoff from 0.5 s to 5 s between attempts. An attempt under way when the window
+``ALLOYLM_STORAGE_RETRY_S`` seconds after its first failure (default 60; 0 keeps only the S3
+clients' own few quick retries), with backoff from 0.5 s to 5 s between attempts. An attempt under way when the window
 ends is finished first, so the wait is bounded by the window plus one attempt (connect and read
 timeouts below). When the window is spent the error is a StorageError naming the operation, the
 URI, the S3 endpoint and the window. Errors that retrying cannot fix (not found, access denied, a
@@ -302,7 +302,8 @@ def _transient(err: BaseException) -> bool:
 def retrying(
     action: str, uri: str, fn: Callable[[], _T], *, window: float | None = None, endpoint: str | None = None
 ) -> _T:
-    """``fn()``, retried while it fails transiently on remote storage, for up to the retry window.
+    """``fn()``, retried while it fails transiently on remote storage, for up to the retry window
+    after its first failure.
 
     ``action`` and ``uri`` name the operation in errors ("cannot {action} {uri} (S3 endpoint ...)").
     Local storage is not retried. ``window`` overrides ``ALLOYLM_STORAGE_RETRY_S`` (0: one attempt);
@@ -312,7 +313,7 @@ def retrying(
         with _storage_errors(action, uri):
             return fn()
     window = retry_window_s() if window is None else window
-    started = time.monotonic()
+    first_failure: float | None = None  # the window runs from here: a long upload is not cut short
     delay, attempt = _FIRST_BACKOFF_S, 0
     while True:
         attempt += 1
@@ -323,11 +324,14 @@ def retrying(
         except Exception as err:
             if not _transient(err):
                 raise _describe(action, uri, err, endpoint) from err
-            waited = time.monotonic() - started
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
             if waited >= window:
                 raise StorageError(
-                    f"cannot {action} {_where(uri, endpoint)}: storage unreachable; gave up after {attempt} attempt(s) over "
-                    f"{waited:.1f} s (retry window {window:g} s, set by {RETRY_WINDOW_ENV}): {type(err).__name__}: {err}"
+                    f"cannot {action} {_where(uri, endpoint)}: storage unreachable; gave up after {attempt} attempt(s), "
+                    f"{waited:.1f} s after the first failed (retry window {window:g} s, set by {RETRY_WINDOW_ENV}): "
+                    f"{type(err).__name__}: {err}"
                 ) from err
             if attempt == 1:
                 log.warning(
