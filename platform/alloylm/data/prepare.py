@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -113,6 +114,10 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
             "dataset", dataset.model_dump(mode="json", by_alias=True), prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint
         )
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
+    if builtin is not None and (builtin["short_answer_per_fact"] == 1 or "builtin:biomaterials-benchmark" not in dataset.sources):
+        # Only the benchmark reads it: more short-answer items must not retrain every model, and
+        # at its default the fingerprints stay those of runs made before the option existed.
+        del builtin["short_answer_per_fact"]
     sources = [_source_signature(s) for s in dataset.sources]
     return fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, sources, tokenizer_fingerprint)
 
@@ -126,7 +131,9 @@ def _write_local_dir_to(local_dir: str, uri: str) -> None:
                 src = os.path.join(root, file)
                 dst = os.path.join(uri, os.path.relpath(src, local_dir))
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
+                # shutil.move renames where it can and copies across file systems (storage on
+                # another disk, tmpfs or NFS than the temporary folder), where os.replace fails (EXDEV).
+                shutil.move(src, dst)
 
 
 # ---------------------------------------------------------------------------------------------
