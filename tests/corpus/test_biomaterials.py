@@ -464,3 +464,20 @@ def test_answer_prefixes_are_how_sft_answers_begin(small):
                 for fact in kb.training_facts() if fact.property == prop
             ]
         assert any(sentence in answer for sentence in trained for answer in answers), prop
+
+
+def test_more_short_answer_items_are_other_wordings_and_leave_every_other_item_alone():
+    one = BuiltinCorpusOptions(materials=8, benchmark_fraction=0.5)
+    three = BuiltinCorpusOptions(materials=8, benchmark_fraction=0.5, short_answer_per_fact=3)
+    rows_one = generate_builtin("biomaterials-benchmark", one)
+    rows_three = generate_builtin("biomaterials-benchmark", three)
+    by_id = {row["id"]: row for row in rows_three}
+    assert all(by_id[row["id"]] == row for row in rows_one)  # the first wording and every MC item unchanged
+    short = [row for row in rows_three if row["type"] == "short_answer"]
+    facts = {row["fact_id"] for row in short}
+    assert len(short) == 3 * len(facts)
+    for fact in facts:
+        own = [row for row in short if row["fact_id"] == fact]
+        assert sorted(r["id"].rsplit("/", 1)[1] for r in own) == ["sa", "sa1", "sa2"]
+        assert len({r["question"] for r in own}) == 3 and len({r["split"] for r in own}) == 1
+        assert len({(r["answer"], r["material"], r["property"]) for r in own}) == 1

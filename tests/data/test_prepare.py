@@ -390,3 +390,25 @@ def test_builtin_world_settings_change_the_fingerprint_of_builtin_sources_only(t
     larger = make_config(str(tmp_path / "runs"), datasets, builtin={**SMALL_BUILTIN, "materials": SMALL_BUILTIN.get("materials", 4) + 1})
     assert dataset_fingerprint(small, "world", "tok") != dataset_fingerprint(larger, "world", "tok")
     assert dataset_fingerprint(small, "mine", "tok") == dataset_fingerprint(larger, "mine", "tok")
+
+
+def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path):
+    """`short_answer_per_fact` is read by the benchmark alone: raising it must not retrain any model,
+    and at its default every fingerprint is what it was before the option existed."""
+    from alloylm.data.prepare import dataset_fingerprint
+
+    datasets = {"world": {"source": "builtin:biomaterials-corpus"}, "bench": {"source": "builtin:biomaterials-benchmark"}}
+    one = make_config(str(tmp_path / "runs"), datasets)
+    three = make_config(str(tmp_path / "runs"), datasets, builtin={**SMALL_BUILTIN, "short_answer_per_fact": 3})
+    assert dataset_fingerprint(one, "world", "tok") == dataset_fingerprint(three, "world", "tok")
+    assert dataset_fingerprint(one, "bench", "tok") != dataset_fingerprint(three, "bench", "tok")
+    # The default leaves the option out of the hash entirely.
+    from alloylm.artifact import fingerprint
+
+    dataset = one.datasets["world"]
+    prep = one.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
+    builtin = {k: v for k, v in one.builtin.model_dump(mode="json").items() if k != "short_answer_per_fact"}
+    from alloylm.data.prepare import _source_signature
+
+    before = fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, [_source_signature(s) for s in dataset.sources], "tok")
+    assert dataset_fingerprint(one, "world", "tok") == before

@@ -592,7 +592,7 @@ def _balanced_positions(fact_count: int, per_fact: int, choices: int, rng: rando
 
 def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
     """`biomaterials-benchmark`: per benchmark fact, `multiple_choice_per_fact` multiple-choice items
-    and one short-answer item.
+    and `short_answer_per_fact` short-answer items.
 
     A fact's multiple-choice items differ in question wording, distractors and answer position; the
     answer positions of each split are balanced over the options (`_balanced_positions`), so a model
@@ -601,6 +601,7 @@ def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
     """
     kb = build_knowledge_base(options)
     rng = random_stream(options.seed, "biomaterials-benchmark")
+    extra = random_stream(options.seed, "biomaterials-benchmark/short-answer")
     facts = kb.benchmark_facts()
     per_fact = options.multiple_choice_per_fact
     positions: dict[str, list[int]] = {}
@@ -637,14 +638,21 @@ def benchmark_items(options: BuiltinCorpusOptions) -> list[dict]:
                     **common,
                 }
             )
-        rows.append(
-            {
-                "id": f"bio-bench/{fact.id}/sa",
-                "type": "short_answer",
-                "question": _question(fact, rng.choice(_QUESTIONS[fact.property])),
-                "choices": [],
-                "answer_index": -1,
-                **common,
-            }
-        )
+        # The first wording is drawn as it always was; the others, distinct from it, come from a
+        # stream of their own, so asking more never changes the other items.
+        pool = _QUESTIONS[fact.property]
+        first = rng.choice(pool)
+        others = [q for q in pool if q != first]
+        wordings = [first] + extra.sample(others, min(options.short_answer_per_fact - 1, len(others)))
+        for j, template in enumerate(wordings):
+            rows.append(
+                {
+                    "id": f"bio-bench/{fact.id}/sa" if j == 0 else f"bio-bench/{fact.id}/sa{j}",
+                    "type": "short_answer",
+                    "question": _question(fact, template),
+                    "choices": [],
+                    "answer_index": -1,
+                    **common,
+                }
+            )
     return rows

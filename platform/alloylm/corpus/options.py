@@ -44,6 +44,15 @@ class BuiltinCorpusOptions(BaseModel):
             "and answer position (more items resolve smaller differences; intervals resample them by fact)."
         ),
     )
+    short_answer_per_fact: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description=(
+            "Short-answer benchmark items per benchmark fact, each with a different question wording "
+            "(more items resolve smaller differences; intervals resample them by fact)."
+        ),
+    )
     multiple_choice_chat_fraction: float = Field(
         0.25,
         ge=0.0,
