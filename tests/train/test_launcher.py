@@ -388,3 +388,118 @@ def test_two_node_cluster_spreads_workers_over_gloo(tmp_path):
         _stop_processes_under(temp_dir)
 
 
+
+
+def _registered_checkpoint_steps(checkpoints: str, stage: str) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller registered for `stage` (from the snapshot of
+    its checkpoint manager, which it writes after each registration), oldest first."""
+    steps = []
+    for folder in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+        snapshot = os.path.join(checkpoints, folder, "checkpoint_manager_snapshot.json")
+        if folder.startswith(f"{stage}-") and os.path.exists(snapshot):
+            try:
+                with open(snapshot, encoding="utf-8") as f:
+                    results = json.load(f)["checkpoint_results"]
+            except (OSError, ValueError, KeyError):  # being written
+                continue
+            for result in results:
+                state = os.path.join(checkpoints, folder, result["checkpoint_dir_name"], "checkpoint", "trainer_state.json")
+                with open(state, encoding="utf-8") as f:
+                    steps.append(json.load(f)["global_step"])
+    return sorted(set(steps))
+
+
+def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path):
+    """Two nodes, one worker each; the worker node's raylet and every process under it are SIGKILLed
+    after a checkpoint is registered. Ray Train cannot place 2 workers again, so the stage fails
+    within its start-failure bound, naming the lost node; with the node back, a rerun resumes from
+    the last registered checkpoint and finishes every step."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+    import yaml
+
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="alloylm-lost-", dir="/tmp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Ray's own setting for how long one worker-group start waits for its placement group (60 s by
+    # default); short here so the bounded failure comes quickly.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+
+    def raylets() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if temp_dir in " ".join(p.info["cmdline"] or []) and "raylet" in (p.info["name"] or "")}
+
+    def start_worker_node() -> int:
+        before = raylets()
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common], check=True, env=env, capture_output=True, timeout=300)
+        (raylet,) = raylets() - before
+        return raylet
+
+    max_steps, every = 40, 5
+    raw = run_config(str(tmp_path / "runs"), {
+        "lost": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": max_steps},
+                 "resources": {"workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"},
+                 "checkpoint": {"every_steps": every, "max_failures": 2, "max_start_failures": 1}},
+    })
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    checkpoints = str(tmp_path / "runs" / "tr" / "checkpoints")
+    train = [sys.executable, "-m", "alloylm.cli", "train", str(cfg), "lost"]
+    cli_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       check=True, env=env, capture_output=True, timeout=300)
+        raylet = start_worker_node()
+        proc = subprocess.Popen(train, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+        reader.start()
+        at_kill: list[int] = []
+        while proc.poll() is None and not at_kill:
+            at_kill = _registered_checkpoint_steps(checkpoints, "lost")
+            time.sleep(0.2)
+        assert at_kill, "training finished before the node could be killed:\n" + "".join(output)[-3000:]
+        node = psutil.Process(raylet)
+        doomed = [node, *node.children(recursive=True)]  # its workers, agents: the whole node
+        for p in doomed:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        killed_at = time.monotonic()
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the stage did not fail within 600 s of losing the node:\n" + "".join(output)[-3000:])
+        failed_after = time.monotonic() - killed_at
+        reader.join(timeout=10)
+        text = "".join(output)
+        assert proc.returncode != 0, text[-3000:]
+        dead = subprocess.run(
+            [sys.executable, "-c", "import ray; ray.init(); print(*[n['NodeID'] for n in ray.nodes() if not n['Alive']])"],
+            env=cli_env, capture_output=True, text=True, timeout=300, check=True,
+        ).stdout.split()
+        assert len(dead) == 1 and dead[0] in text and "lost node" in text, text[-3000:]
+        registered = _registered_checkpoint_steps(checkpoints, "lost")
+        print(f"killed after checkpoint(s) {at_kill}; failed {failed_after:.0f} s later; registered {registered}")
+        print(next(line for line in text.splitlines() if "lost node" in line)[:400])
+
+        start_worker_node()  # the node is back
+        result = subprocess.run(train, env=cli_env, capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = storage.read_manifest(str(tmp_path / "runs" / "tr" / "stages" / "lost"))["metrics"]
+        print(f"rerun: resumed_from_step {metrics['resumed_from_step']}, global_step {metrics['global_step']}")
+        assert metrics["resumed_from_step"] == registered[-1] >= at_kill[-1]  # at most one interval lost
+        assert metrics["global_step"] == max_steps
+        assert len(metrics["nodes"]) == 2
+    finally:
+        _stop_processes_under(temp_dir)

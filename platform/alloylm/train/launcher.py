@@ -110,7 +110,28 @@ def _check_data(stage: TrainStageConfig, data_uri: str) -> None:
         raise StageError(f"data for a {stage.kind} stage: {exc}") from None
 
 
-def _failure(name: str, exc: Exception) -> StageError | StorageError:
+def _alive_nodes() -> dict[str, str]:
+    """Alive nodes of the Ray cluster: node id -> how to name it (address, and name where it differs)."""
+    import ray
+
+    return {
+        n["NodeID"]: n["NodeManagerAddress"] + (f" ({n['NodeName']})" if n.get("NodeName") not in (None, n["NodeManagerAddress"]) else "")
+        for n in ray.nodes()
+        if n.get("Alive")
+    }
+
+
+def _lost_nodes(before: dict[str, str]) -> str | None:
+    """The nodes alive when the stage started that are gone now, named, or None."""
+    try:
+        now = _alive_nodes()
+    except Exception:  # the failure itself is what matters; naming nodes is a courtesy
+        return None
+    lost = [f"{node_id} at {where}" for node_id, where in before.items() if node_id not in now]
+    return ", ".join(lost) or None
+
+
+def _failure(name: str, exc: Exception, lost: str | None = None) -> StageError | StorageError:
     """What a failed `fit` raises: an AlloyLM error a worker (or Ray Train's controller, through the
     checkpoint filesystem) raised on purpose, which names the file or the cause, as it is rather than
     inside Ray's traceback snippet, which cuts long messages. Storage that stayed unreachable past the
@@ -120,6 +141,12 @@ def _failure(name: str, exc: Exception) -> StageError | StorageError:
     failures = list((getattr(exc, "worker_failures", None) or {}).values())
     failures.append(getattr(exc, "controller_failure", None))
     ours = [e for e in failures if isinstance(e, AlloyLMError)]
+    if not ours and lost:
+        return StageError(
+            f"stage {name!r} failed: the Ray cluster lost node(s) {lost} during the stage, and Ray Train could not"
+            " start the workers again on the nodes left; the checkpoints are kept: rerun when the node is back to"
+            f" resume from the last one. Ray Train: {exc}"
+        )
     if not ours:
         return StageError(f"stage {name!r} failed: {exc}")
     unreachable = [e for e in ours if isinstance(e, StorageError) and not isinstance(e, CorruptFileError)]
@@ -212,16 +239,23 @@ def train_stage(config: RunConfig, name: str) -> dict:
                 name=f"{name}-{fp}",
                 storage_path=checkpoints_path,
                 storage_filesystem=fs,
-                failure_config=ray.train.FailureConfig(max_failures=stage.checkpoint.max_failures),
+                # After a lost node, Ray Train keeps trying to start the worker group again; each start
+                # waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for its placement group, and by default
+                # (controller_failure_limit=-1) it tries forever. Ray's own limit bounds the wait.
+                failure_config=ray.train.FailureConfig(
+                    max_failures=stage.checkpoint.max_failures,
+                    controller_failure_limit=stage.checkpoint.max_start_failures,
+                ),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage.checkpoint.keep),
             ),
             datasets=datasets or None,
         )
         log.info("stage %s: %s from %s on %d worker(s) -> %s", name, stage.kind, parent, stage.resources.workers, uri)
+        nodes = _alive_nodes()
         try:
             trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; show the cause, keep the checkpoints
-            raise _failure(name, exc) from exc
+            raise _failure(name, exc, _lost_nodes(nodes)) from exc
         final = storage.read_json(storage.join(artifact.staging_uri, SUMMARY_NAME))
         manifest = artifact.commit(
             {

@@ -89,3 +89,11 @@ class CheckpointOptions(_Frozen):
     every_steps: int | None = Field(None, ge=1, description="Checkpoint every this many optimizer steps (null: none).")
     keep: int = Field(2, ge=1, description="Checkpoints kept (the newest ones).")
     max_failures: int = Field(2, ge=0, description="Worker-group failures tolerated; each resumes from the last checkpoint.")
+    max_start_failures: int = Field(
+        2,
+        ge=0,
+        description=(
+            "Worker-group starts that may time out (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, Ray's"
+            " setting, 60 s by default) before the stage fails: bounds the wait after a node is lost."
+        ),
+    )
