@@ -90,10 +90,12 @@ class CheckpointOptions(_Frozen):
     keep: int = Field(2, ge=1, description="Checkpoints kept (the newest ones).")
     max_failures: int = Field(2, ge=0, description="Worker-group failures tolerated; each resumes from the last checkpoint.")
     max_start_failures: int = Field(
-        2,
-        ge=0,
+        5,
+        ge=-1,
         description=(
             "Worker-group starts that may time out (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, Ray's"
-            " setting, 60 s by default) before the stage fails: bounds the wait after a node is lost."
+            " setting, 60 s by default) before the stage fails: bounds the wait after a node is lost (about"
+            " 6 min by default). On an autoscaling cluster whose new nodes take longer to come up, raise it;"
+            " -1 waits forever (Ray's own default)."
         ),
     )
