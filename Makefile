@@ -30,7 +30,7 @@ warm: $(VENV)/.installed
 quickstart: setup
 	$(VENV)/bin/alloylm run configs/quickstart.yaml
 
-# The paper's table at a larger scale (docs/results/science.md): about 15 minutes on 2 cores.
+# The paper's table at a larger scale (docs/results/science.md): about 23 minutes on 2 cores (22:32 measured).
 science: setup
 	$(VENV)/bin/alloylm run configs/science.yaml
 
