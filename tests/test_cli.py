@@ -89,9 +89,10 @@ def test_cli_exit_code_2_on_bad_config(tmp_path):
     assert "data.nope" in result.stderr and "unknown key" in result.stderr
 
 
-def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(tmp_path):
+def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(ray_cluster, tmp_path):
     quickstart = QUICKSTART
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    # The CLI joins the session's cluster (2 CPUs) rather than starting a Ray of its own.
+    env = {**__import__("os").environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     run = [sys.executable, "-m", "alloylm.cli", "serve", quickstart, f"storage={tmp_path}", "serve.model=merged", "serve.variants=[merged, dpo, instruct]"]
     unfinished = subprocess.run(run, capture_output=True, text=True, env=env)
     assert unfinished.returncode == 1

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CHANCE = 0.25
 
 
-def _guard_config(storage_uri: str):
+def _guard_config(storage_uri: str, cpt_epochs: int = 20):
     training = {"learning_rate": 2.0e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05}
     sft = {"epochs": 4, "learning_rate": 1.0e-3, "batch_size": 8}
     return validate_config(
@@ -47,7 +47,7 @@ def _guard_config(storage_uri: str):
             "data": {"block_size": 128, "tokenizer_actors": 1},
             "stages": {
                 "cpt": {
-                    "kind": "cpt", "from": {"init": "tiny-llama"}, "data": "domain-text", "training": {"epochs": 20, **training},
+                    "kind": "cpt", "from": {"init": "tiny-llama"}, "data": "domain-text", "training": {"epochs": cpt_epochs, **training},
                     # as the quickstart's: 2 workers under ZeRO-2, each shuffling its own shard
                     "resources": {"workers": 2, "cpus_per_worker": 1}, "deepspeed": {"stage": 2},
                 },
@@ -84,14 +84,15 @@ def test_the_chain_learns_the_held_out_facts_the_ablation_does_not_and_a_rerun_i
     assert chain["accuracy"] >= 0.5, results
     assert ablation["accuracy"] <= 0.4, results
 
-    # Determinism: the same config in another storage gives the same tokenizer, data and CPT weights,
-    # byte for byte (2 workers, shuffled blocks, ZeRO-2), on one machine.
-    again = _guard_config(str(tmp_path / "again"))
-    assert run_pipeline(again, only=["cpt"]).ok
+    # Determinism: the same config in two storages gives the same tokenizer, data and CPT weights,
+    # byte for byte (2 workers, shuffled blocks, ZeRO-2), on one machine. Two epochs (each in
+    # another block order) rather than twenty: the same code path, in a fraction of the time.
+    first, again = (_guard_config(str(tmp_path / name), cpt_epochs=2) for name in ("first", "again"))
+    assert run_pipeline(first, only=["cpt"]).ok and run_pipeline(again, only=["cpt"]).ok
     for part in ("tokenizer/tokenizer.json", "stages/cpt/model.safetensors"):
-        assert _digest(storage.join(again.run_uri, part)) == _digest(storage.join(config.run_uri, part)), part
+        assert _digest(storage.join(again.run_uri, part)) == _digest(storage.join(first.run_uri, part)), part
     losses = [
         [row.get("loss") for row in map(json.loads, storage.read_text(storage.join(run.run_uri, "stages/cpt/metrics.jsonl")).splitlines())]
-        for run in (config, again)
+        for run in (first, again)
     ]
-    assert losses[0] == losses[1]
+    assert len(losses[0]) > 2 and losses[0] == losses[1]
