@@ -10,18 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-
-from alloylm.models.tokenizer import stop_token_ids
+# torch and transformers are imported where a config or model is built, not here: config
+# validation reads PRESETS, and a command that only validates (or is refused by the run's lease)
+# should not pay seconds of torch imports.
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, MistralConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def _llama_config(
@@ -37,6 +33,8 @@ def _llama_config(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -68,6 +66,8 @@ def _mistral_config(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> MistralConfig:
+    from transformers import MistralConfig
+
     return MistralConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -174,14 +174,20 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase,
     *,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     max_position_embeddings: int = 2048,
 ) -> PreTrainedModel:
     """A freshly initialised preset model sized to `tokenizer`; one seed, one set of weights.
 
     Vocabulary size and special token ids come from the tokenizer. The generation config stops at
-    every id of `stop_token_ids(tokenizer)`, so a chat turn ends at `<|im_end|>`.
+    every id of `stop_token_ids(tokenizer)`, so a chat turn ends at `<|im_end|>`. `dtype`: float32
+    unless given.
     """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alloylm.models.tokenizer import stop_token_ids
+
     config = preset_config(
         name,
         # len() counts added special tokens, which tokenizer.vocab_size leaves out.
@@ -194,7 +200,7 @@ def build_model(
     # fork_rng: seeding must not disturb the caller's global random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     generation = model.generation_config
     generation.bos_token_id = tokenizer.bos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
