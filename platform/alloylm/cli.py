@@ -80,8 +80,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _data(config: RunConfig, only: list[str] | None) -> dict[str, Any]:
     from alloylm.cluster import connect_ray
-    from alloylm.data.prepare import prepare_all
+    from alloylm.data.prepare import check_sources, prepare_all
 
+    check_sources(config, only)  # a missing path fails before the cluster starts
     connect_ray()
     return {name: m["counts"] for name, m in prepare_all(config, only).items()}
 

@@ -94,6 +94,16 @@ def _source_signature(source: str) -> Any:
     return listing
 
 
+def check_sources(config: RunConfig, names: list[str] | None = None) -> None:
+    """A SourceError for the first source of the data sets `names` (default: all) that lists
+    nothing: `alloylm data` calls it before it starts a Ray cluster, so a mistyped path fails in
+    a second or two, not after the cluster's start-up."""
+    for name in names or list(config.datasets):
+        if name in config.datasets:  # an unknown name is prepare_all's error, with the known ones
+            for source in config.datasets[name].sources:
+                _source_signature(source)
+
+
 def _prompt_signature(config: RunConfig, name: str) -> str | None:
     """The text of a generated data set's prompt file: an edited prompt is a changed input."""
     spec = config.datasets[name].generate
