@@ -119,6 +119,7 @@ def test_writing_commands_take_the_lease_and_reading_ones_do_not(tmp_path):
             done = subprocess.run([sys.executable, "-m", "alloylm.cli", *command, f"storage={tmp_path}"], capture_output=True, text=True, env=env)
             assert done.returncode == 1, (command, done.stderr[-2000:])
             assert "another process is writing to this run" in done.stderr and f"pid {os.getpid()}" in done.stderr, done.stderr[-2000:]
+            assert "Ray instance" not in done.stderr, (command, done.stderr[-2000:])  # refused at once, before a cluster starts
         done = subprocess.run([sys.executable, "-m", "alloylm.cli", "validate", QUICKSTART, f"storage={tmp_path}"], capture_output=True, text=True)
         assert done.returncode == 0
     assert not (tmp_path / "quickstart" / "stages").exists()  # nothing was trained by the refused commands

@@ -233,6 +233,20 @@ class RunLease:
                 return None
             # Someone else replaced it first: look again.
 
+    def _held_error(self, holder: LeaseInfo) -> LeaseHeldError:
+        return LeaseHeldError(
+            f"another process is writing to this run ({self.uri}): {holder.describe()}; "
+            "wait for it to finish, or add --wait to start when it does"
+        )
+
+    def refuse_if_held(self) -> None:
+        """Raise LeaseHeldError now if a live process holds the lease (a read: nothing is taken).
+        For a writer to fail at once, before work such as starting a Ray cluster; `acquire` still
+        decides, since the lease can be taken between the two."""
+        holder = self.holder()
+        if holder is not None and not holder.stale():
+            raise self._held_error(holder)
+
     def acquire(self, *, wait: bool = False, poll: float = 2.0) -> None:
         announced = False
         while True:
@@ -240,10 +254,7 @@ class RunLease:
             if holder is None:
                 break
             if not wait:
-                raise LeaseHeldError(
-                    f"another process is writing to this run ({self.uri}): {holder.describe()}; "
-                    "wait for it to finish, or add --wait to start when it does"
-                )
+                raise self._held_error(holder)
             if not announced:
                 log.info("lease %s: held by %s; waiting (--wait)", self.uri, holder.describe())
                 announced = True

@@ -452,13 +452,16 @@ def run_pipeline(
     from alloylm.cluster import connect_ray
     from alloylm.lease import RunLease
 
+    lease = RunLease(config.run_uri, "run", ttl=config.run.lease_ttl_seconds)
+    if not wait_for_lease:
+        lease.refuse_if_held()  # another writer: fail at once, not after starting a Ray cluster
     # A stage the cluster can never hold fails the run before anything is written, the lease included.
     connect_ray()
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     check_stage_resources(config, have=capacity)
     names = sorted(_with_ancestors(config, only)) if only else config.stage_order()
     check_stage_memory(config, names, capacity.get("GPU", 0))
-    with RunLease(config.run_uri, "run", ttl=config.run.lease_ttl_seconds).held(wait=wait_for_lease):
+    with lease.held(wait=wait_for_lease):
         summary = _run(config, only, capacity)
     if on_summary is not None:
         on_summary(summary)
