@@ -180,7 +180,10 @@ def stage_timings_table(stages: dict[str, dict]) -> str:
         outside.append(entry["seconds"] - breakdown.get("training", 0.0))
         cells = [f"{entry['seconds']:.1f}", f"{outside[-1]:.1f}", *(f"{breakdown.get(key, 0.0):.1f}" for key in BREAKDOWN_PHASES)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nMedian time outside training per stage: {statistics.median(outside):.1f} s ({len(outside)} stages)\n")
+    lines.append(
+        f"\nMedian time outside training per stage: {statistics.median(outside):.1f} s ({len(outside)} stages; "
+        "from each stage's manifest: a stage that was up to date shows the run that trained it)\n"
+    )
     return "\n".join(lines)
 
 
