@@ -161,6 +161,33 @@ def _plan(config: RunConfig, args: argparse.Namespace) -> None:
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_table(plan))
 
 
+def stage_timings_table(stages: dict[str, dict]) -> str:
+    """The training stages' wall time, the part outside the trainer loop and each phase of it
+    (the manifests' `breakdown`), as a Markdown table with the median outside training below."""
+    import statistics
+
+    from alloylm.train.launcher import BREAKDOWN_PHASES
+
+    timed = {name: entry for name, entry in stages.items() if entry.get("breakdown")}
+    if not timed:
+        return ""
+    lines = [
+        "| stage | wall (s) | outside training (s) | " + " | ".join(BREAKDOWN_PHASES) + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in BREAKDOWN_PHASES) + " |",
+    ]
+    outside = []
+    for name, entry in timed.items():
+        breakdown = entry["breakdown"]
+        outside.append(entry["seconds"] - breakdown.get("training", 0.0))
+        cells = [f"{entry['seconds']:.1f}", f"{outside[-1]:.1f}", *(f"{breakdown.get(key, 0.0):.1f}" for key in BREAKDOWN_PHASES)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"\nMedian time outside training per stage: {statistics.median(outside):.1f} s ({len(outside)} stages; "
+        "from each stage's manifest: a stage that was up to date shows the run that trained it)\n"
+    )
+    return "\n".join(lines)
+
+
 def _print_summary(summary) -> None:
     from alloylm import storage
     from alloylm.layout import RunLayout
@@ -168,6 +195,9 @@ def _print_summary(summary) -> None:
     table = RunLayout(summary.run).comparison_table
     if summary.evaluation is not None and storage.exists(table):
         print(storage.read_text(table))
+    timings = stage_timings_table(summary.stages)
+    if timings:
+        print(timings)
     print(json.dumps(summary.to_json(), indent=2, default=str), flush=True)
     for key, error in summary.to_json()["failed"].items():
         print(f"alloylm: {key}: {error}", file=sys.stderr)

@@ -194,6 +194,8 @@ def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | Non
         def run_stage(name: str = name, kind=kind) -> dict:
             manifest = kind.run(config, name)
             summary.stages[name] = {"stage": name, "kind": kind.name, "model": layout.stage(name), **(manifest.get("metrics") or {})}
+            # A training stage's wall time and where it went (launcher.BREAKDOWN_PHASES), from its manifest.
+            summary.stages[name].update({key: manifest[key] for key in ("seconds", "breakdown") if key in manifest})
             return manifest
 
         steps[f"stage:{name}"] = Step(f"stage:{name}", run_stage, parents=tuple(parents), needs=needs)

@@ -100,6 +100,24 @@ def test_cpt_from_a_preset_learns_and_generates(chain):
     assert "experiment: tr" in storage.read_text(storage.join(uri, "resolved_config.yaml"))
 
 
+def test_a_trained_stage_records_where_its_time_went(chain):
+    """The manifest's `breakdown` (issue 17): every phase, none negative, adding up to `seconds`;
+    the run summary's table shows it. On the chain's stages, trained anyway."""
+    from alloylm.cli import stage_timings_table
+    from alloylm.train.launcher import BREAKDOWN_PHASES
+
+    _, manifests = chain
+    for name, manifest in manifests.items():
+        breakdown = manifest["breakdown"]
+        assert list(breakdown) == list(BREAKDOWN_PHASES), name
+        assert sum(breakdown.values()) == pytest.approx(manifest["seconds"], abs=0.1), name
+        # Each phase takes time, on the worker and around it.
+        assert all(value > 0 for value in breakdown.values()), (name, breakdown)
+    table = stage_timings_table({name: {"seconds": m["seconds"], "breakdown": m["breakdown"]} for name, m in manifests.items()})
+    assert "| base | " in table and "| orpo | " in table and "Median time outside training per stage" in table
+    assert "{" not in table  # printed before the summary's JSON, which tests find by its first "{"
+
+
 def test_sft_learns_from_its_parent(chain):
     config, manifests = chain
     assert_learned_and_generates(stage_uri(config, "sft"), stage_uri(config, "base"))

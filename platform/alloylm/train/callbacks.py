@@ -22,9 +22,10 @@ class MetricsLogCallback(TrainerCallback):
         self._last_time: float | None = None
         self._last_tokens = 0
         self.last: dict = {}
+        self.began_at: float | None = None  # monotonic time training began (the engine is built by then)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last_time = time.monotonic()
+        self._last_time = self.began_at = time.monotonic()
         self._last_tokens = state.num_input_tokens_seen or 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -17,6 +17,7 @@ StorageError naming the operation and the endpoint, and no manifest is written.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -65,8 +66,6 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
     """Before anything of the stage is written: the run's tokenizer loads, the parent's weights are
     whole (a truncated file is named here, not after Ray retried every worker on it), and the
     tokenizer fits the parent's embeddings (its data was tokenized with it)."""
-    import os
-
     from transformers import AutoConfig
 
     from alloylm.models.loading import check_safetensors, load_tokenizer, materialize_model_dir
@@ -157,8 +156,59 @@ def _failure(name: str, exc: Exception, lost: str | None = None) -> StageError |
     return StorageError(message) if unreachable else StageError(message)
 
 
+# Ray Train settings (its documented environment variables) for stages that may last seconds;
+# a value set in the environment wins. Ray Train reads them in the driver and passes them on.
+RAY_TRAIN_ENVIRONMENT = {
+    # The controller polls the workers every 2 s by default, so a finished stage waited 1 s on
+    # average (2 s at worst) to be noticed; a poll is one small actor call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train's print patch sends every print of a worker through its logger. Under it, dill's
+    # stdout capture (datasets hashes the map functions of TRL's tokenization with it) cannot
+    # capture, and each SFT/DPO/ORPO stage logged ~1,700 lines of disassembled bytecode through
+    # Ray's log pipeline. Without it, prints go to the worker's stdout, which Ray forwards as usual.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+# The manifest's `breakdown`: where a stage's wall time (`seconds`) went, in this order.
+BREAKDOWN_PHASES = {
+    "prepare": "driver: imports, parent/data/resource checks, Ray Data set-up, until Ray Train starts",
+    "worker_start": "Ray Train: controller, placement group, worker processes, process group (and any restarts)",
+    "imports": "worker: importing torch, transformers, Ray Train's integration",
+    "load": "worker: tokenizer, parent model, data, the method's trainer, resume checkpoint",
+    "engine_init": "worker: Trainer.train until the first step: DeepSpeed/DDP engine, optimizer, data loader",
+    "training": "worker: the trainer loop (transformers' train_runtime), checkpoints included",
+    "save": "worker: saving the model, tokenizer and metrics, uploading them to the staging location",
+    "finish": "Ray Train noticing the end and stopping the workers; the driver reading the summary",
+}
+
+
+def stage_breakdown(prepare: float, fit_seconds: float, fit_started_at: float, worker: dict | None, finish: float) -> dict[str, float]:
+    """The breakdown of a stage's wall time from the driver's clock and rank 0's phases.
+
+    `worker` is rank 0's return value (`worker.train_loop_per_worker`): its wall-clock start and
+    the seconds of its phases on its own monotonic clock. What `fit` took beyond those phases is
+    Ray Train's: before the worker started (cut by wall clock, clamped so a skewed clock on
+    another node cannot make it negative) and after it returned.
+    """
+    phases = {key: float(value) for key, value in ((worker or {}).get("seconds") or {}).items()}
+    outside = max(fit_seconds - sum(phases.values()), 0.0)
+    started_at = (worker or {}).get("started_at")
+    start = min(max(started_at - fit_started_at, 0.0), outside) if started_at is not None else outside
+    values = {"prepare": prepare, "worker_start": start, **phases, "finish": outside - start + finish}
+    return {key: round(values.get(key, 0.0), 2) for key in BREAKDOWN_PHASES}
+
+
+def format_breakdown(manifest: dict) -> str:
+    """One line: the stage's wall time, the part outside training and each phase."""
+    breakdown = manifest.get("breakdown") or {}
+    outside = manifest.get("seconds", 0.0) - breakdown.get("training", 0.0)
+    parts = " ".join(f"{key} {value:.1f}" for key, value in breakdown.items())
+    return f"{manifest.get('seconds', 0.0):.1f} s, {outside:.1f} s outside training ({parts})"
+
+
 def train_stage(config: RunConfig, name: str) -> dict:
     """Train stage `name` (preparing its data first if needed); returns its manifest."""
+    entered = time.monotonic()
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -173,8 +223,10 @@ def train_stage(config: RunConfig, name: str) -> dict:
     stage = config.stages[name]
     layout = RunLayout.of(config)
     parent_kind, parent, parent_id = _parent(config, stage)
+    preparing = time.monotonic()
     tokenizer_manifest = prepare_tokenizer(config)
     data_manifest = prepare_dataset(config, stage.data, tokenizer_manifest)
+    entered += time.monotonic() - preparing  # making the data (`alloylm train` alone) is the data's step, not the stage's
     uri = stage_uri(config, name)
     fp = stage_fingerprint(config, name, parent_id, data_manifest["fingerprint"], tokenizer_manifest["fingerprint"])
     manifest = lifecycle.up_to_date(uri, fp)
@@ -189,7 +241,6 @@ def train_stage(config: RunConfig, name: str) -> dict:
     mlflow = mlflow_target(config, step=f"stage:{name}")
     if mlflow is not None:
         ensure_experiment(mlflow)  # here, once: parallel stages' workers would race to create it
-    started = time.monotonic()
     with lifecycle.begin(uri, fp, config) as artifact:
         job = StageJob(
             stage_name=name,
@@ -222,9 +273,14 @@ def train_stage(config: RunConfig, name: str) -> dict:
             if spare < 1:
                 # The workers will hold every CPU, and Ray Data's read tasks need one to run: read the
                 # (compact, already packed) blocks into the object store now, before they start.
+                # Through Ray Data's own read (not pyarrow + from_arrow_refs, which is faster): its
+                # block boundaries decide which worker trains on which blocks, so another reader
+                # would change every 2-worker CPT result.
                 log.info("stage %s: no CPU left for streaming reads; loading the data set first", name)
                 blocks = blocks.materialize()
             datasets["train"] = blocks
+        for key, value in RAY_TRAIN_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)  # Ray Train passes these on to its controller and workers
         trainer = TorchTrainer(
             train_loop_per_worker=train_loop_per_worker,
             train_loop_config=job.model_dump(),
@@ -252,11 +308,20 @@ def train_stage(config: RunConfig, name: str) -> dict:
         )
         log.info("stage %s: %s from %s on %d worker(s) -> %s", name, stage.kind, parent, stage.resources.workers, uri)
         nodes = _alive_nodes()
+        fit_started, fit_started_at = time.monotonic(), time.time()
         try:
-            trainer.fit()
+            result = trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; show the cause, keep the checkpoints
             raise _failure(name, exc, _lost_nodes(nodes)) from exc
+        fit_ended = time.monotonic()
         final = storage.read_json(storage.join(artifact.staging_uri, SUMMARY_NAME))
+        breakdown = stage_breakdown(
+            prepare=fit_started - entered,
+            fit_seconds=fit_ended - fit_started,
+            fit_started_at=fit_started_at,
+            worker=result.return_value,
+            finish=time.monotonic() - fit_ended,
+        )
         manifest = artifact.commit(
             {
                 "kind": "stage",
@@ -268,8 +333,10 @@ def train_stage(config: RunConfig, name: str) -> dict:
                 "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
                 "metrics": final,
                 "workers": stage.resources.workers,
-                "seconds": round(time.monotonic() - started, 1),
+                "seconds": round(sum(breakdown.values()), 1),
+                "breakdown": breakdown,
             }
         )
     log.info("stage %s: done, %s steps, train loss %s -> %s", name, final.get("global_step"), final.get("train_loss"), uri)
+    log.info("stage %s: %s", name, format_breakdown(manifest))
     return manifest

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -351,8 +352,11 @@ def _save_output(trainer, stage, tokenizer, workdir: str, job: StageJob, metrics
     storage.upload_dir(model_dir, job.output_uri, action=f"upload the trained model of stage {job.stage_name!r} to")
 
 
-def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Ray Train's train loop for every stage kind."""
+def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's train loop for every stage kind. Returns (as Ray Train's `Result.return_value`,
+    rank 0's is the one the driver gets) when this worker started, wall clock, and the seconds it
+    spent in each phase, for the manifest's breakdown (`launcher.stage_breakdown`)."""
+    started_at, clock = time.time(), PhaseClock()
     import ray.train
     from ray.train.huggingface.transformers import prepare_trainer
 
@@ -371,6 +375,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     stage = _stage_config(job)
     method = STAGE_TRAINERS[stage.kind]
     context = ray.train.get_context()
+    clock.lap("imports")
     tokenizer = load_tokenizer(job.tokenizer_uri, trust_remote_code=job.trust_remote_code)
     model = _load_parent(job, tokenizer)
     if stage.lora is not None:
@@ -381,13 +386,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         arguments = common_arguments(job, stage, workdir, max_steps)
         trainer = method.build_trainer(stage, job, model, tokenizer, arguments)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
-        trainer.add_callback(MetricsLogCallback(metrics_path, job.stage_name, max_steps))
+        metrics_log = MetricsLogCallback(metrics_path, job.stage_name, max_steps)
+        trainer.add_callback(metrics_log)
         trainer.add_callback(report_callback(job.stage_name))
         trainer = prepare_trainer(trainer)
         resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0)
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
+        clock.lap("load")
         result = trainer.train(resume_from_checkpoint=resume)
+        # The Trainer builds its engine (DeepSpeed, accelerate's DDP wrapper, optimizer, data
+        # loader) inside train(), before the first callback: that part is engine_init.
+        clock.split("engine_init", "training", at=metrics_log.began_at)
         summary = {
             "nodes": _worker_nodes(),
             "global_step": trainer.state.global_step,
@@ -402,5 +412,29 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         }
         _save_output(trainer, stage, tokenizer, workdir, job, metrics_path, summary)
         ray.train.report({"final": True, **summary})
+        clock.lap("save")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return {"started_at": started_at, "seconds": clock.seconds}
+
+
+class PhaseClock:
+    """Seconds spent in consecutive phases of one process, on its monotonic clock."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        """The time since the previous lap goes to `phase`."""
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def split(self, before: str, after: str, *, at: float | None) -> None:
+        """The time since the previous lap, cut at the monotonic time `at` (None: all of it is `after`)."""
+        now = time.monotonic()
+        cut = min(max(at if at is not None else self._last, self._last), now)
+        self.seconds[before] = self.seconds.get(before, 0.0) + cut - self._last
+        self.seconds[after] = self.seconds.get(after, 0.0) + now - cut
+        self._last = now
