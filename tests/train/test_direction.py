@@ -3,8 +3,9 @@
 The trainers are the real ones, built by each method's own `build_trainer` from the worker's own
 `common_arguments`, on a data set prepared by the real data pipeline (Ray Data); they run in this
 process, one CPU, without Ray Train around them (no process group: `ddp_backend` is None, as on a
-single GPU), so that several short runs cost seconds. The Ray Train path of the same knobs is
-trained once in tests/train/test_knobs.py.
+single GPU), so that several short runs cost seconds. The Ray Train path of the paper's SFT
+settings (with ZeRO-3 and the optimizer offloaded, which need DeepSpeed's engine) is trained once,
+at the end.
 
 The preference pairs and chats are the built-in biomaterials world's; two materials' pairs and
 chats are held out of training and are what every direction is measured on. Log-probabilities are
@@ -221,3 +222,29 @@ def test_sft_lowers_the_assistant_loss_and_the_paper_knobs_act(world, parent_mod
     # than it did when only the answers were learned.
     assert parent_other - paper_other > parent_assistant - paper_assistant
     assert parent_other - paper_other > 1.5 * (parent_other - other)
+
+
+def test_the_paper_sft_settings_train_on_ray_under_zero3_with_the_optimizer_offloaded(world):
+    """The paper configs' SFT stage, tiny, through Ray Train: ZeRO-3 with the optimizer states
+    offloaded to the CPU, 16-bit weights gathered on save, gradient checkpointing, packing, loss on
+    every token. What DeepSpeed ran is read from its engine (train_summary.json); the saved model is
+    whole (gathered from the ZeRO-3 partitions) and differs from the parent."""
+    from alloylm.models.loading import load_model
+    from alloylm.train.launcher import stage_uri, train_stage
+
+    raw = world["config"].model_dump(mode="json", by_alias=True)
+    raw["stages"] = {"paper-sft": {
+        "kind": "sft", "from": world["parent"], "data": "chat", "assistant_only_loss": False, "packing": True,
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "max_length": 256, "gradient_checkpointing": True},
+        "deepspeed": {"stage": 3, "offload_optimizer": True, "gather_16bit_weights_on_save": True},
+    }}
+    config = validate_config(raw)
+    metrics = train_stage(config, "paper-sft")["metrics"]
+    ran = metrics["deepspeed"]
+    assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 3, {"optimizer": "cpu", "params": None})
+    assert ran["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and ran["gather_16bit_weights_on_save"] is True
+    assert metrics["global_step"] == 2
+    trained, parent = load_model(stage_uri(config, "paper-sft")).state_dict(), load_model(world["parent"]).state_dict()
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in parent.items()}
+    assert all(v.numel() > 0 for v in trained.values())
+    assert sum(not torch.equal(v, parent[k]) for k, v in trained.items()) > len(parent) // 2
