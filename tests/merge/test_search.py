@@ -395,3 +395,46 @@ def test_random_search_samples_within_bounds_after_its_points(prepared):
     assert len(pids) == 1, pids
     summary = json.load(open(os.path.join(config.run_uri, "stages", "random", "merge_summary.json")))
     assert summary["best_params"]["parameters"]["t"] == max(rows, key=lambda r: r["score"])["params"]["parameters"]["t"]
+
+
+def test_cli_data_only_merge_eval_and_report(prepared, capsys):
+    """`alloylm data --only`, `merge`, `eval` and `report`, in process on the session's cluster (here
+    to reuse this module's parents). A run of its own takes parent-a's tokenizer: `data --only bench`
+    prepares the tokenizer and that data set and no other; `merge` writes the fixed stage; `eval`
+    scores it (the score it prints is the one results.json holds, on the test split); `report`
+    renders it."""
+    from alloylm.cli import main
+
+    root = prepared
+    a, b = str(root / "parent-a"), str(root / "parent-b")
+    raw = _config(root, {"lin": {"kind": "merge", "parents": [a, b], "method": "linear", "model_parameters": {a: {"weight": 0.3}, b: {"weight": 0.7}}}})
+    raw["experiment"] = "cli"
+    raw["tokenizer"] = {"from": a}
+    raw["evaluate"]["variants"] = ["lin"]
+    raw["evaluate"]["max_items"] = 4
+    raw["evaluate"]["suites"]["short_answer"] = {"enabled": False}
+    path = str(_write(root, raw, "cli.yaml"))
+    run = root / "runs" / "cli"
+
+    def command(*argv: str) -> dict:
+        assert main(list(argv)) == 0
+        out = capsys.readouterr().out
+        return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+
+    prepared_now = command("data", path, "--only", "bench")
+    assert set(prepared_now) == {"bench"}  # the data sets' counts (the tokenizer is made too)
+    assert storage.is_complete(str(run / "tokenizer")) and storage.is_complete(str(run / "data" / "bench")) and not (run / "data" / "text").exists() and not (run / "data" / "chat").exists()
+
+    merged = command("merge", path, "lin")
+    assert merged["stage"] == "lin" and storage.is_complete(merged["model"])
+    assert os.path.exists(os.path.join(merged["model"], "merge.yaml"))
+
+    scored = command("eval", path)
+    assert scored["failed"] == {} and set(scored["scores"]) == {"lin"}
+    for variant, score in scored["scores"].items():
+        results = json.load(open(run / "eval" / variant / "results.json"))
+        assert results["split"] == "test" and results["score"] == score and score is not None
+
+    command("report", path)
+    report = (run / "report" / "report.md").read_text()
+    assert "lin" in report and (run / "report" / "report.html").exists()
