@@ -351,16 +351,16 @@ def test_cmaes_search_over_model_space_weights(prepared):
         "search": {
             "model_space": {a_name: {"weight": {"low": 0.1, "high": 1.0}}, b_name: {"weight": {"low": 0.1, "high": 1.0}}},
             "points": [{"model_parameters": {a_name: {"weight": 0.9}, b_name: {"weight": 0.2}}}],
-            "searcher": "cmaes", "num_samples": 3, "max_concurrent_trials": 1, "objective": {"max_items": 4},
+            "searcher": "cmaes", "num_samples": 2, "max_concurrent_trials": 1, "objective": {"max_items": 4},
         },
     }
     config = _load(root, {"cmaes": stage}, name="cmaes.yaml")
     merge_stage(config, "cmaes")
     rows = _rows(config, "cmaes")
-    assert len(rows) == 3 and all(r["status"] == "complete" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows)
     weights = [(r["params"]["model_parameters"][a_name]["weight"], r["params"]["model_parameters"][b_name]["weight"]) for r in rows]
     assert weights[0] == (0.9, 0.2)
-    assert len(set(weights)) == 3 and all(0.1 <= w <= 1.0 for pair in weights for w in pair)
+    assert len(set(weights)) == 2 and all(0.1 <= w <= 1.0 for pair in weights for w in pair)
     import cloudpickle
 
     (state,) = _searcher_state(config, "cmaes", "searcher-state-*.pkl")  # OptunaSearch's saved attributes
@@ -380,14 +380,14 @@ def test_random_search_samples_within_bounds_after_its_points(prepared):
     from alloylm.merge.stage import merge_stage
 
     root = prepared
-    stage = _search_stage(root, searcher="random", num_samples=3, asha=None, max_concurrent_trials=1,
+    stage = _search_stage(root, searcher="random", num_samples=2, asha=None, max_concurrent_trials=1,
                           space={"t": {"low": 0.2, "high": 0.4}}, points=[{"t": 0.25}], objective={"max_items": 4})
     config = _load(root, {"random": stage}, name="random.yaml")
     merge_stage(config, "random")
     rows = _rows(config, "random")
     ts = [r["params"]["parameters"]["t"] for r in rows]
-    assert len(rows) == 3 and ts[0] == 0.25
-    assert len(set(ts)) == 3 and all(0.2 <= t <= 0.4 for t in ts), ts
+    assert len(rows) == 2 and ts[0] == 0.25
+    assert len(set(ts)) == 2 and all(0.2 <= t <= 0.4 for t in ts), ts
     # Tune's BasicVariantGenerator ran (its own state file), not an Optuna searcher.
     assert _searcher_state(config, "random", "basic-variant-state-*.json") and not _searcher_state(config, "random", "searcher-state-*.pkl")
     tune_dir = os.path.join(config.run_uri, "stages", "random", "search", "tune")
