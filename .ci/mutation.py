@@ -57,6 +57,8 @@ def _stage(path: str, settings: dict) -> Path:
     shutil.copytree(REPO / "platform" / "alloylm", stage / "src" / "alloylm", ignore=ignore)
     (stage / "tests").mkdir(parents=True)
     shutil.copy2(REPO / "tests" / "conftest.py", stage / "tests" / "conftest.py")
+    # Some fast tests read the shipped configs (tests/serve/test_best.py: configs/quickstart.yaml).
+    shutil.copytree(REPO / "configs", stage / "configs", ignore=ignore)
     tests = _tests_of(path, settings)
     if not tests:
         sys.exit(f"{path}: no test folder tests/{path.split('/')[2]} in [tool.mutmut] pytest_add_cli_args_test_selection")

@@ -120,6 +120,14 @@ def test_cycle_is_rejected_with_the_cycle_named(tmp_path):
     assert "stages form a cycle: a -> b -> a" in message or "stages form a cycle: b -> a -> b" in message, message
 
 
+def test_a_longer_cycle_is_named_parent_to_child(tmp_path):
+    # a is b's parent, b is c's, c is a's: the message follows that direction, from any start.
+    text = MINIMAL + "  a: {kind: sft, from: c, data: chat}\n  b: {kind: sft, from: a, data: chat}\n  c: {kind: sft, from: b, data: chat}\n"
+    message = error_of(tmp_path, text)
+    rotations = ("a -> b -> c -> a", "b -> c -> a -> b", "c -> a -> b -> c")
+    assert any(f"stages form a cycle: {path}" in message for path in rotations), message
+
+
 def test_stage_data_format_must_fit_the_stage(tmp_path):
     message = error_of(tmp_path, MINIMAL, ["stages.inst.data=text"])
     assert "stages.inst.data" in message and "'text'" in message and "chat" in message

@@ -369,3 +369,31 @@ def test_markdown_of_a_comparison_without_chance_or_missing_suites():
     # A comparison.json written before `chance` existed still renders.
     comparison = {"split": "test", "columns": [{"key": "score", "label": "Score (weighted)", "higher_is_better": True}], "rows": [{"variant": "a", "values": {"score": 0.5}, "missing": {}}], "best": {}}
     assert comparison_markdown(comparison).splitlines()[2:] == ["| a | 0.500 |", "", "- Split: `test`. ↑ higher is better, ↓ lower is better; best in bold."]
+
+
+def test_lm_eval_retention_columns_one_per_task_metric_then_the_pooled_objective():
+    """No Ray: results as the lm_eval suite writes them. Each task's numeric metrics become a
+    'Retention' column in task order (booleans and other keys are not metrics), a metric lm-eval
+    says is lower-is-better keeps that direction, and with several tasks the pooled objective
+    (the suite's objective_metric) comes last; a variant without the suite adds nothing."""
+    from alloylm.evaluate.comparison import Column, _lm_eval_columns
+
+    metrics = {
+        "tasks": ["t1", "t2"], "t1/acc": 0.5, "t1/acc_norm": 0.6, "t2/acc": 0.4, "t2/perplexity": 12.0,
+        "t2/flag": True, "t3/acc": 0.9, "acc_norm": 0.55, "acc": 0.45, "items": 10,
+        "higher_is_better": {"t2/perplexity": False},
+    }
+    with_suite = {"suites": {"lm_eval": {"metrics": metrics}}, "config": {"suites": {"lm_eval": {"objective_metric": "acc_norm"}}}}
+    columns = _lm_eval_columns({"a": with_suite, "b": {"suites": {"multiple_choice": {"metrics": {"accuracy": 0.3}}}}})
+    assert columns == [
+        Column("lm_eval", "t1/acc", "Retention: t1 acc", True),
+        Column("lm_eval", "t1/acc_norm", "Retention: t1 acc_norm", True),
+        Column("lm_eval", "t2/acc", "Retention: t2 acc", True),
+        Column("lm_eval", "t2/perplexity", "Retention: t2 perplexity", False),
+        Column("lm_eval", "acc_norm", "Retention: acc_norm over all tasks", True),
+    ]
+    # One task: its own columns only (the pooled value would repeat them); no objective_metric: acc.
+    single = {"suites": {"lm_eval": {"metrics": {"tasks": ["t1"], "t1/acc": 0.5, "acc": 0.5}}}}
+    assert _lm_eval_columns({"a": single}) == [Column("lm_eval", "t1/acc", "Retention: t1 acc", True)]
+    two = {"suites": {"lm_eval": {"metrics": {"tasks": ["t1", "t2"], "t1/acc": 0.5, "t2/acc": 0.4, "acc": 0.45}}}}
+    assert _lm_eval_columns({"a": two})[-1] == Column("lm_eval", "acc", "Retention: acc over all tasks", True)

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from alloylm import storage
@@ -129,6 +130,19 @@ def test_search_finds_best_of_its_trials_and_reproduces_with_mergekit(prepared, 
     assert events, "no TensorBoard events in the Tune experiment copy"
     best_yaml = yaml.safe_load(open(os.path.join(stage, "best_merge.yaml")))
     assert best_yaml["merge_method"] == "slerp"
+    # The winner is the top trial of trials.jsonl, and best_merge.yaml holds its parameters.
+    top = max(complete, key=lambda r: r["score"])
+    assert summary["best_trial"] == top["trial"] and summary["best_params"] == top["params"]
+    t = {entry.get("filter", "default"): entry["value"] for entry in best_yaml["parameters"]["t"]}
+    assert t == top["params"]["parameters"]["t"]
+    # Re-scoring the stage's model (as mergekit wrote it) on the validation split gives best_score.
+    from alloylm.evaluate import data_uris
+    from alloylm.evaluate.runner import load_eval_data, score_model
+
+    eval_config = config.search_eval_config("merged")
+    data = load_eval_data(eval_config, data_uris(eval_config, config.run_uri), split="validation", tokenizer_uri=storage.join(config.run_uri, "tokenizer"))
+    rescored, _ = score_model(eval_config, stage, data)
+    assert rescored["score"] == pytest.approx(summary["best_score"], abs=1e-6)
     # mergekit's own CLI on best_merge.yaml writes the same tensors as the stage's model.
     out = tmp_path / "mergekit-out"
     done = subprocess.run(
@@ -265,3 +279,162 @@ def test_interrupted_search_restores_without_redoing_finished_trials(prepared, r
     for trial, text in finished.items():
         # A finished trial is not run again: its results are byte for byte what they were.
         assert open(os.path.join(experiment, trial, "result.json")).read() == text, trial
+
+
+def _merged(root, config, name: str) -> tuple[dict, dict, dict]:
+    out = os.path.join(config.run_uri, "stages", name)
+    return _state_dict(out), _state_dict(str(root / "parent-a")), _state_dict(str(root / "parent-b"))
+
+
+def _slerp(t: float, v0, v1):
+    """SLERP of two whole tensors as mergekit computes it (the angle between the flattened, normalised
+    tensors; the tensors themselves are interpolated), written out here from the formula."""
+    import math
+
+    import torch
+
+    a, b = v0.double(), v1.double()
+    cos = float((a / a.norm() * (b / b.norm())).sum())
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def test_fixed_merge_from_parameters_is_the_papers_layer_wise_slerp(prepared):
+    """The paper configs' dpo-slerp stage: kind merge, the second parent as base (t=0), the paper's
+    gradients. pico-llama has 2 layers: mergekit spreads the 5 anchors over them, so layer 0 takes
+    the first anchor and layer 1 the last; other tensors take `default`."""
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    stages = {"dpo-slerp": {
+        "kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "base": str(root / "parent-b"),
+        "tokenizer_from": str(root / "parent-b"), "method": "slerp", "parameters": PAPER_POINT,
+    }}
+    config = _load(root, stages, name="dpo-slerp.yaml")
+    manifest = merge_stage(config, "dpo-slerp")
+    assert manifest["stage_kind"] == "merge"
+    merged, a, b = _merged(root, config, "dpo-slerp")
+    # base (t = 0) is parent-b, the other end (t = 1) is parent-a
+    for layer, (attention_end, mlp_end) in enumerate([(b, a), (a, b)]):
+        q, up = f"model.layers.{layer}.self_attn.q_proj.weight", f"model.layers.{layer}.mlp.up_proj.weight"
+        assert torch.equal(merged[q], attention_end[q]), q
+        assert torch.equal(merged[up], mlp_end[up]), up
+    embed = "model.embed_tokens.weight"
+    expected = _slerp(0.5, b[embed], a[embed])
+    assert (merged[embed].double() - expected).abs().max() < 1e-5
+    assert not torch.equal(merged[embed], a[embed]) and not torch.equal(merged[embed], b[embed])
+    out = os.path.join(config.run_uri, "stages", "dpo-slerp")
+    assert yaml.safe_load(open(os.path.join(out, "merge.yaml")))["base_model"] == str(root / "parent-b")
+
+
+def _rows(config, name: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(config.run_uri, "stages", name, "search", "trials.jsonl"))]
+
+
+def _searcher_state(config, name: str, pattern: str) -> list[str]:
+    """The searcher state files Tune saved with the experiment (in the stage's tune/ copy)."""
+    import glob
+
+    return glob.glob(os.path.join(config.run_uri, "stages", name, "search", "tune", pattern))
+
+
+def test_cmaes_search_over_model_space_weights(prepared):
+    """Optuna's CMA-ES over per-parent `weight`s of a linear merge (`model_space`): the given point
+    is tried first, the searcher is CMA-ES, and the stage's model is the linear merge with the top
+    trial's weights, checked against a hand calculation (mergekit normalises the weights)."""
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    a_name, b_name = str(root / "parent-a"), str(root / "parent-b")
+    stage = {
+        "kind": "merge_search", "parents": [a_name, b_name], "method": "linear",
+        "search": {
+            "model_space": {a_name: {"weight": {"low": 0.1, "high": 1.0}}, b_name: {"weight": {"low": 0.1, "high": 1.0}}},
+            "points": [{"model_parameters": {a_name: {"weight": 0.9}, b_name: {"weight": 0.2}}}],
+            "searcher": "cmaes", "num_samples": 2, "max_concurrent_trials": 1, "objective": {"max_items": 4},
+        },
+    }
+    config = _load(root, {"cmaes": stage}, name="cmaes.yaml")
+    merge_stage(config, "cmaes")
+    rows = _rows(config, "cmaes")
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows)
+    weights = [(r["params"]["model_parameters"][a_name]["weight"], r["params"]["model_parameters"][b_name]["weight"]) for r in rows]
+    assert weights[0] == (0.9, 0.2)
+    assert len(set(weights)) == 2 and all(0.1 <= w <= 1.0 for pair in weights for w in pair)
+    import cloudpickle
+
+    (state,) = _searcher_state(config, "cmaes", "searcher-state-*.pkl")  # OptunaSearch's saved attributes
+    with open(state, "rb") as f:
+        assert type(cloudpickle.load(f)["_sampler"]).__name__ == "CmaEsSampler"
+
+    top = max(rows, key=lambda r: r["score"])
+    wa, wb = (top["params"]["model_parameters"][n]["weight"] for n in (a_name, b_name))
+    merged, a, b = _merged(root, config, "cmaes")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    assert (merged[name] - (wa * a[name] + wb * b[name]) / (wa + wb)).abs().max() < 1e-6
+
+
+def test_random_search_samples_within_bounds_after_its_points(prepared):
+    """Tune's random search: the point first, then uniform samples within the bounds, one trial at a
+    time as `max_concurrent_trials: 1` says (so every trial ran in the one reused trial process)."""
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    stage = _search_stage(root, searcher="random", num_samples=2, asha=None, max_concurrent_trials=1,
+                          space={"t": {"low": 0.2, "high": 0.4}}, points=[{"t": 0.25}], objective={"max_items": 4})
+    config = _load(root, {"random": stage}, name="random.yaml")
+    merge_stage(config, "random")
+    rows = _rows(config, "random")
+    ts = [r["params"]["parameters"]["t"] for r in rows]
+    assert len(rows) == 2 and ts[0] == 0.25
+    assert len(set(ts)) == 2 and all(0.2 <= t <= 0.4 for t in ts), ts
+    # Tune's BasicVariantGenerator ran (its own state file), not an Optuna searcher.
+    assert _searcher_state(config, "random", "basic-variant-state-*.json") and not _searcher_state(config, "random", "searcher-state-*.pkl")
+    tune_dir = os.path.join(config.run_uri, "stages", "random", "search", "tune")
+    pids = {json.loads(open(os.path.join(tune_dir, d, "result.json")).readline())["pid"] for d in os.listdir(tune_dir) if d.startswith("run_trial_")}
+    assert len(pids) == 1, pids
+    summary = json.load(open(os.path.join(config.run_uri, "stages", "random", "merge_summary.json")))
+    assert summary["best_params"]["parameters"]["t"] == max(rows, key=lambda r: r["score"])["params"]["parameters"]["t"]
+
+
+def test_cli_data_only_merge_eval_and_report(prepared, capsys):
+    """`alloylm data --only`, `merge`, `eval` and `report`, in process on the session's cluster (here
+    to reuse this module's parents). A run of its own takes parent-a's tokenizer: `data --only bench`
+    prepares the tokenizer and that data set and no other; `merge` writes the fixed stage; `eval`
+    scores it (the score it prints is the one results.json holds, on the test split); `report`
+    renders it."""
+    from alloylm.cli import main
+
+    root = prepared
+    a, b = str(root / "parent-a"), str(root / "parent-b")
+    raw = _config(root, {"lin": {"kind": "merge", "parents": [a, b], "method": "linear", "model_parameters": {a: {"weight": 0.3}, b: {"weight": 0.7}}}})
+    raw["experiment"] = "cli"
+    raw["tokenizer"] = {"from": a}
+    raw["evaluate"]["variants"] = ["lin"]
+    raw["evaluate"]["max_items"] = 4
+    raw["evaluate"]["suites"]["short_answer"] = {"enabled": False}
+    path = str(_write(root, raw, "cli.yaml"))
+    run = root / "runs" / "cli"
+
+    def command(*argv: str) -> dict:
+        assert main(list(argv)) == 0
+        out = capsys.readouterr().out
+        return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+
+    prepared_now = command("data", path, "--only", "bench")
+    assert set(prepared_now) == {"bench"}  # the data sets' counts (the tokenizer is made too)
+    assert storage.is_complete(str(run / "tokenizer")) and storage.is_complete(str(run / "data" / "bench")) and not (run / "data" / "text").exists() and not (run / "data" / "chat").exists()
+
+    merged = command("merge", path, "lin")
+    assert merged["stage"] == "lin" and storage.is_complete(merged["model"])
+    assert os.path.exists(os.path.join(merged["model"], "merge.yaml"))
+
+    scored = command("eval", path)
+    assert scored["failed"] == {} and set(scored["scores"]) == {"lin"}
+    for variant, score in scored["scores"].items():
+        results = json.load(open(run / "eval" / variant / "results.json"))
+        assert results["split"] == "test" and results["score"] == score and score is not None
+
+    command("report", path)
+    report = (run / "report" / "report.md").read_text()
+    assert "lin" in report and (run / "report" / "report.html").exists()

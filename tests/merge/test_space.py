@@ -70,6 +70,20 @@ def test_per_parent_dimensions_come_after_method_ones_and_name_their_parent():
     assert (dims[1].low, dims[1].high, dims[1].values) == (0.0, 2.0, (0.5, 1.0, 1.5))
 
 
+
+def test_a_parent_named_by_path_or_hub_id_has_no_slash_in_its_keys():
+    """Tune refuses a search space with `/` in a key (its nesting delimiter): a parent given as a
+    model path or Hub id is written with `|` in the key, and still assembled under its own name."""
+    hub = "meta-llama/Llama-3.1-8B-Instruct"
+    config = search(model_space={hub: {"weight": {"low": 0.5, "high": 1.5}}, "/models/dpo": {"density": {}}})
+    dims = dimensions(config)
+    assert [d.key for d in dims] == ["model.meta-llama|Llama-3.1-8B-Instruct.weight", "model.|models|dpo.density"]
+    _, per_model = assemble({d.key: 0.75 for d in dims}, config, dims, parameters={}, model_parameters={})
+    assert per_model == {hub: {"weight": 0.75}, "/models/dpo": {"density": 0.75}}
+    point = {"model_parameters": {hub: {"weight": 1.0}, "/models/dpo": {"density": 0.5}}}
+    assert flatten_point(point, config, dims, where="pt") == {dims[0].key: 1.0, dims[1].key: 0.5}
+
+
 # ----------------------------------------------------------------------------- Tune's space
 
 

@@ -140,6 +140,35 @@ def test_engine_batched_greedy_matches_generate_one_by_one(tokenizer):
             assert final.text == tokenizer.decode(want, skip_special_tokens=True), (preset, len(ids))
 
 
+def test_top_p_samples_only_from_the_head_of_the_distribution(tokenizer):
+    """Nucleus sampling: at temperature 1 the engine draws only among the most probable tokens whose
+    mass first reaches top_p. With top_p between p1 and p1 + p2 that is exactly the top two tokens
+    (read here from the model's own next-token distribution), both drawn over 48 seeds; with
+    top_p = 1 other tokens come too; with top_p below p1, only the greedy token."""
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    prompt = tokenizer("Material 5 has")["input_ids"]
+    with torch.no_grad():
+        probs = model(torch.tensor([prompt])).logits[0, -1].float().softmax(-1)
+    (p1, p2, p3), (t1, t2, _) = probs.topk(3)
+    assert p1 / p2 > 1.001 and p2 / p3 > 1.001  # no near-tie that batching noise could reorder
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=16)
+
+    def drawn(top_p: float) -> set[int]:
+        # logprobs=0: each event names the token it drew (the sampling itself is the same)
+        params = [SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=seed, logprobs=0) for seed in range(48)]
+        return {final.logprobs[0].token for (final,) in _collect(engine, [(prompt, p, 0.0) for p in params])}
+
+    try:
+        head = drawn(float(p1 + p2 / 2))
+        everything = drawn(1.0)
+        greedy = drawn(float(p1 / 2))
+    finally:
+        engine.close()
+    assert head == {int(t1), int(t2)}
+    assert everything - {int(t1), int(t2)}
+    assert greedy == {int(t1)}
+
+
 def test_engine_honours_each_requests_own_parameters(tokenizer):
     model = build_model("tiny-llama", tokenizer, seed=0)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[1, 4], max_batch_size=16)

@@ -158,10 +158,12 @@ def _searcher(stage: MergeSearchStageConfig, seed: int, points: list[dict[str, f
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     search = stage.search
+    # Tune applies TuneConfig.max_concurrent_trials to a Searcher only (it warns and ignores it for a
+    # SearchGenerator such as BasicVariantGenerator), so grid and random take their own limit.
     if search.searcher == "grid":
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(random_state=seed, max_concurrent=search.max_concurrent_trials)
     if search.searcher == "random":
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed)
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed, max_concurrent=search.max_concurrent_trials)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -241,7 +243,8 @@ def run_search(
                 search_alg=_searcher(stage, seed, list(job.points_flat)),
                 scheduler=_scheduler(stage),
                 num_samples=num_samples,
-                max_concurrent_trials=search.max_concurrent_trials,
+                # grid and random: the generator holds the limit (see _searcher)
+                max_concurrent_trials=None if search.searcher in ("grid", "random") else search.max_concurrent_trials,
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(

@@ -56,8 +56,15 @@ def dimensions(search: MergeSearchConfig) -> list[Dimension]:
         dims += _dimensions_of("", None, name, spec)
     for parent, specs in search.model_space.items():
         for name, spec in specs.items():
-            dims += _dimensions_of(f"model.{parent}.", parent, name, spec)
+            dims += _dimensions_of(f"model.{key_part(parent)}.", parent, name, spec)
     return dims
+
+
+def key_part(parent: str) -> str:
+    """A parent's name as part of a Tune key. Tune splits keys at `/` (and refuses a search space
+    whose keys hold one), so a parent given as a model path or a Hugging Face id
+    (`meta-llama/Llama-3.1-8B-Instruct`) has its slashes written as `|`."""
+    return parent.replace("/", "|")
 
 
 def tune_space(search: MergeSearchConfig, dims: list[Dimension]) -> dict[str, Any]:
