@@ -29,6 +29,11 @@ def config(on_gpu: bool = False, **options) -> dict | None:
     return deepspeed_config(DeepSpeedOptions(**options), on_gpu=on_gpu)
 
 
+def unchecked(on_gpu: bool = False, **options) -> dict | None:
+    """The builder on options a run config refuses (stage 3 without gathering): what it maps."""
+    return deepspeed_config(DeepSpeedOptions.model_construct(**options), on_gpu=on_gpu)
+
+
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_no_stage_means_plain_ddp(on_gpu):
     assert config(on_gpu) is None
@@ -52,7 +57,7 @@ def test_stage_2_overlaps_communication_only_on_gpu(on_gpu):
 
 @pytest.mark.parametrize("gather", [True, False])
 def test_stage_3_partitions_parameters_and_gathers_them_on_save_as_asked(gather):
-    zero = config(stage=3, gather_16bit_weights_on_save=gather)["zero_optimization"]
+    zero = unchecked(stage=3, gather_16bit_weights_on_save=gather)["zero_optimization"]
     assert zero == {
         "stage": 3,
         "overlap_comm": False,
@@ -128,6 +133,8 @@ def test_gpu_training_leaves_the_optimizer_to_transformers(stage):
         ({"stage": 0, "offload_optimizer": True}, "offload_optimizer needs stage 1, 2 or 3"),
         ({"stage": 4}, "stage"),
         ({"stage": 2, "precision": "fp8"}, "precision"),
+        # Measured before the check: a committed stage with only ZeRO shards, which nothing can load.
+        ({"stage": 3, "gather_16bit_weights_on_save": False}, "saves only sharded ZeRO checkpoints"),
     ],
 )
 def test_impossible_options_are_refused_when_the_config_loads(options, message):
@@ -142,7 +149,7 @@ def test_deepspeed_reads_the_config_as_the_zero_stage_and_offload_asked_for():
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    built = config(False, stage=3, offload_optimizer=True, offload_params=True, gather_16bit_weights_on_save=False)
+    built = unchecked(False, stage=3, offload_optimizer=True, offload_params=True, gather_16bit_weights_on_save=False)
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=3, use_cpu=True, report_to=[])
     hf = HfTrainerDeepSpeedConfig(built)
     hf.trainer_config_process(args)

@@ -54,6 +54,13 @@ class DeepSpeedOptions(_Frozen):
             raise ValueError("offload_params needs stage 3")
         if self.offload_optimizer and not self.stage:
             raise ValueError("offload_optimizer needs stage 1, 2 or 3")
+        if self.stage == 3 and not self.gather_16bit_weights_on_save:
+            # Measured: the stage committed a folder with only global_step*/ and zero_to_fp32.py,
+            # which no later stage, merge or server can load.
+            raise ValueError(
+                "gather_16bit_weights_on_save: false with stage 3 saves only sharded ZeRO checkpoints, "
+                "not the plain model every later stage, merge and server reads; keep it true"
+            )
         return self
 
 
