@@ -79,8 +79,7 @@ def _decode(data: bytes, where: str) -> LeaseInfo | None:
 
 class _LocalStore:
     def __init__(self, path: str) -> None:
-        self.path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path  # its folder is made on the first write: reading a lease creates nothing
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -93,6 +92,7 @@ class _LocalStore:
 
     def create(self, data: bytes) -> str | None:
         """Write the lease if there is none; its version token, or None when one exists."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
