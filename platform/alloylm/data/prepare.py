@@ -98,10 +98,13 @@ def check_sources(config: RunConfig, names: list[str] | None = None) -> None:
     """A SourceError for the first source of the data sets `names` (default: all) that lists
     nothing: `alloylm data` calls it before it starts a Ray cluster, so a mistyped path fails in
     a second or two, not after the cluster's start-up."""
+    from alloylm.data.sources import expand_files
+
     for name in names or list(config.datasets):
         if name in config.datasets:  # an unknown name is prepare_all's error, with the known ones
             for source in config.datasets[name].sources:
-                _source_signature(source)
+                if not source.startswith(("builtin:", "hf:")):
+                    expand_files(source)  # one listing, no per-file metadata (the fingerprint reads that later)
 
 
 def _prompt_signature(config: RunConfig, name: str) -> str | None:

@@ -138,7 +138,7 @@ def _table_rows(batch: pa.Table, fmt: str, columns: ColumnMapping, origin: str, 
     return out
 
 
-def _expand_files(source: str) -> tuple[list[str], list[str]]:
+def expand_files(source: str) -> tuple[list[str], list[str]]:
     """(files read as bytes, parquet files) for a folder, glob or file; SourceError if nothing is there."""
     try:
         if any(ch in source for ch in "*?["):
@@ -167,7 +167,7 @@ def _read_files(source: str, dataset: DatasetConfig):
     import ray.data
 
     fmt, columns = dataset.format, dataset.columns
-    raw_files, parquet_files = _expand_files(source)
+    raw_files, parquet_files = expand_files(source)
     parts = []
     fs, _ = storage.arrow_filesystem(source)
     strip = (lambda f: f.split("://", 1)[1]) if storage.is_remote(source) else (lambda f: f)
