@@ -17,15 +17,19 @@ What it does:
    blocks / seconds. It runs twice, before and after the pipeline, and the faster run is the
    baseline (this machine may be shared; the faster run is the fairer yardstick).
 4. Pipeline: `alloylm.data.prepare.prepare_dataset` on a local Ray cluster started here with
-   `ray.init(num_cpus=--cpus, include_dashboard=False)` (start time reported, not counted; then one
-   file goes through the pipeline untimed, which starts Ray's worker processes), timed from the
-   call to the committed manifest; tokens/s = manifest `tokens_out` / seconds. Variants:
+   `ray.init(num_cpus=--cpus, include_dashboard=False)` (start time reported, not counted; then
+   part of the corpus, two read tasks per CPU, goes through the pipeline untimed, which starts
+   Ray's worker processes), timed from the call to the committed manifest; tokens/s = manifest
+   `tokens_out` / seconds. Each variant runs `--repeats` times, interleaved with the other, and
+   its fastest run counts (as for the raw side). Variants:
    `full` (normalisation, exact and near dedup: the defaults) and `tokenize_only`
    (`data.exact_dedup=false data.near_dedup.enabled=false`).
 5. Checks each variant against the raw side: the same number of tokens, and for `tokenize_only`
    the same blocks in the same order (SHA-256 of every block's token ids).
 
-Goal (issue): pipeline >= 0.8x the raw tokenizer on this machine.
+Goals (issue 17): full cleaning >= 0.8x and tokenize-only >= 0.9x the raw tokenizer, on a quiet machine
+(1-minute load average <= 1.5 before the timed runs; the JSON says `quiet`, and a goal counts as met
+only on a quiet run).
 
 Both sides run the Rust tokenizer with its own thread pool (TOKENIZERS_PARALLELISM=true, which
 this script sets whatever the environment says; `--no-tokenizer-threads` sets it to false on
@@ -56,7 +60,10 @@ CORPUS_SOURCE = "biomaterials-corpus"
 VOCAB_SIZE = 2048
 TOKENIZER_SAMPLE_DOCUMENTS = 2000
 DATASET = "corpus"
-GOAL_RATIO = 0.8
+# The issue's goals, pipeline tokens/s over the raw side's, measured on a quiet machine.
+GOALS = {"full": 0.8, "tokenize_only": 0.9}
+# A run whose 1-minute load average before the timed part is above this is not called quiet.
+QUIET_LOAD = 1.5
 VARIANTS = {
     "full": [],
     "tokenize_only": ["data.exact_dedup=false", "data.near_dedup.enabled=false"],
@@ -71,6 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer batch on both sides, data.batch_size (default 256)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated corpus (default 0)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each pipeline variant, the fastest counts (default 2)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), help="pipeline variants to run (default both)")
     parser.add_argument("--no-tokenizer-threads", action="store_true", help="TOKENIZERS_PARALLELISM=false on both sides")
     parser.add_argument("--workdir", default=None, help="keep corpus, tokenizer and artifacts here (default: a temporary folder, removed)")
@@ -221,13 +229,23 @@ def _blocks_sha256(dataset_dir: str, shards: list[str]) -> str:
 
 
 def warm_up(corpus: Path, tokenizer_dir: Path, workdir: Path, args: argparse.Namespace) -> float:
-    """Prepare one file of the corpus, untimed: starts Ray's worker processes and Ray Data's own
+    """Prepare part of the corpus, untimed: starts Ray's worker processes and Ray Data's own
     actors, a once-per-cluster cost that would otherwise land on whichever variant runs first."""
     from alloylm.config import load_config
     from alloylm.data.prepare import prepare_dataset, prepare_tokenizer
 
+    from alloylm.data.sources import FILES_PER_READ_TASK
+
     started = time.monotonic()
-    config = load_config(_write_config(workdir, "bench-warm-up", sorted(corpus.glob("*.jsonl"))[0], tokenizer_dir, args))
+    # Enough files for two read tasks per CPU and two tokenizer tasks per actor, so every worker
+    # process the timed runs use has started and imported the pipeline's modules (one file used
+    # one worker: the first timed variant then paid 2-3 s of process starts and imports).
+    sample = workdir / "warm-up-files"
+    shutil.rmtree(sample, ignore_errors=True)
+    sample.mkdir()
+    for path in sorted(corpus.glob("*.jsonl"))[: 2 * args.cpus * FILES_PER_READ_TASK]:
+        shutil.copyfile(path, sample / path.name)
+    config = load_config(_write_config(workdir, "bench-warm-up", sample, tokenizer_dir, args))
     prepare_dataset(config, DATASET, prepare_tokenizer(config))
     return time.monotonic() - started
 
@@ -239,6 +257,7 @@ def pipeline(variant: str, corpus: Path, tokenizer_dir: Path, workdir: Path, arg
 
     config = load_config(_write_config(workdir, f"bench-{variant.replace('_', '-')}", corpus, tokenizer_dir, args), VARIANTS[variant])
     tokenizer_manifest = prepare_tokenizer(config)  # not timed: the tokenizer step
+    shutil.rmtree(dataset_uri(config, DATASET), ignore_errors=True)  # a repeat must not find it up to date
     started = time.monotonic()
     manifest = prepare_dataset(config, DATASET, tokenizer_manifest)
     seconds = time.monotonic() - started
@@ -297,9 +316,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     results: dict[str, dict] = {}
     try:
         warm_up_s = warm_up(corpus_dir, tokenizer_dir, workdir, args)
-        _say(f"warm-up: one file through the pipeline in {warm_up_s:.2f} s (not counted: starts Ray's workers)")
+        _say(f"warm-up: part of the corpus through the pipeline in {warm_up_s:.2f} s (not counted: starts Ray's workers)")
+        runs: dict[str, list[dict]] = {variant: [] for variant in args.variants}
+        for round_ in range(args.repeats):
+            for variant in args.variants:  # interleaved, so a slow spell of the machine hits both
+                runs[variant].append(pipeline(variant, corpus_dir, tokenizer_dir, workdir, args))
+                _say(f"pipeline {variant}, run {round_ + 1} of {args.repeats}: {runs[variant][-1]['seconds']:.2f} s")
         for variant in args.variants:
-            result = results[variant] = pipeline(variant, corpus_dir, tokenizer_dir, workdir, args)
+            # The fastest run, as for the raw side: on a shared machine it is the fairer yardstick.
+            result = results[variant] = dict(min(runs[variant], key=lambda r: r["seconds"]))
+            result["runs_seconds"] = [r["seconds"] for r in runs[variant]]
+            if len({r["blocks_sha256"] for r in runs[variant]}) != 1:
+                raise SystemExit(f"pipeline {variant}: its runs wrote different blocks: {[r['blocks_sha256'] for r in runs[variant]]}")
             result["check"] = _check(result, raw_runs[0])
             result["same_blocks_as_raw"] = result["blocks_sha256"] == raw_runs[0]["blocks_sha256"]
             result["same_token_count_as_raw"] = result["tokens"] == raw_runs[0]["tokens"]
@@ -316,10 +344,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     _say(f"raw baseline: the faster raw run ({raw['when']}), {raw['tokens_per_s']:,.0f} tokens/s")
     for variant, result in results.items():
         result["ratio_to_raw"] = round(result["tokens_per_s"] / raw["tokens_per_s"], 3)
-        verdict = "meets" if result["ratio_to_raw"] >= GOAL_RATIO else "misses"
-        _say(f"pipeline {variant}: {result['tokens_per_s']:,.0f} tokens/s = {result['ratio_to_raw']:.2f}x raw ({verdict} the {GOAL_RATIO}x goal)")
+        verdict = "meets" if result["ratio_to_raw"] >= GOALS[variant] else "misses"
+        _say(f"pipeline {variant}: {result['tokens_per_s']:,.0f} tokens/s = {result['ratio_to_raw']:.2f}x raw ({verdict} the {GOALS[variant]}x goal)")
     load_end = os.getloadavg()[0]
-    _say(f"load average (1 min) {load_start:.1f} before the timed runs, {load_end:.1f} after, on {os.cpu_count()} cores")
+    quiet = load_start <= QUIET_LOAD
+    _say(
+        f"load average (1 min) {load_start:.1f} before the timed runs, {load_end:.1f} after, on {os.cpu_count()} cores: "
+        + ("a quiet machine" if quiet else f"NOT a quiet machine (load above {QUIET_LOAD} before the timed runs): these ratios are not the goal's measure")
+    )
     return {
         "benchmark": "data_prep",
         "machine": {
@@ -327,6 +359,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             "ray_cpus": args.cpus,
             "python": platform.python_version(),
             "load_average_1min": [round(load_start, 2), round(load_end, 2)],
+            "quiet": quiet,
             "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
         },
         "settings": {"block_size": args.block_size, "batch_size": args.batch_size, "files": corpus["files"], "vocab_size": VOCAB_SIZE},
@@ -342,15 +375,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "raw_runs": raw_runs,
         "pipeline": results,
         "ratios": {variant: r["ratio_to_raw"] for variant, r in results.items()},
-        "goal_ratio": GOAL_RATIO,
-        "goal_met": {variant: r["ratio_to_raw"] >= GOAL_RATIO for variant, r in results.items()},
+        "goal_ratio": {variant: GOALS[variant] for variant in results},
+        # Met only on a quiet machine: a loaded one slows the raw side more than the pipeline.
+        "goal_met": {variant: quiet and r["ratio_to_raw"] >= GOALS[variant] for variant, r in results.items()},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    if args.mb <= 0 or args.files < 1 or args.cpus < 1 or args.block_size < 8 or args.batch_size < 1:
-        raise SystemExit("--mb, --files, --cpus and --batch-size must be positive and --block-size at least 8")
+    if args.mb <= 0 or args.files < 1 or args.cpus < 1 or args.repeats < 1 or args.block_size < 8 or args.batch_size < 1:
+        raise SystemExit("--mb, --files, --cpus, --repeats and --batch-size must be positive and --block-size at least 8")
     # Before anything imports `tokenizers`; Ray workers inherit it (local cluster started here).
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if args.no_tokenizer_threads else "true"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
