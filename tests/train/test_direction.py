@@ -236,15 +236,27 @@ def test_the_paper_sft_settings_train_on_ray_under_zero3_with_the_optimizer_offl
     raw["stages"] = {"paper-sft": {
         "kind": "sft", "from": world["parent"], "data": "chat", "assistant_only_loss": False, "packing": True,
         "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "max_length": 256, "gradient_checkpointing": True},
-        "deepspeed": {"stage": 3, "offload_optimizer": True, "gather_16bit_weights_on_save": True},
+        "deepspeed": {"stage": 3, "precision": "bf16", "offload_optimizer": True, "gather_16bit_weights_on_save": True},
     }}
     config = validate_config(raw)
     metrics = train_stage(config, "paper-sft")["metrics"]
     ran = metrics["deepspeed"]
     assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 3, {"optimizer": "cpu", "params": None})
     assert ran["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and ran["gather_16bit_weights_on_save"] is True
-    assert metrics["global_step"] == 2
+    assert ran["precision"] == "bf16"  # the paper's precision, run by the engine on the CPU
+    losses = _losses(config, "paper-sft")
+    assert metrics["global_step"] == 2 and len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
     trained, parent = load_model(stage_uri(config, "paper-sft")).state_dict(), load_model(world["parent"]).state_dict()
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in parent.items()}
     assert all(v.numel() > 0 for v in trained.values())
-    assert sum(not torch.equal(v, parent[k]) for k, v in trained.items()) > len(parent) // 2
+    # Trained, not only rounded to bf16: compared with the parent in the precision it was trained in.
+    moved = sum(not torch.equal(v.to(torch.bfloat16), parent[k].to(torch.bfloat16)) for k, v in trained.items())
+    assert moved > len(parent) // 2
+
+
+def _losses(config, stage: str) -> list[float]:
+    """The training losses the stage logged (metrics.jsonl in its folder)."""
+    from alloylm.train.launcher import stage_uri
+
+    with open(os.path.join(stage_uri(config, stage), "metrics.jsonl"), encoding="utf-8") as f:
+        return [row["loss"] for row in map(json.loads, f) if "loss" in row]
