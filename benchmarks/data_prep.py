@@ -274,6 +274,8 @@ def pipeline(variant: str, corpus: Path, tokenizer_dir: Path, workdir: Path, arg
         "shards": len(manifest["shards"]),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(counts["tokens_out"] / seconds, 1),
+        # Where the time went, from the data set's manifest (alloylm.data.prepare.DATA_PHASES).
+        "breakdown": manifest["breakdown"],
     }
 
 
@@ -321,7 +323,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         for round_ in range(args.repeats):
             for variant in args.variants:  # interleaved, so a slow spell of the machine hits both
                 runs[variant].append(pipeline(variant, corpus_dir, tokenizer_dir, workdir, args))
-                _say(f"pipeline {variant}, run {round_ + 1} of {args.repeats}: {runs[variant][-1]['seconds']:.2f} s")
+                phases = " ".join(f"{k} {v:.2f}" for k, v in runs[variant][-1]["breakdown"].items())
+                _say(f"pipeline {variant}, run {round_ + 1} of {args.repeats}: {runs[variant][-1]['seconds']:.2f} s ({phases})")
         for variant in args.variants:
             # The fastest run, as for the raw side: on a shared machine it is the fairer yardstick.
             result = results[variant] = dict(min(runs[variant], key=lambda r: r["seconds"]))

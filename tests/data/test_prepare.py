@@ -221,6 +221,23 @@ def test_manifest_is_last_and_resolved_config_is_saved(messy_run):
     assert not any(".staging" in f for f in storage.list_files(config.run_uri) if not f.startswith(str(Path(config.run_uri) / ".staging")))
 
 
+def test_every_manifest_says_where_its_time_went(messy_run):
+    from alloylm.data.prepare import DATA_PHASES
+
+    _, manifests = messy_run
+    text_phases = ["read_clean", "dedup", "tokenize", "write_shards", "tails", "write_documents", "finish"]
+    rendered_phases = ["read_clean", "dedup", "tokenize", "write_shards", "finish"]
+    for name, manifest in manifests.items():
+        if name == "tokenizer":
+            continue
+        breakdown = manifest["breakdown"]
+        assert list(breakdown) == (text_phases if manifest["format"] == "text" else rendered_phases), name
+        assert list(breakdown) == [p for p in DATA_PHASES if p in breakdown]  # in the documented order
+        assert all(seconds >= 0 for seconds in breakdown.values())
+        # The phases cover the data set's time from start to the manifest (rounding aside).
+        assert sum(breakdown.values()) == pytest.approx(manifest["seconds"], abs=0.02), (name, breakdown, manifest["seconds"])
+
+
 def test_rerun_is_skipped_and_changed_input_is_not_overwritten(messy_run):
     config, manifests = messy_run
     tokenizer_manifest = storage.read_manifest(storage.join(config.run_uri, "tokenizer"))

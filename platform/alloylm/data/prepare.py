@@ -39,6 +39,7 @@ from alloylm.artifact import fingerprint
 from alloylm.layout import RunLayout
 from alloylm.config import DataPrepConfig, RunConfig
 from alloylm.errors import DataPreparationError as _DataPreparationError
+from alloylm.timing import PhaseClock
 from alloylm.data import clean, minhash
 from alloylm.corpus import BUILTIN_FORMATS
 from alloylm.data.sources import SourceError, read_dataset
@@ -55,6 +56,18 @@ log = logging.getLogger("alloylm.data")
 MAX_PROBLEMS_SHOWN = 10
 # Tokenizer batches per packing task: fewer, larger tasks cost less scheduling and fewer blocks.
 BATCHES_PER_TOKENIZER_TASK = 8
+# A data set manifest's `breakdown`: where its `seconds` went, in this order (a phase that did not
+# run is absent).
+DATA_PHASES = {
+    "generate": "a generated data set: preparing its source and running the teacher (or resuming it)",
+    "read_clean": "Ray Data pass 1: reading the sources, normalising, length filters, content hashes, MinHash signatures",
+    "dedup": "on the driver: exact and near duplicates from the hashes and signatures",
+    "tokenize": "Ray Data pass 2: dropping the duplicates, tokenizing and packing (text) or rendering chats (actor pool)",
+    "write_shards": "the parquet shards, every one but the last full",
+    "tails": "text: the per-batch leftovers packed together on the driver",
+    "write_documents": "text: the kept documents, for the data sets generated from this one",
+    "finish": "problems.jsonl, the generated items, listing the shards",
+}
 
 
 # A data set that cannot be prepared (no usable record, unreadable source); defined with the
@@ -354,7 +367,7 @@ def _write_table(table: pa.Table, uri: str) -> None:
     pq.write_table(table, path, filesystem=fs)
 
 
-def _prepare_text(config: RunConfig, kept, kept_count: int, shards_uri: str, tok_uri: str, tokenizer) -> dict[str, int]:
+def _prepare_text(config: RunConfig, kept, kept_count: int, shards_uri: str, tok_uri: str, tokenizer, clock: PhaseClock) -> dict[str, int]:
     prep = config.data
     # Blocks of whole batches of batch_size consecutive kept documents, whatever blocks reading and
     # dedup produced, so the packing (and every block) depends only on the input. Several batches
@@ -373,7 +386,9 @@ def _prepare_text(config: RunConfig, kept, kept_count: int, shards_uri: str, tok
         batch_format="numpy",
         **_tokenizer_pool(prep, math.ceil(kept_count / rows_per_task)),
     ).materialize()
+    clock.lap("tokenize")
     _write_shards(packed.filter(expr="is_tail == False").select_columns(["input_ids"]), shards_uri, prep.rows_per_shard)
+    clock.lap("write_shards")
     # Per-batch tails are packed together here, so only the run's final partial block is left over.
     tails = [
         np.asarray(ids, dtype=np.int32)
@@ -401,6 +416,7 @@ def _prepare_text(config: RunConfig, kept, kept_count: int, shards_uri: str, tok
         if len(tail_blocks):
             _write_table(table, storage.join(shards_uri, "tail.parquet"))
     counts["tokens_out"] = counts["blocks"] * width - counts["tail_padded_tokens"]
+    clock.lap("tails")
     return counts
 
 
@@ -411,7 +427,7 @@ def _column_batches(ds, column: str):
 
 
 def _prepare_rendered(
-    config: RunConfig, kept, kept_count: int, kept_blocks: int, shards_uri: str, tok_uri: str, tokenizer, fmt: str
+    config: RunConfig, kept, kept_count: int, kept_blocks: int, shards_uri: str, tok_uri: str, tokenizer, fmt: str, clock: PhaseClock
 ) -> dict[str, int]:
     prep = config.data
     if fmt == "benchmark":
@@ -426,7 +442,9 @@ def _prepare_rendered(
             **_tokenizer_pool(prep, min(math.ceil(kept_count / prep.batch_size), kept_blocks)),
         )
     rendered = rendered.materialize()
+    clock.lap("tokenize")
     _write_shards(rendered, shards_uri, prep.rows_per_shard)
+    clock.lap("write_shards")
     counts = {"records_out": rendered.count()}
     # Sums and tallies on the driver: Dataset.sum() would start a hash-aggregation (actors, seconds).
     if fmt != "benchmark":
@@ -478,7 +496,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
         return manifest
     # Same input, same shards: blocks come out in input order, so packing is reproducible.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    started = time.monotonic()
+    started, clock = time.monotonic(), PhaseClock()
     fmt, prep = dataset.format, config.data
     near = None
     if fmt == "text" and prep.near_dedup.enabled:
@@ -499,6 +517,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             source_manifest = prepare_dataset(config, source, tokenizer_manifest)
             generation = generate_items(config, name, dataset_uri(config, source), source_manifest)
             raw = read_dataset(config, name)
+            clock.lap("generate")
         # batch_size=None: one task per block the source produced. A row count here would make
         # Ray bundle that many *source* rows (files, for file sources) into one task.
         annotated = raw.map_batches(
@@ -507,8 +526,10 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             batch_format="numpy",
             batch_size=None,
         ).materialize()
+        clock.lap("read_clean")
         documents_in = annotated.count()
         duplicates, dropped, problems = _find_duplicates(annotated, exact, near)
+        clock.lap("dedup")
         kept_count = documents_in - sum(dropped.values())
         if kept_count == 0:
             shown = "; ".join(p["detail"] for p in problems[:MAX_PROBLEMS_SHOWN])
@@ -522,11 +543,12 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
         # Loaded once here and handed to the actors (see alloylm.data.tokenize).
         tokenizer = None if fmt == "benchmark" else _load_run_tokenizer(tok_uri, config.trust_remote_code)
         if fmt == "text":
-            counts = _prepare_text(config, kept, kept_count, shards_uri, tok_uri, tokenizer)
+            counts = _prepare_text(config, kept, kept_count, shards_uri, tok_uri, tokenizer, clock)
             documents = kept.map_batches(_documents_table, batch_format="pyarrow", batch_size=None)
             _write_shards(documents, storage.join(artifact.staging_uri, "documents"), prep.rows_per_shard)
+            clock.lap("write_documents")
         else:
-            counts = _prepare_rendered(config, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt)
+            counts = _prepare_rendered(config, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt, clock)
         extra: dict[str, Any] = {}
         if fmt == "text":
             listed = storage.list_files(storage.join(artifact.staging_uri, "documents"))
@@ -540,6 +562,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             storage.write_text(storage.join(artifact.staging_uri, "generated.jsonl"), storage.read_text(generation.items_uri))
         storage.write_text(storage.join(artifact.staging_uri, "problems.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
         shards = sorted(os.path.basename(f) for f in storage.list_files(shards_uri) if f.endswith(".parquet"))
+        clock.lap("finish")  # problems.jsonl, generated.jsonl, the listing; the commit below is not counted
         for problem in problems[:MAX_PROBLEMS_SHOWN]:
             log.warning("data %s: skipped %s: %s", name, problem["reason"], problem["detail"])
         if len(problems) > MAX_PROBLEMS_SHOWN:
@@ -557,12 +580,15 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
                 "shards": [f"shards/{s}" for s in shards],
                 **extra,
                 "seconds": round(time.monotonic() - started, 3),
+                # Where `seconds` went, phase by phase (DATA_PHASES).
+                "breakdown": clock.rounded(),
             }
         )
     c = manifest["counts"]
     log.info(
-        "data %s: %d in, %d kept, dropped %s, %s tokens out -> %s",
+        "data %s: %d in, %d kept, dropped %s, %s tokens out -> %s (%.1f s: %s)",
         name, c["documents_in"], c["documents_kept"], c["dropped"] or "none", c.get("tokens_out", "-"), uri,
+        manifest["seconds"], " ".join(f"{k} {v:.1f}" for k, v in manifest["breakdown"].items()),
     )
     return manifest
 

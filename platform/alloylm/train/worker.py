@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alloylm.timing import PhaseClock
 from alloylm.tracking import MlflowTarget
 
 log = logging.getLogger("alloylm.train")
@@ -416,25 +417,3 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"started_at": started_at, "seconds": clock.seconds}
-
-
-class PhaseClock:
-    """Seconds spent in consecutive phases of one process, on its monotonic clock."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.monotonic()
-
-    def lap(self, phase: str) -> None:
-        """The time since the previous lap goes to `phase`."""
-        now = time.monotonic()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
-
-    def split(self, before: str, after: str, *, at: float | None) -> None:
-        """The time since the previous lap, cut at the monotonic time `at` (None: all of it is `after`)."""
-        now = time.monotonic()
-        cut = min(max(at if at is not None else self._last, self._last), now)
-        self.seconds[before] = self.seconds.get(before, 0.0) + cut - self._last
-        self.seconds[after] = self.seconds.get(after, 0.0) + now - cut
-        self._last = now
