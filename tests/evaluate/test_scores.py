@@ -13,12 +13,20 @@ import pytest
 
 from alloylm.evaluate.comparison import (
     aggregate_score,
+    best_variant,
     build_comparison,
     comparison_markdown,
+    comparison_notes,
+    default_reference,
+    format_cell,
     format_value,
+    headline_metric,
     headline_value,
+    score_definition,
+    score_interval,
 )
 from alloylm.evaluate.config import EvalConfig
+from alloylm.evaluate.intervals import CONFIDENCE, METHOD, RESAMPLES, Samples, metric_for, paired_difference, percentile_interval, replicates
 
 JUDGE_ON = {"enabled": True, "base_url": "http://judge:8000/v1", "model": "judge"}
 
@@ -397,3 +405,217 @@ def test_lm_eval_retention_columns_one_per_task_metric_then_the_pooled_objective
     assert _lm_eval_columns({"a": single}) == [Column("lm_eval", "t1/acc", "Retention: t1 acc", True)]
     two = {"suites": {"lm_eval": {"metrics": {"tasks": ["t1", "t2"], "t1/acc": 0.5, "t2/acc": 0.4, "acc": 0.45}}}}
     assert _lm_eval_columns({"a": two})[-1] == Column("lm_eval", "acc", "Retention: acc over all tasks", True)
+
+
+# ----------------------------------------------------------------------------- intervals, differences, notes (hand-computed)
+
+MC_ONLY = {
+    "multiple_choice": {"enabled": True, "weight": 1.0},
+    "short_answer": {"enabled": False},
+    "domain_perplexity": {"enabled": False},
+    "general_perplexity": {"enabled": False},
+}
+
+
+def samples(values, column="prob_correct", ids=None, **more) -> dict:
+    return {"unit": "item", "ids": ids or [f"i{k}" for k in range(len(values))], "clusters": None, "columns": {column: list(values), **more}}
+
+
+def scored(values, *, seed=0, suites=MC_ONLY, ids=None) -> dict:
+    """A validation result whose multiple choice has per-item P(correct) `values` (the default objective)."""
+    mean = sum(values) / len(values)
+    return {
+        "split": "validation", "status": "ok", "seed": seed, "score": mean, "config": {"suites": suites},
+        "suites": {"multiple_choice": {"status": "ok", "metrics": {"mean_prob_correct": mean}, "samples": samples(values, ids=ids)}},
+    }  # fmt: skip
+
+
+def test_the_score_interval_weighs_each_suite_with_its_own_defaults():
+    """mc disabled (weight 5 ignored); short answer with no keys: on, weight 1, accuracy 1.0;
+    domain perplexity weight 3, 1 bit per byte -> 2^-1 = 0.5; judge and lm_eval absent: off.
+    Every unit is the same, so every replicate is (1 * 1.0 + 3 * 0.5) / (1 + 3) = 0.625."""
+    two_bits = 2 * math.log(2)
+    result = {
+        "config": {"suites": {"multiple_choice": {"enabled": False, "weight": 5.0}, "short_answer": {}, "domain_perplexity": {"weight": 3.0}, "general_perplexity": {"enabled": False}}},
+        "suites": {
+            "short_answer": {"status": "ok", "samples": samples([1.0] * 4, column="correct")},
+            "domain_perplexity": {"status": "ok", "samples": {"unit": "block", "ids": ["b0", "b1", "b2"], "clusters": None, "columns": {"nll": [two_bits] * 3, "bytes": [2.0] * 3}}},
+        },
+    }
+    interval = score_interval(result)
+    assert interval == {"low": pytest.approx(0.625), "high": pytest.approx(0.625)}
+    off = {"config": {"suites": {name: {"enabled": False} for name in MC_ONLY}}, "suites": result["suites"]}
+    assert score_interval(off) is None  # no weighted suite: no interval
+
+
+def test_the_score_interval_uses_the_configured_objective_and_skips_failed_suites():
+    config = {**MC_ONLY, "multiple_choice": {"objective_metric": "accuracy"}}
+    result = {"config": {"suites": config}, "suites": {"multiple_choice": {"status": "ok", "samples": samples([0.5] * 3, correct=[1.0] * 3)}}}
+    assert score_interval(result) == {"low": 1.0, "high": 1.0}  # accuracy, not P(correct) 0.5
+    result["suites"]["multiple_choice"]["status"] = "failed"  # its samples are not used
+    assert score_interval(result) is None
+
+
+def test_the_score_interval_resamples_with_the_results_seed_on_the_suites_stream():
+    values = [0.1, 0.9, 0.3, 0.7, 0.5, 0.2, 0.8, 0.4]
+    data, metric = Samples.from_json(samples(values)), metric_for("multiple_choice", "mean_prob_correct")
+    expected = {seed: percentile_interval(replicates(data, metric, seed=seed, stream="multiple_choice")) for seed in (0, 7)}
+    assert expected[0] != expected[7]
+    assert score_interval(scored(values, seed=7)) == expected[7]
+    for seed in (None, "7"):  # no integer seed: seed 0
+        assert score_interval(scored(values, seed=seed)) == expected[0]
+
+
+def test_differences_from_the_reference_are_paired_and_signed():
+    a, b = scored([0.5] * 4), scored([0.8] * 4)
+    b["score_interval"] = {"low": 0.1, "high": 0.9}  # a stored interval is shown as is
+    b["suites"]["multiple_choice"]["intervals"] = {"mean_prob_correct": {"low": 0.75, "high": 0.85}}
+    comparison = build_comparison({"a": a, "b": b})
+    row = comparison["rows"][1]
+    assert row["intervals"]["score"] == {"low": 0.1, "high": 0.9}
+    assert row["intervals"]["multiple_choice.mean_prob_correct"] == {"low": 0.75, "high": 0.85}
+    assert row["intervals"]["multiple_choice.accuracy"] is None
+    same = {"difference": pytest.approx(0.3), "low": pytest.approx(0.3), "high": pytest.approx(0.3), "within_noise": False}
+    assert row["differences"]["score"] == same
+    assert row["differences"]["multiple_choice.mean_prob_correct"] == same
+    assert comparison["intervals"] == {"confidence": CONFIDENCE, "resamples": RESAMPLES, "method": METHOD}
+    assert comparison["score_definition"] == "weighted mean of multiple_choice mean_prob_correct (weight 1)"
+    assert comparison["lm_eval_splits"] == {}
+
+
+def test_a_column_difference_is_the_paired_bootstrap_on_the_suites_stream():
+    a, b = scored([0.1, 0.9, 0.3, 0.7, 0.5, 0.2]), scored([0.4, 0.8, 0.6, 0.9, 0.5, 0.3])
+    expected = paired_difference(
+        Samples.from_json(b["suites"]["multiple_choice"]["samples"]), Samples.from_json(a["suites"]["multiple_choice"]["samples"]),
+        metric_for("multiple_choice", "mean_prob_correct"), seed=0, stream="multiple_choice",
+    )  # fmt: skip
+    row = build_comparison({"a": a, "b": b})["rows"][1]
+    assert row["differences"]["multiple_choice.mean_prob_correct"] == expected
+
+
+def _differences(a: dict, b: dict) -> dict:
+    return build_comparison({"a": a, "b": b})["rows"][1]["differences"]
+
+
+def test_differences_that_cannot_be_paired_are_none():
+    other_items = scored([0.8] * 4, ids=["j0", "j1", "j2", "j3"])
+    assert _differences(scored([0.5] * 4), other_items)["score"] is None  # other units
+    reweighted = scored([0.8] * 4, suites={**MC_ONLY, "multiple_choice": {"enabled": True, "weight": 2.0}})
+    assert _differences(scored([0.5] * 4), reweighted)["score"] is None  # other terms
+    differences = _differences(scored([0.5] * 4, seed=0), scored([0.8] * 4, seed=1))  # other seeds
+    assert differences["score"] is None and differences["multiple_choice.mean_prob_correct"] is None
+    no_score = scored([0.5] * 4)
+    no_score["score"] = None
+    assert _differences(no_score, scored([0.8] * 4))["score"] is None  # the reference has no score
+    unsampled = scored([0.5] * 4)
+    del unsampled["suites"]["multiple_choice"]["samples"]
+    differences = _differences(unsampled, scored([0.8] * 4))  # the reference has no samples
+    assert differences["score"] is None and differences["multiple_choice.mean_prob_correct"] is None
+    differences = _differences(scored([0.5] * 4), unsampled)  # the row has none
+    assert differences["score"] is None and differences["multiple_choice.mean_prob_correct"] is None
+
+
+def test_a_value_left_out_has_no_interval_even_when_one_is_stored():
+    a = scored([0.5] * 4)
+    a["score"] = None
+    a["score_interval"] = {"low": 0.4, "high": 0.6}
+    a["suites"]["multiple_choice"]["metrics"]["mean_prob_correct"] = float("nan")
+    a["suites"]["multiple_choice"]["intervals"] = {"mean_prob_correct": {"low": 0.4, "high": 0.6}}
+    row = build_comparison({"a": a})["rows"][0]
+    assert row["intervals"]["score"] is None and row["intervals"]["multiple_choice.mean_prob_correct"] is None
+
+
+def test_the_reference_is_instruct_wherever_it_is_else_the_first():
+    assert default_reference(["base", "instruct"]) == "instruct"
+    assert default_reference(["base", "sft"]) == "base"
+    assert default_reference([]) is None
+    assert build_comparison({"a": scored([0.5]), "b": scored([0.6])}, reference="b")["reference"] == "b"
+    with pytest.raises(ValueError, match=r"^reference variant 'nope' is not among the results \(a, b\)$"):
+        build_comparison({"a": scored([0.5]), "b": scored([0.6])}, reference="nope")
+
+
+def test_a_plain_prompt_is_not_order_sensitive():
+    lettered = build_comparison({"a": result(0.5, multiple_choice=ok(accuracy=0.5, accuracy_circular=0.4))})
+    plain = build_comparison({"a": result(0.5, multiple_choice=ok(accuracy=0.5, accuracy_circular=0.4, prompt="plain"))})
+    assert "multiple_choice.accuracy_circular" in [c["key"] for c in lettered["columns"]]
+    assert "multiple_choice.accuracy_circular" not in [c["key"] for c in plain["columns"]]
+
+
+def test_a_config_object_without_the_setting_gets_the_default_metric():
+    assert headline_metric("multiple_choice", object()) == "mean_prob_correct"
+    assert headline_metric("lm_eval", object()) == "acc"
+
+
+def test_best_variant_reports_the_leaders_row_and_what_is_within_noise():
+    comparison = {
+        "split": "validation",
+        "score_definition": "weighted mean of x",
+        "rows": [{"variant": "a", "intervals": {"score": {"low": 0.1, "high": 0.3}}}, {"variant": "b", "intervals": {"score": {"low": 0.6, "high": 0.8}}}],
+        "score_leader": {"variant": "b", "score": 0.7, "differences": {"a": {"within_noise": True}, "c": None, "d": {"within_noise": False}}},
+    }
+    assert best_variant(comparison) == {
+        "variant": "b", "score": 0.7, "interval": {"low": 0.6, "high": 0.8}, "split": "validation",
+        "score_definition": "weighted mean of x", "within_noise": ["a", "c"],
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"^the best variant is chosen on the validation split, this comparison is on 'test'$"):
+        best_variant({**comparison, "split": "test"})
+    with pytest.raises(ValueError, match=r"^no variant has a score to choose by$"):
+        best_variant({**comparison, "score_leader": None})
+
+
+def test_a_cell_shows_its_interval_in_the_cells_format():
+    assert format_cell("multiple_choice.accuracy", 0.5, {"low": 0.25, "high": 0.75}) == "0.500 [0.250, 0.750]"
+    assert format_cell("judge.overall", 7.0, {"low": 6.5, "high": 7.5}, {"within_noise": True}) == "7.00 [6.50, 7.50] ≈"
+
+
+def test_the_score_definition_names_each_weighted_suite_its_metric_and_weight():
+    """From a results.json config: keys left out take their defaults (on, weight 1; judge and
+    lm_eval off); a disabled suite or weight 0 is left out whatever comes after it."""
+    config = {
+        "suites": {
+            "multiple_choice": {"objective_metric": "accuracy", "weight": 2},
+            "short_answer": {"enabled": False, "weight": 5},
+            "domain_perplexity": {},
+            "general_perplexity": {"weight": 0},
+            "judge": {"enabled": True, "weight": 0.5},
+        }
+    }
+    assert score_definition(config) == (
+        "weighted mean of multiple_choice accuracy (weight 2), domain_perplexity 2^-bits_per_byte (weight 1), judge (overall - 1) / 9 (weight 0.5)"
+    )
+    assert score_definition({"suites": {name: {"enabled": False} for name in MC_ONLY}}) == "no weighted suite"
+    assert score_definition(eval_config(short_answer={"enabled": False}, domain_perplexity={"weight": 0.5})) == (
+        "weighted mean of multiple_choice accuracy (weight 1), domain_perplexity 2^-bits_per_byte (weight 0.5)"
+    )  # an EvalConfig: general perplexity's weight defaults to 0
+
+
+def test_lm_eval_splits_and_the_notes_under_the_table():
+    lm_eval = {
+        "status": "ok",
+        "metrics": {"tasks": {"arc_easy": {"split": "test"}, "hellaswag": {"split": "validation"}, "odd": "n/a", "nosplit": {}}, "arc_easy/acc": 0.5},
+    }
+    later = {"status": "ok", "metrics": {"tasks": {"arc_easy": {"split": "train"}}, "arc_easy/acc": 0.6}}
+    comparison = build_comparison({"a": result(0.5, lm_eval=lm_eval), "b": result(0.6, lm_eval=later, judge={"status": "failed", "reason": "no endpoint"})})
+    assert comparison["lm_eval_splits"] == {"arc_easy": "test", "hellaswag": "validation"}  # the first result's split wins
+    comparison = {**comparison, "intervals": {"confidence": 0.9, "method": "m"}, "chance": {"multiple_choice": 0.25}, "score_definition": "weighted mean of x"}
+    retention = (
+        "Retention: lm-evaluation-harness tasks run in process on each variant, each on its own evaluation split (arc_easy on test, hellaswag on validation); "
+        "intervals by the same bootstrap over docs (lm-eval's stderr for metrics that are not a mean over docs)."
+    )
+    assert comparison_notes(comparison) == [
+        "Split: `validation`. ↑ higher is better, ↓ lower is better; best in bold.",
+        "[low, high]: 90% interval (m).",
+        "≈: the difference from `a` lies within noise (its paired-bootstrap 90% interval contains 0).",
+        "Multiple-choice chance level: 0.250.",
+        retention,
+        "Score: weighted mean of x.",
+        "b: judge missing — no endpoint",
+    ]
+    bare = {**comparison, "intervals": None, "lm_eval_splits": {}, "chance": {}, "score_definition": None}
+    assert comparison_notes(bare)[1:] == [
+        "≈: the difference from `a` lies within noise (its paired-bootstrap 95% interval contains 0).",
+        retention.replace(" (arc_easy on test, hellaswag on validation)", ""),
+        "b: judge missing — no endpoint",
+    ]
+    no_lm_eval = {**bare, "columns": [c for c in comparison["columns"] if c["suite"] != "lm_eval"]}
+    assert not any(note.startswith("Retention") for note in comparison_notes(no_lm_eval))

@@ -401,3 +401,99 @@ def test_a_user_yaml_names_its_file_in_errors_and_resolves_lists_of_models(tmp_p
 
 def test_a_missing_config_names_the_base_it_reads_the_layers_from(parents, tmp_path):
     refused(r"^parent 'empty' \(.*empty\) is not a model folder", "slerp", [parents[0], str(tmp_path / "empty")], names=["dpo", "empty"], base=1, parameters={"t": 0.5})
+
+
+# ----------------------------------------------------------------------------- paths no shipped method takes
+
+
+def _patched_slerp(monkeypatch):
+    """mergekit's slerp with a base made optional and a required per-model `weight` (linear's spec)
+    after its shared `t`: no method mergekit 0.1.5 ships has per-model parameters with slices."""
+    from dataclasses import replace
+
+    from mergekit import merge_methods
+    from mergekit.merge_methods.base import BasePolicy
+
+    slerp, linear = merge_methods.get("slerp"), merge_methods.get("linear")
+    (t,) = slerp.spec.parameters
+    weight = next(p for p in linear.spec.parameters if p.name == "weight")
+    spec = replace(slerp.spec, parameters=(t, weight), contract=replace(slerp.spec.contract, base=BasePolicy.OPTIONAL))
+
+    class Patched:
+        pass
+
+    patched = Patched()
+    patched.spec = spec
+    monkeypatch.setattr(BUILDER, "_merge_method", lambda name: patched)
+
+
+def test_slices_without_a_base_read_the_first_parent_and_carry_per_model_parameters(parents, tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    _patched_slerp(monkeypatch)
+    deeper = tmp_path / "deeper"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2, architectures=["LlamaForCausalLM"]).save_pretrained(deeper)
+    cfg = mergekit_config("slerp", [parents[0], str(deeper)], names=["dpo", "deeper"], parameters={"t": 0.5}, model_parameters={"deeper": {"weight": 0.7}, "dpo": {"weight": 0.3}})
+    assert "base_model" not in cfg
+    # No base: the layer count is the first parent's (3), not the second's (5).
+    assert cfg["slices"] == [
+        {
+            "sources": [
+                {"model": parents[0], "layer_range": [0, LAYERS], "parameters": {"weight": 0.3}},
+                {"model": str(deeper), "layer_range": [0, LAYERS], "parameters": {"weight": 0.7}},
+            ]
+        }
+    ]
+
+
+def test_a_required_parameter_after_a_shared_one_is_still_checked(parents, monkeypatch):
+    _patched_slerp(monkeypatch)
+    refused(r"^merge method 'slerp' needs parameter 'weight' for parent 'dpo' ", "slerp", parents, names=NAMES, parameters={"t": 0.5})
+
+
+def test_a_method_without_parameters_lists_none(parents):
+    refused(r"^parameters: merge method 'arcee_fusion' has no parameter 't'; its parameters are \(none\)$", "arcee_fusion", parents, names=NAMES, parameters={"t": 0.5})
+
+
+def test_an_architecture_mergekit_does_not_know_gets_the_models_form(tmp_path):
+    from transformers import LlamaConfig
+
+    folders = []
+    for name in NAMES:
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, architectures=["UnknownForCausalLM"]).save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    cfg = mergekit_config("slerp", folders, names=NAMES, parameters={"t": 0.5})
+    assert "slices" not in cfg
+    assert cfg["models"] == [{"model": folders[0]}, {"model": folders[1]}]
+
+
+def test_default_names_keep_a_trailing_space_of_the_folder(tmp_path):
+    """Names are the folders' basenames, whitespace included (only a path separator is stripped)."""
+    refused(r"needs parameter 'weight' for parent 'a ' ", "linear", [str(tmp_path / "a "), str(tmp_path / "b")], parameters={"normalize": True})
+
+
+def test_leaf_lists_and_mappings_are_written_in_flow_style(parents):
+    cfg = mergekit_config("slerp", parents, names=NAMES, parameters={"t": {"mlp": [0, 1], "default": 0.5}})
+    body = mergekit_yaml_text(cfg).split("\n", 2)[2]
+    assert body == (
+        f"merge_method: slerp\nbase_model: {parents[0]}\nslices:\n- sources:\n"
+        f"  - model: {parents[0]}\n    layer_range: [0, {LAYERS}]\n"
+        f"  - model: {parents[1]}\n    layer_range: [0, {LAYERS}]\n"
+        "parameters:\n  t:\n  - filter: mlp\n    value: [0, 1]\n  - {value: 0.5}\ndtype: float32\n"
+    )
+
+
+def test_files_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Under an ASCII locale (simulated: open() without an encoding gets ascii) a user's YAML with a
+    non-ASCII folder name is still read; the YAML written is ASCII (non-ASCII escaped) anyway."""
+    import builtins
+
+    cfg = {"merge_method": "linear", "models": [{"model": "/modèles/dpo", "parameters": {"weight": 1.0}}], "dtype": "float32"}
+    monkeypatch.setattr(BUILDER, "open", lambda file, mode="r", encoding=None, **kw: builtins.open(file, mode, encoding=encoding or "ascii", **kw), raising=False)
+    user = tmp_path / "user.yml"
+    user.write_text("merge_method: linear\nmodels:\n  - {model: /modèles/dpo, parameters: {weight: 1.0}}\ndtype: float32\n", encoding="utf-8")
+    assert read_mergekit_yaml(str(user)) == cfg
+    written = tmp_path / "merge.yml"
+    write_mergekit_yaml(cfg, str(written))
+    assert written.read_bytes().isascii() and '"/mod\\xE8les/dpo"' in written.read_text(encoding="ascii")
+    assert read_mergekit_yaml(str(written)) == cfg

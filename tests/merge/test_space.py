@@ -226,3 +226,24 @@ def test_every_unknown_key_and_every_searched_one_is_listed():
 def test_every_method_parameter_is_a_dimension():
     config = search(space={"t": {}, "u": {"low": 0.5, "high": 2.0}})
     assert [(d.key, d.low, d.high) for d in dimensions(config)] == [("t", 0.0, 1.0), ("u", 0.5, 2.0)]
+
+
+@pytest.mark.parametrize(
+    ("fixed", "message"),
+    [
+        ({"parameters": {"t": 0.5}}, r"search.space: t also fixed under `parameters`; keep one"),
+        ({"model_parameters": {"a": {"weight": 0.5, "density": 0.3}}}, r"search.model_space: a.weight also fixed under `model_parameters`; keep one"),
+    ],
+)
+def test_a_parameter_both_fixed_and_searched_is_refused(fixed, message):
+    """assemble writes a trial's values over the stage's fixed ones: a per-parent parameter both
+    fixed and searched would crash every trial (a fixed 0.5 has no gradient to fill) or write the
+    trial's anchors into the stage's own `model_parameters` (a fixed gradient is not copied)."""
+    from alloylm.merge.config import MergeSearchStageConfig
+
+    stage = {"kind": "merge_search", "parents": ["a", "b"], "search": {"space": {"t": {}}, "model_space": {"a": {"weight": {"anchors": 2}}}}}
+    with pytest.raises(ValueError, match=message):
+        MergeSearchStageConfig.model_validate({**stage, **fixed})
+    # Fixed and searched side by side (different names) stay allowed.
+    ok = MergeSearchStageConfig.model_validate({**stage, "model_parameters": {"a": {"density": 0.3}, "b": {"weight": 0.5}}})
+    assert ok.model_parameters == {"a": {"density": 0.3}, "b": {"weight": 0.5}}

@@ -22,6 +22,7 @@ from alloylm.serve.protocol import (
     SamplingParams,
     TokenLogprob,
     bad_request,
+    check_choice_fields,
     chat_choice,
     chat_chunk,
     chat_logprobs,
@@ -448,4 +449,98 @@ def test_ids_and_model_list():
             {"id": "dpo", "object": "model", "created": 9, "owned_by": "alloylm"},
             {"id": "merged", "object": "model", "created": 9, "owned_by": "alloylm"},
         ],
+    }
+
+
+# ----------------------------------------------------------------------------- limits at their bounds, and what each field carries
+
+
+def test_parse_request_answers_a_validators_recursion_and_a_whole_body_error_with_400():
+    """parse_request takes any model: a RecursionError while validating is a 400 (not a 500), and an
+    error of the whole body (a model validator's: no field in its location) has no param."""
+    from pydantic import BaseModel, model_validator
+
+    class Deep(BaseModel):
+        @model_validator(mode="before")
+        @classmethod
+        def walk(cls, data):
+            raise RecursionError("maximum recursion depth exceeded")
+
+    class Whole(BaseModel):
+        a: int = 0
+
+        @model_validator(mode="after")
+        def refuse(self):
+            raise ValueError("the body as a whole is wrong")
+
+    error = rejected(Deep, {"x": 1})
+    assert (error.message, error.param) == ("the request body is nested too deeply", None)
+    error = rejected(Whole, {"a": 1})
+    assert (error.message, error.param) == ("Value error, the body as a whole is wrong", None)
+
+
+def test_limits_are_inclusive():
+    params = sampling_params(completion(n=4, logprobs=5, max_tokens=64, stop=["a", "b", "c", "d"]), LIMITS)
+    assert (params.max_tokens, params.logprobs, params.stop) == (64, 5, ("a", "b", "c", "d"))
+    assert sampling_params(chat(n=4, max_completion_tokens=64), LIMITS).max_tokens == 64
+
+
+def test_the_default_n_is_one_choice():
+    check_choice_fields(chat=False, limits=LimitsConfig(max_n=1))  # n defaults to 1: within max_n 1
+    with pytest.raises(APIError, match="n is 2; this server allows at most 1"):
+        check_choice_fields(chat=False, limits=LimitsConfig(max_n=1), n=2)
+
+
+def test_echo_on_chat_is_refused_by_the_shared_check():
+    """The vLLM backend calls check_choice_fields directly, with a chat request's `echo`."""
+    with pytest.raises(APIError) as err:
+        check_choice_fields(chat=True, limits=LIMITS, echo=True)
+    assert err.value.body() == {
+        "error": {"message": "'echo' is not supported by this server", "type": "invalid_request_error", "param": "echo", "code": "unsupported_parameter"}
+    }
+
+
+def test_unsupported_fields_are_refused_with_openais_code():
+    with pytest.raises(APIError) as err:
+        sampling_params(completion(best_of=3), LIMITS)
+    assert (err.value.message, err.value.param, err.value.code) == ("'best_of' is not supported by this server", "best_of", "unsupported_parameter")
+
+
+def test_a_chat_token_limit_is_named_as_the_client_gave_it():
+    with pytest.raises(APIError) as err:
+        sampling_params(chat(max_tokens=65), LIMITS)
+    assert (err.value.param, err.value.message) == ("max_tokens", "max_tokens is 65; this server allows at most 64")
+
+
+def test_sampling_params_carry_top_p_and_min_tokens_and_chat_scores_no_prompt():
+    params = sampling_params(completion(top_p=0.5, min_tokens=2, max_tokens=8), LIMITS)
+    assert params == SamplingParams(max_tokens=8, top_p=0.5, min_tokens=2)
+    chat_params = sampling_params(chat(top_p=0.25, min_tokens=3, logprobs=True, top_logprobs=2), LIMITS)
+    assert chat_params == SamplingParams(max_tokens=16, top_p=0.25, min_tokens=3, logprobs=2, prompt_logprobs=None)
+    assert chat_params.prompt_logprobs is None
+
+
+def test_a_last_chunk_carries_its_finish_reason():
+    chunk = completion_chunk(request_id="i", model="m", created=5, text="", finish_reason="length", index=1)
+    assert chunk["choices"] == [{"index": 1, "text": "", "finish_reason": "length", "logprobs": None}]
+
+
+def test_nan_logprobs_are_floored_and_offsets_start_at_zero():
+    body = completion_logprobs([TokenLogprob(7, float("nan"), ((8, float("nan")),)), TokenLogprob(8, -1.0)], TEXTS.__getitem__)
+    assert body == {
+        "tokens": ["The", " cat"],
+        "token_logprobs": [LOGPROB_FLOOR, -1.0],
+        "top_logprobs": [{" cat": LOGPROB_FLOOR, "The": LOGPROB_FLOOR}, {" cat": -1.0}],
+        "text_offset": [0, 3],
+    }
+
+
+def test_chat_logprob_bytes_replace_what_utf8_cannot_encode():
+    """A token text holding a lone surrogate (no UTF-8 form) gets '?' in its bytes, not an error."""
+    texts = {1: "a\ud800", 2: "é"}
+    body = chat_logprobs([TokenLogprob(1, -0.5, ((2, -1.0),))], texts.__getitem__)
+    assert body == {
+        "content": [
+            {"token": "a\ud800", "logprob": -0.5, "bytes": [97, 63], "top_logprobs": [{"token": "é", "logprob": -1.0, "bytes": [195, 169]}]}
+        ]
     }

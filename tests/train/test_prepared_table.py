@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import uuid
+
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -36,3 +40,20 @@ def test_no_shards_is_an_error_naming_the_folder(tmp_path):
     (tmp_path / "shards" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=f"no parquet shards under {tmp_path}/shards"):
         read_prepared_table(str(tmp_path), ["prompt"])
+
+
+def test_remote_shards_are_read_through_their_own_filesystem():
+    """A remote (fsspec memory://) data set: the path on that filesystem is not a local path, so
+    each shard must be read with the filesystem storage.arrow_filesystem returned for it."""
+    fs = fsspec.filesystem("memory")
+    root = f"/prepared-{uuid.uuid4().hex}"
+    for name, prompts in (("part-0.parquet", ["a", "b"]), ("part-1.parquet", ["c"])):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"prompt": prompts, "extra": list(range(len(prompts)))}), buffer)
+        fs.pipe(f"{root}/shards/{name}", buffer.getvalue())
+    try:
+        table = read_prepared_table(f"memory://{root}", ["prompt"])
+    finally:
+        fs.rm(root, recursive=True)
+    assert table.column_names == ["prompt"]
+    assert table.column("prompt").to_pylist() == ["a", "b", "c"]

@@ -218,6 +218,9 @@ class MergeSearchStageConfig(MergeStageConfig):
         unknown = sorted(set(self.search.model_space) - set(self.parents))
         if unknown:
             raise ValueError(f"search.model_space: {', '.join(unknown)} not among parents {self.parents}")
+        both = sorted(f"{parent}.{name}" for parent, specs in self.search.model_space.items() for name in specs if name in self.model_parameters.get(parent, {}))
+        if both:
+            raise ValueError(f"search.model_space: {', '.join(both)} also fixed under `model_parameters`; keep one")
         return self
 
 
