@@ -1284,7 +1284,8 @@ def _group_alive(pgid: int) -> bool:
 
 def _kill_group(pgid: int) -> None:
     """Stop every process of the cluster we started (its own process group), never anyone else's."""
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    # gcs_server and raylet do not exit on SIGTERM here (see tests/jobs/test_pipeline.py): 3 s, then killed.
+    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
