@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,10 +32,60 @@ os.environ.pop("AWS_PROFILE", None)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all bound at once, so the OS cannot hand one out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def stop_ray_processes(marker: str | None = None, pgid: int | None = None) -> None:
+    """Stop only the processes of a Ray cluster a test started (never `ray stop`, which stops every
+    cluster on the machine): those whose command line names `marker` (the cluster's temp dir), those
+    in process group `pgid` (a `ray start` run with start_new_session), and everything under them
+    (workers, job drivers). SIGTERM, then SIGKILL for what is left after 3 s: Ray 2.60's gcs_server
+    and raylet do not exit on SIGTERM here (measured: still alive 23 s later), so a longer grace
+    period would only be waiting."""
+    import psutil
+
+    ours: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (marker is not None and marker in " ".join(proc.info["cmdline"] or [])) or (
+                pgid is not None and os.getpgid(proc.pid) == pgid
+            ):
+                ours[proc.pid] = proc
+                ours.update((child.pid, child) for child in proc.children(recursive=True))
+        except (psutil.Error, ProcessLookupError):
+            pass
+    ours.pop(os.getpid(), None)
+    for proc in ours.values():
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(ours.values()), timeout=3)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="session")
+def ray_processes():
+    """The helpers of tests that start Ray clusters of their own (`ray start`), as a fixture: test
+    modules cannot import conftest under --import-mode=importlib."""
+    return SimpleNamespace(free_ports=free_ports, stop=stop_ray_processes)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,46 +66,6 @@ def reduced_quickstart(storage_uri: str) -> dict:
     return raw
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _stop_cluster(marker: str, session_pid: int) -> None:
-    """Stop only the processes of the cluster we started: its daemons (their command lines name our
-    temp dir), everything under them (workers, job drivers), and its own process group."""
-    import psutil
-
-    ours: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if marker in " ".join(proc.info["cmdline"] or []) or os.getpgid(proc.pid) == session_pid:
-                ours[proc.pid] = proc
-                ours.update((child.pid, child) for child in proc.children(recursive=True))
-        except (psutil.Error, ProcessLookupError):
-            pass
-    ours.pop(os.getpid(), None)
-    for proc in ours.values():
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    # Ray 2.60's gcs_server and raylet do not exit on SIGTERM here (measured: still alive 23 s later),
-    # so a long grace period is only waiting; 3 s lets the others exit, then the rest are killed.
-    _, alive = psutil.wait_procs(list(ours.values()), timeout=3)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
 @dataclass(frozen=True)
 class Cluster:
     gcs: str  # host:port, for RAY_ADDRESS
@@ -118,13 +77,13 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint):
+def cluster(s3_endpoint, ray_processes):
     """`ray start --head` with 2 CPUs and the job server, on free ports; S3 settings inherited."""
     # A short temp dir of our own: Ray's socket paths must stay under the OS limit (107 bytes),
     # which a pytest tmp_path plus Ray's session folder name can exceed.
     temp_dir = tempfile.mkdtemp(prefix="alp-", dir="/tmp")
     names = ("gcs", "dashboard", "client", "agent", "agent_grpc", "runtime_env", "metrics")
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    ports = dict(zip(names, ray_processes.free_ports(len(names)), strict=True))
     # The job's entry point is `python ...`: the venv's python, so PATH starts with its bin folder.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
@@ -143,7 +102,7 @@ def cluster(s3_endpoint):
         _wait_for_http(dashboard + "/api/version")
         yield Cluster(gcs=f"127.0.0.1:{ports['gcs']}", dashboard=dashboard, env=env)
     finally:
-        _stop_cluster(temp_dir, start.pid)
+        ray_processes.stop(marker=temp_dir, pgid=start.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -53,22 +53,6 @@ _CHAT = [
 ]
 
 
-def _free_port() -> int:
-    return _free_ports(1)[0]
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (all bound at once, so the OS cannot hand one out twice)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 # -------------------------------------------------------------------------------------------
 # Models (built once per module) and the engine
 # -------------------------------------------------------------------------------------------
@@ -445,11 +429,11 @@ def test_vllm_backend_passes_scoring_fields_within_alloylms_limits():
 
 
 @pytest.fixture(scope="module")
-def serve_port(ray_cluster):
+def serve_port(ray_cluster, ray_processes):
     """Ray Serve on a free loopback port, shut down when this module is done."""
     from ray import serve
 
-    port = _free_port()
+    (port,) = ray_processes.free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield port
@@ -1216,8 +1200,8 @@ def test_overload_is_503_and_clears_when_the_client_leaves(tight_app):
         pytest.param(signal.SIGTERM, id="SIGTERM"),
     ],
 )
-def test_serve_run_serves_until_interrupted(model_dirs, stop_signal):
-    port = _free_port()
+def test_serve_run_serves_until_interrupted(model_dirs, stop_signal, ray_processes):
+    (port,) = ray_processes.free_ports(1)
     script = textwrap.dedent(
         f"""
         from alloylm.serve import ServeConfig, serve_run
@@ -1263,7 +1247,7 @@ def test_serve_run_serves_until_interrupted(model_dirs, stop_signal):
         assert not _group_alive(proc.pid), subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     finally:
         if proc.poll() is None or _group_alive(proc.pid):
-            _kill_group(proc.pid)
+            ray_processes.stop(marker=ray_tmp, pgid=proc.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -1282,30 +1266,13 @@ def _group_alive(pgid: int) -> bool:
 # -------------------------------------------------------------------------------------------
 
 
-def _kill_group(pgid: int) -> None:
-    """Stop every process of the cluster we started (its own process group), never anyone else's."""
-    # gcs_server and raylet do not exit on SIGTERM here (see tests/jobs/test_pipeline.py): 3 s, then killed.
-    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
-
-
 @pytest.mark.slow
-def test_serve_deploy_config_on_a_ray_start_cluster(model_dirs, tmp_path):
+def test_serve_deploy_config_on_a_ray_start_cluster(model_dirs, tmp_path, ray_processes):
     bin_dir = Path(sys.executable).parent
     # A short temp dir of our own: Ray's socket paths must stay under the OS limit (107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="alr-", dir="/tmp")
     names = ("gcs", "dashboard", "client", "agent", "agent_grpc", "runtime_env", "metrics", "http")
-    ports = dict(zip(names, _free_ports(len(names))))
+    ports = dict(zip(names, ray_processes.free_ports(len(names))))
     # Ray 2.60's CLI talks to a token-authenticated cluster.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -1353,5 +1320,5 @@ def test_serve_deploy_config_on_a_ray_start_cluster(model_dirs, tmp_path):
             openai.OpenAI(base_url=url, api_key="not-the-key", max_retries=0).models.list()
         subprocess.run([serve_cli, "shutdown", "-y", "-a", address], env=env, capture_output=True, text=True)
     finally:
-        _kill_group(start.pid)
+        ray_processes.stop(marker=temp_dir, pgid=start.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)

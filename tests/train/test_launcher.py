@@ -351,22 +351,6 @@ def test_more_workers_than_the_cluster_has(chain):
 # ---------------------------------------------------------------------------------------------
 
 
-def _stop_processes_under(marker: str) -> None:
-    """Stop only the Ray processes of our own cluster (their command lines name our temp dir)."""
-    import psutil
-
-    ours = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    for proc in ours:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    # gcs_server and raylet do not exit on SIGTERM here (see tests/jobs/test_pipeline.py): 3 s, then killed.
-    _, alive = psutil.wait_procs(ours, timeout=3)
-    for proc in alive:
-        proc.kill()
-
-
 def _registered_checkpoint_steps(checkpoints: str, stage: str) -> list[int]:
     """Steps of the checkpoints Ray Train's controller registered for `stage` (from the snapshot of
     its checkpoint manager, which it writes after each registration), oldest first."""
@@ -386,13 +370,12 @@ def _registered_checkpoint_steps(checkpoints: str, stage: str) -> list[int]:
     return sorted(set(steps))
 
 
-def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path):
+def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path, ray_processes):
     """Two nodes (`ray start --head` and a worker node on this machine), one worker each, spread over
     gloo by STRICT_SPREAD; the worker node's raylet and every process under it are SIGKILLed
     after a checkpoint is registered. Ray Train cannot place 2 workers again, so the stage fails
     within its start-failure bound, naming the lost node; with the node back, a rerun resumes from
     the last registered checkpoint and finishes every step."""
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -402,9 +385,7 @@ def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path)
 
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     temp_dir = tempfile.mkdtemp(prefix="alloylm-lost-", dir="/tmp")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = ray_processes.free_ports(1)
     # Ray's own setting for how long one worker-group start waits for its placement group (60 s by
     # default); short here so the bounded failure comes quickly.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
@@ -481,4 +462,4 @@ def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path)
         # One worker per node, gloo between the two raylets (STRICT_SPREAD): the two-node check.
         assert metrics["world_size"] == 2 and len(metrics["nodes"]) == 2
     finally:
-        _stop_processes_under(temp_dir)
+        ray_processes.stop(marker=temp_dir)

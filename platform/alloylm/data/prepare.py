@@ -393,8 +393,10 @@ def _prepare_text(
     ).materialize()
     clock.lap("tokenize")
     # Two Ray Data executions at once: each write is mostly its start-up and task scheduling, not
-    # CPU, so the second one's overlaps the first's (measured on 2 cores, 6 interleaved pairs: about
-    # 1 s of 11-17 s less per 50 MB). Both finish (or raise) before this returns.
+    # CPU, so the second one's can overlap the first's. Measured on 2 cores (6 interleaved pairs, 50
+    # MB, a noisy machine) the concurrent form was faster in 5 and 4 of 6 pairs, by less than the
+    # spread between pairs: kept for the reasoning, not for a gain shown beyond noise. Both finish
+    # (or raise) before this returns.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloylm-data") as pool:
         other = pool.submit(beside)
         _write_shards(packed.filter(expr="is_tail == False").select_columns(["input_ids"]), shards_uri, prep.rows_per_shard)
