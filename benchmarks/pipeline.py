@@ -97,7 +97,9 @@ def stop_processes_under(marker: str) -> None:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(ours, timeout=20)
+    # Ray 2.60's gcs_server and raylet do not exit on SIGTERM (tests/conftest.py stop_ray_processes):
+    # 3 s for the others, then the rest are killed.
+    _, alive = psutil.wait_procs(ours, timeout=3)
     for proc in alive:
         try:
             proc.kill()
