@@ -33,7 +33,6 @@ def test_blocks_are_reshuffled_every_epoch_and_the_same_seed_repeats_the_orders(
     assert other[0] != first[0]
 
 
-
 def test_blocks_reach_the_trainer_in_file_order_when_a_later_file_is_read_first(ray_cluster, tmp_path):
     """The launcher's CPT data set and Ray Train ingest options keep the files' order. The shuffle
     permutes blocks in the order they arrive, so a packed tail overtaking the blocks before it gave a
