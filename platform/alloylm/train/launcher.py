@@ -226,8 +226,9 @@ def trainer_class():
     group should the controller die ungracefully; it learns whether the controller lives through
     the State API alone. Without one it cannot tell, and warns every second that the State API "may
     be temporarily unavailable" (288 such lines in one quickstart run). Measured on the reduced
-    quickstart's `base` stage, three interleaved pairs: 16.2, 15.4, 15.3 s outside training without
-    it against 20.1, 17.4, 17.5 s with it. Ray Train has no setting for it, hence the override of
+    quickstart's `base` stage, interleaved pairs on a quiet machine (1-minute load 0.1-1.4 before
+    each): 13.1 and 11.9 s outside training without it against 15.3 and 13.5 s with it. Ray Train
+    has no setting for it, hence the override of
     its (private) default callbacks; if Ray changes them, this falls back to the plain trainer.
     """
     from ray.train.torch import TorchTrainer
