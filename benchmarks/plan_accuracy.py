@@ -61,6 +61,9 @@ def _model(preset: str):
 
 def _worker(rank: int, world: int, port: int, stage: int, preset: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    from alloylm.warm import use_package_ninja
+
+    use_package_ninja()  # the ninja that built DeepSpeed's CPU op (`make setup`), not a system one
     import deepspeed
     import torch
 

@@ -366,8 +366,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     from alloylm.train.callbacks import MetricsLogCallback
     from alloylm.train.deepspeed import deepspeed_record
 
+    from alloylm.warm import use_package_ninja
+
     job = StageJob.model_validate(payload)
     os.environ.update(job.storage_env)  # this worker process runs this one stage
+    use_package_ninja()  # DeepSpeed's CPU op: the ninja `make setup` built it with (alloylm.warm)
     if job.mlflow is not None:
         from alloylm.tracking import require_mlflow
 
