@@ -386,9 +386,11 @@ def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path,
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     temp_dir = tempfile.mkdtemp(prefix="alloylm-lost-", dir="/tmp")
     (port,) = ray_processes.free_ports(1)
-    # Ray's own setting for how long one worker-group start waits for its placement group (60 s by
-    # default); short here so the bounded failure comes quickly.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    # Ray's own settings, short here so the bounded failure comes quickly: how long one worker-group
+    # start waits for its placement group (60 s by default), and how soon the GCS calls a silent
+    # node dead (a health check every 3 s, dead after 5 missed, by default).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     env.pop("RAY_ADDRESS", None)
     common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
 
