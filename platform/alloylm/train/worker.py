@@ -365,7 +365,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     from alloylm.train import STAGE_TRAINERS
     from alloylm.train.callbacks import MetricsLogCallback
     from alloylm.train.deepspeed import deepspeed_record
-
     from alloylm.warm import use_package_ninja
 
     job = StageJob.model_validate(payload)
