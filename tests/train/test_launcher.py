@@ -180,6 +180,17 @@ def test_zero3_two_workers_tiny_mistral(chain):
     assert manifest["metrics"]["tokens_seen"] == 16 * 2 * 4 * 32
     uri = stage_uri(cfg, "mistral")
     assert json.loads(storage.read_text(storage.join(uri, "config.json")))["model_type"] == "mistral"
+    # The workers' DeepSpeed loaded its CPU op with the ninja that `make setup` built it with (the
+    # `ninja` package's, alloylm.warm): a system ninja first on their PATH would have rebuilt it
+    # and left build-log entries the package's ninja reads as changed commands.
+    import subprocess
+
+    import ninja
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own choice of the op's folder
+
+    folder = _get_build_directory("deepspeed_shm_comm", verbose=False)
+    dry = subprocess.run([os.path.join(ninja.BIN_DIR, "ninja"), "-n", "-C", folder], capture_output=True, text=True, timeout=60)
+    assert "no work to do" in dry.stdout, f"{folder}: {dry.stdout}{dry.stderr}"
     assert_learned_and_generates(uri)
 
 
