@@ -103,6 +103,17 @@ def test_bad_stage_kind_lists_allowed_kinds(tmp_path):
         assert kind in message
 
 
+def test_dpo_loss_weights_must_match_its_loss_types(tmp_path):
+    text = MINIMAL.replace("stages:", "  prefs:\n    source: builtin:biomaterials-preferences\nstages:") + (
+        "  pref: {kind: dpo, from: inst, data: prefs, loss_type: [sigmoid, sft], loss_weights: [1.0]}\n"
+    )
+    message = error_of(tmp_path, text)
+    assert "stages.pref" in message and "loss_weights has 1 entries for 2 loss_type entries" in message
+    # One weight per loss type is a valid config, with the list kept as given.
+    config = load_config(write(tmp_path, text), ["stages.pref.loss_weights=[1.0, 0.5]"])
+    assert config.stages["pref"].loss_type == ["sigmoid", "sft"] and config.stages["pref"].loss_weights == [1.0, 0.5]
+
+
 def test_unknown_parent_is_rejected(tmp_path):
     message = error_of(tmp_path, MINIMAL, ["stages.inst.from=bsae"])
     assert "stages.inst.from" in message and "'bsae'" in message and "base" in message

@@ -169,6 +169,14 @@ def test_dpo_raises_the_held_out_margin_and_beta_and_loss_type_change_what_is_le
     first = lambda trainer: next(h["loss"] for h in trainer.state.log_history if "loss" in h)  # noqa: E731
     assert first(dpo) == pytest.approx(math.log(2), rel=1e-3)
     assert first(ipo) == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-3)
+    # A list of loss types with weights (RPO: DPO plus the chosen answers' NLL): the first loss is
+    # log 2 plus the weighted NLL of the same first batch, so halving its weight halves the excess.
+    rpo = {w: train(world, "dpo", "prefs", steps=1, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, w]) for w in (1.0, 0.5)}
+    for trainer in rpo.values():
+        trainer.train()
+    nll = first(rpo[1.0]) - math.log(2)
+    assert nll > 0.1, first(rpo[1.0])
+    assert first(rpo[0.5]) - math.log(2) == pytest.approx(nll / 2, rel=1e-3)
 
 
 def test_orpo_raises_the_held_out_margin(world, parent_model):

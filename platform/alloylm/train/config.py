@@ -93,7 +93,21 @@ class DpoStageConfig(TrainStageConfig):
 
     kind: Literal["dpo"] = Field(description="dpo")
     beta: float = Field(0.1, gt=0, description="KL penalty strength (the paper uses 0.05).")
-    loss_type: str = Field("sigmoid", description="TRL DPO loss type (sigmoid is the original DPO loss).")
+    loss_type: str | list[str] = Field(
+        "sigmoid",
+        description="TRL DPO loss type (sigmoid is the original DPO loss), or several combined by loss_weights: "
+        "[sigmoid, sft] adds the chosen answers' negative log-likelihood (RPO, Pang et al. 2024).",
+    )
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry (default: 1 each).")
+
+    @model_validator(mode="after")
+    def _weights_match_losses(self):
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if not losses:
+            raise ValueError("loss_type: give at least one TRL DPO loss type")
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(losses)} loss_type entries {losses}")
+        return self
 
 
 class OrpoStageConfig(TrainStageConfig):
