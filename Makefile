@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 # torch first, from the pinned CPU build; GPU users set TORCH_SPEC to their own build (or
 # preinstall torch in the venv, which is then kept).
 TORCH_SPEC ?= torch==2.13.0
-CACHE_DIR ?= $(HOME)/.cache/alloylm
-export TORCH_EXTENSIONS_DIR ?= $(CACHE_DIR)/torch_extensions
+# DeepSpeed's compiled CPU op lives with the venv it was built against: its build commands name the
+# venv's torch and DeepSpeed paths, so two checkouts sharing one folder rebuilt it for each other.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 

@@ -62,7 +62,7 @@ from pathlib import Path
 
 # Before torch, DeepSpeed or Ray are imported: DeepSpeed's CPU communication op is prebuilt here,
 # and the local Ray cluster started below hands the driver's environment to its workers.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/alloylm/torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch-extensions"))  # the Makefile's: .venv/torch-extensions
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

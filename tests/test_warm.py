@@ -11,7 +11,7 @@ import ninja
 
 from alloylm.warm import use_package_ninja
 
-CACHE = os.path.expanduser("~/.cache/alloylm/torch_extensions")
+CACHE = os.path.join(sys.prefix, "torch-extensions")  # the Makefile's: .venv/torch-extensions
 
 
 def test_the_package_ninja_comes_first_on_path(monkeypatch, tmp_path):

@@ -1,6 +1,6 @@
 """Build once what DeepSpeed would otherwise compile on first use (run by `make setup`).
 
-    TORCH_EXTENSIONS_DIR=~/.cache/alloylm/torch_extensions python -m alloylm.warm
+    TORCH_EXTENSIONS_DIR=.venv/torch-extensions python -m alloylm.warm   # as `make setup` runs it
 
 On a CPU machine DeepSpeed JIT-compiles its shared-memory communication op (about a minute on
 2 cores) the first time a training job starts; doing it here, into a cache folder that survives
