@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alloylm.evaluate.report import _dag_figure, _depths, _nothing_to_show, _trade_off
+from alloylm.evaluate.report import _dag_figure, _depths, _figure, _label_points, _nothing_to_show, _trade_off
 
 DAG = {"base": [], "instruct": ["base"], "cpt": ["instruct"], "sft": ["cpt"], "dpo": ["sft"], "merged": ["dpo", "instruct"]}
 
@@ -26,6 +26,23 @@ def test_dag_and_trade_off_pictures_are_drawn(tmp_path):
     assert (tmp_path / _dag_figure(DAG, ROWS, "dpo", str(tmp_path))).stat().st_size > 1000
     assert (tmp_path / _trade_off(ROWS, str(tmp_path), 0.25)).stat().st_size > 1000
     assert _trade_off(ROWS[:1], str(tmp_path)) is None  # one point is no trade-off
+
+
+def test_trade_off_labels_of_close_points_do_not_overlap():
+    """The quickstart's sft, merged and dpo sit close on both axes; their names drew over each other."""
+    figure = _figure(6.4, 4.2)
+    axes = figure.add_subplot()
+    points = [("instruct", 87.9, 0.286), ("cpt", 10718.0, 0.648), ("sft", 3779.0, 0.886), ("dpo", 5092.0, 0.895),
+              ("orpo", 2332.0, 0.562), ("merged", 3565.0, 0.867), ("sft-direct", 193.0, 0.248), ("merged-paper", 288.0, 0.352)]
+    axes.plot([x for _, x, _ in points], [y for _, _, y in points], "o")
+    axes.set_xscale("log")
+    figure.tight_layout()
+    labels = _label_points(axes, points)
+    assert [label.get_text() for label in labels] == [name for name, _, _ in points]
+    renderer = figure.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    crossing = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not crossing
 
 
 def test_a_metric_with_nothing_to_show_is_said_in_one_line():

@@ -144,6 +144,31 @@ def _dag_figure(dag: Mapping[str, list[str]], rows: list[dict], best: str | None
     return name
 
 
+# Where a point's label may go, in points from the point, tried in this order.
+_LABEL_OFFSETS = ((5, 5), (5, -11), (-5, 5), (-5, -11), (5, 15), (-5, 15), (5, -21), (-5, -21))
+
+
+def _label_points(axes, labels: list[tuple[str, float, float]]) -> list:
+    """Annotate each (text, x, y), moving a label to the next free offset where it would overlap a
+    label placed before it (variants close on both axes, e.g. `sft` and `merged`, drew their names
+    over each other). matplotlib has no automatic label placement; adjustText does this, but one
+    more dependency for eight labels is not worth it. Returns the annotations."""
+    renderer = axes.figure.canvas.get_renderer()
+    placed, boxes = [], []
+    for text, x, y in labels:
+        for dx, dy in _LABEL_OFFSETS:
+            label = axes.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                                  ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in boxes):
+                break
+            if (dx, dy) != _LABEL_OFFSETS[-1]:
+                label.remove()  # the last offset stays even if crowded: the name is never dropped
+        placed.append(label)
+        boxes.append(box)
+    return placed
+
+
 def _trade_off(rows: list[dict], folder: str, chance: float | None = None) -> str | None:
     """Domain multiple-choice accuracy against general perplexity: forgetting and merging in one picture."""
     x_key, y_key = "general_perplexity.perplexity", "multiple_choice.accuracy"
@@ -158,7 +183,6 @@ def _trade_off(rows: list[dict], folder: str, chance: float | None = None) -> st
         xerr = [[max(0.0, x - xi["low"])], [max(0.0, xi["high"] - x)]] if xi else None
         yerr = [[max(0.0, y - yi["low"])], [max(0.0, yi["high"] - y)]] if yi else None
         axes.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
-        axes.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if chance is not None:
         axes.axhline(chance, color="#C44E52", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
         axes.legend(fontsize=8, loc="lower right")
@@ -166,7 +190,8 @@ def _trade_off(rows: list[dict], folder: str, chance: float | None = None) -> st
     axes.set_xlabel("general perplexity (held-out general text; lower: less forgetting)")
     axes.set_ylabel("domain multiple-choice accuracy")
     axes.set_title("Trade-off: domain knowledge against general text, 95% intervals", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout()  # the layout first: labels are placed in the final display coordinates
+    _label_points(axes, [(r["variant"], r["values"][x_key], r["values"][y_key]) for r in points])
     name = "trade_off.png"
     figure.savefig(os.path.join(folder, name), format="png")
     return name
