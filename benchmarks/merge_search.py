@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -462,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()[0]
         results["quality_per_budget"] = quality_per_budget(args)
         results["quality_per_budget"]["load_1min"] = {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}
+        results["quality_per_budget"]["command"] = shlex.join(["python", "benchmarks/merge_search.py", *(sys.argv[1:] if argv is None else argv)])
         results["measured_now"].append("quality_per_budget")
     elif "quality_per_budget" in earlier:
         results["quality_per_budget"] = earlier["quality_per_budget"]
