@@ -109,9 +109,22 @@ def test_dpo_loss_weights_must_match_its_loss_types(tmp_path):
     )
     message = error_of(tmp_path, text)
     assert "stages.pref" in message and "loss_weights has 1 entries for 2 loss_type entries" in message
+    message = error_of(tmp_path, text.replace("[sigmoid, sft]", "[sigmoid, nll]"))
+    assert "stages.pref" in message and "unknown TRL DPO loss type(s) ['nll']" in message and "sigmoid_norm" in message
     # One weight per loss type is a valid config, with the list kept as given.
     config = load_config(write(tmp_path, text), ["stages.pref.loss_weights=[1.0, 0.5]"])
     assert config.stages["pref"].loss_type == ["sigmoid", "sft"] and config.stages["pref"].loss_weights == [1.0, 0.5]
+
+
+def test_dpo_loss_types_are_the_ones_trl_documents():
+    import re
+
+    from trl import DPOConfig
+
+    from alloylm.train.config import DPO_LOSS_TYPES
+
+    documented = re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"])
+    assert documented and sorted(documented) == sorted(DPO_LOSS_TYPES)
 
 
 def test_unknown_parent_is_rejected(tmp_path):

@@ -88,6 +88,16 @@ class SftStageConfig(TrainStageConfig):
     packing: bool = Field(False, description="Pack several chats into one sequence (TRL's packing).")
 
 
+# TRL's DPO loss types. DPOConfig takes any string, and DPOTrainer rejects an unknown one only at
+# its first step, after the workers have started and loaded the model; this config checks it when
+# it loads instead (without importing TRL, which loading a config must not). A test compares this
+# list with the one TRL documents on `DPOConfig.loss_type`, so a TRL upgrade that adds one fails there.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
 class DpoStageConfig(TrainStageConfig):
     """Direct preference optimisation with TRL's DPOTrainer; the parent is the reference model."""
 
@@ -105,6 +115,9 @@ class DpoStageConfig(TrainStageConfig):
         losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
         if not losses:
             raise ValueError("loss_type: give at least one TRL DPO loss type")
+        unknown = [loss for loss in losses if loss not in DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type: unknown TRL DPO loss type(s) {unknown}; known: {', '.join(DPO_LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(losses):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(losses)} loss_type entries {losses}")
         return self
