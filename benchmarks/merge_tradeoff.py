@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/merge_tradeoff.py                          # the quickstart, from empty storage (~8 min on 2 cores)
     .venv/bin/python benchmarks/merge_tradeoff.py --workdir /tmp/qs/final  # reuse a quickstart run's storage (only the search reruns)
     .venv/bin/python benchmarks/merge_tradeoff.py --general-weight 4
+    .venv/bin/python benchmarks/merge_tradeoff.py --filters self_attn,mlp,embed_tokens,lm_head   # t of their own
 
 Issue 12 asks for a merged variant that keeps >= 80% of DPO's multiple-choice gain over `instruct`
 with a general perplexity closer to `instruct`'s than to DPO's. This measures whether the SLERP
@@ -44,6 +45,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None, help="the run's storage (default: a temporary folder, removed)")
     parser.add_argument("--general-weight", type=float, default=2.0, help="weight of general_perplexity in the search objective (default 2)")
+    parser.add_argument(
+        "--filters", default="self_attn,mlp",
+        help="tensor-name filters with a `t` gradient of their own (default self_attn,mlp, the quickstart's); every other "
+        "tensor shares `t.default`. Embeddings and lm_head lie outside the layers, so mergekit reads their gradient's "
+        "first anchor only. Other than the default, the paper's point (attention and MLP only) is not tried first",
+    )
     parser.add_argument("--plot", default=str(PLOT), help="PNG of the trials")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON figures go")
     return parser
@@ -81,6 +88,7 @@ def trial_rows(run: Path) -> list[dict]:
             "short_answer": suites.get("short_answer"),
             "general_bpb": -math.log2(general) if general else None,
             "t_default": (trial.get("values") or {}).get("t.default"),
+            "t": {k: v for k, v in (trial.get("values") or {}).items() if k.startswith("t.")},
             "score": trial.get("score"),
         })
     return rows
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="alloylm-tradeoff-")
     command = [sys.executable, "-m", "alloylm.cli", "run", str(CONFIG), f"storage={workdir}", "overwrite=true",
                objective_override(args.general_weight), "--only", "merged"]
+    filters = [f.strip() for f in args.filters.split(",") if f.strip()]
+    if filters != ["self_attn", "mlp"]:
+        command[-2:-2] = [f"stages.merged.search.space.t.filters={json.dumps(filters)}", "stages.merged.search.points=[]"]
     print("$", " ".join(command), flush=True)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "merge_tradeoff",
         "general_weight": args.general_weight,
+        "filters": filters,
         "trials": len(rows),
         "instruct": instruct,
         "dpo": dpo,
