@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged", "sft-direct")
+STAGES = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged-head", "merged", "sft-direct")
 TRAINED = ("base", "instruct", "cpt", "sft", "dpo", "orpo", "sft-direct")
 # Stages that neither are dpo nor descend from it: a change to dpo must leave them alone.
 NOT_AFTER_DPO = ("base", "instruct", "cpt", "sft", "orpo", "sft-direct")
@@ -185,7 +185,7 @@ def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
     assert any(f.endswith(".safetensors") for f in storage.list_files(merged))
     # Every variant evaluated; the report compares them.
     summary = _summary(first_run.output)
-    assert sorted(summary["evaluation"]["scores"]) == sorted(["instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged", "sft-direct"])
+    assert sorted(summary["evaluation"]["scores"]) == sorted(["instruct", "cpt", "sft", "dpo", "orpo", "merged-paper", "merged-head", "merged", "sft-direct"])
     assert not summary["evaluation"]["failed"]
     report = storage.read_text(storage.join(run, "report", "report.md"))
     assert "AlloyLM: qs" in report and all(v in report for v in ("instruct", "merged", "orpo"))
@@ -217,7 +217,7 @@ def test_the_run_is_tracked_in_mlflow(first_run, monkeypatch):
     trials = by_step["stage:merged"]
     assert len(trials) == 3 and all(t.data.tags["trial_name"].startswith("run_trial_") for t in trials)
     assert all("score" in t.data.metrics and t.info.status == "FINISHED" for t in trials)
-    assert "stage:merged-paper" not in by_step  # a fixed merge trains nothing and tries nothing
+    assert "stage:merged-paper" not in by_step and "stage:merged-head" not in by_step  # a fixed merge trains and tries nothing
     [evaluation] = by_step["comparison"]
     assert evaluation.info.run_name == "qs/evaluation"
     scores = _summary(first_run.output)["evaluation"]["scores"]
@@ -276,7 +276,7 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     after = _manifests(first_run.run_uri)
     for name in NOT_AFTER_DPO:
         assert after[name] == before[name], name  # same fingerprint and created_at: skipped
-    for name in ("dpo", "merged-paper", "merged"):
+    for name in ("dpo", "merged-paper", "merged-head", "merged"):
         assert after[name]["fingerprint"] != before[name]["fingerprint"], name
         assert after[name]["created_at"] != before[name]["created_at"], name
     metrics = after["dpo"]["metrics"]
@@ -288,7 +288,7 @@ def test_changed_stage_reruns_with_its_descendants_and_a_cut_run_resumes(first_r
     assert summary["best"]["variant"] in summary["evaluation"]["scores"]
     # The retrained variants were evaluated again; the others' results were reused, not recomputed.
     evaluated_after = _eval_manifests(first_run.run_uri)
-    for name in ("dpo", "merged-paper", "merged"):
+    for name in ("dpo", "merged-paper", "merged-head", "merged"):
         assert evaluated_after[name]["fingerprint"] != evaluated_before[name]["fingerprint"], name
         assert evaluated_after[name]["created_at"] != evaluated_before[name]["created_at"], name
     for name in ("instruct", "cpt", "sft", "orpo", "sft-direct"):
