@@ -110,9 +110,14 @@ class DpoStageConfig(TrainStageConfig):
     )
     loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry (default: 1 each).")
 
+    @property
+    def losses(self) -> list[str]:
+        """`loss_type` as the list TRL's DPOConfig takes."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
     @model_validator(mode="after")
-    def _weights_match_losses(self):
-        losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+    def _known_losses_and_their_weights(self):
+        losses = self.losses
         if not losses:
             raise ValueError("loss_type: give at least one TRL DPO loss type")
         unknown = [loss for loss in losses if loss not in DPO_LOSS_TYPES]

@@ -22,8 +22,7 @@ def build_trainer(stage, job, model, tokenizer, arguments: dict[str, Any]):
     from trl import DPOConfig, DPOTrainer
 
     table = read_prepared_table(job.data_uri, PREFERENCE_COLUMNS)
-    losses = [stage.loss_type] if isinstance(stage.loss_type, str) else list(stage.loss_type)
     args = DPOConfig(
-        **arguments, beta=stage.beta, loss_type=losses, loss_weights=stage.loss_weights, max_length=stage.training.max_length
+        **arguments, beta=stage.beta, loss_type=stage.losses, loss_weights=stage.loss_weights, max_length=stage.training.max_length
     )
     return DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(table), processing_class=tokenizer)
