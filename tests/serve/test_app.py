@@ -964,14 +964,22 @@ def test_a_replica_killed_under_load_fails_fast_and_is_replaced(serve_port, mode
         failures = [(status, raw) for _, _, status, raw in outcomes if status != 200]
         before = [o for o in outcomes if o[1] < killed_at[0]]
         assert before and all(o[2] == 200 for o in before)
-        assert failures, "the kill did not hit a request in flight"
+        # Requests in flight at the kill: those the replica had accepted fail with a 5xx; those
+        # Serve's router had not yet placed (its reserve_slot step) it retries on the new replica,
+        # so they may succeed (a CI run saw none fail). Either way none may hang.
+        spanning = [o for o in outcomes if o[0] < killed_at[0] < o[1]]
+        assert spanning, "the kill did not hit a request in flight"
+        assert all(o[2] == 200 or o[2] >= 500 for o in spanning), [o[2] for o in spanning]
         for status, raw in failures:
             assert status >= 500, (status, raw[:300])
             error = json.loads(raw)["error"]
             assert error["message"] and error["type"] == "server_error", error
         recovered = min(o[1] for o in outcomes if o[2] == 200 and o[0] > killed_at[0])
         recovery_s = recovered - killed_at[0]
-        print(f"recovery after the replica was killed: {recovery_s:.1f} s, {len(failures)} requests failed")
+        print(
+            f"recovery after the replica was killed: {recovery_s:.1f} s; {len(spanning)} requests in flight,"
+            f" {len(failures)} failed"
+        )
         assert recovery_s <= 30, recovery_s
         assert replica_pids() and pid not in replica_pids()
     finally:
