@@ -916,7 +916,8 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
 @pytest.mark.slow
 def test_a_replica_killed_under_load_fails_fast_and_is_replaced(serve_port, model_dirs):
     # 16 clients send while the model replica's process is SIGKILLed: requests in flight get an
-    # OpenAI-shaped 5xx/503 (none hangs), Serve starts a new replica, and requests succeed again.
+    # OpenAI-shaped 5xx/503 or are retried by Serve (none hangs), Serve starts a new replica, and
+    # requests succeed again.
     from ray import serve
     from ray._private import state
 
