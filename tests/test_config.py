@@ -198,6 +198,88 @@ def test_bad_yaml_reports_line(tmp_path):
     assert "run.yaml:" in message and "not valid YAML" in message
 
 
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    # PyYAML would keep the second `inst:` silently and drop the first.
+    text = MINIMAL + "  inst: {kind: sft, from: {init: tiny-llama}, data: chat}\n"
+    message = error_of(tmp_path, text)
+    assert "run.yaml:12:" in message and "key 'inst' is given twice (first on line 11)" in message, message
+    assert "given twice" in error_of(tmp_path, MINIMAL, ["stages.x={a: 1, a: 2}"])
+
+
+def test_bytes_that_are_not_utf8_or_yaml_name_the_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:12: not UTF-8 text \(byte 0xe9\)"):
+        load_config(path)
+    path.write_bytes(MINIMAL.encode().replace(b"experiment: demo", b"experiment: d\x01emo"))
+    with pytest.raises(ConfigError, match=r"run\.yaml:1: not valid YAML: character U\+0001"):
+        load_config(path)
+    # In an override: a message, not a traceback (a ReaderError has no `problem`).
+    assert "character U+0001 is not allowed" in error_of(tmp_path, MINIMAL, ["storage=runs\x01"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stages.base.training.epochs=.inf", "stages.base.training.epochs: Input should be a finite number"),
+        ("stages.base.training.learning_rate=-.inf", "stages.base.training.learning_rate: Input should be a finite number"),
+        ("stages.base.deepspeed.stage=false", "stages.base.deepspeed.stage: expected a number, got the boolean false"),
+        ("stages.base.training.batch_size=true", "stages.base.training.batch_size: expected a number, got the boolean true"),
+        ("builtin.materials=true", "builtin.materials: expected a number, got the boolean true"),
+        ("seed=-5", "seed: Input should be greater than or equal to 0"),
+        ("seed=4294967296", "seed: Input should be less than or equal to 4294967295"),
+        ("stages.base.training.seed=4294967296", "stages.base.training.seed: Input should be less than or equal to 4294967295"),
+        ("storage=", "storage: is empty"),
+        ("storage=' runs'", "storage: ' runs' has leading or trailing spaces"),
+        ("storage=s3://", "storage: 's3://' names no location"),
+        ("storage=s3:///prefix", "storage: 's3:///prefix' has no bucket"),
+    ],
+)
+def test_values_that_would_fail_only_at_run_time_are_refused_at_load(tmp_path, override, expected):
+    # inf epochs overflow math.ceil in the worker, seed -5 fails numpy's set_seed after data
+    # preparation, `stage: false` would mean ZeRO-0, and an empty storage writes into the cwd.
+    assert f"override {override!r}: {expected}" in error_of(tmp_path, MINIMAL, [override])
+
+
+def test_booleans_stay_booleans_and_good_values_still_load(tmp_path):
+    config = load_config(
+        write(tmp_path, MINIMAL),
+        ["stages.base.training.gradient_checkpointing=true", "stages.base.deepspeed.stage=3", "seed=4294967295", "storage=s3://bucket/runs"],
+    )
+    assert config.stages["base"].training.gradient_checkpointing is True and config.stages["base"].deepspeed.stage == 3
+    assert config.seed == 2**32 - 1 and config.storage == "s3://bucket/runs"
+
+
+def test_errors_point_at_the_override_or_key_that_caused_them(tmp_path):
+    path = write(tmp_path, MINIMAL + "evaluate: {variants: [inst], suites: {short_answer: {enabled: false}, multiple_choice: {enabled: false}}}\nserve:\n  variants: []\n  model: nope\n")
+    # An override that replaced a list: the override, not the file's line of the old list.
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["evaluate.variants=[nope]"])
+    assert "override 'evaluate.variants=[nope]': evaluate.variants.0: 'nope' is neither" in str(info.value)
+    # serve.model names a missing variant: serve.model, at its own line.
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "run.yaml:15: serve.model: 'nope' is neither a stage" in str(info.value)
+    # A typo of a stage name in an override says so rather than asking for a `kind`.
+    message = error_of(tmp_path, MINIMAL, ["stages.inst2.training.epochs=1"])
+    assert "stages.inst2: no stage 'inst2' in" in message and "(stages: base, inst)" in message, message
+    # A cycle names the stage key it closes at, so it gets a line.
+    message = error_of(tmp_path, MINIMAL, ["stages.base.from=inst"])
+    assert "override 'stages.base.from=inst': stages.base.from: stages form a cycle" in message or (
+        "run.yaml:11: stages.inst.from: stages form a cycle" in message
+    ), message
+
+
+def test_a_message_with_a_semicolon_stays_one_line(tmp_path):
+    message = error_of(
+        tmp_path,
+        MINIMAL + "evaluate:\n  variants: [inst]\n  suites:\n    multiple_choice: {dataset: nope}\n    short_answer: {enabled: false}\n"
+        "    domain_perplexity: {enabled: false}\n    general_perplexity: {enabled: false}\n",
+    )
+    lines = message.splitlines()[1:]
+    assert len(lines) == 1 and lines[0].endswith("; disable the suite or declare it"), message
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -47,7 +47,7 @@ from alloylm.merge.config import (
     search_eval_config,
 )
 from alloylm.plan_config import ClusterConfig
-from alloylm.schema import DATA_FORMATS, NAME_PATTERN, StageConfigBase, is_model_source
+from alloylm.schema import DATA_FORMATS, NAME_PATTERN, SEED_MAX, StageConfigBase, is_model_source
 from alloylm.schema import Frozen as _Frozen
 from alloylm.serve.config import ServeConfig
 from alloylm.stages import AnyStage, load_builtin_kinds
@@ -115,7 +115,7 @@ class RunConfig(_Frozen):
         False,
         description="Allow replacing a finished artifact whose inputs changed. Off: such a run stops instead of overwriting.",
     )
-    seed: int = Field(0, description="Seed for everything random in the run.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of model initialisation, training order and the merge search (the built-in corpus has `builtin.seed`).")
     trust_remote_code: bool = Field(
         False, description="Let transformers run code shipped with a model. Off unless you trust the model's author."
     )
@@ -137,6 +137,20 @@ class RunConfig(_Frozen):
     tracking: TrackingConfig | None = Field(
         None, description="Optional experiment tracking (`tracking.mlflow`, needs `pip install 'alloylm[mlflow]'`)."
     )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty: give a folder (e.g. ./runs) or an s3://bucket/prefix URI")
+        if value != value.strip():
+            raise ValueError(f"{value!r} has leading or trailing spaces")
+        scheme, sep, rest = value.partition("://")
+        if sep and not rest.strip("/"):
+            raise ValueError(f"{value!r} names no location after {scheme}:// (e.g. {scheme}://bucket/prefix)")
+        if sep and scheme.lower() in ("s3", "s3a") and rest.startswith("/"):
+            raise ValueError(f"{value!r} has no bucket: write {scheme}://bucket/prefix")
+        return value
 
     @field_validator("datasets", "stages")
     @classmethod
@@ -186,12 +200,13 @@ class RunConfig(_Frozen):
                 if name == "best":
                     continue
                 if name not in self.stages and name not in self.serve.sources:
+                    key = "serve.model" if name == self.serve.model else "serve.variants"
                     problems.append(
-                        f"serve.variants: {name!r} is neither a stage of this run (stages: {_known(self.stages)}) "
+                        f"{key}: {name!r} is neither a stage of this run (stages: {_known(self.stages)}) "
                         "nor named under serve.sources"
                     )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # format_validation_error gives each its own line
         self.stage_order()  # raises on a cycle
         return self
 
@@ -202,7 +217,8 @@ class RunConfig(_Frozen):
             return list(graphlib.TopologicalSorter(graph).static_order())
         except graphlib.CycleError as exc:
             cycle = exc.args[1]
-            raise ValueError("stages form a cycle: " + " -> ".join(cycle)) from None
+            key = "from" if "from_" in type(self.stages[cycle[0]]).model_fields else "parents"
+            raise ValueError(f"stages.{cycle[0]}.{key}: stages form a cycle: " + " -> ".join(cycle)) from None
 
     def search_eval_config(self, name: str) -> EvalConfig:
         """The evaluation a trial of merge search `name` runs (see `alloylm.merge.config.search_eval_config`)."""
@@ -227,15 +243,47 @@ def _known(mapping: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last one silently, so a second `sft:` stage would replace the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own construction names it
+                continue
+            if line is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {line})", key_node.start_mark
+                )
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message without its position (we give file:line); a ReaderError has no `problem`."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"character U+{code:04X} is not allowed in YAML (a control character?)"
+    return str(getattr(exc, "problem", None) or exc)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar or flow collection)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
     return key.split("."), value
 
 
@@ -332,7 +380,7 @@ def format_validation_error(
         # Cross-field checks report "a.b.c: problem; d.e: problem" at the top level: split them so
         # each gets its own path and line.
         if not error["loc"] and error["type"] == "value_error":
-            for item in error["msg"].removeprefix("Value error, ").split("; "):
+            for item in error["msg"].removeprefix("Value error, ").split("\n"):
                 head, sep, rest = item.partition(": ")
                 if sep and re.fullmatch(r"[\w.-]+", head):
                     errors.append({**error, "loc": tuple(head.split(".")), "msg": rest})
@@ -353,18 +401,20 @@ def format_validation_error(
             msg = f"{msg} (got {error.get('input')!r})"
         elif "input" in error and error["type"] not in ("value_error", "model_type", "dict_type", "unknown_kind", "missing_kind", "stage_type"):
             msg = f"{msg} (got {error['input']!r})"
+        if error["type"] == "missing_kind" and len(loc) == 2 and loc[0] == "stages" and loc not in lines:
+            # Only overrides name this stage: most likely a typo of one of the file's stages.
+            in_file = sorted(key[1] for key in lines if len(key) == 2 and key[0] == "stages")
+            msg = f"no stage {loc[1]!r} in {path} (stages: {', '.join(in_file) or 'none'}); a new stage also needs `kind`"
         where = path
-        # An override below the failing mapping (e.g. `stages.x.kind=...` making `stages.x` invalid) caused it.
+        # An override below the failing mapping (e.g. `stages.x.kind=...` making `stages.x` invalid)
+        # caused it; one at or above it replaced what the file had there.
         below = [o for key, o in overridden.items() if len(key) > len(loc) and key[: len(loc)] == loc] if loc else []
-        if below:
-            where = f"override {below[0]!r}"
-        for cut in range(len(loc), 0, -1) if not below else ():
-            if loc[:cut] in overridden:
-                where = f"override {overridden[loc[:cut]]!r}"
-                break
-            if loc[:cut] in lines:
-                where = f"{path}:{lines[loc[:cut]]}"
-                break
+        above = next((overridden[loc[:cut]] for cut in range(len(loc), 0, -1) if loc[:cut] in overridden), None)
+        if below or above:
+            where = f"override {(below or [above])[0]!r}"
+        else:
+            line = next((lines[loc[:cut]] for cut in range(len(loc), 0, -1) if loc[:cut] in lines), None)
+            where = path if line is None else f"{path}:{line}"
         line = f"{where}: {dotted}: {msg}"
         if line not in seen:
             seen.add(line)
@@ -376,17 +426,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read, override and validate a run config; raise ConfigError naming every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+    try:
+        raw = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if mark is not None:
+            where = f"{path}:{mark.line + 1}"
+        elif isinstance(exc, yaml.reader.ReaderError):
+            where = f"{path}:{text[: exc.position].count(chr(10)) + 1}"
+        else:
+            where = str(path)
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from alloylm.schema import SEED_MAX, ConfigModel
 
 
-class BuiltinCorpusOptions(BaseModel):
+class BuiltinCorpusOptions(ConfigModel):
     """Seed and sizes of the generated corpus; the same options always give byte-identical rows."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    seed: int = Field(0, ge=0, description="Seed of every random draw; another seed gives another knowledge base.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of every random draw; another seed gives another knowledge base.")
     materials: int = Field(
         40,
         ge=2,

@@ -12,7 +12,9 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from alloylm.schema import SEED_MAX, ConfigModel
 
 # The paper's judge criteria (arXiv:2409.03444, section on LLM-judged conversations).
 DEFAULT_JUDGE_CRITERIA = ("reasoning_depth", "creativity", "clarity", "quantitative_precision")
@@ -21,8 +23,8 @@ _CRITERION_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 _VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Frozen(ConfigModel):
+    """Unknown keys are errors; a built config never changes (alloylm.schema.ConfigModel)."""
 
 
 class _SuiteBase(_Frozen):
@@ -336,7 +338,7 @@ class EvalConfig(_Frozen):
         "test",
         description="Benchmark split to score. The merge search optimises `validation`; the report states `test` only.",
     )
-    seed: int = Field(0, description="Seed of everything random in evaluation (item sampling, generation).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of everything random in evaluation (item sampling, generation).")
     max_items: int | None = Field(
         None, gt=0, description="Cap on items per suite for every suite (quick trials); a suite's own max_items also applies."
     )

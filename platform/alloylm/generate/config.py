@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alloylm.schema import NAME_PATTERN
+from alloylm.schema import NAME_PATTERN, SEED_MAX
 from alloylm.schema import Frozen as _Frozen
 
 # What each `generate` task produces: the format of the generated data set.
@@ -100,7 +100,7 @@ class HeldoutConfig(_Frozen):
             "or more documents, never all). Every `generate` data set reading the same documents must agree."
         ),
     )
-    seed: int = Field(0, description="Seed of the draw of held-out documents.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the draw of held-out documents.")
     validation_fraction: float = Field(
         0.5,
         ge=0,

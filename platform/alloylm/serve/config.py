@@ -10,15 +10,17 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from alloylm.schema import ConfigModel
 
 # Variant names are API model ids: stage names (lower case) or names given under `sources`.
 VARIANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 API_KEYS_ENV = "ALLOYLM_API_KEYS"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Frozen(ConfigModel):
+    """Unknown keys are errors; a built config never changes (alloylm.schema.ConfigModel)."""
 
 
 class BatchingConfig(_Frozen):

@@ -10,6 +10,7 @@ from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from alloylm.schema import SEED_MAX
 from alloylm.schema import Frozen as _Frozen
 from alloylm.schema import StageConfigBase as _StageBase
 from alloylm.stages import StageKind, register_stage_kind
@@ -19,7 +20,7 @@ class PresetInit(_Frozen):
     """Start from a freshly initialised model of a named preset architecture."""
 
     init: str = Field(description="Preset name, e.g. tiny-llama, small-llama, tiny-mistral.")
-    seed: int | None = Field(None, description="Initialisation seed (default: the run's seed).")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Initialisation seed (default: the run's seed).")
 
     @field_validator("init")
     @classmethod

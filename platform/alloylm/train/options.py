@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from alloylm.schema import SEED_MAX, ConfigModel
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class _Frozen(ConfigModel):
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class TrainingOptions(_Frozen):
@@ -32,7 +34,7 @@ class TrainingOptions(_Frozen):
     max_length: int = Field(1024, ge=8, description="Longest sequence (SFT, DPO, ORPO); CPT uses the packed block size.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     logging_steps: int = Field(5, ge=1, description="Log loss, learning rate and tokens/s every this many steps.")
-    seed: int | None = Field(None, description="Training seed (default: the run's seed).")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Training seed (default: the run's seed).")
 
 
 class DeepSpeedOptions(_Frozen):
