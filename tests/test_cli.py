@@ -51,6 +51,38 @@ def test_bad_config_and_bad_override_exit_2(tmp_path, capsys):
     assert main(["validate", QUICKSTART]) == 0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["stages.merged-head.method=frobnicate"], "stages.merged-head: unknown merge method 'frobnicate'; mergekit knows:"),
+        (["stages.merged-head.parameters={tt: 0.5}"], "stages.merged-head: parameters: merge method 'slerp' has no parameter 'tt'"),
+        (["stages.merged-head.parents=[dpo, instruct, sft]"], "Merge method requires exactly 2 inputs; got 3"),
+        (["stages.merged-paper.method=linear", "stages.merged-paper.parameters={}"], "merge method 'linear' needs parameter 'weight'"),
+        (["stages.merged.method=linear"], "stages.merged: parameters: merge method 'linear' has no parameter 't'"),
+        (["stages.merged-head.parameters={}", "stages.merged-head.mergekit_config=/nonexistent/merge.yml"], "stages.merged-head.mergekit_config: no file at /nonexistent/merge.yml"),
+    ],
+)
+def test_merge_settings_mergekit_would_refuse_fail_before_any_training(tmp_path, capsys, overrides, says):
+    # Otherwise they fail only when the merge runs, after every parent has trained.
+    storage = f"storage={tmp_path}"
+    assert main(["validate", QUICKSTART, *overrides]) == EXIT_USAGE
+    assert says in capsys.readouterr().err
+    assert main(["run", QUICKSTART, storage, *overrides]) == EXIT_USAGE  # before the cluster and the lease
+    assert says in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_unknown_names_and_missing_runs_are_usage_errors_that_write_nothing(tmp_path, capsys):
+    storage = f"storage={tmp_path}"
+    assert main(["run", QUICKSTART, storage, "--only", "ghost"]) == EXIT_USAGE
+    assert "--only: no stage 'ghost'" in capsys.readouterr().err
+    assert main(["data", QUICKSTART, storage, "--only", "ghost"]) == EXIT_USAGE
+    assert "--only: no data set 'ghost'; data sets: domain-benchmark" in capsys.readouterr().err
+    # A report of a run that is not there (a typo of `experiment`): no report of nothing, no folder.
+    assert main(["report", QUICKSTART, storage, "experiment=typo"]) == EXIT_USAGE
+    assert f"no run at {tmp_path}/typo: nothing to report" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_error_classes_map_to_their_exit_codes():
     # The CLI catches the two branches, not a list of classes: each error is on one of them.
     for error in (ConfigError, UsageError):

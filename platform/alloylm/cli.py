@@ -93,6 +93,10 @@ def _stage(config: RunConfig, name: str, command: str) -> dict[str, Any]:
     from alloylm.stages import kind_of
 
     kind = kind_of(config, name, command=command)  # a stage this command does not run: exit 2
+    if command in ("merge", "search"):
+        from alloylm.pipeline import check_merge_stages
+
+        check_merge_stages(config, [name])
     connect_ray()
     manifest = kind.run(config, name)
     return {"stage": name, "model": RunLayout.of(config).stage(name), **(manifest.get("metrics") or {})}
@@ -213,6 +217,10 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
         _plan(config, args)
         return 0
     if args.command == "run":
+        if args.only:
+            from alloylm.pipeline import _with_ancestors
+
+            _with_ancestors(config, args.only)  # an unknown stage: exit 2 before the lease and the cluster
         summary = run_pipeline(config, only=args.only, serve=args.serve, on_summary=_print_summary, wait_for_lease=args.wait)
         return 0 if summary.ok else EXIT_FAILED
     commands = {
@@ -223,6 +231,15 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
         "eval": lambda: _eval(config),
         "report": lambda: _report(config),
     }
+    if args.command == "data" and args.only:
+        unknown = [name for name in args.only if name not in config.datasets]
+        if unknown:
+            raise UsageError(f"--only: no data set {', '.join(map(repr, unknown))}; data sets: {', '.join(sorted(config.datasets))}")
+    if args.command == "report":
+        from alloylm import storage
+
+        if not storage.exists(config.run_uri):  # before the lease, which would create the folder
+            raise UsageError(f"no run at {config.run_uri}: nothing to report (check `storage` and `experiment`)")
     if args.command in WRITERS:
         from alloylm.lease import RunLease
 
@@ -253,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if args.command == "validate":
+            from alloylm.pipeline import check_merge_stages
+
+            check_merge_stages(config)
             print(config.resolved_yaml(), end="")
             return 0
         return _command(args, config)

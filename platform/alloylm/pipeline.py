@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from alloylm.errors import AlloyLMError, ServeError, StageError, UsageError
+from alloylm.errors import AlloyLMError, ConfigError, ServeError, StageError, UsageError
 from alloylm.layout import RunLayout
 from alloylm.stages import stage_kind
 
@@ -63,6 +63,15 @@ class StepLogFilter(logging.Filter):
 
 
 # ------------------------------------------------------------------------------ resources
+
+
+def check_merge_stages(config: RunConfig, names: list[str] | None = None) -> None:
+    """Refuse (ConfigError, exit 2) merge settings mergekit would refuse, before any parent trains."""
+    from alloylm.merge.config import merge_settings_problems
+
+    problems = merge_settings_problems(config, names)
+    if problems:
+        raise ConfigError("invalid merge settings:\n  " + "\n  ".join(problems))
 
 
 def check_stage_resources(config: RunConfig, names: list[str] | None = None, have: dict[str, float] | None = None) -> None:
@@ -457,11 +466,12 @@ def run_pipeline(
     lease = RunLease(config.run_uri, "run", ttl=config.run.lease_ttl_seconds)
     if not wait_for_lease:
         lease.refuse_if_held()  # another writer: fail at once, not after starting a Ray cluster
+    names = sorted(_with_ancestors(config, only)) if only else config.stage_order()
+    check_merge_stages(config, names)  # not after hours of training the parents
     # A stage the cluster can never hold fails the run before anything is written, the lease included.
     connect_ray()
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     check_stage_resources(config, have=capacity)
-    names = sorted(_with_ancestors(config, only)) if only else config.stage_order()
     check_stage_memory(config, names, capacity.get("GPU", 0))
     with lease.held(wait=wait_for_lease):
         summary = _run(config, only, capacity)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from alloylm.evaluate.config import EvalConfig, SuitesConfig
+from alloylm.schema import SEED_MAX
 from alloylm.schema import Frozen as _Frozen
 from alloylm.schema import StageConfigBase as _StageBase
 from alloylm.stages import StageKind, register_stage_kind
@@ -188,7 +189,7 @@ class MergeSearchConfig(_Frozen):
     max_concurrent_trials: int = Field(2, ge=1, description="Trials running at the same time (each takes resources).")
     asha: AshaConfig | None = Field(None, description="Early stopping on growing evaluation subsets (null: every trial scores all items).")
     objective: SearchObjective = Field(default_factory=SearchObjective, description="What a trial maximises.")
-    seed: int | None = Field(None, description="Searcher seed (default: the run's seed).")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Searcher seed (default: the run's seed).")
 
     @model_validator(mode="after")
     def _something_searched(self) -> MergeSearchConfig:
@@ -227,6 +228,46 @@ class MergeSearchStageConfig(MergeStageConfig):
 
 
 MERGE_STAGES = {"merge": MergeStageConfig, "merge_search": MergeSearchStageConfig}
+
+
+def _a_point(spec: SearchedParameter) -> Any:
+    """One value of a searched parameter, in the form a trial gives it (to check its name and shape)."""
+    middle = (spec.low + spec.high) / 2
+    if spec.anchors is None:
+        return middle
+    if not spec.filters:
+        return [middle] * spec.anchors
+    return {**{f: [middle] * spec.anchors for f in spec.filters}, "default": middle if spec.default == "search" else spec.default}
+
+
+def merge_settings_problems(config: RunConfig, names: list[str] | None = None) -> list[str]:
+    """What mergekit would refuse in the merge stages `names` (all by default), found before any
+    parent is trained: an unknown method or parameter, the wrong number of parents, a required
+    parameter missing, a mergekit_config file that is not there. Imports mergekit (seconds), so
+    config loading leaves it to `alloylm validate` and the start of a run."""
+    from alloylm import storage
+    from alloylm.merge.mergekit_builder import MergeInputError, check_merge_settings
+
+    problems = []
+    for name in names if names is not None else list(config.stages):
+        stage = config.stages[name]
+        if not isinstance(stage, MergeStageConfig):
+            continue
+        if stage.mergekit_config:
+            if not storage.exists(stage.mergekit_config):
+                problems.append(f"stages.{name}.mergekit_config: no file at {stage.mergekit_config}")
+            continue
+        parameters, model_parameters = dict(stage.parameters), {k: dict(v) for k, v in stage.model_parameters.items()}
+        if isinstance(stage, MergeSearchStageConfig):
+            parameters.update({key: _a_point(spec) for key, spec in stage.search.space.items()})
+            for parent, space in stage.search.model_space.items():
+                model_parameters.setdefault(parent, {}).update({key: _a_point(spec) for key, spec in space.items()})
+        base = stage.parents.index(stage.base) if stage.base else None
+        try:
+            check_merge_settings(stage.method, stage.parents, base=base, parameters=parameters, model_parameters=model_parameters)
+        except MergeInputError as exc:
+            problems.append(f"stages.{name}: {exc}")
+    return problems
 
 
 def search_eval_config(config: RunConfig, name: str) -> EvalConfig:

@@ -72,26 +72,78 @@ def mergekit_config(
     SLERP uses the `slices` + `base_model` form of mergekit's documentation (and the paper);
     every other method the `models` form. Raises MergeInputError naming the problem.
     """
-    spec_method = _merge_method(method)
-    spec = spec_method.spec
     folders = [_parent_folder(p, i) for i, p in enumerate(parents)]
     labels = _names(folders, names)
     if len(folders) < 1:
         raise MergeInputError("a merge needs at least one parent")
+    base, method_params, per_model = _checked_settings(method, labels, base, parameters, model_parameters)
+
+    config: dict[str, Any] = {"merge_method": method}
+    if base is not None:
+        config["base_model"] = folders[base]
+    if method == "slerp":
+        layers = _layer_count(folders[base if base is not None else 0], labels[base or 0])
+        if layers is not None:
+            config["slices"] = [
+                {
+                    "sources": [
+                        {"model": folder, "layer_range": [0, layers]}
+                        | ({"parameters": params} if params else {})
+                        for folder, params in zip(folders, per_model)
+                    ]
+                }
+            ]
+    if "slices" not in config:
+        config["models"] = [
+            {"model": folder} | ({"parameters": params} if params else {})
+            for folder, params in zip(folders, per_model)
+        ]
+    if method_params:
+        config["parameters"] = method_params
+    config["dtype"] = dtype
+    if tokenizer_source is not None:
+        config["tokenizer_source"] = tokenizer_source
+    validate_merge_config(config)
+    return config
+
+
+def check_merge_settings(
+    method: str,
+    names: Sequence[str],
+    *,
+    base: int | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """The checks of `mergekit_config` that need no model folders (the method, the number of
+    parents, the base, parameter names and values, required parameters): for a run whose parents
+    are not trained yet. Raises MergeInputError naming the problem."""
+    _checked_settings(method, [str(n) for n in names], base, parameters, model_parameters)
+
+
+def _checked_settings(
+    method: str,
+    labels: list[str],
+    base: int | None,
+    parameters: Mapping[str, Any] | None,
+    model_parameters: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[int | None, dict[str, Any], list[dict[str, Any]]]:
+    """(base, method-level settings, per-parent settings) in mergekit's form, every check done."""
+    spec = _merge_method(method).spec
 
     base_policy = spec.contract.base
     if base is None and base_policy == BasePolicy.REQUIRED:
         base = 0
     if base is not None:
-        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base < len(folders):
+        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base < len(labels):
             raise MergeInputError(
-                f"base must be the index of one of the {len(folders)} parents "
+                f"base must be the index of one of the {len(labels)} parents "
                 f"({', '.join(labels)}), got {base!r}"
             )
         if base_policy == BasePolicy.FORBIDDEN:
             raise MergeInputError(f"merge method {method!r} takes no base model, got base={base}")
     try:
-        spec.contract.validate_ids(list(range(len(folders))), base)
+        spec.contract.validate_ids(list(range(len(labels))), base)
     except ValueError as err:
         raise MergeInputError(
             f"merge method {method!r} cannot merge parents {', '.join(labels)}"
@@ -130,34 +182,7 @@ def mergekit_config(
             converted[key] = _mergekit_setting(value, where=where, spec=param)
         per_model.append(converted)
     _check_required(spec.parameters, method, labels, base, method_params, per_model)
-
-    config: dict[str, Any] = {"merge_method": method}
-    if base is not None:
-        config["base_model"] = folders[base]
-    if method == "slerp":
-        layers = _layer_count(folders[base if base is not None else 0], labels[base or 0])
-        if layers is not None:
-            config["slices"] = [
-                {
-                    "sources": [
-                        {"model": folder, "layer_range": [0, layers]}
-                        | ({"parameters": params} if params else {})
-                        for folder, params in zip(folders, per_model)
-                    ]
-                }
-            ]
-    if "slices" not in config:
-        config["models"] = [
-            {"model": folder} | ({"parameters": params} if params else {})
-            for folder, params in zip(folders, per_model)
-        ]
-    if method_params:
-        config["parameters"] = method_params
-    config["dtype"] = dtype
-    if tokenizer_source is not None:
-        config["tokenizer_source"] = tokenizer_source
-    validate_merge_config(config)
-    return config
+    return base, method_params, per_model
 
 
 def validate_merge_config(config: Mapping[str, Any], *, source: str = "merge config") -> MergeConfiguration:
