@@ -270,6 +270,15 @@ def test_errors_point_at_the_override_or_key_that_caused_them(tmp_path):
     ), message
 
 
+def test_a_stage_check_points_at_its_key_and_spaces_around_the_override_equals_are_dropped(tmp_path):
+    text = MINIMAL + "  m:\n    kind: merge\n    parents: [base, inst]\n    base: text\n"
+    assert "run.yaml:15: stages.m.base: 'text' is not one of parents ['base', 'inst']" in error_of(tmp_path, text)
+    message = error_of(tmp_path, MINIMAL + "  m: {kind: merge, parents: [base, inst]}\n", ["stages.m.base=text"])
+    assert "override 'stages.m.base=text': stages.m.base: 'text' is not one of parents" in message, message
+    # `a.b = 1` quoted as one shell argument: the key is `a.b`, not `a.b ` (an "unknown key").
+    assert load_config(write(tmp_path, MINIMAL), ["stages.base.training.epochs = 2"]).stages["base"].training.epochs == 2
+
+
 def test_a_message_with_a_semicolon_stays_one_line(tmp_path):
     message = error_of(
         tmp_path,

@@ -278,6 +278,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar or flow collection)."""
     key, sep, raw = text.partition("=")
+    key = key.strip()  # `a.b = 1`, quoted as one argument: the spaces are not part of the key
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
@@ -372,7 +373,7 @@ def format_validation_error(
     exc: ValidationError, raw: dict[str, Any], text: str, path: str, overrides: list[str] | None = None
 ) -> str:
     lines = _yaml_lines(text)
-    overridden = {tuple(o.partition("=")[0].split(".")): o for o in overrides or []}
+    overridden = {tuple(o.partition("=")[0].strip().split(".")): o for o in overrides or []}
     messages = []
     seen = set()
     errors = []
@@ -390,8 +391,13 @@ def format_validation_error(
             errors.append(error)
     for error in errors:
         loc = _clean_loc(error["loc"], raw)
-        dotted = ".".join(loc) or "(top level)"
         msg = error["msg"].removeprefix("Value error, ")
+        # A model's own check names its key first ("base: 'cpt' is not one of parents"): point at it.
+        head, sep, rest = msg.partition(": ")
+        if error["type"] == "value_error" and loc and sep and re.fullmatch(r"[A-Za-z_][\w]*", head):
+            if (*loc, head) in lines or (*loc, head) in overridden:
+                loc, msg = (*loc, head), rest
+        dotted = ".".join(loc) or "(top level)"
         if error["type"] == "extra_forbidden":
             owner = _model_at(loc[:-1], raw)
             msg = "unknown key" + (f"; allowed here: {_allowed_keys(owner)}" if owner else "")
