@@ -315,6 +315,14 @@ def test_incomplete_folder_is_not_complete_and_can_be_replaced(root):
     assert storage.is_complete(final)
     assert storage.read_text(storage.join(final, "weights.txt")) == "weights v1"
     assert not storage.exists(storage.join(final, "partial.bin"))
+    # On S3 a folder without a manifest is a commit cut short, and is deleted. On a local disk a
+    # commit is a rename and leaves none, so those are a user's own files: moved aside, kept.
+    aside = [f for f in storage.list_files(storage.join(root, "exp")) if ".replaced-" in f]
+    if storage.is_remote(root):
+        assert aside == []
+    else:
+        assert sorted(os.path.basename(f) for f in aside) == ["partial.bin", "vocab.txt", "weights.txt"], aside
+        assert storage.read_text(next(f for f in aside if f.endswith("partial.bin"))) == "half"
 
 
 def test_artifact_cannot_be_a_bucket_root(s3_bucket):

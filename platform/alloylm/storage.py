@@ -869,6 +869,14 @@ class StagedArtifact:
             os.makedirs(staging, exist_ok=True)
             _write_bytes(os.path.join(staging, MANIFEST_NAME), manifest_data)
             os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.lexists(final) and not os.path.exists(os.path.join(final, MANIFEST_NAME)):
+                # A local commit is a rename, so a crashed attempt never leaves a folder here without
+                # a manifest: this one is somebody's own files (e.g. a corpus kept inside the run
+                # folder). Moved aside and kept, never deleted.
+                stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+                aside = f"{final}.replaced-{stamp}"
+                os.rename(final, aside)
+                log.warning("%s held files that are not an AlloyLM artifact (no %s): moved to %s", final, MANIFEST_NAME, aside)
             if os.path.lexists(final):
                 # Old aside, new in, old deleted: the final path never holds a half-written
                 # folder, at worst (a crash between the renames) it is briefly absent.
@@ -928,7 +936,9 @@ def begin_artifact(uri: str, *, overwrite: bool = False) -> StagedArtifact:
     """Start writing the artifact at ``uri``; the caller writes into ``staging_uri`` then commits.
 
     Raises ArtifactExistsError if ``uri`` holds a complete artifact and ``overwrite`` is False.
-    An incomplete folder there (no manifest: a crashed earlier attempt) is replaced on commit.
+    An incomplete folder there (no manifest) is replaced on commit: on S3 it is a crashed earlier
+    commit and is deleted; on a local disk, where commits are renames, it cannot be one, so it is
+    moved aside to ``<uri>.replaced-<time>`` and kept.
     """
     final_uri = resolve(uri).rstrip("/") if is_remote(uri) else resolve(uri)
     parent, name = _split_parent(final_uri)

@@ -619,3 +619,14 @@ def test_lm_eval_splits_and_the_notes_under_the_table():
     ]
     no_lm_eval = {**bare, "columns": [c for c in comparison["columns"] if c["suite"] != "lm_eval"]}
     assert not any(note.startswith("Retention") for note in comparison_notes(no_lm_eval))
+
+
+@pytest.mark.parametrize("entry", [".", "./", "..", "../", "/models/..", "validation", "best", "comparison.json", "s3://bucket/best.json"])
+def test_a_variant_name_that_is_not_a_folder_of_its_own_under_eval_is_refused(entry):
+    # "." or ".." would make eval/<name> eval/ itself or the run folder, which a commit replaces;
+    # the others are what eval/ holds besides the variants (and `best` is serve's alias).
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot name a folder under eval/"):
+        EvalConfig.model_validate({"variants": [entry]})
+    assert EvalConfig.model_validate({"variants": [f"mine={entry}"]}).variants == [f"mine={entry}"]

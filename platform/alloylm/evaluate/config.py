@@ -21,6 +21,8 @@ DEFAULT_JUDGE_CRITERIA = ("reasoning_depth", "creativity", "clarity", "quantitat
 SPLITS = ("validation", "test")
 _CRITERION_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 _VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# What eval/ holds besides one folder per variant (alloylm.layout.RunLayout).
+RESERVED_VARIANT_NAMES = ("validation", "comparison.md", "comparison.json", "best.json", "best")
 
 
 class _Frozen(ConfigModel):
@@ -361,7 +363,15 @@ class EvalConfig(_Frozen):
                 raise ValueError("a variant must not be empty")
             if not variant_source(entry):
                 raise ValueError(f"variant {entry!r}: `name=source` needs a source after '='")
-            names.append(variant_name(entry))
+            name = variant_name(entry)
+            # The name is a folder under eval/: '.' or '..' (a path's last part) would be eval/ itself
+            # or the run folder, and the others are what eval/ holds besides the variants.
+            if not re.match(_VARIANT_NAME_PATTERN, name) or name in RESERVED_VARIANT_NAMES:
+                raise ValueError(
+                    f"variant {entry!r} would be named {name!r}, which cannot name a folder under eval/ "
+                    f"(reserved: {', '.join(RESERVED_VARIANT_NAMES)}); name it with `name=source`"
+                )
+            names.append(name)
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"variants have the same name: {', '.join(duplicates)}; name them with `name=source`")
