@@ -74,6 +74,22 @@ def model_dirs(tokenizer, tmp_path_factory) -> dict[str, str]:
     return dirs
 
 
+def test_a_default_max_tokens_is_cut_to_the_contexts_room_and_a_given_one_is_not():
+    # As vLLM: a request that set no limit gets what the context has room for after its prompt;
+    # one that set max_tokens past the context gets a 400 naming it (test_bad_requests_get_openai_errors).
+    from types import SimpleNamespace
+
+    from alloylm.serve.app import ModelServer
+
+    room_for = ModelServer.func_or_class._room_for
+    server = SimpleNamespace(context_length=100)
+    default = SamplingParams(max_tokens=8, max_tokens_param=None)
+    assert room_for(server, default, 95).max_tokens == 5
+    assert room_for(server, default, 50) is default
+    given = SamplingParams(max_tokens=8)
+    assert room_for(server, given, 95) is given
+
+
 def _collect(engine: GenerationEngine, requests: list[tuple[list[int], SamplingParams, float]], stream=False):
     """Run requests (prompt ids, params, arrival delay in s) through `engine` concurrently."""
 
@@ -1070,6 +1086,11 @@ def test_fuzzed_bodies_get_openai_errors_never_a_crash(api_url):
         ("/completions", {"model": "merged"}, 400, "prompt", None),
         ("/chat/completions", {"model": "dpo", "messages": []}, 400, "messages", None),
         ("/chat/completions", {"model": "dpo", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", None),
+        # A lone surrogate reached the tokenizer and was a 500; stream_options without stream was ignored.
+        ("/chat/completions", {"model": "dpo", "messages": [{"role": "user", "content": "a\ud800"}]}, 400, "messages.0.content", None),
+        ("/completions", {"model": "merged", "prompt": "\udfff"}, 400, "prompt", None),
+        ("/completions", {"model": "merged", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+        ("/completions", {"model": "merged", "prompt": "x", "stop": ["x" * 257]}, 400, "stop", None),
     ],
 )
 def test_bad_requests_get_openai_errors(api_url, path, body, status, param, code):
@@ -1087,6 +1108,9 @@ def test_bad_requests_through_the_openai_client(client):
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model="dpo", messages=_CHAT, max_tokens=5000)
     assert too_long.value.body["param"] == "max_tokens"
+    # The client sends a `None` argument as null: "not given", as OpenAI documents these fields.
+    answer = client.completions.create(model="merged", prompt="x", max_tokens=2, temperature=None, top_p=None, n=None)
+    assert len(answer.choices) == 1
 
 
 def test_malformed_bodies_get_400(api_url):
@@ -1094,7 +1118,7 @@ def test_malformed_bodies_get_400(api_url):
         status, _, raw = _raw(api_url, "POST", "/completions", body, _auth())
         assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error", body
     status, _, raw = _raw(api_url, "POST", "/completions", b"x" * 1_000_001, _auth())
-    assert status == 400 and "larger than" in json.loads(raw)["error"]["message"]
+    assert status == 413 and "larger than" in json.loads(raw)["error"]["message"]
 
 
 def test_auth_failures_get_401(api_url):

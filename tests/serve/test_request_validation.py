@@ -407,6 +407,9 @@ LIMITS = LimitsConfig(max_tokens=64, default_max_tokens=16, max_n=4, max_logprob
         (completion, {"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
         (completion, {"stop": [""]}, "stop", "stop sequences must not be empty"),
         (completion, {"max_tokens": 3, "min_tokens": 4}, "min_tokens", "min_tokens (4) exceeds max_tokens (3)"),
+        (completion, {"stop": ["x" * 257]}, "stop", "a stop sequence may be at most 256 characters long"),
+        (completion, {"stream_options": {"include_usage": True}}, "stream_options", "stream_options is allowed only with stream: true"),
+        (chat, {"stream": False, "stream_options": {}}, "stream_options", "stream_options is allowed only with stream: true"),
     ],
 )
 def test_sampling_params_refuse_what_the_limits_forbid(build, fields, param, message):
@@ -425,6 +428,47 @@ def test_sampling_params_carry_logprobs_echo_and_defaults():
     assert sampling_params(chat(logprobs=True), LIMITS).logprobs == 0
     assert sampling_params(chat(logprobs=True, top_logprobs=20, max_tokens=7), LIMITS).logprobs == 20
     assert sampling_params(chat(), LIMITS).logprobs is None
+
+
+def test_the_params_say_which_field_set_max_tokens_or_that_none_did():
+    # None: the server's default, which a long prompt may shorten to the context's room.
+    assert sampling_params(completion(), LIMITS).max_tokens_param is None
+    assert sampling_params(completion(max_tokens=5), LIMITS).max_tokens_param == "max_tokens"
+    assert sampling_params(chat(max_completion_tokens=5, max_tokens=9), LIMITS).max_tokens_param == "max_completion_tokens"
+    assert sampling_params(chat(stream=True, stream_options={"include_usage": True}), LIMITS).max_tokens_param is None
+    assert sampling_params(completion(stop=["x" * 256]), LIMITS).stop == ("x" * 256,)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [(completion, f) for f in ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "min_tokens", "echo", "logprobs", "max_tokens", "stop", "seed")]
+    + [(chat, f) for f in ("temperature", "top_p", "n", "stream", "logprobs", "top_logprobs", "max_completion_tokens", "tools")],
+)
+def test_an_explicit_null_means_not_given(build, field):
+    # OpenAI documents these as "or null", and its Python client sends `temperature=None` as null.
+    assert build(**{field: None}) == build()
+
+
+def test_a_required_field_given_as_null_is_still_named():
+    assert rejected(ChatCompletionRequest, {"messages": None}).param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"prompt": "a\\ud800b"}', "prompt"),
+        (b'{"prompt": ["ok", "\\udfff"]}', "prompt.1"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}', "messages.0.content.0.text"),
+        (b'{"prompt": "x", "stop": ["\\ud800"]}', "stop.0"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(body, param):
+    # A lone surrogate passes JSON and pydantic but no tokenizer can encode it (it was a 500).
+    model = ChatCompletionRequest if b"messages" in body else CompletionRequest
+    error = rejected(model, body)
+    assert (error.status, error.param) == (400, param) and "unpaired UTF-16 surrogate" in error.message
+    # A pair that spells one character is Unicode: accepted.
+    assert parse_request(CompletionRequest, b'{"prompt": "\\ud83d\\ude00"}').prompt == "\U0001F600"
 
 
 def test_each_choice_gets_its_own_seed():
@@ -516,7 +560,7 @@ def test_sampling_params_carry_top_p_and_min_tokens_and_chat_scores_no_prompt():
     params = sampling_params(completion(top_p=0.5, min_tokens=2, max_tokens=8), LIMITS)
     assert params == SamplingParams(max_tokens=8, top_p=0.5, min_tokens=2)
     chat_params = sampling_params(chat(top_p=0.25, min_tokens=3, logprobs=True, top_logprobs=2), LIMITS)
-    assert chat_params == SamplingParams(max_tokens=16, top_p=0.25, min_tokens=3, logprobs=2, prompt_logprobs=None)
+    assert chat_params == SamplingParams(max_tokens=16, top_p=0.25, min_tokens=3, logprobs=2, prompt_logprobs=None, max_tokens_param=None)
     assert chat_params.prompt_logprobs is None
 
 

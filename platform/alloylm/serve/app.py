@@ -12,6 +12,7 @@ requests continuously. Variants scale independently; Ray Serve's `max_ongoing_re
 # replica, where the ingress class arrives pickled by value with only the globals it names, so
 # string annotations such as "Request" would not resolve.
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -152,6 +153,10 @@ def _busy_as_503(model: str) -> Iterator[None]:
     except RayActorError:  # ActorDiedError, ActorUnavailableError: the replica process is gone
         log.warning("a replica of model %r failed with a request in flight", model)
         raise _overloaded(f"the replica serving model {model!r} failed; retry (a new one is starting)") from None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
 def _overloaded(message: str) -> APIError:
@@ -320,11 +325,25 @@ class ModelServer:
                     param,
                     "context_length_exceeded",
                 )
-            if len(ids) + request.params.max_tokens > self.context_length:
+            if len(ids) >= self.context_length:
+                raise bad_request(
+                    f"this model's context is {self.context_length} tokens; the prompt has {len(ids)}, which leaves no room",
+                    param,
+                    "context_length_exceeded",
+                )
+            given = request.params.max_tokens_param
+            if given is not None and len(ids) + request.params.max_tokens > self.context_length:
                 raise bad_request(
                     f"this model's context is {self.context_length} tokens; the prompt ({len(ids)}) plus "
-                    f"max_tokens ({request.params.max_tokens}) exceed it",
-                    "max_tokens",
+                    f"{given} ({request.params.max_tokens}) exceed it",
+                    given,
+                    "context_length_exceeded",
+                )
+            if given is None and self.context_length - len(ids) < request.params.min_tokens:
+                raise bad_request(
+                    f"this model's context is {self.context_length} tokens; after the prompt ({len(ids)}) it has no room "
+                    f"for min_tokens ({request.params.min_tokens})",
+                    "min_tokens",
                     "context_length_exceeded",
                 )
         return prompts
@@ -332,10 +351,17 @@ class ModelServer:
     def _sequences(self, request: GenerationRequest, prompts: list[tuple[list[int], str]]):
         """(choice index, prompt ids, prompt text, sampling) of every choice, prompt-major."""
         return [
-            (p * request.n + j, ids, text, request.params.for_choice(j))
+            (p * request.n + j, ids, text, self._room_for(request.params, len(ids)).for_choice(j))
             for p, (ids, text) in enumerate(prompts)
             for j in range(request.n)
         ]
+
+    def _room_for(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
+        """`params`, its default max_tokens (none was asked for) cut to what the context has room for."""
+        room = self.context_length - prompt_tokens
+        if params.max_tokens_param is None and params.max_tokens > room:
+            return dataclasses.replace(params, max_tokens=room)
+        return params
 
     def _logprobs(self, request: GenerationRequest, entries, *, offset: int = 0) -> dict | None:
         if request.params.logprobs is None:
@@ -481,12 +507,12 @@ class OpenAIIngress:
         limit = self._limits.max_request_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise bad_request(f"the request body is larger than {limit} bytes")
+            raise _too_large(limit)
         body = b""
         async for piece in request.stream():
             body += piece
             if len(body) > limit:
-                raise bad_request(f"the request body is larger than {limit} bytes")
+                raise _too_large(limit)
         return body
 
     def _handle(self, model: str | None) -> tuple[str, DeploymentHandle]:

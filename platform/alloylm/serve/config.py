@@ -158,6 +158,7 @@ class LimitsConfig(_Frozen):
         1_000_000, ge=1024, description="Largest request body, checked before the body is parsed."
     )
     max_stop_sequences: int = Field(4, ge=0, description="Most `stop` strings in one request (OpenAI allows 4).")
+    max_stop_chars: int = Field(256, ge=1, description="Longest `stop` string, in characters.")
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt) a request may ask for.")
     max_logprobs: int = Field(
         5,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alloylm.serve.config import LimitsConfig
 
@@ -78,6 +78,9 @@ class SamplingParams:
     min_tokens: int = 0  # vLLM's extension: stop tokens are masked until this many tokens exist
     logprobs: int | None = None  # None: none; k: each generated token's logprob and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (echo); None: not scored
+    # The request field that set max_tokens; None: the request gave none and the server's default
+    # applies, which a long prompt may shorten to what the context has room for (as vLLM does).
+    max_tokens_param: str | None = "max_tokens"
 
     def for_choice(self, index: int) -> SamplingParams:
         """The parameters of choice `index` of `n`: a seeded request gets seed, seed + 1, ... so its
@@ -99,6 +102,16 @@ class TokenLogprob:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        # OpenAI documents these fields as "or null", and its client sends `temperature=None` as
+        # null: an explicit null means "not given", not a type error.
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())}
+        return data
 
 
 class StreamOptions(_Request):
@@ -233,6 +246,27 @@ class ChatCompletionRequest(_SamplingFields):
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
 
 
+def _not_unicode(value: Any, path: tuple) -> tuple | None:
+    """The path of the first string (key or value) in `value` that is not valid Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _not_unicode(key, (*path, "<key>")) or _not_unicode(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _not_unicode(item, (*path, index))
+            if found is not None:
+                return found
+    return None
+
+
 def parse_request(model: type[BaseModel], body: bytes) -> Any:
     """Validate a JSON body into `model`; a 400 naming the first bad field otherwise."""
     try:
@@ -243,6 +277,14 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    try:
+        where = _not_unicode(data, ())
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    if where is not None:
+        # JSON's \ud800-style escapes can spell a lone surrogate, which no tokenizer can encode.
+        param = ".".join(map(str, where)) or None
+        raise bad_request(f"{param}: the text holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape): not Unicode text", param=param)
     try:
         return model.model_validate(data)
     except RecursionError:
@@ -303,11 +345,17 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, limits: Lim
     wanted = limits.default_max_tokens if max_tokens is None else max_tokens
     if wanted > limits.max_tokens:
         raise bad_request(f"{param} is {wanted}; this server allows at most {limits.max_tokens}", param)
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is allowed only with stream: true", "stream_options")
     stop = body.stop_strings
     if len(stop) > limits.max_stop_sequences:
         raise bad_request(f"at most {limits.max_stop_sequences} stop sequences are allowed", "stop")
     if any(not s for s in stop):
         raise bad_request("stop sequences must not be empty", "stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        # Each generated token is checked against every stop string's possible overlap with the
+        # text's end: a very long one costs the whole replica's engine thread.
+        raise bad_request(f"a stop sequence may be at most {limits.max_stop_chars} characters long", "stop")
     if body.min_tokens > wanted:
         raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({wanted})", "min_tokens")
     return SamplingParams(
@@ -319,6 +367,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, limits: Lim
         min_tokens=body.min_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        max_tokens_param=None if max_tokens is None else param,
     )
 
 
