@@ -25,6 +25,8 @@ from alloylm.pipeline import RunSummary, check_stage_resources
 from alloylm.schema import StageConfigBase
 from alloylm.stages import STAGE_KINDS, StageKind, register_stage_kind
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 class ToyStageConfig(StageConfigBase):
     """Sleeps while holding `cpus`, then writes a small artifact (or fails)."""
@@ -150,3 +152,22 @@ def test_failed_evaluation_makes_the_run_fail():
     assert summary.ok
     summary.evaluation = {"split": "test", "scores": {"a": None}, "failed": {"a": "model does not load"}}
     assert not summary.ok and summary.to_json()["failed"] == {"eval:a": "model does not load"}
+
+
+def test_a_comparison_that_is_not_made_leaves_no_earlier_table_behind(tmp_path):
+    # Every variant failed its evaluation: `alloylm run` prints the comparison table if there is
+    # one, so an earlier run's table must not be there to be printed as this run's.
+    from alloylm.config import load_config
+    from alloylm.pipeline import _add_evaluation
+
+    config = load_config(REPO / "configs" / "quickstart.yaml", [f"storage={tmp_path}"])
+    layout = RunLayout.of(config)
+    for name in ("comparison.md", "comparison.json"):
+        storage.write_text(storage.join(layout.eval, name), "an earlier run's table")
+    summary = RunSummary(experiment=config.experiment, run=config.run_uri, steps={"eval:dpo": {"status": "failed", "error": "boom"}})
+    steps: dict = {}
+    _add_evaluation(config, summary, steps)
+    with pytest.raises(StageError, match="evaluation failed for"):
+        steps["comparison"].run()
+    assert not storage.exists(layout.comparison_table) and not storage.exists(storage.join(layout.eval, "comparison.json"))
+    assert summary.evaluation["failed"]["dpo"] == "boom"

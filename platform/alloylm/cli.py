@@ -129,6 +129,7 @@ def _eval(config: RunConfig) -> dict[str, Any]:
 
 def _report(config: RunConfig) -> dict[str, Any]:
     from alloylm.evaluate import render_report
+    from alloylm.evaluate.config import variant_name
     from alloylm.layout import RunLayout
     from alloylm.stages import stage_kind
 
@@ -145,6 +146,7 @@ def _report(config: RunConfig) -> dict[str, Any]:
         title=f"AlloyLM: {config.experiment}",
         dag=stage_dag(config),
         best=best,
+        variants=[variant_name(entry) for entry in config.evaluate.variants] if config.evaluate else None,
     )
 
 

@@ -286,8 +286,13 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
 
     def compare() -> dict:
         # Every variant whose evaluation finished; the others are listed as failed with the reason.
+        from alloylm import storage
+
         done = {v: variants[v] for v in names if summary.steps.get(f"eval:{v}", {}).get("status") == "done"}
         failed = {v: summary.steps.get(f"eval:{v}", {}).get("error", "not evaluated") for v in names if v not in done}
+        # An earlier run's table must not be printed as this run's when none is made now.
+        for name in ("comparison.md", "comparison.json"):
+            storage.remove(storage.join(layout.eval, name))
         result = evaluate_variants(
             eval_config, done, data, layout.eval, tokenizer_uri=layout.tokenizer, trust_remote_code=config.trust_remote_code
         ) if done else {"split": eval_config.split, "variants": {}, "failed": {}}
@@ -333,7 +338,7 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         training = {n: stage_uris[n] for n in config.stages if _kind(config, n).command == "train"}  # loss curves
         summary.report = render_report(
             layout.eval, layout.report, stages=training, searches=searches, title=f"AlloyLM: {config.experiment}",
-            dag=stage_dag(config), best=(summary.best or {}).get("variant"),
+            dag=stage_dag(config), best=(summary.best or {}).get("variant"), variants=names,
         )
         return summary.report
 

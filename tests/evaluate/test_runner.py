@@ -491,6 +491,10 @@ def test_report_renders_markdown_html_and_pngs_and_never_states_validation(evalu
     assert "sft: no metrics.jsonl" in markdown
     assert "0.988" not in markdown and "0.988" not in page and "searched (validation)" in markdown
     assert (folder / "manifest.json").exists()
+    # The run's variants only: a result left by a variant since removed from the config is not reported.
+    again = render_report(out, str(tmp_path / "report2"), variants=["trained", "searched"])
+    assert again["variants"] == ["trained"] and again["excluded"] == {"searched": "validation"}
+    assert "| untrained |" not in (tmp_path / "report2" / "report.md").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- lm-eval

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from alloylm import storage
 from alloylm.evaluate.comparison import build_comparison, comparison_markdown, comparison_notes, format_cell, format_value
@@ -308,15 +308,20 @@ def render_report(
     title: str = "AlloyLM report",
     dag: Mapping[str, list[str]] | None = None,
     best: str | None = None,
+    variants: Sequence[str] | None = None,
 ) -> dict:
     """Write `report.md`, `report.html` and their PNGs to `report_uri` (atomically); returns a summary.
 
     `eval_uri` holds the variants' results (`<run>/eval`); `stages` maps stage names to their
     artifact URIs (for loss curves), `searches` merge-search names to the folders with trials.jsonl,
     `dag` stage names to their parent stages (the picture the report opens with) and `best` the
-    variant chosen on validation (highlighted, never chosen here).
+    variant chosen on validation (highlighted, never chosen here). `variants`: the run's variants
+    (its `evaluate.variants` names); results of others still under `eval_uri` (a variant since
+    removed from the config) are left out. None: every result there.
     """
     results = load_results(eval_uri) if storage.exists(eval_uri) else {}
+    if variants is not None:
+        results = {name: r for name, r in results.items() if name in set(variants)}
     reported = {name: r for name, r in results.items() if r.get("split") == REPORTED_SPLIT}
     excluded = {name: r.get("split") for name, r in results.items() if r.get("split") != REPORTED_SPLIT}
     comparison = build_comparison(reported) if reported else None
