@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         cleanup = tempfile.TemporaryDirectory(prefix="cpt-curves-")
         workdir = cleanup.name
     else:
-        workdir = str(Path(args.workdir).resolve())
+        from _workdir import claim_workdir
+
+        workdir = str(claim_workdir(args.workdir, "cpt_curves"))
     load_start = os.getloadavg()[0]
     try:
         sizes = [one_size(p, workdir, args.points, args.set) for p in presets]

@@ -392,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if args.no_tokenizer_threads else "true"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
+        from _workdir import claim_workdir
+
+        workdir = claim_workdir(args.workdir, "data_prep")
         result = run(args, workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="alloylm-bench-") as tmp:

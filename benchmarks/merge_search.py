@@ -241,8 +241,9 @@ def trial_throughput(args: argparse.Namespace) -> dict:
     import torch
 
     if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
+        from _workdir import claim_workdir
+
+        workdir = claim_workdir(args.workdir, "merge_search")
         cleanup = None
     else:
         cleanup = tempfile.TemporaryDirectory(prefix="alloylm-bench-merge-")

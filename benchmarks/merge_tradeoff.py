@@ -122,7 +122,12 @@ def plot(rows: list[dict], instruct: dict, dpo: dict, target_p: float, midpoint:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="alloylm-tradeoff-")
+    if args.workdir:
+        from _workdir import claim_workdir
+
+        workdir = str(claim_workdir(args.workdir, "merge_tradeoff"))  # its run overwrites (overwrite=true)
+    else:
+        workdir = tempfile.mkdtemp(prefix="alloylm-tradeoff-")
     command = [sys.executable, "-m", "alloylm.cli", "run", str(CONFIG), f"storage={workdir}", "overwrite=true",
                objective_override(args.general_weight), "--only", "merged"]
     filters = [f.strip() for f in args.filters.split(",") if f.strip()]

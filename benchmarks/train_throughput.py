@@ -677,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2 * args.logging_steps:
         raise SystemExit("--steps must cover at least two --logging-steps intervals")
     if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
+        from _workdir import claim_workdir
+
+        workdir = claim_workdir(args.workdir, "train_throughput")
         result = run(args, workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="alloylm-bench-train-") as tmp:
