@@ -169,6 +169,22 @@ def test_top_p_samples_only_from_the_head_of_the_distribution(tokenizer):
     assert greedy == {int(t1)}
 
 
+def test_a_failed_generation_step_tells_the_client_its_kind_not_its_text(tokenizer, monkeypatch):
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=4)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory at /secret/path/model.bin")
+
+    monkeypatch.setattr(model, "forward", broken)
+    try:
+        ((final,),) = _collect(engine, [(tokenizer("Material 3 has")["input_ids"], SamplingParams(max_tokens=4), 0.0)])
+    finally:
+        engine.close()
+    assert final.finish_reason == "error"
+    assert final.text == "generation failed (RuntimeError); the server's log has the details"
+
+
 def test_engine_honours_each_requests_own_parameters(tokenizer):
     model = build_model("tiny-llama", tokenizer, seed=0)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[1, 4], max_batch_size=16)

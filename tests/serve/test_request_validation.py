@@ -171,6 +171,14 @@ def test_boundary_values_are_accepted():
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": -0.5}, "frequency_penalty"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"top_k": 40}, "top_k"),
+        ({"min_p": 0.1}, "min_p"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"ignore_eos": True}, "ignore_eos"),
+        ({"ignore_eos": 0}, "ignore_eos"),
+        ({"stop_token_ids": [2]}, "stop_token_ids"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
     ],
 )
 def test_completion_fields_this_server_cannot_honour_are_named(fields, field):
@@ -182,6 +190,7 @@ def test_completion_fields_this_server_cannot_honour_are_named(fields, field):
     [
         {"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"echo": False}, {"echo": True}, {"logprobs": 0},
         {"logprobs": 5}, {"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"n": 1}, {"n": 3},
+        {"top_k": -1}, {"top_k": 0}, {"min_p": 0.0}, {"repetition_penalty": 1.0}, {"ignore_eos": False}, {"stop_token_ids": []},
     ],  # fmt: skip
 )
 def test_completion_fields_at_their_neutral_values_are_accepted(fields):
@@ -199,6 +208,13 @@ def test_completion_fields_at_their_neutral_values_are_accepted(fields):
         ({"presence_penalty": 1}, "presence_penalty"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
         ({"logit_bias": {"1": -100}}, "logit_bias"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"top_k": 5}, "top_k"),
     ],
 )
 def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
@@ -217,6 +233,9 @@ def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
         {"top_logprobs": None},
         {"logprobs": True, "top_logprobs": 20},
         {"n": 3},
+        {"functions": []},
+        {"function_call": "none"},
+        {"modalities": ["text"]},
     ],
 )
 def test_chat_fields_at_their_neutral_values_are_accepted(fields):

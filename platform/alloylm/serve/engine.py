@@ -247,8 +247,11 @@ class GenerationEngine:
         except Exception as err:
             log.exception("generation step failed")
             touched = args[0] if args else list(self._running)
+            # The client gets the kind of failure, not its text (a CUDA error or a path is for the
+            # server's log, where the traceback is).
+            message = f"generation failed ({type(err).__name__}); the server's log has the details"
             for sequence in touched:
-                self._finish(sequence, "error", message=str(err))
+                self._finish(sequence, "error", message=message)
             if not args:
                 self._running, self._cache, self._mask = [], None, None
 

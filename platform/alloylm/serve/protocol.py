@@ -134,6 +134,18 @@ class _SamplingFields(_Request):
     presence_penalty: float = Field(0.0, description="Unsupported unless 0.")
     frequency_penalty: float = Field(0.0, description="Unsupported unless 0.")
     logit_bias: dict[str, float] | None = Field(None, description="Unsupported unless empty.")
+    # vLLM's sampling extensions that clients (vLLM's own benchmarks, lm-eval) send: refused unless
+    # neutral, rather than ignored, so a client never believes it got what it asked for.
+    top_k: Any = Field(None, description="vLLM's extension: unsupported unless -1 or 0 (off).")
+    min_p: Any = Field(None, description="vLLM's extension: unsupported unless 0.")
+    repetition_penalty: Any = Field(None, description="vLLM's extension: unsupported unless 1.")
+    ignore_eos: Any = Field(None, description="vLLM's extension: unsupported unless false.")
+    stop_token_ids: Any = Field(None, description="vLLM's extension: unsupported unless empty.")
+    guided_json: Any = Field(None, description="vLLM's extension: unsupported.")
+    guided_regex: Any = Field(None, description="vLLM's extension: unsupported.")
+    guided_choice: Any = Field(None, description="vLLM's extension: unsupported.")
+    guided_grammar: Any = Field(None, description="vLLM's extension: unsupported.")
+    structured_outputs: Any = Field(None, description="vLLM's extension: unsupported.")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -152,6 +164,13 @@ class _SamplingFields(_Request):
             return "frequency_penalty"
         if self.logit_bias:
             return "logit_bias"
+        neutral = {"top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "ignore_eos": (False,), "stop_token_ids": ([],)}
+        for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "structured_outputs"):  # fmt: skip
+            value = getattr(self, name)
+            # true is not 1 and 0 is not false here: a neutral value of the field's own kind only.
+            if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral.get(name, ())):
+                return name
         return None
 
 
@@ -220,6 +239,12 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = Field(None, description="Unsupported.")
     tool_choice: Any = Field(None, description="Unsupported unless 'none'.")
     response_format: dict[str, Any] | None = Field(None, description="Only {type: text}.")
+    functions: Any = Field(None, description="Legacy function calling: unsupported.")
+    function_call: Any = Field(None, description="Legacy function calling: unsupported unless 'none'.")
+    modalities: Any = Field(None, description="Only ['text'].")
+    audio: Any = Field(None, description="Unsupported.")
+    prediction: Any = Field(None, description="Predicted outputs: unsupported.")
+    reasoning_effort: Any = Field(None, description="For reasoning models: unsupported.")
 
     @property
     def token_limit(self) -> int | None:
@@ -234,6 +259,15 @@ class ChatCompletionRequest(_SamplingFields):
             return "tool_choice"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format"
+        if self.functions:
+            return "functions"
+        if self.function_call not in (None, "none"):
+            return "function_call"
+        if self.modalities not in (None, ["text"]):
+            return "modalities"
+        for name in ("audio", "prediction", "reasoning_effort"):
+            if getattr(self, name) is not None:
+                return name
         return self._unsupported_common()
 
     def conversation(self) -> list[dict[str, str]]:
