@@ -134,10 +134,14 @@ def _report(config: RunConfig) -> dict[str, Any]:
     from alloylm.stages import stage_kind
 
     from alloylm import storage
-    from alloylm.pipeline import stage_dag
+    from alloylm.pipeline import stage_dag, stale_best
 
     layout = RunLayout.of(config)
-    best = storage.read_json(layout.best).get("variant") if storage.exists(layout.best) else None
+    chosen = storage.read_json(layout.best) if storage.exists(layout.best) else None
+    stale = stale_best(config, chosen) if chosen else None
+    if stale:
+        log.warning("%s is not shown as the best variant: %s", layout.best, stale)
+    best = chosen.get("variant") if chosen and not stale else None
     return render_report(
         layout.eval,
         layout.report,

@@ -326,6 +326,9 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         best = best_variant(result["comparison"])
         best["model"] = stage_uris.get(best["variant"], variants.get(best["variant"]))
         best["scores"] = {name: r.get("score") for name, r in result["variants"].items()}
+        # What the choice was made among: a stage retrained since (`alloylm train`, `run --only`)
+        # makes it stale (`stale_best`).
+        best["fingerprints"] = _stage_fingerprints(config, [v for v in done if v in config.stages])
         storage.write_json(layout.best, best)
         summary.best = best
         log.info("best on validation: %s (score %s; within noise: %s)", best["variant"], best["score"], ", ".join(best["within_noise"]) or "none")
@@ -512,6 +515,25 @@ def serve_variants(config: RunConfig) -> None:
     serve_run(serve_config, sources, blocking=True)
 
 
+def _stage_fingerprints(config: RunConfig, names: list[str]) -> dict[str, str | None]:
+    from alloylm import storage
+
+    layout = RunLayout.of(config)
+    return {name: (storage.read_manifest(layout.stage(name)) or {}).get("fingerprint") for name in names}
+
+
+def stale_best(config: RunConfig, best: dict) -> str | None:
+    """Why `best` (eval/best.json) no longer holds, or None: a stage it was chosen among has changed."""
+    recorded = best.get("fingerprints")
+    if recorded is None:
+        return None  # written before fingerprints were recorded: nothing to check it against
+    now = _stage_fingerprints(config, [name for name in recorded if name in config.stages])
+    changed = sorted(name for name in recorded if now.get(name) != recorded[name])
+    if changed:
+        return f"it was chosen among models that have changed since ({', '.join(changed)})"
+    return None
+
+
 def resolve_best(config: RunConfig, serve_config):
     """`serve.model: best` -> the variant `<run>/eval/best.json` names (chosen on validation by `alloylm run`)."""
     from alloylm import storage
@@ -527,6 +549,9 @@ def resolve_best(config: RunConfig, serve_config):
             f"serve.model: best serves the variant the run's validation comparison chose, and {uri} does not exist yet; "
             "run `alloylm run CONFIG` first (or name a variant in serve.model)"
         ) from None
+    stale = stale_best(config, best)
+    if stale:
+        raise ServeError(f"serve.model: best: {uri} is stale: {stale}; run `alloylm run CONFIG` to choose again (or name a variant in serve.model)")
     chosen = ChosenVariant(**{k: best.get(k) for k in ("variant", "score", "score_definition") if best.get(k) is not None},
                            within_noise=best.get("within_noise") or [])
     log.info("serve: `best` is %s (validation score %s)", chosen.variant, chosen.score)

@@ -43,6 +43,23 @@ def test_resolve_best_reads_the_runs_choice(tmp_path):
     assert resolved.model == "sft" and resolved.variant_names == ["sft", "instruct"] and resolved.chosen.within_noise == ["dpo"]
 
 
+def test_a_choice_among_models_that_changed_since_is_stale(tmp_path):
+    # `alloylm train CONFIG sft` (or `run --only sft`) after the run: best.json was chosen among
+    # the old sft; serving it as "best" would claim a validation score nobody measured.
+    from alloylm import storage
+
+    config = load_config(QUICKSTART, [f"storage={tmp_path}", "serve.model=best", "serve.variants=[best, instruct]"])
+    layout = RunLayout.of(config)
+    for stage, fingerprint in (("sft", "a" * 16), ("dpo", "b" * 16)):
+        storage.write_json(storage.join(layout.stage(stage), storage.MANIFEST_NAME), {"fingerprint": fingerprint})
+    choice = {"variant": "sft", "score": 0.7, "split": "validation", "fingerprints": {"sft": "a" * 16, "dpo": "b" * 16}}
+    storage.write_json(layout.best, choice)
+    assert resolve_best(config, config.serve).model == "sft"
+    storage.write_json(storage.join(layout.stage("dpo"), storage.MANIFEST_NAME), {"fingerprint": "c" * 16})
+    with pytest.raises(ServeError, match=r"best.json is stale: it was chosen among models that have changed since \(dpo\)"):
+        resolve_best(config, config.serve)
+
+
 def test_best_needs_an_evaluation(tmp_path):
     text = QUICKSTART.read_text(encoding="utf-8").split("\nevaluate:")[0] + "\nserve: {model: best}\n"
     path = tmp_path / "run.yaml"
