@@ -378,8 +378,8 @@ def format_validation_error(
     seen = set()
     errors = []
     for error in exc.errors():
-        # Cross-field checks report "a.b.c: problem; d.e: problem" at the top level: split them so
-        # each gets its own path and line.
+        # Cross-field checks report "a.b.c: problem" lines at the top level (RunConfig._references):
+        # split them so each gets its own path and line.
         if not error["loc"] and error["type"] == "value_error":
             for item in error["msg"].removeprefix("Value error, ").split("\n"):
                 head, sep, rest = item.partition(": ")
