@@ -643,6 +643,20 @@ def list_files(uri: str, pattern: str | None = None) -> list[str]:
     return sorted(_full_uri(uri, fs, name) for name in files)
 
 
+def file_signatures(uri: str) -> list[list[Any]]:
+    """[uri, size, modification time (ETag on S3)] of every file at or below ``uri`` (a glob is
+    allowed): what identifies its content in a fingerprint without reading it. Empty if nothing is
+    there."""
+    files = list_files(uri) if any(c in uri for c in "*?[") or exists(uri) else []
+    listing = []
+    for file_uri in files:
+        fs, path = fsspec_filesystem(file_uri)
+        with _storage_errors("read the size and time of", file_uri):
+            info = fs.info(path)
+        listing.append([file_uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))])
+    return listing
+
+
 def _relative_files(uri: str) -> list[tuple[str, str]]:
     """(path on the filesystem, path relative to ``uri`` with ``/``) for every file below it."""
     fs, root = fsspec_filesystem(uri)

@@ -300,6 +300,27 @@ def test_classify_source(tmp_path, monkeypatch):
             classify_source(bad)
 
 
+def test_a_model_from_outside_the_run_is_identified_by_its_files(tmp_path, s3_bucket):
+    # A stage built on a model folder must go stale when that folder's model is replaced in place
+    # (it was fingerprinted by its path alone, so the old stage was reused).
+    folder = tmp_path / "parent"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"v1")
+    before = loading.model_source_id(str(folder))
+    assert before == loading.model_source_id(str(folder)) and before[0] == str(folder)
+    (folder / "model.safetensors").write_bytes(b"v2 longer")
+    assert loading.model_source_id(str(folder)) != before
+    uri = f"s3://{s3_bucket}/models/parent"
+    storage.write_text(f"{uri}/config.json", "{}")
+    on_s3 = loading.model_source_id(uri)
+    storage.write_text(f"{uri}/config.json", '{"changed": 1}')
+    assert loading.model_source_id(uri) != on_s3
+    # A Hub id is itself; a source that is not there is its name (loading it names the problem).
+    assert loading.model_source_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert loading.model_source_id(str(tmp_path / "missing")) == str(tmp_path / "missing")
+
+
 def test_materialize_local_requires_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         materialize_model_dir(str(tmp_path / "absent"))

@@ -95,15 +95,10 @@ def _source_signature(source: str) -> Any:
                 return [source, json.load(f).get("_fingerprint")]
         return source
     try:
-        files = storage.list_files(source) if any(c in source for c in "*?[") or storage.exists(source) else []
-        fs, _ = storage.fsspec_filesystem(source)
-        listing = []
-        for uri in files:
-            info = fs.info(storage.fsspec_filesystem(uri)[1])
-            listing.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))])
+        listing = storage.file_signatures(source)
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from None
-    if not files:
+    if not listing:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
     return listing
 
@@ -199,7 +194,7 @@ def _tokenizer_training_texts(config: RunConfig, limit: int):
 
 def prepare_tokenizer(config: RunConfig) -> dict:
     """Train (or fetch) the run's tokenizer into `<run>/tokenizer/`; returns its manifest."""
-    from alloylm.models.loading import check_tokenizer_folder, load_tokenizer
+    from alloylm.models.loading import check_tokenizer_folder, load_tokenizer, model_source_id
     from alloylm.models.tokenizer import train_tokenizer
 
     uri = tokenizer_uri(config)
@@ -211,7 +206,7 @@ def prepare_tokenizer(config: RunConfig) -> dict:
             raise DataPreparationError("tokenizer.train: the run has no text or chat data set to train a tokenizer on")
         inputs = [dataset_fingerprint(config, n, "") for n in names]
     else:
-        inputs = [spec.from_]
+        inputs = [model_source_id(spec.from_)]
     fp = fingerprint("tokenizer", spec.model_dump(mode="json", by_alias=True), inputs)
     manifest = lifecycle.up_to_date(uri, fp)
     if manifest:

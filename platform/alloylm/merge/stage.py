@@ -52,8 +52,10 @@ def _parents(config: RunConfig, stage: MergeStageConfig) -> tuple[list[str], lis
             uris.append(uri)
             ids.append(manifest["fingerprint"])
         else:
+            from alloylm.models.loading import model_source_id
+
             uris.append(parent)
-            ids.append(parent)
+            ids.append(model_source_id(parent))
     return uris, ids
 
 

@@ -77,6 +77,22 @@ def classify_source(source: str) -> SourceKind:
     )
 
 
+def model_source_id(source: str) -> str | list:
+    """What identifies a model from outside the run (a parent or tokenizer given as a path, URI or
+    Hub id) in a fingerprint. A Hub id is itself. A local folder or s3:// URI is its files with
+    their sizes and modification times (ETags on S3), as a data set's files are: a model replaced
+    in place makes what was built on it stale instead of being silently reused. A source that is
+    not there is its name (loading it names the problem)."""
+    try:
+        kind = classify_source(source)
+    except ValueError:
+        return source
+    if kind == "hub":
+        return source
+    listing = storage.file_signatures(source if kind == "s3" else storage.resolve(source))
+    return [source, listing] if listing else source
+
+
 def materialize_model_dir(source: str, *, cache_dir: str | None = None) -> str:
     """Something ``from_pretrained`` can read: a local folder with config.json, or the Hub id.
 

@@ -52,7 +52,9 @@ def _parent(config: RunConfig, stage: TrainStageConfig) -> tuple[str, str, Any]:
                 f"(alloylm train CONFIG {stage.from_}, or alloylm run CONFIG)"
             )
         return "model", uri, manifest["fingerprint"]
-    return "model", stage.from_, stage.from_
+    from alloylm.models.loading import model_source_id
+
+    return "model", stage.from_, model_source_id(stage.from_)
 
 
 def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str, tokenizer_fp: str) -> str:
