@@ -113,6 +113,13 @@ def test_a_bad_chat_field_is_named(body, param):
     assert error.message.startswith(f"{param}: ")
 
 
+def test_a_part_that_is_not_text_is_named_as_such():
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    error = rejected(ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image]}]})
+    assert error.param == "messages.0.content"
+    assert error.message == "messages.0.content: part 1: only text parts are supported (got type 'image_url')"
+
+
 def test_errors_do_not_echo_the_request_values():
     error = rejected(CompletionRequest, {"prompt": "x", "temperature": "secret-value-123"})
     assert error.param == "temperature"
@@ -539,7 +546,7 @@ def test_parse_request_answers_a_validators_recursion_and_a_whole_body_error_wit
     error = rejected(Deep, {"x": 1})
     assert (error.message, error.param) == ("the request body is nested too deeply", None)
     error = rejected(Whole, {"a": 1})
-    assert (error.message, error.param) == ("Value error, the body as a whole is wrong", None)
+    assert (error.message, error.param) == ("the body as a whole is wrong", None)
 
 
 def test_limits_are_inclusive():

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alloylm.serve.config import LimitsConfig
 
@@ -217,6 +217,17 @@ class ChatMessage(_Request):
     content: str | list[TextPart] | None = Field(None, description="What is said: text or text parts.")
     name: str | None = Field(None, description="Participant name (accepted, unused).")
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Without this, an image part is reported as pydantic's first union member's complaint
+        # ("Input should be a valid string"), which names the wrong problem.
+        if isinstance(value, list):
+            for index, part in enumerate(value):
+                if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                    raise ValueError(f"part {index}: only text parts are supported (got type {part.get('type')!r})")
+        return value
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -328,7 +339,8 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         # pydantic adds union members' type tags ("str", "list[int]", "TextPart") to locations.
         param = ".".join(str(p) for p in first["loc"] if not _TYPE_TAG.match(str(p))) or None
         # Input values are left out of the message: a prompt can be long, or private.
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        msg = first["msg"].removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else msg
         raise bad_request(message, param=param) from None
 
 
