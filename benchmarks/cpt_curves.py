@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"sizes": sizes, "overrides": args.set, "plot": os.path.relpath(args.plot, REPO),
                "load_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}, "cpus": os.cpu_count()}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    from _results import save_results
+
+    save_results(args.results, results)
     print(json.dumps(results), flush=True)
     return 0
 

@@ -469,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     elif "quality_per_budget" in earlier:
         results["quality_per_budget"] = earlier["quality_per_budget"]
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    from _results import save_results
+
+    save_results(args.results, results)
     print(json.dumps(results), flush=True)
     return 0
 

@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "plot": os.path.relpath(args.plot, REPO) if os.path.abspath(args.plot).startswith(str(REPO)) else args.plot,
     }
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+    from _results import save_results
+
+    save_results(args.results, result)
     print(json.dumps(result))
     return 0
 

@@ -160,8 +160,9 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["load_end"] = load_average()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    from _results import save_results
+
+    save_results(RESULTS, result, keep_from_last=("quickstart_2cpu",) if args.skip_quickstart else ())
     print(json.dumps(result))
 
 

@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nthroughput batched/unbatched:", result["throughput_ratio"], " batched p99/p50:", result["batched_p99_over_p50"])
     print("scoring requests/s batched/unbatched:", result["scoring"]["requests_per_s_ratio"])
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    from _results import save_results
+
+    save_results(args.results, result)
     print(json.dumps(result), flush=True)
     return 0
 

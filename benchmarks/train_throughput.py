@@ -685,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="alloylm-bench-train-") as tmp:
             result = run(args, Path(tmp))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    from _results import save_results
+
+    save_results(args.results, result)
     print(json.dumps(result), flush=True)
     return 0
 
