@@ -495,6 +495,14 @@ def test_report_renders_markdown_html_and_pngs_and_never_states_validation(evalu
     again = render_report(out, str(tmp_path / "report2"), variants=["trained", "searched"])
     assert again["variants"] == ["trained"] and again["excluded"] == {"searched": "validation"}
     assert "| untrained |" not in (tmp_path / "report2" / "report.md").read_text(encoding="utf-8")
+    # Results of a model retrained since it was scored are not reported as its scores.
+    model = tmp_path / "stages" / "retrained"
+    storage.write_json(str(model / storage.MANIFEST_NAME), {"fingerprint": "new"})
+    for name, scored in (("current", "new"), ("retrained", "old")):
+        write_variant_results(out, {**summary["variants"]["trained"], "variant": name, "model": str(model), "model_fingerprint": scored}, {})
+    third = render_report(out, str(tmp_path / "report3"), variants=["trained", "current", "retrained"])
+    assert third["variants"] == ["current", "trained"] and third["stale"] == ["retrained"]
+    assert "their model has changed since they were scored" in (tmp_path / "report3" / "report.md").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- lm-eval
@@ -573,6 +581,7 @@ def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, ru
     assert second["variants"]["stage"]["reused"] is True
     assert second["variants"]["stage"]["suites"] == first["variants"]["stage"]["suites"]
     assert "reused" not in third["variants"]["stage"]
+    assert first["variants"]["stage"]["model_fingerprint"] == "abc"  # what the report checks for staleness
 
 
 def test_a_model_that_cannot_load_fails_its_variant_only(run_dir):

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from alloylm import storage
 from alloylm.evaluate.comparison import build_comparison, comparison_markdown, comparison_notes, format_cell, format_value
 from alloylm.evaluate.config import SUITE_NAMES
-from alloylm.evaluate.runner import load_results
+from alloylm.evaluate.runner import load_results, model_id
 
 REPORTED_SPLIT = "test"
 _SUITE_TITLES = {
@@ -324,6 +324,13 @@ def render_report(
         results = {name: r for name, r in results.items() if name in set(variants)}
     reported = {name: r for name, r in results.items() if r.get("split") == REPORTED_SPLIT}
     excluded = {name: r.get("split") for name, r in results.items() if r.get("split") != REPORTED_SPLIT}
+    # Results of a model replaced since it was scored (a stage retrained by `alloylm train` after
+    # the run): not this model's scores.
+    stale = sorted(
+        name for name, r in reported.items()
+        if r.get("model_fingerprint") is not None and model_id(r.get("model")) != r["model_fingerprint"]
+    )  # fmt: skip
+    reported = {name: r for name, r in reported.items() if name not in stale}
     comparison = build_comparison(reported) if reported else None
     with tempfile.TemporaryDirectory(prefix="alloylm-report-") as folder:
         md: list[str] = [f"# {title}", ""]
@@ -356,6 +363,13 @@ def render_report(
             text = (
                 "Not reported, because they were scored on a split other than test (the validation split is "
                 "what the merge search optimises): " + ", ".join(f"{n} ({s})" for n, s in sorted(excluded.items()))
+            )
+            md += [text, ""]
+            parts.append(f"<p>{html.escape(text)}</p>")
+        if stale:
+            text = (
+                "Not reported, because their model has changed since they were scored (evaluate them again, "
+                "e.g. `alloylm eval CONFIG`): " + ", ".join(stale)
             )
             md += [text, ""]
             parts.append(f"<p>{html.escape(text)}</p>")
@@ -435,4 +449,4 @@ def render_report(
             storage.upload_dir(folder, artifact.staging_uri)
             files = sorted(os.listdir(folder))
             artifact.commit({"kind": "report", "split": REPORTED_SPLIT, "variants": sorted(reported), "excluded": excluded, "files": files})
-    return {"uri": storage.resolve(report_uri), "files": files, "images": images, "variants": sorted(reported), "excluded": excluded}
+    return {"uri": storage.resolve(report_uri), "files": files, "images": images, "variants": sorted(reported), "excluded": excluded, "stale": stale}

@@ -313,19 +313,26 @@ def score_model(
     return results, details
 
 
-def _fingerprint(eval_config: EvalConfig, model_uri: str, eval_data: EvalData) -> str | None:
-    """What identifies a variant's results; None when the model has no manifest (never reused)."""
-    from alloylm.artifact import fingerprint
-
+def model_id(model_uri: str | None) -> str | None:
+    """The fingerprint (or creation time) in a model folder's manifest; None without one."""
+    if not model_uri:
+        return None
     try:
         manifest = storage.read_manifest(model_uri) if storage.is_remote(model_uri) or storage.exists(model_uri) else None
     except (storage.StorageError, ValueError):
         manifest = None
-    if not manifest:
+    return (manifest.get("fingerprint") or manifest.get("created_at")) if manifest else None
+
+
+def _fingerprint(eval_config: EvalConfig, model_uri: str, eval_data: EvalData) -> str | None:
+    """What identifies a variant's results; None when the model has no manifest (never reused)."""
+    from alloylm.artifact import fingerprint
+
+    model = model_id(model_uri)
+    if model is None:
         return None
     config = eval_config.model_dump(mode="json", exclude={"variants", "resources", "batch_size"})
-    model_id = manifest.get("fingerprint") or manifest.get("created_at")
-    return fingerprint("evaluation", config, eval_data.split, model_uri, model_id, eval_data.fingerprints)
+    return fingerprint("evaluation", config, eval_data.split, model_uri, model, eval_data.fingerprints)
 
 
 def write_variant_results(out_uri: str, results: dict, details: Mapping[str, list[dict]], *, fingerprint: str | None = None) -> str:
@@ -355,7 +362,9 @@ def _evaluate_variant_task(
         manifest = artifact.up_to_date(previous_uri, fp)
         if manifest and manifest.get("status") == "ok":
             return {**storage.read_json(storage.join(previous_uri, RESULTS_NAME)), "reused": True}
+    scored = model_id(model_uri)
     results, details = score_model(eval_config, model_uri, eval_data, variant=name, trust_remote_code=trust_remote_code)
+    results["model_fingerprint"] = scored  # the report leaves the results out once the model changes
     write_variant_results(out_uri, results, details, fingerprint=fp if results["status"] == "ok" else None)
     return results
 
