@@ -321,7 +321,8 @@ def render_report(
     """
     results = load_results(eval_uri) if storage.exists(eval_uri) else {}
     if variants is not None:
-        results = {name: r for name, r in results.items() if name in set(variants)}
+        wanted = set(variants)
+        results = {name: r for name, r in results.items() if name in wanted}
     reported = {name: r for name, r in results.items() if r.get("split") == REPORTED_SPLIT}
     excluded = {name: r.get("split") for name, r in results.items() if r.get("split") != REPORTED_SPLIT}
     # Results of a model replaced since it was scored (a stage retrained by `alloylm train` after

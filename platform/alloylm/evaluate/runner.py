@@ -324,11 +324,11 @@ def model_id(model_uri: str | None) -> str | None:
     return (manifest.get("fingerprint") or manifest.get("created_at")) if manifest else None
 
 
-def _fingerprint(eval_config: EvalConfig, model_uri: str, eval_data: EvalData) -> str | None:
-    """What identifies a variant's results; None when the model has no manifest (never reused)."""
+def _fingerprint(eval_config: EvalConfig, model_uri: str, model: str | None, eval_data: EvalData) -> str | None:
+    """What identifies a variant's results (`model`: its `model_id`); None when the model has no
+    manifest (never reused)."""
     from alloylm.artifact import fingerprint
 
-    model = model_id(model_uri)
     if model is None:
         return None
     config = eval_config.model_dump(mode="json", exclude={"variants", "resources", "batch_size"})
@@ -354,7 +354,8 @@ def _evaluate_variant_task(
     eval_config: EvalConfig, name: str, model_uri: str, eval_data: EvalData, out_uri: str, trust_remote_code: bool, reuse: bool
 ) -> dict:
     """Ray task: score one variant and write its results; returns the results."""
-    fp = _fingerprint(eval_config, model_uri, eval_data)
+    scored = model_id(model_uri)
+    fp = _fingerprint(eval_config, model_uri, scored, eval_data)
     if reuse and fp is not None:
         from alloylm import artifact
 
@@ -362,7 +363,6 @@ def _evaluate_variant_task(
         manifest = artifact.up_to_date(previous_uri, fp)
         if manifest and manifest.get("status") == "ok":
             return {**storage.read_json(storage.join(previous_uri, RESULTS_NAME)), "reused": True}
-    scored = model_id(model_uri)
     results, details = score_model(eval_config, model_uri, eval_data, variant=name, trust_remote_code=trust_remote_code)
     results["model_fingerprint"] = scored  # the report leaves the results out once the model changes
     write_variant_results(out_uri, results, details, fingerprint=fp if results["status"] == "ok" else None)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from alloylm.schema import SEED_MAX, ConfigModel
-
-
-class _Frozen(ConfigModel):
-    model_config = ConfigDict(populate_by_name=True)
+from alloylm.schema import SEED_MAX
+from alloylm.schema import Frozen as _Frozen
 
 
 class TrainingOptions(_Frozen):
