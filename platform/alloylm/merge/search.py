@@ -10,6 +10,15 @@ Searchers: Optuna TPE (default) and CMA-ES (Optuna's samplers through Tune's Opt
 random (Tune's BasicVariantGenerator), grid (the explicit `points`, or the product of `values`).
 Candidate `points` (e.g. the paper's gradients) are evaluated first by every searcher.
 
+Reproducibility: with several trials at once, TPE and CMA-ES run in Tune's batch mode
+(`ConcurrencyLimiter(batch=True)`): the next trials are suggested only once every running one has
+finished, so what the sampler learns from never depends on which trial finished first, and a rerun
+suggests the same trials. Random and grid draw their trials up front. ASHA is asynchronous by
+design: it judges a trial at a rung against the trials that reached the rung before it, so with
+`max_concurrent_trials` > 1 the order in which trials finish a rung can change which are stopped
+(`search_is_reproducible`; the search says so when it starts); `max_concurrent_trials: 1` makes it
+reproducible.
+
 The experiment lives at `<run>/searches/<stage>-<fingerprint>/tune` (local or s3://): an
 interrupted search resumes there with `Tuner.restore`, without redoing finished trials.
 """
@@ -154,6 +163,12 @@ def run_trial(tune_config: dict, job: TrialJob, eval_data: EvalData) -> None:
 # ------------------------------------------------------------------------------ the search
 
 
+def search_is_reproducible(search) -> bool:
+    """Whether a rerun of the search makes the same trials and decisions whatever the timing:
+    always one trial at a time; with several, unless ASHA judges them (see the module's note)."""
+    return search.max_concurrent_trials == 1 or search.asha is None
+
+
 def _searcher(stage: MergeSearchStageConfig, seed: int, points: list[dict[str, float]]):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -172,7 +187,16 @@ def _searcher(stage: MergeSearchStageConfig, seed: int, points: list[dict[str, f
         sampler = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, search.num_samples // 3)))
-    return OptunaSearch(sampler=sampler, points_to_evaluate=points or None)  # metric and mode come from TuneConfig
+    from ray.tune.search import ConcurrencyLimiter
+
+    # Tune's batch mode (what TuneConfig.max_concurrent_trials does, without batch): a sampler asked
+    # while one trial of two is still running would learn from whichever finished first, so two
+    # runs of one config could suggest different trials.
+    return ConcurrencyLimiter(
+        OptunaSearch(sampler=sampler, points_to_evaluate=points or None),  # metric and mode come from TuneConfig
+        max_concurrent=search.max_concurrent_trials,
+        batch=search.max_concurrent_trials > 1,
+    )
 
 
 def _scheduler(stage: MergeSearchStageConfig):
@@ -243,8 +267,8 @@ def run_search(
                 search_alg=_searcher(stage, seed, list(job.points_flat)),
                 scheduler=_scheduler(stage),
                 num_samples=num_samples,
-                # grid and random: the generator holds the limit (see _searcher)
-                max_concurrent_trials=None if search.searcher in ("grid", "random") else search.max_concurrent_trials,
+                # every searcher holds its own limit (see _searcher)
+                max_concurrent_trials=None,
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
@@ -263,6 +287,13 @@ def run_search(
             search.max_concurrent_trials,
             len(dims),
         )
+        if not search_is_reproducible(search):
+            log.warning(
+                "merge search: ASHA with %d trials at a time: which trials it stops depends on the order in which "
+                "they reach a rung, so a rerun may stop others and find another best; max_concurrent_trials: 1 "
+                "makes the search reproducible",
+                search.max_concurrent_trials,
+            )
     grid = tuner.fit()
     return trial_rows(grid, job)
 
