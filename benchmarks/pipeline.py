@@ -7,9 +7,12 @@ what `alloylm run` did before the scheduler). Two workloads:
 (a) `configs/quickstart.yaml` unchanged, on a local 2-CPU cluster (`--skip-quickstart` leaves it out);
 (b) the paper's DAG in miniature (base -> cpt -> sft -> {dpo, orpo}; the instruct model; two fixed
     SLERP merges and a merge search; evaluation of every variant) on a two-node local cluster
-    (`ray start --head` plus a worker node, 2 CPUs each: 4 CPUs).
+    (`ray start --head` plus a worker node, 2 CPUs each: 4 CPUs; `--skip-paper-dag` leaves it out).
 
-    .venv/bin/python benchmarks/pipeline.py [--skip-quickstart]
+    .venv/bin/python benchmarks/pipeline.py [--skip-quickstart | --skip-paper-dag] [--workdir DIR]
+
+Each side also records every training stage's time outside the trainer loop (wall minus
+`breakdown.training` in its manifest) and their median.
 
 The last line is one JSON object, also written to benchmarks/results/pipeline.json. On a machine
 with fewer cores than the cluster's logical CPUs the parallel side gains less: stages share cores.
@@ -22,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +65,7 @@ def paper_dag(storage: str) -> dict:
     for name, parent in (("dpo-slerp", "dpo"), ("orpo-slerp", "orpo")):
         stages[name] = {"kind": "merge", "parents": [parent, "instruct"], "method": "slerp", "parameters": gradient}
     search = raw["stages"]["merged"]
-    search["search"].update(num_samples=4, max_concurrent_trials=2)
+    search["search"].update(num_samples=4)  # one trial at a time, as the quickstart: reproducible under ASHA
     search["search"]["objective"]["max_items"] = 8
     stages["merged"] = search
     raw["stages"] = stages
@@ -108,6 +112,7 @@ def stop_processes_under(marker: str) -> None:
 
 
 def run_once(config: dict, label: str, workdir: Path, env: dict, *overrides: str) -> dict:
+    shutil.rmtree(config["storage"], ignore_errors=True)  # from empty storage (a kept --workdir's earlier run)
     path = workdir / f"{label}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     before = load_average()
@@ -119,8 +124,13 @@ def run_once(config: dict, label: str, workdir: Path, env: dict, *overrides: str
         raise SystemExit(f"{label}: alloylm run exited {done.returncode}:\n{done.stderr[-4000:]}")
     summary = json.JSONDecoder().raw_decode(done.stdout[done.stdout.rfind('{\n  "experiment"'):])[0]
     steps = {k: s.get("seconds") for k, s in summary["steps"].items()}
-    print(f"{label}: {seconds} s (load {before} -> {load_average()})", flush=True)
+    # Issue 17's figure: each training stage's wall time minus its trainer loop (manifest `breakdown`).
+    outside = {name: round(entry["seconds"] - entry["breakdown"].get("training", 0.0), 1)
+               for name, entry in (summary.get("stages") or {}).items() if entry.get("breakdown")}
+    median_outside = round(statistics.median(outside.values()), 1) if outside else None
+    print(f"{label}: {seconds} s (load {before} -> {load_average()}); median outside training per stage {median_outside} s", flush=True)
     return {"seconds": seconds, "load_before": before, "load_after": load_average(), "steps": steps,
+            "outside_training": outside, "median_outside_training": median_outside,
             "scores": (summary.get("evaluation") or {}).get("scores")}
 
 
@@ -135,8 +145,17 @@ def compare(config: dict, name: str, workdir: Path, env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-quickstart", action="store_true", help="only the paper DAG on two nodes")
+    parser.add_argument("--skip-paper-dag", action="store_true", help="only the quickstart on 2 CPUs")
+    parser.add_argument("--workdir", default=None, help="keep both sides' runs here (default: a temporary folder, removed)")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="alloylm-bench-pipeline-"))
+    if args.skip_quickstart and args.skip_paper_dag:
+        parser.error("--skip-quickstart and --skip-paper-dag leave nothing to measure")
+    if args.workdir:
+        from _workdir import claim_workdir
+
+        workdir = claim_workdir(args.workdir, "pipeline")
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="alloylm-bench-pipeline-"))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
     result: dict = {"benchmark": "pipeline", "cores": os.cpu_count(), "load_start": load_average()}
@@ -145,25 +164,32 @@ def main() -> None:
             quickstart = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text(encoding="utf-8"))
             quickstart.pop("serve", None)
             result["quickstart_2cpu"] = compare(quickstart, "quickstart", workdir, env)
-        temp_dir = tempfile.mkdtemp(prefix="alpb-", dir="/tmp")
-        port = free_ports(1)[0]
-        ray_env = {**env, "RAY_AUTH_MODE": "token"}
-        common = ["--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-        try:
-            subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                           check=True, env=ray_env, capture_output=True)
-            subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common], check=True, env=ray_env, capture_output=True)
-            result["paper_dag_2x2cpu"] = compare(paper_dag(""), "paper", workdir, {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
-        finally:
-            stop_processes_under(temp_dir)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        if not args.skip_paper_dag:
+            result["paper_dag_2x2cpu"] = paper_dag_on_two_nodes(workdir, env)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     result["load_end"] = load_average()
     from _results import save_results
 
-    save_results(RESULTS, result, keep_from_last=("quickstart_2cpu",) if args.skip_quickstart else ())
+    measured = [key for key in ("quickstart_2cpu", "paper_dag_2x2cpu") if key in result]
+    save_results(RESULTS, result, keep_from_last=tuple(k for k in ("quickstart_2cpu", "paper_dag_2x2cpu") if k not in measured))
     print(json.dumps(result))
+
+
+def paper_dag_on_two_nodes(workdir: Path, env: dict) -> dict:
+    temp_dir = tempfile.mkdtemp(prefix="alpb-", dir="/tmp")
+    port = free_ports(1)[0]
+    ray_env = {**env, "RAY_AUTH_MODE": "token"}
+    common = ["--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       check=True, env=ray_env, capture_output=True)
+        subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common], check=True, env=ray_env, capture_output=True)
+        return compare(paper_dag(""), "paper", workdir, {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    finally:
+        stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
