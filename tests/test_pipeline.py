@@ -171,3 +171,32 @@ def test_a_comparison_that_is_not_made_leaves_no_earlier_table_behind(tmp_path):
         steps["comparison"].run()
     assert not storage.exists(layout.comparison_table) and not storage.exists(storage.join(layout.eval, "comparison.json"))
     assert summary.evaluation["failed"]["dpo"] == "boom"
+
+
+def test_on_the_validation_split_the_selection_takes_the_comparisons_scores(tmp_path, monkeypatch):
+    """With `evaluate.split: validation` the comparison already scores every variant on validation,
+    into the folder the selection uses: the selection waits for it and takes its result, instead of
+    comparing again beside it (which scored every variant without a manifest a second time)."""
+    import alloylm.evaluate as evaluate
+    from alloylm.config import load_config
+    from alloylm.pipeline import _add_evaluation
+
+    config = load_config(REPO / "configs" / "quickstart.yaml", [f"storage={tmp_path}", "evaluate.split=validation"])
+    calls = []
+
+    def evaluate_variants(eval_config, variants, data, out, **options):
+        calls.append((sorted(variants), out, options.get("split")))
+        return {"split": "validation", "out": out, "variants": {v: {"status": "ok", "score": 0.5} for v in variants},
+                "comparison": {"rows": list(variants)}, "failed": {}}
+
+    monkeypatch.setattr(evaluate, "evaluate_variants", evaluate_variants)
+    monkeypatch.setattr(evaluate, "best_variant", lambda comparison: {"variant": comparison["rows"][0], "score": 0.5, "within_noise": []})
+    summary = RunSummary(experiment=config.experiment, run=config.run_uri, steps={"eval:dpo": {"status": "done"}})
+    steps: dict = {}
+    _add_evaluation(config, summary, steps)
+    assert "validate:dpo" not in steps and steps["selection"].after == ("comparison",)
+    with pytest.raises(StageError, match="evaluation failed for"):  # the other variants were not scored
+        steps["comparison"].run()
+    best = steps["selection"].run()
+    assert calls == [(["dpo"], RunLayout.of(config).eval, None)]
+    assert best["variant"] == "dpo" and storage.read_json(RunLayout.of(config).best)["variant"] == "dpo"

@@ -296,6 +296,7 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         result = evaluate_variants(
             eval_config, done, data, layout.eval, tokenizer_uri=layout.tokenizer, trust_remote_code=config.trust_remote_code
         ) if done else {"split": eval_config.split, "variants": {}, "failed": {}}
+        compared.append(result)
         failed.update(result["failed"])
         summary.evaluation = {
             "split": result["split"],
@@ -308,6 +309,7 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
             raise StageError(f"evaluation failed for {', '.join(sorted(failed))}")
         return result
 
+    compared: list[dict] = []  # the comparison's result, for a selection on the same split
     steps["comparison"] = Step("comparison", compare, after=tuple(f"eval:{v}" for v in names))
 
     def select() -> dict:
@@ -320,9 +322,14 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         done = {v: variants[v] for v in names if summary.steps.get(f"{prefix}:{v}", {}).get("status") == "done"}
         if not done:
             raise StageError("no variant was scored on the validation split: nothing to choose from")
-        result = evaluate_variants(
-            eval_config, done, data, out, tokenizer_uri=layout.tokenizer, split=split, trust_remote_code=config.trust_remote_code
-        )
+        if prefix == "eval" and compared and compared[-1]["variants"]:
+            # The report's split is validation: the comparison already compared these variants
+            # there, into the same folder (scoring a variant without a manifest again otherwise).
+            result = compared[-1]
+        else:
+            result = evaluate_variants(
+                eval_config, done, data, out, tokenizer_uri=layout.tokenizer, split=split, trust_remote_code=config.trust_remote_code
+            )
         best = best_variant(result["comparison"])
         best["model"] = stage_uris.get(best["variant"], variants.get(best["variant"]))
         best["scores"] = {name: r.get("score") for name, r in result["variants"].items()}
@@ -334,7 +341,10 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         log.info("best on validation: %s (score %s; within noise: %s)", best["variant"], best["score"], ", ".join(best["within_noise"]) or "none")
         return best
 
-    steps["selection"] = Step("selection", select, after=tuple(f"{'validate' if 'validate' in splits else 'eval'}:{v}" for v in names))
+    # On the validation split itself the selection takes the comparison's result (above).
+    steps["selection"] = Step(
+        "selection", select, after=tuple(f"validate:{v}" for v in names) if "validate" in splits else ("comparison",)
+    )
 
     def report() -> dict:
         searches = {n: layout.search_results(n) for n, s in config.stages.items() if s.kind == "merge_search"}

@@ -321,6 +321,24 @@ def test_malformed_benchmark_item_names_file_and_item(tmp_path):
     assert "2 malformed item(s)" in message
 
 
+def test_a_benchmark_file_edited_in_place_changes_the_results_fingerprint(tmp_path):
+    """A benchmark (or judge questions) given as a file has no manifest: its size and modification
+    time identify it, so results scored on the old file are not reused for the edited one."""
+    import os
+
+    item = {"id": "a", "split": "test", "type": "multiple_choice", "question": "Q?", "choices": ["x", "y"], "answer_index": 0}
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps(item) + "\n", encoding="utf-8")
+    off = {name: {"enabled": False} for name in ("short_answer", "domain_perplexity", "general_perplexity")}
+    config = _quick_config(suites=off)
+    before = load_eval_data(config, {"domain-benchmark": str(path)}).fingerprints[str(path)]
+    assert before is not None
+    assert load_eval_data(config, {"domain-benchmark": str(path)}).fingerprints[str(path)] == before
+    path.write_text(json.dumps({**item, "answer_index": 1}) + "\n", encoding="utf-8")
+    os.utime(path, ns=(1, 1))  # another time even where the clock's step is coarser than this test
+    assert load_eval_data(config, {"domain-benchmark": str(path)}).fingerprints[str(path)] != before
+
+
 def test_splits_are_disjoint_and_validation_is_what_is_loaded(run_dir):
     config = _quick_config()
     test = load_eval_data(config, _data(run_dir))

@@ -121,14 +121,25 @@ def check_variant_sources(variants: Mapping[str, str]) -> None:
         raise EvaluationInputError("no model at these variant paths:\n  " + "\n  ".join(problems))
 
 
-def _manifest_fingerprint(uri: str) -> str | None:
-    if uri.lower().endswith((".jsonl", ".json", ".parquet")):
-        return None
+def _source_fingerprint(uri: str) -> str | None:
+    """What identifies an evaluation source in the results' fingerprint: a prepared data set's
+    manifest fingerprint; for a file given as it is (a benchmark or judge questions .jsonl) or a
+    folder without a manifest, its files' sizes and modification times (ETags on S3), so an edited
+    file makes the results made from it stale instead of being reused. None: nothing there."""
+    from alloylm.artifact import fingerprint
+
+    if not uri.lower().endswith((".jsonl", ".json", ".parquet")):
+        try:
+            manifest = storage.read_manifest(uri)
+        except storage.StorageError:
+            manifest = None
+        if manifest and manifest.get("fingerprint"):
+            return manifest["fingerprint"]
     try:
-        manifest = storage.read_manifest(uri)
+        listing = storage.file_signatures(uri)
     except storage.StorageError:
         return None
-    return (manifest or {}).get("fingerprint")
+    return fingerprint("evaluation-source", listing) if listing else None
 
 
 def load_eval_data(
@@ -191,7 +202,7 @@ def load_eval_data(
     return EvalData(
         split=split,
         sources=sources,
-        fingerprints={uri: task_fingerprints.get(uri) or _manifest_fingerprint(uri) for uri in sorted(set(sources.values()))},
+        fingerprints={uri: task_fingerprints.get(uri) or _source_fingerprint(uri) for uri in sorted(set(sources.values()))},
         tokenizer_uri=tokenizer_uri,
         **loaded,
     )
