@@ -333,6 +333,55 @@ def test_materialize_local_requires_config_json(tmp_path):
     assert materialize_model_dir("org/model") == "org/model"
 
 
+def _hub_cache_with(tmp_path, repo: str, folder) -> str:
+    """A Hugging Face cache (its own layout: refs/main names the snapshot) holding `folder` as `repo`."""
+    import shutil
+
+    cache = tmp_path / "hub-cache"
+    entry = cache / ("models--" + repo.replace("/", "--"))
+    revision = "0" * 40
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(revision)
+    shutil.copytree(folder, entry / "snapshots" / revision)
+    return str(cache)
+
+
+def test_a_hub_id_becomes_a_local_folder_for_mergekit(saved_model, tmp_path, monkeypatch):
+    """mergekit reads folders only: a Hub id parent (every paper config has one) is fetched into the
+    Hugging Face cache; offline, as here, the cached snapshot is used and a missing one named."""
+    import huggingface_hub.constants
+
+    from alloylm.models.loading import local_model_dir
+
+    _, folder = saved_model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", _hub_cache_with(tmp_path, "alloylm-test/tiny", folder))
+    local = local_model_dir("alloylm-test/tiny")
+    assert os.path.isfile(os.path.join(local, "config.json")) and os.path.isfile(os.path.join(local, "model.safetensors"))
+    assert local_model_dir(str(folder)) == str(folder)
+    with pytest.raises(OSError, match="cannot get alloylm-test/absent from the Hugging Face Hub"):
+        local_model_dir("alloylm-test/absent")
+
+
+def test_a_merge_stage_checks_a_hub_id_parent_like_a_folder(saved_model, tmp_path, monkeypatch):
+    """The bug this guards: `check_compatible` got the Hub id itself and failed with "is not a
+    folder" after every other stage of the paper configs had trained."""
+    import huggingface_hub.constants
+
+    from alloylm.config import RunConfig
+    from alloylm.merge.stage import _check_parents, _local_dirs
+
+    _, folder = saved_model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", _hub_cache_with(tmp_path, "alloylm-test/tiny", folder))
+    config = RunConfig.model_validate({
+        "experiment": "hub", "storage": str(tmp_path / "runs"), "tokenizer": {"from": str(folder)},
+        "stages": {"merged": {"kind": "merge", "parents": [str(folder), "alloylm-test/tiny"], "method": "slerp", "parameters": {"t": 0.5}}},
+    })
+    uris = [str(folder), "alloylm-test/tiny"]
+    dirs = _local_dirs(uris)
+    _check_parents(config, "merged", uris, dirs)  # no error: the same model twice
+    assert dirs[1] != "alloylm-test/tiny" and os.path.isdir(dirs[1])
+
+
 @pytest.fixture(scope="module")
 def saved_model(tokenizer, tmp_path_factory):
     model = build_model("tiny-llama", tokenizer, seed=3)

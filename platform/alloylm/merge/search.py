@@ -97,12 +97,12 @@ _WORKER: dict[str, Any] = {}  # per trial process: the merger and tokenizer of t
 def _worker_state(job: TrialJob):
     """The InMemoryMerger and the scoring tokenizer for `job`'s parents, built once per process."""
     from alloylm.merge import InMemoryMerger
-    from alloylm.models.loading import load_tokenizer, materialize_model_dir
+    from alloylm.models.loading import load_tokenizer, local_model_dir
 
     key = repr((job.parent_uris, job.stage.dtype))
     if _WORKER.get("key") != key:
         _WORKER.clear()
-        dirs = [materialize_model_dir(uri) for uri in job.parent_uris]
+        dirs = [local_model_dir(uri) for uri in job.parent_uris]
         device = "cuda" if job.stage.resources.num_gpus > 0 and _cuda() else "cpu"
         # check=False: merge_stage checked the parents once, before any trial; each trial process need not.
         merger = InMemoryMerger(

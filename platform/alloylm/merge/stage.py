@@ -60,10 +60,11 @@ def _parents(config: RunConfig, stage: MergeStageConfig) -> tuple[list[str], lis
 
 
 def _local_dirs(uris: list[str]) -> list[str]:
-    from alloylm.models.loading import materialize_model_dir
+    """Local folders of the parents (mergekit reads folders): S3 copies cached, Hub ids downloaded."""
+    from alloylm.models.loading import local_model_dir
 
     try:
-        return [materialize_model_dir(uri) for uri in uris]
+        return [local_model_dir(uri) for uri in uris]
     except (OSError, ValueError) as exc:
         raise StageError(f"cannot read a parent model: {exc}") from None
 
@@ -76,8 +77,6 @@ def _check_parents(config: RunConfig, name: str, uris: list[str], dirs: list[str
 
     stage = config.stages[name]
     for parent, uri, folder in zip(stage.parents, uris, dirs, strict=True):
-        if not os.path.isdir(folder):
-            continue  # a Hub id: transformers checks the files it downloads itself
         try:
             check_safetensors(folder, shown_as=uri)
         except storage.CorruptFileError as exc:

@@ -102,6 +102,26 @@ def materialize_model_dir(source: str, *, cache_dir: str | None = None) -> str:
     return _materialize(source, cache_dir=cache_dir, required_file="config.json")
 
 
+# What mergekit reads of a Hub model: config, weights, tokenizer files (not other formats' weights).
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def local_model_dir(source: str, *, cache_dir: str | None = None) -> str:
+    """A local folder with the model's files, for tools that read folders only (mergekit): a Hub id
+    is downloaded into the Hugging Face cache (`huggingface_hub.snapshot_download`, config, weights
+    and tokenizer files; offline, the cached snapshot), any other source as `materialize_model_dir`."""
+    if classify_source(source) != "hub":
+        return materialize_model_dir(source, cache_dir=cache_dir)
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id=source, allow_patterns=HUB_MODEL_FILES)
+    except Exception as exc:  # offline without a cached copy, unknown repo, gated model, network
+        raise OSError(f"cannot get {source} from the Hugging Face Hub: {type(exc).__name__}: {exc}") from None
+    _require_file(folder, "config.json", shown_as=source)
+    return folder
+
+
 def _materialize(source: str, *, cache_dir: str | None, required_file: str) -> str:
     kind = classify_source(source)
     if kind == "hub":
