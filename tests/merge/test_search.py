@@ -332,6 +332,52 @@ def test_fixed_merge_from_parameters_is_the_papers_layer_wise_slerp(prepared):
     assert yaml.safe_load(open(os.path.join(out, "merge.yaml")))["base_model"] == str(root / "parent-b")
 
 
+def test_a_random_merge_method_is_seeded_by_the_run(prepared):
+    """dare_ties draws random masks: the stage seeds them with the run's seed, so two runs of one
+    config write the same model, another seed another one, and merge.yaml says how mergekit repeats it."""
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    stage = {"kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "base": str(root / "parent-b"),
+             "method": "dare_ties", "model_parameters": {str(root / "parent-a"): {"weight": 0.8, "density": 0.5}}}
+    merged = {}
+    for label, seed in (("first", 7), ("again", 7), ("other", 8)):
+        config = _load(root, {"dare": stage}, name=f"dare-{label}.yaml", seed=seed)
+        config = config.model_copy(update={"storage": str(root / f"runs-dare-{label}")})
+        merge_stage(config, "dare")
+        merged[label] = _merged(root, config, "dare")[0]
+        if label == "first":
+            text = open(os.path.join(config.run_uri, "stages", "dare", "merge.yaml")).read()
+            assert "--random-seed 7" in text
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged["first"][key], merged["again"][key])
+    assert not torch.equal(merged["first"][key], merged["other"][key])
+
+
+def test_what_changes_a_search_result_changes_its_fingerprint(prepared):
+    """The objective's evaluation settings (here `evaluate.seed`, which draws the items) and, for a
+    searcher that learns from finished trials, how many run at once: a changed one reruns the search
+    instead of reusing the old best; a grid's concurrency changes nothing and reuses it."""
+    from alloylm.merge.stage import merge_fingerprint, merge_stage
+
+    root = prepared
+    grid = _search_stage(root, searcher="grid", asha=None, objective={"max_items": 4})
+    config = _load(root, {"fp-merged": grid}, name="fp.yaml")
+    first = merge_stage(config, "fp-merged")
+    assert merge_stage(config, "fp-merged")["fingerprint"] == first["fingerprint"]  # up to date
+    raw = _config(root, {"fp-merged": grid}, overwrite=True)
+    raw["evaluate"]["seed"] = 5
+    reseeded = load_config(_write(root, raw, "fp-seed.yaml"))
+    assert merge_stage(reseeded, "fp-merged")["fingerprint"] != first["fingerprint"]
+
+    def fp(stage: dict) -> str:
+        return merge_fingerprint(_load(root, {"merged": stage}, name="fp-only.yaml"), "merged", ["a", "b"])
+
+    tpe = _search_stage(root, max_concurrent_trials=1)
+    assert fp(tpe) != fp({**tpe, "search": {**tpe["search"], "max_concurrent_trials": 2}})
+    assert fp(grid) == fp({**grid, "search": {**grid["search"], "max_concurrent_trials": 2}})
+
+
 def _rows(config, name: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(config.run_uri, "stages", name, "search", "trials.jsonl"))]
 

@@ -62,6 +62,7 @@ class TrialJob:
     trust_remote_code: bool = False
     rungs: tuple[float, ...] = (1.0,)
     dims: tuple[Dimension, ...] = field(default_factory=tuple)
+    random_seed: int | None = None  # random methods (dare_ties, della): every trial draws the same masks
 
     def merge_parameters(self, flat: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         return assemble(
@@ -138,7 +139,7 @@ def run_trial(tune_config: dict, job: TrialJob, eval_data: EvalData) -> None:
     flat = trial_flat_values(tune_config, job)
     parameters, model_parameters = job.merge_parameters(flat)
     config = mergekit_config_for(job.stage, state["dirs"], list(job.names), parameters, model_parameters)
-    model = state["merger"].merge(config)
+    model = state["merger"].merge(config, random_seed=job.random_seed)
     scorer = CausalLMScorer(
         model,
         state["tokenizer"],
@@ -210,7 +211,9 @@ def _scheduler(stage: MergeSearchStageConfig):
     )
 
 
-def prepare_job(stage: MergeSearchStageConfig, parent_uris, names, eval_config: EvalConfig, *, trust_remote_code: bool) -> TrialJob:
+def prepare_job(
+    stage: MergeSearchStageConfig, parent_uris, names, eval_config: EvalConfig, *, trust_remote_code: bool, random_seed: int | None = None
+) -> TrialJob:
     """Check the search space and points (before any trial) and bundle what trials need."""
     dims = dimensions(stage.search)
     points = []
@@ -229,6 +232,7 @@ def prepare_job(stage: MergeSearchStageConfig, parent_uris, names, eval_config: 
         trust_remote_code=trust_remote_code,
         rungs=rungs,
         dims=tuple(dims),
+        random_seed=random_seed,
     )
 
 

@@ -105,7 +105,9 @@ def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -
         raise StageError(f"merge parameters: {exc}") from None
 
 
-def _materialize_task(yaml_text: str, parent_uris: list[str], tokenizer_parent: int, staging_uri: str, trust_remote_code: bool) -> dict:
+def _materialize_task(
+    yaml_text: str, parent_uris: list[str], tokenizer_parent: int, staging_uri: str, trust_remote_code: bool, random_seed: int
+) -> dict:
     """Ray task: write the merged model from the mergekit YAML into the staging location."""
     import yaml
 
@@ -116,28 +118,40 @@ def _materialize_task(yaml_text: str, parent_uris: list[str], tokenizer_parent: 
     with tempfile.TemporaryDirectory(prefix="alloylm-merge-") as tmp:
         out = os.path.join(tmp, "model")
         started = time.monotonic()
-        materialize(merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=trust_remote_code)
+        materialize(merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=trust_remote_code, random_seed=random_seed)
         storage.upload_dir(out, staging_uri)
         return {"merge_seconds": round(time.monotonic() - started, 2)}
 
 
-def _materialize_on_cluster(stage: MergeStageConfig, yaml_text: str, parent_uris: list[str], staging_uri: str, trust_remote_code: bool) -> dict:
+def _materialize_on_cluster(
+    stage: MergeStageConfig, yaml_text: str, parent_uris: list[str], staging_uri: str, trust_remote_code: bool, random_seed: int
+) -> dict:
     import ray
 
     tokenizer_parent = stage.parents.index(stage.tokenizer_from or stage.parents[0])
     task = ray.remote(_materialize_task).options(num_cpus=stage.resources.num_cpus, num_gpus=stage.resources.num_gpus)
     try:
-        return ray.get(task.remote(yaml_text, parent_uris, tokenizer_parent, staging_uri, trust_remote_code))
+        return ray.get(task.remote(yaml_text, parent_uris, tokenizer_parent, staging_uri, trust_remote_code, random_seed))
     except ray.exceptions.RayTaskError as exc:
         raise StageError(f"merging failed: {exc.cause if hasattr(exc, 'cause') else exc}") from exc
 
 
+def merge_seed(config: RunConfig, name: str) -> int:
+    """The seed of a merge stage: its search's `seed`, else the run's. It seeds the searcher and the
+    random merge methods (dare_ties, della: the same masks in every trial, the written model and
+    `mergekit-yaml --random-seed`)."""
+    stage = config.stages[name]
+    search = getattr(stage, "search", None)
+    return search.seed if search is not None and search.seed is not None else config.seed
+
+
 def merge_fingerprint(config: RunConfig, name: str, parent_ids: list[Any], extra: Any = None) -> str:
     stage = config.stages[name]
-    # Resources and concurrency change how the stage runs, not which model it writes.
-    exclude = {"resources", "description"}
-    settings = stage.model_dump(mode="json", by_alias=True, exclude=exclude)
-    if isinstance(stage, MergeSearchStageConfig):
+    # Resources change how the stage runs, not which model it writes.
+    settings = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "description"})
+    if isinstance(stage, MergeSearchStageConfig) and stage.search.searcher in ("grid", "random") and stage.search.asha is None:
+        # Trials drawn up front and all run to the end: how many at once changes nothing. Otherwise
+        # it does (TPE's batches, ASHA's order of arrival at a rung).
         settings["search"].pop("max_concurrent_trials", None)
     if stage.mergekit_config:
         settings["mergekit_config_text"] = storage.read_text(stage.mergekit_config)
@@ -159,7 +173,14 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     uri = RunLayout.of(config).stage(name)
     parent_uris, parent_ids = _parents(config, stage)
     search_inputs = _search_inputs(config, name) if isinstance(stage, MergeSearchStageConfig) else None
-    fp = merge_fingerprint(config, name, parent_ids, search_inputs[1].fingerprints if search_inputs else None)
+    # A search's result also follows its objective: the evaluation settings it scores with (suites,
+    # weights, evaluate.seed, max_length, dtype) and the data's fingerprints.
+    objective = (
+        [search_inputs[0].model_dump(mode="json", exclude={"resources", "batch_size"}), search_inputs[1].fingerprints]
+        if search_inputs
+        else None
+    )
+    fp = merge_fingerprint(config, name, parent_ids, objective)
     manifest = lifecycle.up_to_date(uri, fp)
     if manifest:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
@@ -178,7 +199,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
             yaml_name = "merge.yaml"
         with tempfile.TemporaryDirectory(prefix="alloylm-merge-yaml-") as tmp:
             local_yaml = os.path.join(tmp, yaml_name)
-            write_mergekit_yaml(merge_config, local_yaml)
+            write_mergekit_yaml(merge_config, local_yaml, random_seed=merge_seed(config, name))
             yaml_text = open(local_yaml, encoding="utf-8").read()
         sources = "".join(f"#   {d}  <-  {u}\n" for d, u in zip(dirs, parent_uris, strict=True) if d != u)
         header = f"# mergekit config of stage {name!r}; reproduce with: mergekit-yaml {yaml_name} OUTPUT_DIR\n"
@@ -186,7 +207,9 @@ def merge_stage(config: RunConfig, name: str) -> dict:
             header += "# parent folders (local copies) and where they come from:\n" + sources
         storage.write_text(storage.join(artifact.staging_uri, yaml_name), header + yaml_text)
         log.info("stage %s: materialising the merge with mergekit -> %s", name, uri)
-        summary.update(_materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code))
+        summary.update(
+            _materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code, merge_seed(config, name))
+        )
         summary["mergekit_yaml"] = yaml_name
         summary["seconds"] = round(time.monotonic() - started, 1)
         storage.write_json(storage.join(artifact.staging_uri, SUMMARY_NAME), summary)
@@ -228,12 +251,14 @@ def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, st
 
     stage: MergeSearchStageConfig = config.stages[name]
     eval_config, eval_data = inputs
+    seed = merge_seed(config, name)
     try:
-        job = prepare_job(stage, parent_uris, list(stage.parents), eval_config, trust_remote_code=config.trust_remote_code)
+        job = prepare_job(
+            stage, parent_uris, list(stage.parents), eval_config, trust_remote_code=config.trust_remote_code, random_seed=seed
+        )
     except SearchError as exc:
         raise StageError(f"stages.{name}.{exc}") from None
     experiment_uri = RunLayout.of(config).search(name, fp)
-    seed = stage.search.seed if stage.search.seed is not None else config.seed
     rows = run_search(job, eval_data, experiment_uri, seed=seed, mlflow=mlflow_target(config, step=f"stage:{name}"))
     complete = [r for r in rows if r["score"] is not None]
     if not complete:
