@@ -232,6 +232,25 @@ def test_sft_lowers_the_assistant_loss_and_the_paper_knobs_act(world, parent_mod
     assert parent_other - paper_other > 1.5 * (parent_other - other)
 
 
+def test_packed_sft_counts_its_epochs_over_the_packed_rows(world):
+    """The bug this guards: with `packing: true` the steps were worked out from the chats before TRL
+    packed them, so `epochs: 1` made several passes over the packed rows."""
+    import math
+
+    from alloylm.train.worker import steps_after_build
+
+    epoch = {"max_steps": None, "epochs": 1, "warmup_ratio": 0.5}
+    unpacked_steps = math.ceil(world["rows"]["chat"] / 4)
+    packed = train(world, "sft", "chat", steps=unpacked_steps, packing=True, training={**SFT, **epoch})
+    stage = TRAIN_STAGES["sft"].model_validate({"kind": "sft", "from": world["parent"], "data": "chat", "packing": True,
+                                                "training": {"batch_size": 4, **SFT, **epoch}})
+    steps = steps_after_build(stage, packed, 1, unpacked_steps)
+    assert steps == math.ceil(len(packed.train_dataset) / 4) < unpacked_steps / 2
+    assert packed.args.max_steps == steps and packed.args.warmup_steps == int(0.5 * steps)
+    plain = train(world, "sft", "chat", steps=unpacked_steps, training={**SFT, **epoch})
+    assert steps_after_build(stage.model_copy(update={"packing": False}), plain, 1, unpacked_steps) == unpacked_steps
+
+
 def test_the_paper_sft_settings_train_on_ray_under_zero3_with_the_optimizer_offloaded(world):
     """The paper configs' SFT stage, tiny, through Ray Train: ZeRO-3 with the optimizer states
     offloaded to the CPU, 16-bit weights gathered on save, gradient checkpointing, packing, loss on

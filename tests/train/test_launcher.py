@@ -327,6 +327,17 @@ def test_data_that_does_not_fit_the_stage(chain, tmp_path):
         validate_config(raw)
 
 
+def test_cpt_with_less_than_one_batch_per_worker_is_refused_before_training(chain):
+    """The bug this guards: each worker got no batch, the Trainer stopped at step 0, and the parent,
+    unchanged, was committed as the stage's model."""
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {"huge": {"kind": "cpt", "from": {"init": "tiny-llama"}, "data": "text", "training": {"batch_size": 100000, "max_steps": 2}}}
+    with pytest.raises(StageError, match=r"stage 'huge': \d+ packed blocks over 1 worker\(s\) give each worker \d+, fewer than one batch \(training.batch_size 100000\)"):
+        train_stage(validate_config(raw), "huge")
+    assert not storage.exists(stage_uri(validate_config(raw), "huge"))
+
+
 def test_tokenizer_model_vocabulary_mismatch(chain, tmp_path):
     from alloylm.models.loading import save_model
     from alloylm.models.presets import build_model

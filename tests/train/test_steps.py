@@ -69,3 +69,22 @@ def test_every_method_counts_its_steps_from_the_prepared_rows(kind):
     job = SimpleNamespace(data_rows=100)
     # 2 epochs x 100 rows / (4 x 2 workers x 3) = 8.33 -> 9, as above.
     assert STAGE_TRAINERS[kind].max_steps(stage(epochs=2, batch_size=4, gradient_accumulation_steps=3), job, 2) == 9
+
+
+def test_the_worker_count_is_part_of_a_stage_fingerprint_and_its_cpus_are_not(tmp_path):
+    """More workers, a bigger global batch: another model, so a finished stage is not reused for it
+    (and an interrupted one does not resume checkpoints written at another world size)."""
+    from alloylm.config import validate_config
+    from alloylm.train.launcher import stage_fingerprint
+
+    def fp(resources: dict) -> str:
+        config = validate_config({
+            "experiment": "fp", "storage": str(tmp_path), "tokenizer": {"train": {"vocab_size": 300}},
+            "datasets": {"text": {"source": "builtin:general-text"}},
+            "stages": {"cpt": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "resources": resources}},
+        })
+        return stage_fingerprint(config, "cpt", {"init": "pico-llama", "seed": 0}, "data", "tokenizer")
+
+    one = fp({"workers": 1})
+    assert fp({"workers": 2}) != one
+    assert fp({"workers": 1, "cpus_per_worker": 2}) == one

@@ -59,8 +59,11 @@ def _parent(config: RunConfig, stage: TrainStageConfig) -> tuple[str, str, Any]:
 
 def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str, tokenizer_fp: str) -> str:
     stage = config.stages[name]
-    # Resources and checkpoint cadence change how a stage runs, not what it learns.
+    # Resources and checkpoint cadence change how a stage runs, not what it learns; except the number
+    # of workers, which multiplies the global batch (batch_size x workers x accumulation) and so
+    # changes the steps, the schedule and the data each step sees.
     learned = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "checkpoint", "description"})
+    learned["workers"] = stage.resources.workers
     return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
 
 
@@ -102,13 +105,23 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
         )
 
 
-def _check_data(stage: TrainStageConfig, data_uri: str) -> None:
+def _check_data(stage: TrainStageConfig, name: str, data_uri: str, rows: int) -> None:
     from alloylm.train.data import read_prepared_table
 
     try:
         read_prepared_table(data_uri, REQUIRED_COLUMNS[stage.kind]).slice(0, 1)
     except ValueError as exc:
         raise StageError(f"data for a {stage.kind} stage: {exc}") from None
+    workers, batch = stage.resources.workers, stage.training.batch_size
+    if stage.kind == "cpt" and rows // workers < batch:
+        # Ray Data gives each worker rows // workers blocks and the loader drops a last partial
+        # batch: with fewer blocks than one batch a worker would get none, and the Trainer would
+        # stop at step 0 and save the parent unchanged as the stage's model.
+        raise StageError(
+            f"stage {name!r}: {rows} packed blocks over {workers} worker(s) give each worker {rows // workers}, fewer "
+            f"than one batch (training.batch_size {batch}): lower stages.{name}.training.batch_size or "
+            f"stages.{name}.resources.workers, or give more data (or a smaller data.block_size)"
+        )
 
 
 def _alive_nodes() -> dict[str, str]:
@@ -316,10 +329,10 @@ def train_stage(config: RunConfig, name: str) -> dict:
         log.info("stage %s: up to date, not retrained (%s)", name, uri)
         return manifest
     data_uri = dataset_uri(config, stage.data)
-    _check_data(stage, data_uri)
+    rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
+    _check_data(stage, name, data_uri, rows)
     check_stage_resources(config, [name])
     _check_parent_and_tokenizer(config, name, parent_kind, parent)
-    rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     mlflow = mlflow_target(config, step=f"stage:{name}")
     if mlflow is not None:
         ensure_experiment(mlflow)  # here, once: parallel stages' workers would race to create it

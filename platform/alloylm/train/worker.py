@@ -116,6 +116,21 @@ def common_arguments(job: StageJob, stage, workdir: str, max_steps: int) -> dict
     }
 
 
+def steps_after_build(stage, trainer, world_size: int, max_steps: int) -> int:
+    """The stage's optimizer steps once its trainer is built. With `packing`, TRL's SFTTrainer packs
+    several chats into each `max_length` row while it is built, so `epochs` counts passes over the
+    packed rows: steps from the chats themselves would make `epochs: 1` several passes (and stretch
+    the schedule). The trainer's `max_steps` and warm-up are set to match; otherwise unchanged."""
+    if not getattr(stage, "packing", False) or stage.training.max_steps:
+        return max_steps
+    from alloylm.train.data import steps_for
+
+    steps = steps_for(len(trainer.train_dataset), stage, world_size)
+    trainer.args.max_steps = steps
+    trainer.args.warmup_steps = int(stage.training.warmup_ratio * steps)
+    return steps
+
+
 def _apply_lora(model, stage):
     from peft import LoraConfig, get_peft_model
 
@@ -388,6 +403,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         max_steps = method.max_steps(stage, job, context.get_world_size())
         arguments = common_arguments(job, stage, workdir, max_steps)
         trainer = method.build_trainer(stage, job, model, tokenizer, arguments)
+        max_steps = steps_after_build(stage, trainer, context.get_world_size(), max_steps)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         metrics_log = MetricsLogCallback(metrics_path, job.stage_name, max_steps)
         trainer.add_callback(metrics_log)
