@@ -88,3 +88,37 @@ def test_the_worker_count_is_part_of_a_stage_fingerprint_and_its_cpus_are_not(tm
     one = fp({"workers": 1})
     assert fp({"workers": 2}) != one
     assert fp({"workers": 1, "cpus_per_worker": 2}) == one
+
+
+def test_cosine_with_min_lr_needs_its_floor_and_the_trainer_gets_it(tmp_path):
+    """The bug this guards: `lr_scheduler: cosine_with_min_lr` was accepted and then failed inside
+    train() on every worker, since transformers needs its floor and none was passed."""
+    from pydantic import ValidationError
+    from transformers import TrainingArguments
+    from transformers.optimization import get_scheduler
+
+    from alloylm.train.worker import StageJob, common_arguments
+
+    with pytest.raises(ValidationError, match="cosine_with_min_lr needs min_lr_rate"):
+        TrainingOptions(lr_scheduler="cosine_with_min_lr")
+    with pytest.raises(ValidationError, match="min_lr_rate is used by lr_scheduler cosine_with_min_lr only"):
+        TrainingOptions(min_lr_rate=0.1)
+    raw = {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text",
+           "training": {"lr_scheduler": "cosine_with_min_lr", "min_lr_rate": 0.1, "learning_rate": 1.0}}
+    from alloylm.config import TRAIN_STAGES
+
+    cpt = TRAIN_STAGES["cpt"].model_validate(raw)
+    job = StageJob(stage_name="cpt", stage=raw, seed=0, trust_remote_code=False, tokenizer_uri="t", data_uri="d",
+                   parent_kind="preset", parent="pico-llama", output_uri=str(tmp_path / "out"), data_rows=10)
+    arguments = common_arguments(job, cpt, str(tmp_path), 10)
+    args = TrainingArguments(**{**arguments, "deepspeed": None, "ddp_backend": None, "report_to": []})
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10, scheduler_specific_kwargs=args.lr_scheduler_kwargs
+    )
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    assert schedule.get_last_lr()[0] == pytest.approx(0.1)

@@ -23,6 +23,9 @@ class TrainingOptions(_Frozen):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
         "linear", description="Learning-rate schedule (transformers' lr_scheduler_type)."
     )
+    min_lr_rate: float | None = Field(
+        None, gt=0, lt=1, description="cosine_with_min_lr: the floor of the cosine, as a fraction of learning_rate (required there)."
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-batch.")
@@ -32,6 +35,16 @@ class TrainingOptions(_Frozen):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     logging_steps: int = Field(5, ge=1, description="Log loss, learning rate and tokens/s every this many steps.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Training seed (default: the run's seed).")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainingOptions:
+        # transformers builds cosine_with_min_lr only with its floor given (else it fails inside
+        # train(), on every worker, naming neither key).
+        if self.lr_scheduler == "cosine_with_min_lr" and self.min_lr_rate is None:
+            raise ValueError("lr_scheduler cosine_with_min_lr needs min_lr_rate (its floor, a fraction of learning_rate, e.g. 0.1)")
+        if self.min_lr_rate is not None and self.lr_scheduler != "cosine_with_min_lr":
+            raise ValueError(f"min_lr_rate is used by lr_scheduler cosine_with_min_lr only, not {self.lr_scheduler}")
+        return self
 
 
 class DeepSpeedOptions(_Frozen):

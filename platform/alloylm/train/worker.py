@@ -88,6 +88,7 @@ def common_arguments(job: StageJob, stage, workdir: str, max_steps: int) -> dict
         "max_steps": max_steps,
         "learning_rate": training.learning_rate,
         "lr_scheduler_type": training.lr_scheduler,
+        **({"lr_scheduler_kwargs": {"min_lr_rate": training.min_lr_rate}} if training.min_lr_rate is not None else {}),
         "warmup_steps": int(training.warmup_ratio * max_steps),
         "weight_decay": training.weight_decay,
         "per_device_train_batch_size": training.batch_size,
