@@ -234,6 +234,21 @@ def _train_worker_actors() -> dict[str, int]:
     }
 
 
+def test_lora_from_a_preset_saves_a_merged_model(chain):
+    """The bug this guards: the merged model was rebuilt from the adapter's base_model_name_or_path,
+    which a preset parent (built in memory) does not have: the stage failed after training."""
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {"lora-preset": {"kind": "cpt", "from": {"init": "tiny-llama"}, "data": "text", "lora": {"r": 4, "alpha": 8},
+                                     "training": {**FAST, "max_steps": 3}}}
+    cfg = validate_config(raw)
+    train_stage(cfg, "lora-preset")
+    uri = stage_uri(cfg, "lora-preset")
+    trained = load(uri).state_dict()
+    assert not any("lora" in key for key in trained)  # merged into a plain model
+    assert storage.exists(storage.join(uri, "adapter", "adapter_config.json"))
+
+
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     config, _ = chain
     raw = config.model_dump(mode="json", by_alias=True)

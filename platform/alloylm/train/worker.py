@@ -348,10 +348,13 @@ def _save_output(trainer, stage, tokenizer, workdir: str, job: StageJob, metrics
     if not trainer.is_world_process_zero():
         return
     if stage.lora is not None:
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
 
         shutil.move(model_dir, os.path.join(workdir, "adapter"))
-        merged = AutoPeftModelForCausalLM.from_pretrained(os.path.join(workdir, "adapter")).merge_and_unload()
+        # The base is built again the way the stage got it, not from the adapter's
+        # `base_model_name_or_path`: a preset parent has none (PEFT then fails after training).
+        base = _load_parent(job, tokenizer)
+        merged = PeftModel.from_pretrained(base, os.path.join(workdir, "adapter")).merge_and_unload()
         merged.save_pretrained(model_dir)
         shutil.copytree(os.path.join(workdir, "adapter"), os.path.join(model_dir, "adapter"))
     tokenizer.save_pretrained(model_dir)
