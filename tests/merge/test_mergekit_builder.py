@@ -285,6 +285,20 @@ def test_write_and_read_round_trip_with_stage_names(parents, tmp_path):
     assert [m["model"] for m in unresolved["models"]] == ["dpo", "sft"]
 
 
+def test_a_user_yaml_on_s3_or_under_home_is_read_as_the_config_check_reads_it(parents, s3_bucket, tmp_path, monkeypatch):
+    """The bug this guards: `alloylm validate` and the fingerprint read `mergekit_config` through
+    storage (s3://, ~), the merge itself with open(), which failed after the parents had trained."""
+    from alloylm import storage
+
+    cfg = mergekit_config("slerp", parents, names=NAMES, parameters={"t": 0.5})
+    text = mergekit_yaml_text(cfg)
+    storage.write_text(f"s3://{s3_bucket}/merges/m.yml", text)
+    assert read_mergekit_yaml(f"s3://{s3_bucket}/merges/m.yml") == cfg
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m.yml").write_text(text)
+    assert read_mergekit_yaml("~/m.yml") == cfg
+
+
 def test_a_bad_file_is_named(tmp_path):
     with pytest.raises(MergeInputError, match="cannot read mergekit YAML .*missing.yml"):
         read_mergekit_yaml(str(tmp_path / "missing.yml"))

@@ -242,10 +242,12 @@ def read_mergekit_yaml(path: str, *, stage_dirs: Mapping[str, str] | None = None
     A `model:` (or `base_model:`, `tokenizer_source:`) value equal to a key of `stage_dirs` (a stage
     name of the run) becomes that stage's folder. Errors name the file.
     """
+    from alloylm import storage
+
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as err:
+        # Through storage, as the config check and the fingerprint read it: s3:// and ~ work here too.
+        raw = yaml.safe_load(storage.read_text(storage.resolve(path)))
+    except (OSError, storage.StorageError) as err:
         raise MergeInputError(f"cannot read mergekit YAML {path}: {err}") from None
     except yaml.YAMLError as err:
         raise MergeInputError(f"{path} is not valid YAML: {err}") from None
