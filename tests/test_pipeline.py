@@ -200,3 +200,18 @@ def test_on_the_validation_split_the_selection_takes_the_comparisons_scores(tmp_
     best = steps["selection"].run()
     assert calls == [(["dpo"], RunLayout.of(config).eval, None)]
     assert best["variant"] == "dpo" and storage.read_json(RunLayout.of(config).best)["variant"] == "dpo"
+
+
+def test_run_only_a_merge_search_prepares_the_data_its_objective_scores_on(tmp_path):
+    """The bug this guards: `alloylm run --only merged` prepared the parents' data only, so the search
+    failed for want of its objective's benchmark (or scored on a stale copy of it)."""
+    from alloylm.config import load_config
+    from alloylm.pipeline import build_graph
+
+    config = load_config(REPO / "configs" / "quickstart.yaml", [f"storage={tmp_path}"])
+    summary = RunSummary(experiment=config.experiment, run=config.run_uri)
+    steps = build_graph(config, summary, only=["merged"])
+    # The objective's suites of weight > 0 (multiple choice, short answers): the benchmark; the
+    # perplexity suites weigh 0 in the quickstart's score, so trials skip them and their data.
+    assert "data:domain-benchmark" in steps and "data:domain-benchmark" in steps["stage:merged"].parents
+    assert "data:domain-heldout" not in steps and "data:domain-benchmark" not in steps["stage:dpo"].parents

@@ -171,7 +171,7 @@ def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | Non
     layout = RunLayout.of(config)
     steps: dict[str, Step] = {}
     wanted = _with_ancestors(config, only) if only else None
-    datasets = sorted(config.datasets) if wanted is None else sorted({d for n in wanted for d in _kind(config, n).datasets(config.stages[n])})
+    datasets = sorted(config.datasets) if wanted is None else sorted({d for n in wanted for d in _stage_datasets(config, n)})
     tokenizer_state: dict[str, dict] = {}
 
     def tokenizer() -> dict:
@@ -197,7 +197,7 @@ def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | Non
         stage = config.stages[name]
         kind = _kind(config, name)
         parents = [f"stage:{p}" for p in kind.parents(stage) if p in config.stages]
-        parents += [f"data:{d}" for d in kind.datasets(stage)]
+        parents += [f"data:{d}" for d in _stage_datasets(config, name)]
         needs = {resource: amount for resource, (amount, _) in kind.resources(stage).items() if amount > 0}
 
         def run_stage(name: str = name, kind=kind) -> dict:
@@ -216,6 +216,13 @@ def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | Non
 def stage_dag(config: RunConfig) -> dict[str, list[str]]:
     """Stage name -> its parent stages (model sources left out), in dependency order."""
     return {name: [p for p in config.stages[name].parent_refs() if p in config.stages] for name in config.stage_order()}
+
+
+def _stage_datasets(config: RunConfig, name: str) -> list[str]:
+    """The data sets stage `name` reads: its own (`data:`) and those the run config gives it (`reads`)."""
+    kind = _kind(config, name)
+    own = list(kind.datasets(config.stages[name]))
+    return own + [d for d in (kind.reads(config, name) if kind.reads else []) if d not in own]
 
 
 def _kind(config: RunConfig, name: str):

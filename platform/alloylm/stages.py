@@ -38,6 +38,9 @@ class StageKind:
     - `problems(config, name) -> [str]`: checks that need the whole run config (beyond parents,
       data sets and formats, which every kind gets), as "dotted.key: problem" strings.
     - `makes_model`: whether the stage writes a model other stages, evaluation and serving can use.
+    - `reads(config, name) -> [data set]`: data sets the stage reads besides its own config's
+      (`dataset_refs`) that only the whole run config names, e.g. a merge search's objective; the
+      pipeline prepares them before the stage.
     """
 
     name: str
@@ -48,6 +51,7 @@ class StageKind:
     problems: Callable[[RunConfig, str], list[str]] | None = None
     makes_model: bool = True
     description: str = ""
+    reads: Callable[[RunConfig, str], list[str]] | None = None
 
     def parents(self, stage: StageConfigBase) -> list[str]:
         return stage.parent_refs()

@@ -294,6 +294,12 @@ def _search_problems(config: RunConfig, name: str) -> list[str]:
     ]
 
 
+def _objective_datasets(config: RunConfig, name: str) -> list[str]:
+    """The run's data sets the search objective scores on (its suites' `dataset`)."""
+    suites = search_eval_config(config, name).suites.enabled().values()
+    return sorted({s.dataset for s in suites if getattr(s, "dataset", None) in config.datasets})
+
+
 def _run(config: RunConfig, name: str) -> dict:
     from alloylm.merge.stage import merge_stage
 
@@ -308,6 +314,7 @@ register_stage_kind(
         run=_run,
         command="search",
         problems=_search_problems,
+        reads=_objective_datasets,
         description="A merge whose parameters Ray Tune searches on the validation split.",
     )
 )
