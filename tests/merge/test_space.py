@@ -194,6 +194,10 @@ def test_trial_values_are_assembled_as_floats():
         (MIXED, {"t": 0.1, "model_parameters": {"dpo": {"weight": 1.0}, "sft": {"density": 0.5}}}, r"^pt.t: 0.1 is not a number in \[0.2, 0.8\]$"),
         (search(model_space={"dpo": {"weight": {"anchors": 2}}}), {"model_parameters": {"dpo": {"weight": [0.1]}}}, r"^pt.model_parameters.dpo.weight.default: needs a list of 2 anchor values"),
         (search(model_space={"dpo": {"weight": {}}}), {"t": 0.5, "model_parameters": {"dpo": {"weight": 0.5}}}, r"^pt: t is not searched \(search.space has: nothing\)$"),
+        # values the trial would not use: refused, not silently dropped or replaced
+        (GRADIENT, {"t": {"self_attn": [0, 0.5, 1], "mlp": [1, 0.5, 0], "default": 0.3}}, r"^pt.t.default: 0.3, but the space fixes default at 0.25"),
+        (GRADIENT, {"t": {"self_attn": [0, 0.5, 1], "mlp": [1, 0.5, 0], "lm_head": 0.3}}, r"^pt.t: filter\(s\) lm_head not in the space's filters \(self_attn, mlp\)"),
+        (MIXED, {"t": 0.5, "model_parameters": {"dpo": {"weight": 1.0, "density": 0.5}, "sft": {"density": 0.5}}}, r"^pt.model_parameters.dpo.density: not searched"),
     ],
 )
 def test_bad_points_name_where_and_what(config, point, message):
@@ -247,3 +251,15 @@ def test_a_parameter_both_fixed_and_searched_is_refused(fixed, message):
     # Fixed and searched side by side (different names) stay allowed.
     ok = MergeSearchStageConfig.model_validate({**stage, "model_parameters": {"a": {"density": 0.3}, "b": {"weight": 0.5}}})
     assert ok.model_parameters == {"a": {"density": 0.3}, "b": {"weight": 0.5}}
+
+
+def test_a_bad_point_fails_when_the_config_loads():
+    """Before the parents train: `alloylm validate` and `alloylm run` refuse it at load."""
+    from pathlib import Path
+
+    from alloylm.config import ConfigError, load_config
+
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    point = "[{t: {self_attn: [1, 0.5, 0.7, 0.3, 0], mlp: [0, 0.5, 0.3, 0.7], default: 0.5}}]"
+    with pytest.raises(ConfigError, match=r"stages.merged.search.points.0.t.mlp: needs a list of 5 anchor values"):
+        load_config(quickstart, [f"stages.merged.search.points={point}"])

@@ -288,10 +288,23 @@ def _search_problems(config: RunConfig, name: str) -> list[str]:
     if stage.search.objective.suites is None and config.evaluate is None:
         return [f"stages.{name}.search.objective.suites: no suites given and the run has no `evaluate:` section to take them from"]
     formats = {n: d.format for n, d in config.datasets.items()}
-    return [
+    problems = [
         problem.replace("evaluate.suites.", f"stages.{name}.search.objective.suites.", 1)
         for problem in search_eval_config(config, name).reference_problems(set(config.stages), formats)
     ]
+    # The candidate points, at load (`alloylm validate`), not once the parents have trained.
+    from alloylm.merge.space import dimensions, flatten_point
+
+    try:
+        dims = dimensions(stage.search)
+    except ValueError:
+        return problems  # the space's own problem is reported where the space is checked
+    for index, point in enumerate(stage.search.points):
+        try:
+            flatten_point(point, stage.search, dims, where=f"stages.{name}.search.points.{index}")
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _objective_datasets(config: RunConfig, name: str) -> list[str]:

@@ -114,7 +114,35 @@ def flatten_point(point: Mapping[str, Any], search: MergeSearchConfig, dims: lis
         if not isinstance(value, (int, float)) or not d.low <= float(value) <= d.high:
             raise ValueError(f"{label}: {value!r} is not a number in [{d.low}, {d.high}]")
         flat[d.key] = float(value)
+    _refuse_ignored_values(point, search, where)
     return flat
+
+
+def _refuse_ignored_values(point: Mapping[str, Any], search: MergeSearchConfig, where: str) -> None:
+    """A value in a point that the trial would not use is an error, not silently replaced: a filter
+    the space has no gradient for, a `default` the space fixes at another value, a per-parent value
+    that is not searched."""
+    specs = [(f"{where}.{name}", search.space[name], point[name]) for name in search.space if name in point]
+    for parent, values in (point.get("model_parameters") or {}).items():
+        searched = search.model_space.get(parent, {})
+        for name, value in (values or {}).items():
+            if name not in searched:
+                raise ValueError(
+                    f"{where}.model_parameters.{parent}.{name}: not searched (search.model_space has "
+                    f"{', '.join(f'{p}.{n}' for p, v in search.model_space.items() for n in v) or 'nothing'}); it would be ignored"
+                )
+            specs.append((f"{where}.model_parameters.{parent}.{name}", searched[name], value))
+    for label, spec, value in specs:
+        if not spec.filters or not isinstance(value, Mapping):
+            continue
+        extra = sorted(set(value) - set(spec.filters) - {"default"})
+        if extra:
+            raise ValueError(f"{label}: filter(s) {', '.join(extra)} not in the space's filters ({', '.join(spec.filters)}); they would be ignored")
+        if "default" in value and spec.default != "search" and value["default"] != spec.default:
+            raise ValueError(
+                f"{label}.default: {value['default']!r}, but the space fixes default at {spec.default!r} (it is not searched); "
+                "give that value or leave it out"
+            )
 
 
 def assemble(
