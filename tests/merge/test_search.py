@@ -378,6 +378,21 @@ def test_what_changes_a_search_result_changes_its_fingerprint(prepared):
     assert fp(grid) == fp({**grid, "search": {**grid["search"], "max_concurrent_trials": 2}})
 
 
+def test_a_merge_task_that_wrote_no_model_here_leaves_no_manifest(prepared, monkeypatch):
+    """On a multi-node cluster with a local run folder the merge task writes on its own node: the
+    stage must fail naming that, not publish a manifest over a folder without the model."""
+    import alloylm.merge.stage as stage_module
+    from alloylm.errors import StageError
+
+    root = prepared
+    monkeypatch.setattr(stage_module, "_materialize_on_cluster", lambda *args: {"merge_seconds": 0.0})  # wrote elsewhere
+    stages = {"elsewhere": {"kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "method": "slerp", "parameters": {"t": 0.5}}}
+    config = _load(root, stages, name="elsewhere.yaml")
+    with pytest.raises(StageError, match="the merged model is not at .* after the merge task"):
+        stage_module.merge_stage(config, "elsewhere")
+    assert storage.read_manifest(os.path.join(config.run_uri, "stages", "elsewhere")) is None
+
+
 def _rows(config, name: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(config.run_uri, "stages", name, "search", "trials.jsonl"))]
 

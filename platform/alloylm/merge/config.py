@@ -41,7 +41,11 @@ class MergeStageConfig(_StageBase):
         "slerp", description="mergekit merge method: slerp, linear, task_arithmetic, ties, dare_ties, or any other mergekit method."
     )
     base: str | None = Field(
-        None, description="The parent that is the base model (slerp's t=0 end, task vectors' origin); default: the first parent."
+        None,
+        description=(
+            "The parent that is the base model (slerp's t=0 end, task vectors' origin); default: the first parent for a method"
+            " that needs a base (slerp, task_arithmetic, ties, ...), none for one where it is optional (nuslerp, multislerp)."
+        ),
     )
     parameters: dict[str, ParameterValue] = Field(
         default_factory=dict,

@@ -210,6 +210,15 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         summary.update(
             _materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code, merge_seed(config, name))
         )
+        # The task wrote where its node sees the staging location: on a cluster whose nodes do not
+        # share a local run folder it is not here, and a manifest must never stand over no model.
+        missing = [f for f in ("config.json",) if not storage.exists(storage.join(artifact.staging_uri, f))]
+        if missing or not any(f.endswith(".safetensors") for f in storage.list_files(artifact.staging_uri)):
+            raise StageError(
+                f"stage {name!r}: the merged model is not at {artifact.staging_uri} after the merge task (no config.json or "
+                "safetensors there): on a multi-node cluster the run's storage must be one every node reaches (s3:// or a "
+                "shared file system)"
+            )
         summary["mergekit_yaml"] = yaml_name
         summary["seconds"] = round(time.monotonic() - started, 1)
         storage.write_json(storage.join(artifact.staging_uri, SUMMARY_NAME), summary)
