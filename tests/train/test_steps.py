@@ -77,17 +77,18 @@ def test_the_worker_count_is_part_of_a_stage_fingerprint_and_its_cpus_are_not(tm
     from alloylm.config import validate_config
     from alloylm.train.launcher import stage_fingerprint
 
-    def fp(resources: dict) -> str:
+    def fp(resources: dict, **training) -> str:
         config = validate_config({
             "experiment": "fp", "storage": str(tmp_path), "tokenizer": {"train": {"vocab_size": 300}},
             "datasets": {"text": {"source": "builtin:general-text"}},
-            "stages": {"cpt": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "resources": resources}},
+            "stages": {"cpt": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "resources": resources, "training": training}},
         })
         return stage_fingerprint(config, "cpt", {"init": "pico-llama", "seed": 0}, "data", "tokenizer")
 
     one = fp({"workers": 1})
     assert fp({"workers": 2}) != one
     assert fp({"workers": 1, "cpus_per_worker": 2}) == one
+    assert fp({"workers": 1}, logging_steps=1) == one  # logging, not learning
 
 
 def test_cosine_with_min_lr_needs_its_floor_and_the_trainer_gets_it(tmp_path):
@@ -122,3 +123,26 @@ def test_cosine_with_min_lr_needs_its_floor_and_the_trainer_gets_it(tmp_path):
         optimizer.step()
         schedule.step()
     assert schedule.get_last_lr()[0] == pytest.approx(0.1)
+
+
+def test_lora_adapters_start_from_the_stage_seed():
+    """The bug this guards: the adapters were initialised before anything was seeded."""
+    import torch
+
+    from alloylm.config import TRAIN_STAGES
+    from alloylm.models.presets import build_model
+    from alloylm.models.tokenizer import train_tokenizer
+    from alloylm.train.worker import apply_lora
+
+    tokenizer = train_tokenizer(["some text to learn a few merges from"] * 20, vocab_size=300)
+    stage = TRAIN_STAGES["cpt"].model_validate({"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "lora": {"r": 2}})
+
+    def adapters(seed: int, state_before: int) -> dict:
+        model = build_model("pico-llama", tokenizer, seed=0)
+        torch.manual_seed(state_before)  # whatever state the process is in when the stage starts
+        model = apply_lora(model, stage, seed)
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_A" in k}
+
+    first, again, other = adapters(1, 100), adapters(1, 200), adapters(2, 100)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -64,6 +64,7 @@ def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str
     # changes the steps, the schedule and the data each step sees.
     learned = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "checkpoint", "description"})
     learned["workers"] = stage.resources.workers
+    learned["training"].pop("logging_steps", None)  # how often the loss is logged, not what is learned
     return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
 
 

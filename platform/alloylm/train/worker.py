@@ -132,8 +132,13 @@ def steps_after_build(stage, trainer, world_size: int, max_steps: int) -> int:
     return steps
 
 
-def _apply_lora(model, stage):
+def apply_lora(model, stage, seed: int):
+    """The PEFT model of `stage.lora`, its adapters initialised from `seed` (their initialisation is
+    random and comes before the Trainer seeds anything)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
 
     lora = stage.lora
     config = LoraConfig(
@@ -401,7 +406,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(job.tokenizer_uri, trust_remote_code=job.trust_remote_code)
     model = _load_parent(job, tokenizer)
     if stage.lora is not None:
-        model = _apply_lora(model, stage)
+        model = apply_lora(model, stage, stage.training.seed if stage.training.seed is not None else job.seed)
     workdir = tempfile.mkdtemp(prefix=f"alloylm-{job.stage_name}-rank{context.get_world_rank()}-")
     try:
         max_steps = method.max_steps(stage, job, context.get_world_size())
