@@ -193,7 +193,8 @@ def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
     }))
     stages = {"lin": {"kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "mergekit_config": str(mk)}}
     config = _load(root, stages, name="fixed.yaml")
-    merge_stage(config, "lin")
+    manifest = merge_stage(config, "lin")
+    assert manifest["metrics"]["method"] == "linear"  # the YAML's method, not the stage's default (slerp)
     out = os.path.join(config.run_uri, "stages", "lin")
     merged, a, b = _state_dict(out), _state_dict(str(root / "parent-a")), _state_dict(str(root / "parent-b"))
     name = "model.layers.0.mlp.up_proj.weight"

@@ -197,6 +197,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         else:
             merge_config = _fixed_config(config, stage, dirs)
             yaml_name = "merge.yaml"
+            summary["method"] = merge_config.get("merge_method", stage.method)  # a mergekit_config YAML's own
         with tempfile.TemporaryDirectory(prefix="alloylm-merge-yaml-") as tmp:
             local_yaml = os.path.join(tmp, yaml_name)
             write_mergekit_yaml(merge_config, local_yaml, random_seed=merge_seed(config, name))
