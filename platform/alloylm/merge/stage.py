@@ -213,8 +213,8 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         )
         # The task wrote where its node sees the staging location: on a cluster whose nodes do not
         # share a local run folder it is not here, and a manifest must never stand over no model.
-        missing = [f for f in ("config.json",) if not storage.exists(storage.join(artifact.staging_uri, f))]
-        if missing or not any(f.endswith(".safetensors") for f in storage.list_files(artifact.staging_uri)):
+        written = storage.list_files(artifact.staging_uri)
+        if not any(f.endswith("/config.json") for f in written) or not any(f.endswith(".safetensors") for f in written):
             raise StageError(
                 f"stage {name!r}: the merged model is not at {artifact.staging_uri} after the merge task (no config.json or "
                 "safetensors there): on a multi-node cluster the run's storage must be one every node reaches (s3:// or a "
