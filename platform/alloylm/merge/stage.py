@@ -188,10 +188,11 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     check_stage_resources(config, [name])
     dirs = _local_dirs(parent_uris)
     _check_parents(config, name, parent_uris, dirs)
+    seed = merge_seed(config, name)  # the searcher and random merge methods
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
     with lifecycle.begin(uri, fp, config) as artifact:
         if isinstance(stage, MergeSearchStageConfig):
-            merge_config, search_summary = _search(config, name, fp, parent_uris, dirs, search_inputs, artifact.staging_uri)
+            merge_config, search_summary = _search(config, name, fp, parent_uris, dirs, search_inputs, artifact.staging_uri, seed)
             summary.update(search_summary)
             yaml_name = "best_merge.yaml"
         else:
@@ -200,7 +201,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
             summary["method"] = merge_config.get("merge_method", stage.method)  # a mergekit_config YAML's own
         with tempfile.TemporaryDirectory(prefix="alloylm-merge-yaml-") as tmp:
             local_yaml = os.path.join(tmp, yaml_name)
-            write_mergekit_yaml(merge_config, local_yaml, random_seed=merge_seed(config, name))
+            write_mergekit_yaml(merge_config, local_yaml, random_seed=seed)
             yaml_text = open(local_yaml, encoding="utf-8").read()
         sources = "".join(f"#   {d}  <-  {u}\n" for d, u in zip(dirs, parent_uris, strict=True) if d != u)
         header = f"# mergekit config of stage {name!r}; reproduce with: mergekit-yaml {yaml_name} OUTPUT_DIR\n"
@@ -209,12 +210,12 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         storage.write_text(storage.join(artifact.staging_uri, yaml_name), header + yaml_text)
         log.info("stage %s: materialising the merge with mergekit -> %s", name, uri)
         summary.update(
-            _materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code, merge_seed(config, name))
+            _materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code, seed)
         )
         # The task wrote where its node sees the staging location: on a cluster whose nodes do not
         # share a local run folder it is not here, and a manifest must never stand over no model.
-        written = storage.list_files(artifact.staging_uri)
-        if not any(f.endswith("/config.json") for f in written) or not any(f.endswith(".safetensors") for f in written):
+        # (The folder's own files only: a search's staging also holds its Tune experiment.)
+        if not storage.exists(storage.join(artifact.staging_uri, "config.json")) or not storage.list_files(artifact.staging_uri, "*.safetensors"):
             raise StageError(
                 f"stage {name!r}: the merged model is not at {artifact.staging_uri} after the merge task (no config.json or "
                 "safetensors there): on a multi-node cluster the run's storage must be one every node reaches (s3:// or a "
@@ -255,13 +256,12 @@ def _search_inputs(config: RunConfig, name: str):
     return eval_config, eval_data
 
 
-def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, staging_uri: str) -> tuple[dict, dict]:
+def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, staging_uri: str, seed: int) -> tuple[dict, dict]:
     from alloylm.merge.search import SearchError, mergekit_config_for, prepare_job, run_search
     from alloylm.tracking import mlflow_target
 
     stage: MergeSearchStageConfig = config.stages[name]
     eval_config, eval_data = inputs
-    seed = merge_seed(config, name)
     try:
         job = prepare_job(
             stage, parent_uris, list(stage.parents), eval_config, trust_remote_code=config.trust_remote_code, random_seed=seed
