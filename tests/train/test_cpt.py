@@ -60,3 +60,29 @@ def test_blocks_reach_the_trainer_in_file_order_when_a_later_file_is_read_first(
         (split,) = ingest_config().configure({"train": dataset}, world_size=1, worker_handles=None, worker_node_ids=None)
         order = [int(row[0]) for batch in split["train"].iter_batches(batch_size=None) for row in batch["input_ids"]]
         assert order == list(range(151))
+
+
+def test_a_padded_tail_block_trains_on_its_text_only(ray_cluster, tmp_path):
+    """`data.tail: pad` pads the last block and marks the padding in `attention_mask` (in the tail
+    file alone). CPT read only `input_ids`, so it trained on the padding as text; the mask now reaches
+    the collator and the padded positions get no loss."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alloylm.train.cpt import _collate
+    from alloylm.train.launcher import cpt_blocks
+
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": pa.array([[i + 1] * 8 for i in range(3)], pa.list_(pa.int32()))}), shards / "part-000000.parquet")
+    mask = [1, 1, 1, 0, 0, 0, 0, 0]
+    tail = pa.table({"input_ids": pa.array([[7, 7, 7, 0, 0, 0, 0, 0]], pa.list_(pa.int32())), "attention_mask": pa.array([mask], pa.list_(pa.int8()))})
+    pq.write_table(tail, shards / "tail.parquet")
+    (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=_collate)
+    assert batch["attention_mask"].tolist()[:3] == [[1] * 8] * 3 and batch["attention_mask"].tolist()[3] == mask
+    assert batch["labels"].tolist()[3] == [7, 7, 7, -100, -100, -100, -100, -100]
+    assert batch["labels"].tolist()[:3] == batch["input_ids"].tolist()[:3]
+    # A data set without a padded tail reads as before: input_ids alone, every token trained on.
+    (tmp_path / "data" / "shards" / "tail.parquet").unlink()
+    (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=_collate)
+    assert batch["labels"].tolist() == batch["input_ids"].tolist()

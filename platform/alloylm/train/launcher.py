@@ -186,6 +186,23 @@ RAY_TRAIN_ENVIRONMENT = {
 }
 
 
+def _cpt_columns(data_uri: str) -> list[str]:
+    """`input_ids`, and `attention_mask` where the data set has one: `data.tail: pad` writes the
+    padded last block with a mask in `shards/tail.parquet` (the other shards have none: Ray Data reads
+    it as null there, and `cpt._collate` masks nothing in those blocks). Without the mask, CPT
+    trained on the padding as if it were text."""
+    import pyarrow.parquet as pq
+
+    from alloylm import storage
+
+    tail_fs, tail_path = storage.arrow_filesystem(storage.join(data_uri, "shards", "tail.parquet"))
+    try:
+        names = pq.read_schema(tail_path, filesystem=tail_fs).names
+    except FileNotFoundError:  # `tail: drop` with a corpus that filled whole blocks: no tail file
+        return ["input_ids"]
+    return ["input_ids", "attention_mask"] if "attention_mask" in names else ["input_ids"]
+
+
 def cpt_blocks(data_uri: str):
     """A CPT data set's packed blocks as a Ray Data set that yields them in file order.
 
@@ -201,7 +218,7 @@ def cpt_blocks(data_uri: str):
     from alloylm import storage
 
     shards_fs, shards_path = storage.arrow_filesystem(storage.join(data_uri, "shards"))
-    blocks = ray.data.read_parquet(shards_path, filesystem=shards_fs, columns=["input_ids"])
+    blocks = ray.data.read_parquet(shards_path, filesystem=shards_fs, columns=_cpt_columns(data_uri))
     blocks.context.execution_options.preserve_order = True  # this data set's own copy of the context
     return blocks
 
