@@ -398,3 +398,31 @@ def test_materialize_replaces_an_existing_folder(tmp_path, parents):
     materialize(_config(parents, "linear"), str(out), tokenizer_from=parents[0])
     assert not (out / "stale.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == AutoConfig.from_pretrained(parents[0]).eos_token_id
+
+
+@pytest.mark.parametrize(("gpu_ids", "cuda", "device"), [([0], True, "cuda"), ([], True, "cpu"), ([0], False, "cpu")])
+def test_the_merge_stage_writes_its_model_on_the_gpu_it_was_given(parents, tmp_path, monkeypatch, gpu_ids, cuda, device):
+    """The merge stage's task merges on the GPU its resources gave it, as the search's trials do:
+    on the CPU, a seeded random method (dare_ties) drew other masks than the trials had on the GPU,
+    so the written model was not the one the search scored (measured on an H200:
+    `benchmarks/gpu_paths.py`, dare_ties CUDA against CPU differ by up to 0.18, CUDA twice by 0)."""
+    import ray
+
+    import alloylm.merge.materializer as materializer
+    from alloylm.merge.stage import _materialize_task
+
+    calls = []
+
+    def record(config, out_dir, **kwargs):
+        calls.append(kwargs)
+        os.makedirs(out_dir)
+        Path(out_dir, "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(materializer, "materialize", record)
+    yaml_text = yaml.safe_dump(mergekit_config("slerp", parents, names=NAMES, parameters={"t": 0.5}))
+    _materialize_task(yaml_text, parents, 1, str(tmp_path / "staging"), False, 5)
+    assert calls == [{"tokenizer_from": parents[1], "trust_remote_code": False, "random_seed": 5, "device": device}]
+    assert (tmp_path / "staging" / "config.json").is_file()

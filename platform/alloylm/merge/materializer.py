@@ -45,6 +45,7 @@ def materialize(
     trust_remote_code: bool = False,
     copy_tokenizer: bool = True,
     random_seed: int | None = None,
+    device: str = "cpu",
 ) -> str:
     """Run mergekit's `run_merge` for `config` into the local folder `out_dir` (safetensors) and
     make it a complete Hugging Face folder; returns `out_dir`.
@@ -54,7 +55,9 @@ def materialize(
     from the base model, which in the paper's SLERP (base = the DPO model) is not necessarily the
     parent whose chat format the merge should speak. A config with `tokenizer_source` keeps the
     tokenizer mergekit builds; only the generation config and token ids are taken from
-    `tokenizer_from` then. `random_seed` is `mergekit-yaml --random-seed` (random methods).
+    `tokenizer_from` then. `random_seed` is `mergekit-yaml --random-seed` (random methods);
+    `device` is where mergekit does the arithmetic (`mergekit-yaml --device`, e.g. "cuda"), reading
+    the parents' tensors onto it.
     The folder is written beside `out_dir` and renamed into place, replacing what was there.
     """
     merge_config = validate_merge_config(config)
@@ -72,6 +75,8 @@ def materialize(
         options = MergeOptions(
             trust_remote_code=trust_remote_code,
             random_seed=random_seed,
+            device=device,
+            read_to_gpu=device != "cpu",
             # The tokenizer is copied below from tokenizer_from, not from mergekit's donor.
             copy_tokenizer=False,
             quiet=True,

@@ -109,6 +109,8 @@ def _materialize_task(
     yaml_text: str, parent_uris: list[str], tokenizer_parent: int, staging_uri: str, trust_remote_code: bool, random_seed: int
 ) -> dict:
     """Ray task: write the merged model from the mergekit YAML into the staging location."""
+    import ray
+    import torch
     import yaml
 
     from alloylm.merge import materialize
@@ -118,7 +120,13 @@ def _materialize_task(
     with tempfile.TemporaryDirectory(prefix="alloylm-merge-") as tmp:
         out = os.path.join(tmp, "model")
         started = time.monotonic()
-        materialize(merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=trust_remote_code, random_seed=random_seed)
+        # On the GPU the stage's resources give it (as the search's trials are merged): mergekit on
+        # the CPU alone took the written model's merge to the CPU even on a GPU cluster.
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        materialize(
+            merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=trust_remote_code,
+            random_seed=random_seed, device=device,
+        )
         storage.upload_dir(out, staging_uri)
         return {"merge_seconds": round(time.monotonic() - started, 2)}
 
