@@ -297,6 +297,11 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 80, (
         f"killed PID {killed}; Train worker actors now: {_train_worker_actors()}; before the stage: {earlier}"
     )
+    # The loss curve covers the whole training once, the steps before the resume (from the
+    # checkpoint's log history) included; it used to start at the resume.
+    rows = [json.loads(line) for line in storage.read_text(storage.join(stage_uri(cfg, "long"), "metrics.jsonl")).splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, *range(5, 81, 5)], [row["step"] for row in rows]
+    assert metrics["first_loss"] == next(row["loss"] for row in rows if "loss" in row)
 
 
 @pytest.mark.s3

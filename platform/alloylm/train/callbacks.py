@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from transformers import TrainerCallback
@@ -23,6 +24,26 @@ class MetricsLogCallback(TrainerCallback):
         self._last_tokens = 0
         self.last: dict = {}
         self.began_at: float | None = None  # monotonic time training began (the engine is built by then)
+
+    def restore(self, checkpoint_dir: str) -> int:
+        """Write the steps logged before the HF Trainer checkpoint `checkpoint_dir` (its
+        `trainer_state.json` keeps the log history) ahead of this run's own, as `on_log` wrote them
+        (without `tokens_per_second`, whose timing the checkpoint does not keep). A resumed stage's
+        metrics.jsonl then covers its whole training, not only the part after the resume. Returns
+        how many records it wrote."""
+        with open(os.path.join(checkpoint_dir, "trainer_state.json"), encoding="utf-8") as f:
+            history = json.load(f).get("log_history", [])
+        records = []
+        for entry in history:
+            record = {"step": entry.get("step"), "epoch": round(entry.get("epoch") or 0.0, 4)}
+            record.update({key: value for key, value in entry.items() if key != "step"})
+            record["tokens_seen"] = entry.get("num_input_tokens_seen") or 0
+            records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        if records:
+            self.last = records[-1]
+        return len(records)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = self.began_at = time.monotonic()

@@ -421,6 +421,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0)
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
+            metrics_log.restore(resume)  # the steps before it, which the checkpoint's state keeps
         clock.lap("load")
         result = trainer.train(resume_from_checkpoint=resume)
         # The Trainer builds its engine (DeepSpeed, accelerate's DDP wrapper, optimizer, data
