@@ -12,9 +12,10 @@ import numpy as np
 from alloylm.train.cpt import epoch_shuffled_batches
 
 
-def _epochs(iterable, count: int) -> list[list[int]]:
-    """The first token of every block, batch after batch, for `count` passes."""
-    return [[int(row[0]) for batch in iterable for row in batch["input_ids"]] for _ in range(count)]
+def _epochs(iterable, count: int, blocks: int = 64, batch_size: int = 8) -> list[list[int]]:
+    """The first token of every block, batch after batch, for the stream's first `count` epochs."""
+    stream = iter(iterable)
+    return [[int(row[0]) for _ in range(blocks // batch_size) for row in next(stream)["input_ids"]] for _ in range(count)]
 
 
 def test_blocks_are_reshuffled_every_epoch_and_the_same_seed_repeats_the_orders(ray_cluster):
@@ -31,6 +32,26 @@ def test_blocks_are_reshuffled_every_epoch_and_the_same_seed_repeats_the_orders(
     assert again == first  # the run's seed fixes them
     other = _epochs(epoch_shuffled_batches(dataset.iterator(), batch_size=8, seed=4), 1)
     assert other[0] != first[0]
+
+
+def test_a_resumed_run_continues_the_stream_where_the_interrupted_one_was(ray_cluster):
+    """The Trainer resumes from a checkpoint at step S by skipping the first S x accumulation
+    batches of a fresh `iter()`. One stream across the epochs makes that the interrupted run's
+    position: epoch 1, batch 3 here. With an `iter()` per epoch, the skip ran out at the end of the
+    first epoch's order and training went on with the second epoch's from its start."""
+    import itertools
+
+    import ray.data
+
+    blocks = [{"input_ids": np.full(4, i, dtype=np.int32)} for i in range(64)]
+    dataset = ray.data.from_items(blocks, override_num_blocks=4)
+    batches = epoch_shuffled_batches(dataset.iterator(), batch_size=8, seed=3)
+    first = lambda batch: [int(row[0]) for row in batch["input_ids"]]  # noqa: E731
+    whole = [first(batch) for batch in itertools.islice(iter(batches), 16)]  # two epochs of 8 batches
+    assert len(whole) == 16  # one stream: the second epoch follows the first
+    resumed = [first(batch) for batch in itertools.islice(iter(batches), 11, 16)]  # skip 11: epoch 1, batch 3
+    assert resumed == whole[11:16]
+    assert sorted(x for batch in whole[8:] for x in batch) == list(range(64))  # the second epoch, whole
 
 
 def test_blocks_reach_the_trainer_in_file_order_when_a_later_file_is_read_first(ray_cluster, tmp_path):

@@ -96,6 +96,12 @@ def test_cpt_from_a_preset_learns_and_generates(chain):
     assert manifests["base"]["metrics"]["global_step"] == 30
     assert manifests["base"]["metrics"]["tokens_seen"] == 30 * 4 * 32
     assert manifests["base"]["metrics"]["deepspeed"]["enabled"] is False  # no ZeRO asked: plain DDP
+    # `epoch` counts passes over the data (30 steps of 4 blocks of 292), not the fraction of max_steps done.
+    from alloylm.data.prepare import dataset_uri
+
+    rows = storage.read_manifest(dataset_uri(config, "text"))["counts"]["blocks"]
+    logged = [json.loads(line) for line in storage.read_text(storage.join(uri, "metrics.jsonl")).splitlines()]
+    assert logged[-1]["step"] == 30 and logged[-1]["epoch"] == pytest.approx(30 / (rows // 4), abs=1e-4), (rows, logged[-1])
     assert storage.list_files(storage.join(uri, "tensorboard"))  # TensorBoard events
     assert "experiment: tr" in storage.read_text(storage.join(uri, "resolved_config.yaml"))
 
@@ -250,13 +256,18 @@ def test_lora_from_a_preset_saves_a_merged_model(chain):
 
 
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
+    """A worker killed after the first checkpoint (step 40: one epoch of the 292 blocks is 36
+    batches of 8, so the second epoch) is replaced and the stage resumes exactly: every logged loss
+    equals an uninterrupted run's. CPT used to start a fresh `iter()` per epoch, so the resume's skip
+    of 40 batches ran out at the first epoch's end and training went on with the second epoch's order
+    from its start."""
     config, _ = chain
     raw = config.model_dump(mode="json", by_alias=True)
     raw["stages"] = {
         "long": {
             "kind": "cpt", "from": {"init": "small-llama"}, "data": "text",
             "training": {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 5, "max_steps": 80},
-            "checkpoint": {"every_steps": 10, "max_failures": 2},
+            "checkpoint": {"every_steps": 40, "max_failures": 2},
         }
     }
     cfg = validate_config(raw)
@@ -294,7 +305,7 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     assert killed is not None, "training finished before a worker could be killed"
     metrics = result["manifest"]["metrics"]
     assert metrics["global_step"] == 80  # the step count is intact
-    assert metrics["resumed_from_step"] is not None and 10 <= metrics["resumed_from_step"] < 80, (
+    assert metrics["resumed_from_step"] == 40, (
         f"killed PID {killed}; Train worker actors now: {_train_worker_actors()}; before the stage: {earlier}"
     )
     # The loss curve covers the whole training once, the steps before the resume (from the
@@ -302,6 +313,12 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     rows = [json.loads(line) for line in storage.read_text(storage.join(stage_uri(cfg, "long"), "metrics.jsonl")).splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, *range(5, 81, 5)], [row["step"] for row in rows]
     assert metrics["first_loss"] == next(row["loss"] for row in rows if "loss" in row)
+    # The same stage uninterrupted, in another run: the same loss at every step.
+    raw["experiment"] = "tr-uninterrupted"
+    uninterrupted = validate_config(raw)
+    train_stage(uninterrupted, "long")
+    expected = [json.loads(line) for line in storage.read_text(storage.join(stage_uri(uninterrupted, "long"), "metrics.jsonl")).splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows if "loss" in r] == [(r["step"], r["loss"]) for r in expected if "loss" in r]
 
 
 @pytest.mark.s3

@@ -35,32 +35,48 @@ SHUFFLE_BUFFER_BLOCKS = 4096
 
 
 def epoch_shuffled_batches(shard, batch_size: int, seed: int):
-    """The shard's blocks in batches, reshuffled every epoch with seed `seed + epoch`.
+    """The shard's blocks in batches, epoch after epoch without end, each epoch reshuffled with seed
+    `seed + epoch`; the Trainer stops at its `max_steps`.
 
     Packed blocks come in document order, so unshuffled every batch holds consecutive blocks of one
     or two documents, in the same order each epoch; on the built-in corpus that alone left a
     tiny-llama's CPT loss at 0.47 where shuffled training reaches 0.24, and its knowledge of the facts
-    at chance (docs/results/world-tuning.md). The Trainer calls `iter()` once per epoch; Ray's
-    `prepare_trainer` only hands Ray iterables of `_IterableFromIterator` to it, hence that class.
-    The epoch count starts at 0 in every training process, so a run resumed from a checkpoint
-    draws its remaining epochs' orders afresh (deterministically, for the same interruption).
+    at chance (docs/results/world-tuning.md). Ray's `prepare_trainer` only hands Ray iterables of
+    `_IterableFromIterator` to the Trainer, hence that class.
+
+    One stream for the whole training, not one `iter()` per epoch: the Trainer sees a data set
+    without a length as one epoch of `max_steps` steps, and a run resumed from a checkpoint at
+    step S skips the stream's first S x gradient_accumulation_steps batches. Over one stream that
+    lands where the interrupted run was (epoch k, its order, batch r); with an `iter()` per epoch it
+    replayed the first epoch's order from its start and counted on from there. It also keeps every
+    optimizer step at `gradient_accumulation_steps` batches: an epoch's end no longer cuts one short.
     """
     from ray.data.iterator import _IterableFromIterator
 
-    epochs = itertools.count()
-
     def batches():
-        return iter(
-            shard.iter_torch_batches(
+        for epoch in itertools.count():
+            yield from shard.iter_torch_batches(
                 batch_size=batch_size,
                 collate_fn=_collate,
                 drop_last=True,
                 local_shuffle_buffer_size=SHUFFLE_BUFFER_BLOCKS,
-                local_shuffle_seed=seed + next(epochs),
+                local_shuffle_seed=seed + epoch,
             )
-        )
 
     return _IterableFromIterator(batches)
+
+
+def data_epoch_callback(batches_per_epoch: int, accumulation: int):
+    """A Trainer callback that sets `state.epoch` (what `epoch` in the logs and checkpoints says) to
+    the passes over the data so far. Over one stream of unknown length the Trainer counts its
+    `max_steps` as one epoch, so it would log the fraction of training done instead."""
+    from transformers import TrainerCallback
+
+    class DataEpoch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # before the step's log and save
+            state.epoch = state.global_step * accumulation / max(1, batches_per_epoch)
+
+    return DataEpoch()
 
 
 def build_trainer(stage, job, model, tokenizer, arguments: dict[str, Any]):
@@ -69,4 +85,8 @@ def build_trainer(stage, job, model, tokenizer, arguments: dict[str, Any]):
 
     shard = ray.train.get_dataset_shard("train")
     batches = epoch_shuffled_batches(shard, stage.training.batch_size, int(arguments["data_seed"]))
-    return Trainer(model=model, args=TrainingArguments(**arguments), train_dataset=batches, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=TrainingArguments(**arguments), train_dataset=batches, processing_class=tokenizer)
+    # Ray Data's split gives each worker rows // world_size blocks (equal=True); drop_last batches them.
+    per_worker = job.data_rows // ray.train.get_context().get_world_size()
+    trainer.add_callback(data_epoch_callback(per_worker // stage.training.batch_size, stage.training.gradient_accumulation_steps))
+    return trainer
