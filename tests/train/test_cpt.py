@@ -8,6 +8,7 @@ shuffle is a decision a test must pin, not a detail.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from alloylm.train.cpt import epoch_shuffled_batches
 
@@ -52,6 +53,10 @@ def test_a_resumed_run_continues_the_stream_where_the_interrupted_one_was(ray_cl
     resumed = [first(batch) for batch in itertools.islice(iter(batches), 11, 16)]  # skip 11: epoch 1, batch 3
     assert resumed == whole[11:16]
     assert sorted(x for batch in whole[8:] for x in batch) == list(range(64))  # the second epoch, whole
+    # A share of less than one batch ends the stream with an error instead of looping on nothing.
+    few = epoch_shuffled_batches(ray.data.from_items(blocks[:5]).iterator(), batch_size=8, seed=3)
+    with pytest.raises(ValueError, match="less than one batch of 8"):
+        next(iter(few))
 
 
 def test_blocks_reach_the_trainer_in_file_order_when_a_later_file_is_read_first(ray_cluster, tmp_path):

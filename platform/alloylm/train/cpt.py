@@ -55,13 +55,18 @@ def epoch_shuffled_batches(shard, batch_size: int, seed: int):
 
     def batches():
         for epoch in itertools.count():
-            yield from shard.iter_torch_batches(
+            empty = True
+            for batch in shard.iter_torch_batches(
                 batch_size=batch_size,
                 collate_fn=_collate,
                 drop_last=True,
                 local_shuffle_buffer_size=SHUFFLE_BUFFER_BLOCKS,
                 local_shuffle_seed=seed + epoch,
-            )
+            ):
+                empty = False
+                yield batch
+            if empty:  # the stage checks this before training; an endless stream must not spin on it
+                raise ValueError(f"this worker's share of the CPT data holds less than one batch of {batch_size} blocks")
 
     return _IterableFromIterator(batches)
 
