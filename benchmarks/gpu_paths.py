@@ -2,7 +2,8 @@
 
 - mergekit's written merge (`alloylm.merge.materialize`, `device="cuda"`, as the merge stage asks
   when its resources give it a GPU): SLERP with the paper's gradient, and dare_ties seeded twice;
-- the search's in-memory merge (`InMemoryMerger`, device cuda) against the folder written on the CPU;
+- the search's in-memory merge (`InMemoryMerger`, device cuda) against the folder written on the CPU
+  (SLERP), and against the folder written on the same device with the same seed (dare_ties);
 - the evaluation scorer (`CausalLMScorer`): log-likelihoods, sequence NLL, greedy generation;
 - the serving engine (`GenerationEngine`, bf16): 8 seeded requests at once, twice.
 
@@ -121,6 +122,20 @@ def _():
         state = {k: v for k, v in model.state_dict().items() if k in written}
         out[f"{device}_params_on"] = str(next(model.parameters()).device)
         out[f"{device}_max_abs_diff_vs_written_cpu"] = max_diff({k: written[k] for k in state}, state)
+        out[f"{device}_tensors_compared"] = len(state)
+    return out
+
+
+@check("inmemory_dare_ties_seeded")
+def _():
+    """What the search scores against what the stage writes, for a random method: the same seed
+    must draw the same masks in the in-memory merge as in mergekit's run_merge, on each device."""
+    out = {}
+    for device in ("cpu", GPU):
+        written = tensors(os.path.join(root, f"dare-{device}-a"))
+        model = InMemoryMerger(parents, names=NAMES, device=device).merge(DARE, random_seed=7)
+        state = {k: v for k, v in model.state_dict().items() if k in written}
+        out[f"{device}_max_abs_diff_vs_written_{device}"] = max_diff({k: written[k] for k in state}, state)
         out[f"{device}_tensors_compared"] = len(state)
     return out
 

@@ -423,6 +423,7 @@ def test_the_merge_stage_writes_its_model_on_the_gpu_it_was_given(parents, tmp_p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(materializer, "materialize", record)
     yaml_text = yaml.safe_dump(mergekit_config("slerp", parents, names=NAMES, parameters={"t": 0.5}))
-    _materialize_task(yaml_text, parents, 1, str(tmp_path / "staging"), False, 5)
+    result = _materialize_task(yaml_text, parents, 1, str(tmp_path / "staging"), False, 5)
+    assert result["device"] == device  # recorded in merge_summary.json and the manifest's metrics
     assert calls == [{"tokenizer_from": parents[1], "trust_remote_code": False, "random_seed": 5, "device": device}]
     assert (tmp_path / "staging" / "config.json").is_file()

@@ -377,6 +377,9 @@ def test_what_changes_a_search_result_changes_its_fingerprint(prepared):
     tpe = _search_stage(root, max_concurrent_trials=1)
     assert fp(tpe) != fp({**tpe, "search": {**tpe["search"], "max_concurrent_trials": 2}})
     assert fp(grid) == fp({**grid, "search": {**grid["search"], "max_concurrent_trials": 2}})
+    # A GPU changes the device the trials and the written model are merged on; CPUs change nothing.
+    assert fp(grid) != fp({**grid, "resources": {"num_gpus": 1}})
+    assert fp(grid) == fp({**grid, "resources": {"num_cpus": 2}})
 
 
 def test_a_merge_task_that_wrote_no_model_here_leaves_no_manifest(prepared, monkeypatch):

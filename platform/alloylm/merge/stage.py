@@ -128,7 +128,7 @@ def _materialize_task(
             random_seed=random_seed, device=device,
         )
         storage.upload_dir(out, staging_uri)
-        return {"merge_seconds": round(time.monotonic() - started, 2)}
+        return {"merge_seconds": round(time.monotonic() - started, 2), "device": device}
 
 
 def _materialize_on_cluster(
@@ -155,8 +155,12 @@ def merge_seed(config: RunConfig, name: str) -> int:
 
 def merge_fingerprint(config: RunConfig, name: str, parent_ids: list[Any], extra: Any = None) -> str:
     stage = config.stages[name]
-    # Resources change how the stage runs, not which model it writes.
+    # Resources change how the stage runs, not which model it writes, except for the device: with a
+    # GPU the trials and the written model are merged on it, and a random method (dare_ties, della)
+    # draws other masks there than on the CPU (benchmarks/gpu_paths.py).
     settings = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "description"})
+    if stage.resources.num_gpus > 0:
+        settings["device"] = "cuda"
     if isinstance(stage, MergeSearchStageConfig) and stage.search.searcher in ("grid", "random") and stage.search.asha is None:
         # Trials drawn up front and all run to the end: how many at once changes nothing. Otherwise
         # it does (TPE's batches, ASHA's order of arrival at a rung).
@@ -238,7 +242,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
                 "stage_kind": stage.kind,
                 "name": name,
                 "parents": parent_uris,
-                "metrics": {k: v for k, v in summary.items() if k in ("best_score", "trials", "complete_trials", "searcher", "method")},
+                "metrics": {k: v for k, v in summary.items() if k in ("best_score", "trials", "complete_trials", "searcher", "method", "device")},
                 "seconds": summary["seconds"],
             }
         )
