@@ -47,9 +47,12 @@ def check(name):
 import transformers  # noqa: E402
 
 from alloylm.merge import InMemoryMerger, materialize, mergekit_config  # noqa: E402
+from alloylm.merge.inmemory import _read_all_tensors  # noqa: E402
 from alloylm.models import build_model, save_model, train_tokenizer  # noqa: E402
 
 results["transformers"] = transformers.__version__
+# The sentences tests/merge/test_inmemory.py trains its pico tokenizer on (a few of the built-in
+# world's kind): small enough that every check here runs in seconds.
 CORPUS = [
     "Nacre is a composite of aragonite platelets and a protein matrix; its toughness is high.",
     "Spider silk combines strength and extensibility through hierarchical beta-sheet crystals.",
@@ -75,13 +78,7 @@ DARE = mergekit_config(
 
 
 def tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
+    return _read_all_tensors(folder, "cpu")
 
 
 def max_diff(a, b):
