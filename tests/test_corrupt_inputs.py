@@ -256,6 +256,27 @@ def test_checkpoint_choice_warns_naming_the_file_or_fails_naming_every_file(chec
     assert not os.listdir(workdir)  # nothing copied to resume from
 
 
+def test_a_checkpoint_at_the_last_step_is_passed_over(checkpoints, tmp_path, caplog):
+    """A stage that died after its last checkpoint (while saving the model) resumed from it and
+    trained one step past max_steps (the Trainer checks the step count only after a step). It now
+    resumes from the checkpoint before, or from the start when there is none."""
+    import ray.train
+
+    from alloylm.train.worker import copy_first_whole_checkpoint
+
+    older, newer = checkpoints  # steps 2 and 4
+    candidates = [ray.train.Checkpoint(newer), ray.train.Checkpoint(older)]
+    assert os.path.basename(copy_first_whole_checkpoint(candidates, str(tmp_path / "w1"), "cpt", below_step=5)) == "checkpoint-4"
+    with caplog.at_level(logging.WARNING, logger="alloylm.train"):
+        chosen = copy_first_whole_checkpoint(candidates, str(tmp_path / "w2"), "cpt", below_step=4)
+    assert os.path.basename(chosen) == "checkpoint-2"
+    assert "is at the stage's last step (4); resuming from the one before it" in caplog.text
+    workdir = tmp_path / "w3"
+    workdir.mkdir()
+    assert copy_first_whole_checkpoint(candidates, str(workdir), "cpt", below_step=2) is None  # from the start
+    assert not os.listdir(workdir)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages on Ray: a parent stage whose weights are truncated
 # ---------------------------------------------------------------------------------------------

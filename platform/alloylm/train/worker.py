@@ -171,8 +171,9 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _resume_dir(workdir: str, stage_name: str, announce: bool) -> str | None:
-    """The newest whole checkpoint Ray Train holds for this stage, copied locally, or None.
+def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int) -> str | None:
+    """The newest whole checkpoint Ray Train holds for this stage below step `max_steps`, copied
+    locally, or None.
 
     Ray Train hands every worker its latest checkpoint; the ones it registered before it (as many
     as `checkpoint.keep` leaves) are the fall-backs when a file of the latest is cut short.
@@ -188,7 +189,7 @@ def _resume_dir(workdir: str, stage_name: str, announce: bool) -> str | None:
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
     )
     earlier = [r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path]  # newest first
-    return copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce)
+    return copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps)
 
 
 def _checkpoint_uri(checkpoint) -> str:
@@ -308,17 +309,24 @@ def checkpoint_problem(folder: str, shown_as: str) -> str | None:
     return None
 
 
-def copy_first_whole_checkpoint(candidates: list, workdir: str, stage_name: str, *, announce: bool = True) -> str:
+def copy_first_whole_checkpoint(
+    candidates: list, workdir: str, stage_name: str, *, announce: bool = True, below_step: int | None = None
+) -> str | None:
     """Copy the first of `candidates` (Ray Train checkpoints, newest first) whose files are whole
-    into `workdir` as `checkpoint-<step>`, and return that folder.
+    and whose step is below `below_step` (the stage's max_steps) into `workdir` as
+    `checkpoint-<step>`, and return that folder; None when every whole one is at or past it.
 
     A skipped checkpoint is logged with the file that is not whole; every rank reads the same files,
     so all ranks pick the same checkpoint. Raises StageError naming each bad file when none is whole.
+    A checkpoint at the last step (the stage died after it, while saving the model) is passed over:
+    the Trainer resumed from it trains one step more than `max_steps`, whereas from the one before
+    it trains the last steps again to the same weights (the resume is exact), or from the start.
     """
     from alloylm import storage
     from alloylm.errors import StageError
 
     problems: list[str] = []
+    at_the_end = False
     for checkpoint in candidates:
         shown = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
         with _checkpoint_folder(checkpoint) as folder:
@@ -327,6 +335,14 @@ def copy_first_whole_checkpoint(candidates: list, workdir: str, stage_name: str,
             if problem is None:
                 with open(os.path.join(source, "trainer_state.json"), encoding="utf-8") as f:
                     step = json.load(f)["global_step"]
+                if below_step is not None and step >= below_step:
+                    at_the_end = True
+                    if announce:
+                        log.warning(
+                            "stage %s: checkpoint %s is at the stage's last step (%d); resuming from the one before it",
+                            stage_name, shown, step,
+                        )
+                    continue
                 # Keep transformers' name (checkpoint-<step>): it reads the step from it.
                 target = os.path.join(workdir, f"checkpoint-{step}")
                 shutil.copytree(source, target)
@@ -334,6 +350,10 @@ def copy_first_whole_checkpoint(candidates: list, workdir: str, stage_name: str,
         problems.append(problem)
         if announce:
             log.warning("stage %s: cannot resume from checkpoint %s: %s; trying the checkpoint before it", stage_name, shown, problem)
+    if at_the_end:
+        if announce:
+            log.warning("stage %s: no whole checkpoint before its last step; training it from the start", stage_name)
+        return None
     experiment = os.path.dirname(_checkpoint_uri(candidates[0]).rstrip("/"))
     raise StageError(
         f"stage {stage_name!r} cannot resume: no checkpoint of it is whole ({'; '.join(problems)}); "
@@ -418,7 +438,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         trainer.add_callback(metrics_log)
         trainer.add_callback(report_callback(job.stage_name))
         trainer = prepare_trainer(trainer)
-        resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0)
+        resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0, max_steps=max_steps)
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
             metrics_log.restore(resume)  # the steps before it, which the checkpoint's state keeps
