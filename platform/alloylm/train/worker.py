@@ -319,8 +319,10 @@ def copy_first_whole_checkpoint(
     A skipped checkpoint is logged with the file that is not whole; every rank reads the same files,
     so all ranks pick the same checkpoint. Raises StageError naming each bad file when none is whole.
     A checkpoint at the last step (the stage died after it, while saving the model) is passed over:
-    the Trainer resumed from it trains one step more than `max_steps`, whereas from the one before
-    it trains the last steps again to the same weights (the resume is exact), or from the start.
+    the Trainer resumed from it takes one step more than `max_steps` (it checks the count only after
+    a step: always for CPT's stream, whose one epoch is max_steps; for a data set with a length when
+    max_steps is not a whole number of epochs). From the one before it, it trains the last steps
+    again with the same schedule and data, or from the start (`checkpoint.keep: 1`).
     """
     from alloylm import storage
     from alloylm.errors import StageError
