@@ -33,12 +33,10 @@ class MetricsLogCallback(TrainerCallback):
         how many records it wrote."""
         with open(os.path.join(checkpoint_dir, "trainer_state.json"), encoding="utf-8") as f:
             history = json.load(f).get("log_history", [])
-        records = []
-        for entry in history:
-            record = {"step": entry.get("step"), "epoch": round(entry.get("epoch") or 0.0, 4)}
-            record.update({key: value for key, value in entry.items() if key != "step"})
-            record["tokens_seen"] = entry.get("num_input_tokens_seen") or 0
-            records.append(record)
+        records = [
+            _record(entry.get("step"), entry.get("epoch"), {k: v for k, v in entry.items() if k != "step"}, entry.get("num_input_tokens_seen") or 0)
+            for entry in history
+        ]
         with open(self.path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
         if records:
@@ -55,7 +53,7 @@ class MetricsLogCallback(TrainerCallback):
         now = time.monotonic()
         tokens = state.num_input_tokens_seen or 0
         elapsed = max(now - (self._last_time or now), 1e-9)
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, "tokens_seen": tokens}
+        record = _record(state.global_step, state.epoch, logs, tokens)
         if "loss" in logs and tokens > self._last_tokens:
             record["tokens_per_second"] = round((tokens - self._last_tokens) / elapsed, 1)
             self._last_time, self._last_tokens = now, tokens
@@ -68,3 +66,8 @@ class MetricsLogCallback(TrainerCallback):
             if key in record
         )
         print(f"[{self.stage}] step {state.global_step}/{self.max_steps} {shown}", flush=True)
+
+
+def _record(step, epoch, logs: dict, tokens: int) -> dict:
+    """One line of metrics.jsonl: the step, the Trainer's logged values and the tokens seen so far."""
+    return {"step": step, "epoch": round(epoch or 0.0, 4), **logs, "tokens_seen": tokens}
