@@ -112,3 +112,26 @@ def test_a_padded_tail_block_trains_on_its_text_only(ray_cluster, tmp_path):
     (tmp_path / "data" / "shards" / "tail.parquet").unlink()
     (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=_collate)
     assert batch["labels"].tolist() == batch["input_ids"].tolist()
+
+
+def test_a_cpt_stage_trained_on_a_padded_tail_before_the_mask_is_not_up_to_date():
+    """The mask changed what CPT learns from a padded tail, not the data set: a CPT stage on such
+    data gets a new fingerprint, so one trained before (on the padding) is retrained, not reused.
+    Every other stage, and CPT on dropped tails, keeps its fingerprint."""
+    from alloylm.config import validate_config
+    from alloylm.train.launcher import stage_fingerprint
+
+    def fingerprints(tail: str) -> dict[str, str]:
+        config = validate_config({
+            "experiment": "fp", "storage": "/tmp/unused", "tokenizer": {"train": {"vocab_size": 400}},
+            "datasets": {"text": {"source": "builtin:general-text"}, "chat": {"source": "builtin:general-chat"}},
+            "data": {"tail": tail},
+            "stages": {"cpt": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text"},
+                       "sft": {"kind": "sft", "from": "cpt", "data": "chat"}},
+        })
+        # the data and tokenizer fingerprints held equal: only the stage's own inputs differ
+        return {name: stage_fingerprint(config, name, {"parent": "same"}, "data-fp", "tok-fp") for name in ("cpt", "sft")}
+
+    dropped, padded = fingerprints("drop"), fingerprints("pad")
+    assert padded["cpt"] != dropped["cpt"]
+    assert padded["sft"] == dropped["sft"]

@@ -65,6 +65,10 @@ def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str
     learned = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "checkpoint", "description"})
     learned["workers"] = stage.resources.workers
     learned["training"].pop("logging_steps", None)  # how often the loss is logged, not what is learned
+    if stage.kind == "cpt" and config.data.tail == "pad":
+        # CPT has masked a padded tail out of the loss since it reads `attention_mask`; a stage
+        # trained before that learned the padding as text, so it must not count as up to date.
+        learned["padded_tail"] = "masked"
     return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
 
 
