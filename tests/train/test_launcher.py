@@ -255,14 +255,16 @@ def test_lora_from_a_preset_saves_a_merged_model(chain):
     assert storage.exists(storage.join(uri, "adapter", "adapter_config.json"))
 
 
-def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
+def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain, tmp_path, monkeypatch):
     """A worker killed after the first checkpoint (step 40: one epoch of the 292 blocks is 36
     batches of 8, so the second epoch) is replaced and the stage resumes exactly: every logged loss
     equals an uninterrupted run's. CPT used to start a fresh `iter()` per epoch, so the resume's skip
     of 40 batches ran out at the first epoch's end and training went on with the second epoch's order
-    from its start."""
+    from its start. The trackers cover the whole training too: the resumed worker continues the
+    killed one's MLflow run, and its TensorBoard events start at step 1."""
     config, _ = chain
     raw = config.model_dump(mode="json", by_alias=True)
+    raw["tracking"] = {"mlflow": {"tracking_uri": str(tmp_path / "mlruns")}}
     raw["stages"] = {
         "long": {
             "kind": "cpt", "from": {"init": "small-llama"}, "data": "text",
@@ -313,6 +315,27 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(chain):
     rows = [json.loads(line) for line in storage.read_text(storage.join(stage_uri(cfg, "long"), "metrics.jsonl")).splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, *range(5, 81, 5)], [row["step"] for row in rows]
     assert metrics["first_loss"] == next(row["loss"] for row in rows if "loss" in row)
+    logged = [1, *range(5, 81, 5)]
+    # One MLflow run for the stage, continued by the resumed worker and finished, with every step
+    # (those between the checkpoint and the kill twice, once per attempt).
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id], "tags.`alloylm.step` = 'stage:long'")
+    assert run.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == logged
+    # TensorBoard: the resumed worker's events (the stage keeps its trainer's), the steps before the
+    # checkpoint logged again from its log history.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = storage.join(stage_uri(cfg, "long"), "tensorboard")
+    steps = set()
+    for folder in {os.path.dirname(f) for f in storage.list_files(events) if "tfevents" in f}:
+        accumulator = EventAccumulator(folder)
+        accumulator.Reload()
+        steps |= {e.step for e in accumulator.Scalars("train/loss")} if "train/loss" in accumulator.Tags()["scalars"] else set()
+    assert sorted(steps) == logged
     # The same stage uninterrupted, in another run: the same loss at every step.
     raw["experiment"] = "tr-uninterrupted"
     uninterrupted = validate_config(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -24,6 +25,8 @@ class MetricsLogCallback(TrainerCallback):
         self._last_tokens = 0
         self.last: dict = {}
         self.began_at: float | None = None  # monotonic time training began (the engine is built by then)
+        self.history: list[dict] = []  # the log history `restore` read from a checkpoint
+        self.replay_to: list[TrainerCallback] = []  # loggers that get `history` again when training begins
 
     def restore(self, checkpoint_dir: str) -> int:
         """Write the steps logged before the HF Trainer checkpoint `checkpoint_dir` (its
@@ -33,6 +36,7 @@ class MetricsLogCallback(TrainerCallback):
         how many records it wrote."""
         with open(os.path.join(checkpoint_dir, "trainer_state.json"), encoding="utf-8") as f:
             history = json.load(f).get("log_history", [])
+        self.history = history
         records = [
             _record(entry.get("step"), entry.get("epoch"), {k: v for k, v in entry.items() if k != "step"}, entry.get("num_input_tokens_seen") or 0)
             for entry in history
@@ -44,6 +48,14 @@ class MetricsLogCallback(TrainerCallback):
         return len(records)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # After the loggers' own on_train_begin (this callback is added after them): the restored
+        # steps go through each logger's on_log, as if logged now, each at its own step.
+        for entry in self.history if state.is_world_process_zero else []:
+            logs = {k: v for k, v in entry.items() if k != "step"}
+            at = copy.copy(state)
+            at.global_step = entry.get("step") or 0
+            for logger in self.replay_to:
+                logger.on_log(args, at, control, logs=logs)
         self._last_time = self.began_at = time.monotonic()
         self._last_tokens = state.num_input_tokens_seen or 0
 

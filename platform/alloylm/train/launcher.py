@@ -373,6 +373,9 @@ def train_stage(config: RunConfig, name: str) -> dict:
             data_rows=rows,
             mlflow=mlflow,
             storage_env=storage.storage_environment(),
+            # the same for every attempt of this stage's Ray Train run (`run_config.name` below, in
+            # the run's checkpoints folder), and for no other
+            workdir_key=fingerprint(layout.checkpoints_root, f"{name}-{fp}")[:12],
         )
         # Retries within the storage retry window in Ray Train's controller too (see storage.py).
         fs, checkpoints_path = storage.train_filesystem(layout.checkpoints_root)

@@ -49,6 +49,12 @@ class StageJob(BaseModel):
     output_uri: str = Field(description="Where rank 0 writes the finished model (the artifact's staging location).")
     data_rows: int = Field(description="Rows in the prepared data set (packed blocks for CPT).")
     mlflow: MlflowTarget | None = Field(None, description="Where rank 0 logs the metrics to MLflow; None: not at all.")
+    workdir_key: str = Field(
+        "",
+        description="Names this stage's local working folder the same in every attempt of its Ray Train run "
+        "(restarts and reruns), so the trainer's output_dir, which MLflow keeps as a run parameter, is the "
+        "same when a resumed stage continues its MLflow run; empty: a fresh temporary folder.",
+    )
     storage_env: dict[str, str] = Field(
         default_factory=dict,
         description="The driver's storage settings (S3 endpoint, storage retry window; never credentials), set in the worker.",
@@ -245,8 +251,35 @@ def upload_checkpoint(stage_name: str):
     return upload
 
 
-def report_callback(stage_name: str):
-    """Ray Train's Hugging Face report callback, uploading checkpoints with `upload_checkpoint`."""
+def _workdir(job: StageJob, rank: int) -> str:
+    """This worker's local folder for the stage: named by `job.workdir_key` when it has one (what a
+    killed attempt left there is removed first), else a fresh temporary one."""
+    if not job.workdir_key:
+        return tempfile.mkdtemp(prefix=f"alloylm-{job.stage_name}-rank{rank}-")
+    path = os.path.join(tempfile.gettempdir(), f"alloylm-{job.stage_name}-{job.workdir_key}-rank{rank}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700)
+    return path
+
+
+# In a checkpoint beside the Trainer's files: the MLflow run its metrics went to, which a resume continues.
+TRACKING_NAME = "alloylm_tracking.json"
+
+
+def _tracked_run(checkpoint_dir: str) -> str | None:
+    """The MLflow run id a checkpoint recorded (`report_callback`), or None."""
+    try:
+        with open(os.path.join(checkpoint_dir, TRACKING_NAME), encoding="utf-8") as f:
+            return json.load(f).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def report_callback(stage_name: str, tracked: bool = False):
+    """Ray Train's Hugging Face report callback, uploading checkpoints with `upload_checkpoint`.
+
+    `tracked`: rank 0 logs to MLflow, and each checkpoint records that MLflow run's id, so a resume
+    from it continues the same run (transformers' MLflowCallback resumes the run `MLFLOW_RUN_ID` names)."""
     import ray.train
     import transformers
     from ray.train.huggingface.transformers import RayTrainReportCallback
@@ -261,6 +294,13 @@ def report_callback(stage_name: str):
                 checkpoint = None
                 if source is not None:
                     shutil.copytree(source, os.path.join(tmpdir, self.CHECKPOINT_NAME))
+                    if tracked and state.is_world_process_zero:
+                        import mlflow
+
+                        run = mlflow.active_run()
+                        if run is not None:
+                            with open(os.path.join(tmpdir, self.CHECKPOINT_NAME, TRACKING_NAME), "w", encoding="utf-8") as f:
+                                json.dump({"mlflow_run_id": run.info.run_id}, f)
                     checkpoint = ray.train.Checkpoint.from_directory(tmpdir)
                 ray.train.report(metrics=metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint(stage_name))
 
@@ -406,6 +446,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     started_at, clock = time.time(), PhaseClock()
     import ray.train
     from ray.train.huggingface.transformers import prepare_trainer
+    from transformers.integrations import TensorBoardCallback
 
     from alloylm.models.loading import load_tokenizer
     from alloylm.train import STAGE_TRAINERS
@@ -429,7 +470,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     model = _load_parent(job, tokenizer)
     if stage.lora is not None:
         model = apply_lora(model, stage, stage.training.seed if stage.training.seed is not None else job.seed)
-    workdir = tempfile.mkdtemp(prefix=f"alloylm-{job.stage_name}-rank{context.get_world_rank()}-")
+    workdir = _workdir(job, context.get_world_rank())
     try:
         max_steps = method.max_steps(stage, job, context.get_world_size())
         arguments = common_arguments(job, stage, workdir, max_steps)
@@ -438,12 +479,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         metrics_log = MetricsLogCallback(metrics_path, job.stage_name, max_steps)
         trainer.add_callback(metrics_log)
-        trainer.add_callback(report_callback(job.stage_name))
+        trainer.add_callback(report_callback(job.stage_name, tracked=job.mlflow is not None))
         trainer = prepare_trainer(trainer)
         resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0, max_steps=max_steps)
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
             metrics_log.restore(resume)  # the steps before it, which the checkpoint's state keeps
+            # TensorBoard's events were in the killed attempt's local folder: the steps before the
+            # checkpoint are logged again through transformers' own TensorBoard callback.
+            metrics_log.replay_to = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+            run_id = _tracked_run(resume) if job.mlflow is not None else None
+            if run_id:
+                os.environ["MLFLOW_RUN_ID"] = run_id  # MLflow already holds the steps before the checkpoint
         clock.lap("load")
         result = trainer.train(resume_from_checkpoint=resume)
         # The Trainer builds its engine (DeepSpeed, accelerate's DDP wrapper, optimizer, data
