@@ -136,3 +136,26 @@ def test_cli_serve_refuses_unfinished_stages_and_unschedulable_deployments(ray_c
     too_big = subprocess.run([*run, "serve.deployment.num_cpus=4"], capture_output=True, text=True, env=env)
     assert too_big.returncode == 1
     assert "need 12.25 CPUs, but the Ray cluster has" in too_big.stderr
+
+
+def test_inside_a_ray_job_the_driver_forwards_only_variables_the_job_does_not_set(monkeypatch):
+    """A RayJob's runtimeEnvYAML (or `ray job submit --runtime-env-json`) setting TOKENIZERS_PARALLELISM,
+    which the image also sets: `ray.init` refused the driver's runtime env naming it again, so the
+    shipped RayJob failed before any work. The job's value stands; the rest is forwarded."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from alloylm.cluster import forwarded_environment
+
+    job_env = {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert forwarded_environment()["TOKENIZERS_PARALLELISM"] == "false"  # outside a job: forwarded
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env, "metadata": {}}))
+    forwarded = forwarded_environment()
+    assert forwarded["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and "TOKENIZERS_PARALLELISM" not in forwarded
+    # what ray.init does with the two (None: the conflict it raises on)
+    assert _merge_runtime_env(job_env, {"env_vars": forwarded}) is not None
+    assert _merge_runtime_env(job_env, {"env_vars": {**forwarded, "TOKENIZERS_PARALLELISM": "false"}}) is None

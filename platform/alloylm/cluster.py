@@ -17,11 +17,7 @@ def connect_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     # Workers inherit the driver's environment only on a local cluster; pass what they need to
     # reach S3 and stay offline explicitly, so a remote cluster's workers see the same settings.
-    forwarded = {
-        key: os.environ[key]
-        for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
-        if key in os.environ
-    }
+    forwarded = forwarded_environment()
     options = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
     if address:
         ray.init(address=address, **options)
@@ -29,3 +25,25 @@ def connect_ray() -> None:
         # No dashboard for a local throwaway cluster: it costs a CPU-second per second on 2 cores.
         ray.init(include_dashboard=False, **options)
     log.info("Ray cluster: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+# Where Ray hands a job's driver its job config (runtime env included); the name is Ray's
+# (`ray._private.runtime_env.constants`), written out here to keep off Ray's private modules.
+_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+FORWARDED = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
+
+
+def forwarded_environment() -> dict[str, str]:
+    """The driver's variables (of FORWARDED) for the workers' runtime env, less those the Ray job
+    already sets: inside a job (`ray job submit --runtime-env-json`, a RayJob's `runtimeEnvYAML`),
+    `ray.init` refuses a runtime env that names an env var the job's also names, even with the
+    same value, so the job's setting stands and reaches the workers as it is."""
+    import json
+
+    job = {}
+    if _JOB_CONFIG in os.environ:
+        try:
+            job = (json.loads(os.environ[_JOB_CONFIG]).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job = {}
+    return {key: os.environ[key] for key in FORWARDED if key in os.environ and key not in job}
