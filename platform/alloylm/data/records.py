@@ -29,6 +29,15 @@ def _column(row: dict[str, Any], name: str) -> Any:
     return row[name]
 
 
+def _text(row: dict[str, Any], name: str) -> str:
+    """A column that holds one message's text: a string, never a null (which str() would make "None",
+    or a pandas NaN "nan") or a number."""
+    value = _column(row, name)
+    if not isinstance(value, str):
+        raise RecordError("missing_field", f"column {name!r} is {'empty (null)' if value is None else type(value).__name__}, not a string")
+    return value
+
+
 def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, str]]:
     """Accept a string (one message of `default_role`) or a list of {role, content} / ShareGPT {from, value}."""
     if isinstance(value, str):
@@ -54,8 +63,8 @@ def _chat(row: dict[str, Any], columns: ColumnMapping) -> dict[str, Any]:
         messages = []
         if columns.system is not None and row.get(columns.system):
             messages.append({"role": "system", "content": str(row[columns.system])})
-        messages.append({"role": "user", "content": str(_column(row, columns.user))})
-        messages.append({"role": "assistant", "content": str(_column(row, columns.assistant))})
+        messages.append({"role": "user", "content": _text(row, columns.user)})
+        messages.append({"role": "assistant", "content": _text(row, columns.assistant)})
     else:
         field = columns.messages or "messages"
         messages = _as_messages(_column(row, field), field, "user")
@@ -95,9 +104,25 @@ def _benchmark(row: dict[str, Any]) -> dict[str, Any]:
     if row["split"] not in ("validation", "test"):
         raise RecordError("bad_benchmark_item", f"split must be validation or test, got {row['split']!r}")
     record = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    # The types the prepared table stores them as: a wrong one is this item's problem, named here,
+    # not an Arrow error that stops the whole data set.
+    for key in ("question", "answer"):
+        if not isinstance(record.get(key), str):
+            raise RecordError("bad_benchmark_item", f"{key} must be a string, got {record.get(key)!r}")
+    for key in ("unit", "material", "property", "fact_id", "answer_prefix"):
+        label = record.get(key)
+        if isinstance(label, (int, float)) and not isinstance(label, bool):
+            record[key] = str(label)  # a numbered fact or material
+        elif label is not None and not isinstance(label, str):
+            raise RecordError("bad_benchmark_item", f"{key} must be a string, got {label!r}")
+    value = record.get("answer_value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise RecordError("bad_benchmark_item", f"answer_value must be a number or null, got {value!r}")
     if record["type"] == "multiple_choice":
         choices, index = record.get("choices") or [], record.get("answer_index", -1)
-        if not isinstance(index, int) or not 0 <= index < len(choices):
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise RecordError("bad_benchmark_item", f"choices must be a list of strings, got {choices!r}")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(choices):
             raise RecordError("bad_benchmark_item", f"answer_index {index!r} does not index choices ({len(choices)})")
     return record
 

@@ -154,7 +154,10 @@ def expand_files(source: str) -> tuple[list[str], list[str]]:
             files = []
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from None
-    files = [f for f in files if not os.path.basename(f).startswith(".")]
+    # Hidden files and whatever is inside a hidden folder below the source (.git/, .ipynb_checkpoints/)
+    # are not documents; a hidden folder the source itself names (~/.corpus/) is read.
+    named = set(source.replace("\\", "/").split("/"))
+    files = [f for f in files if not any(part.startswith(".") and part not in named for part in f.replace("\\", "/").split("/"))]
     if not files:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
     parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]

@@ -228,6 +228,8 @@ def benchmark_rows(batch: dict[str, np.ndarray]) -> pa.Table:
         item.setdefault("choices", [])
         item.setdefault("answer_index", -1)
         extra = {k: v for k, v in item.items() if k not in BENCHMARK_COLUMNS}
+        if isinstance(item.get("metadata"), dict):  # the item's own metadata, with the unknown keys
+            extra = {**item["metadata"], **extra}
         for key in BENCHMARK_COLUMNS:
             columns[key].append(json.dumps(extra, sort_keys=True) if key == "metadata" else item.get(key))
     return pa.table({k: pa.array(v, BENCHMARK_COLUMNS[k]) for k, v in columns.items()})

@@ -1,0 +1,61 @@
+"""One source row -> one record: what a row must hold, and what a folder source reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from alloylm.data.config import ColumnMapping
+from alloylm.data.records import RecordError, to_record
+from alloylm.data.sources import expand_files
+from alloylm.data.tokenize import benchmark_rows
+
+
+@pytest.mark.parametrize("answer", [None, float("nan"), 42], ids=["null", "nan", "number"])
+def test_a_question_answer_row_without_an_answer_text_is_dropped_not_trained_as_its_repr(answer):
+    """str() made a null answer "None" (a pandas NaN "nan") and SFT learned to say it."""
+    with pytest.raises(RecordError) as caught:
+        to_record({"q": "What is nacre?", "a": answer}, "chat", ColumnMapping(user="q", assistant="a"))
+    assert caught.value.reason == "missing_field" and "'a'" in str(caught.value)
+
+
+def _item(**fields):
+    return {"question": "Toughness of nacre?", "type": "short_answer", "answer": "4.1 MJ/m^3", "split": "test", **fields}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"answer": 42}, {"answer_value": "42"}, {"answer_value": True},
+     {"type": "multiple_choice", "choices": ["a", "b"], "answer_index": True},
+     {"type": "multiple_choice", "choices": ["a", 2], "answer_index": 0}, {"material": ["nacre"]}],
+    ids=["answer-number", "value-string", "value-bool", "index-bool", "choice-number", "material-list"],
+)
+def test_a_benchmark_item_of_the_wrong_type_is_named_not_an_arrow_error(fields):
+    """Each stopped the whole data set inside a Ray task with an Arrow type error naming no item."""
+    with pytest.raises(RecordError) as caught:
+        to_record(_item(**fields), "benchmark", ColumnMapping())
+    assert caught.value.reason == "bad_benchmark_item"
+
+
+def test_a_numbered_fact_id_is_kept_as_text_and_an_items_own_metadata_is_kept():
+    record = to_record(_item(fact_id=3, metadata={"source": "handbook"}, page=12), "benchmark", ColumnMapping())
+    assert record["fact_id"] == "3"
+    table = benchmark_rows({"id": np.array(["i1"]), "record": np.array([json.dumps(record)])})
+    assert json.loads(table.column("metadata")[0].as_py()) == {"source": "handbook", "page": 12}
+    assert table.column("fact_id")[0].as_py() == "3"
+
+
+def test_a_folder_source_skips_hidden_folders_below_it_but_reads_a_hidden_folder_it_names(tmp_path):
+    """A corpus folder under git: .git/description and the hook samples were read as documents."""
+    root = tmp_path / ".corpus"
+    (root / ".git" / "hooks").mkdir(parents=True)
+    (root / ".git" / "description").write_text("Unnamed repository; edit this file to name it. " * 5)
+    (root / ".git" / "hooks" / "pre-commit.sample").write_text("#!/bin/sh\n" * 50)
+    (root / "notes" / ".ipynb_checkpoints").mkdir(parents=True)
+    (root / "notes" / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("an old copy")
+    (root / "notes" / "a.txt").write_text("Nacre is tough.")
+    (root / "doc.txt").write_text("Silk is strong.")
+    files, parquet = expand_files(str(root))
+    assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["a.txt", "doc.txt"] and parquet == []
