@@ -430,3 +430,29 @@ def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path
 
     before = fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, [_source_signature(s) for s in dataset.sources], "tok")
     assert dataset_fingerprint(one, "world", "tok") == before
+
+
+def test_records_sharing_an_id_are_deduplicated_as_themselves(ray_cluster, tmp_path, tokenizer_dir):
+    """Two files each numbering their chats from 1: dedup went by id, so the copy in b.jsonl (id 2)
+    took a.jsonl's unrelated id 2 down with it, and a line repeated under one id was dropped as a
+    duplicate of itself, both copies gone; the counts said otherwise."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    chat = {"one": ("What is nacre?", "Aragonite and protein."), "two": ("What is silk?", "A protein fibre."),
+            "three": ("What is bone?", "Mineralised collagen.")}
+
+    def line(id_, key):
+        return json.dumps({"id": id_, "q": chat[key][0], "a": chat[key][1]}) + "\n"
+
+    (folder / "a.jsonl").write_text(line(1, "one") + line(2, "two") + line(7, "three") + line(7, "three"))
+    (folder / "b.jsonl").write_text(line(1, "three") + line(2, "one"))  # b's 1 and 2 repeat a's 7 and 1
+    config = make_config(str(tmp_path / "runs"), {"c": {"source": str(folder), "format": "chat", "columns": {"user": "q", "assistant": "a"}}},
+                         tokenizer_dir)
+    counts = prepare_all(config)["c"]["counts"]
+    rows = read_shards(storage.join(config.run_uri, "data", "c")).to_pylist()
+    kept = sorted((r["id"], r["messages"][0]["content"]) for r in rows)
+    # one copy of each chat, the one with the smallest id (then origin), as for unique ids
+    assert kept == [("1", "What is bone?"), ("1", "What is nacre?"), ("2", "What is silk?")], kept
+    assert counts["documents_kept"] == len(rows) == 3 and counts["dropped"] == {"exact_duplicate": 3}
+    problems = [json.loads(x) for x in storage.read_text(storage.join(config.run_uri, "data", "c", "problems.jsonl")).splitlines()]
+    assert sorted((p["id"], os.path.basename(p["origin"])) for p in problems) == [("2", "b.jsonl:2"), ("7", "a.jsonl:3"), ("7", "a.jsonl:4")]

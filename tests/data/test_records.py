@@ -59,3 +59,17 @@ def test_a_folder_source_skips_hidden_folders_below_it_but_reads_a_hidden_folder
     (root / "doc.txt").write_text("Silk is strong.")
     files, parquet = expand_files(str(root))
     assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["a.txt", "doc.txt"] and parquet == []
+
+
+def test_a_parquet_row_with_a_timestamp_column_is_read():
+    """The fallback id hashes the whole row: a timestamp (or bytes) column made json fail inside the
+    read task, with a traceback naming no file."""
+    import datetime
+
+    import pyarrow as pa
+
+    from alloylm.data.sources import _table_rows
+
+    table = pa.table({"text": ["Nacre is tough."], "created": [datetime.datetime(2024, 5, 1, 12, 0)], "raw": [b"\x00\x01"]})
+    out = _table_rows(table, "text", ColumnMapping(), "corpus.parquet", has_paths=False)
+    assert out["drop_reason"] == [""] and json.loads(out["record"][0]) == {"text": "Nacre is tough."}

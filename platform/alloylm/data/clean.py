@@ -62,7 +62,7 @@ def drop_reason(record: dict[str, Any], fmt: str, *, min_chars: int, max_chars: 
 
 # Built once: json.dumps with non-default arguments builds a new encoder on every call, which
 # costs as much as encoding a short record.
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)  # str: a parquet row's timestamps, bytes
 _RECORD_JSON = json.JSONEncoder(ensure_ascii=False)
 
 

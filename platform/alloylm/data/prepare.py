@@ -289,19 +289,28 @@ def _clean_batch(
     return out
 
 
+def _row_key(id_: str, origin: str) -> str:
+    """What names one row in dedup: its id and where it came from. A source's own ids may repeat
+    (files each numbering from 1, a chunked corpus repeating its document's id), and so may an
+    origin (every row of a built-in source); the pair does not. The separator sorts below every
+    printable character, so keys sort as their ids do."""
+    return f"{id_}\x1f{origin}"
+
+
 def _drop_duplicates(batch: pa.Table, duplicates: dict[str, str]) -> pa.Table:
-    """Ray Data UDF: keep rows without a drop reason whose id is not a duplicate."""
-    ids = batch.column("id").to_pylist()
-    keep = [not reason and id_ not in duplicates for id_, reason in zip(ids, batch.column("drop_reason").to_pylist())]
+    """Ray Data UDF: keep rows without a drop reason that are not a duplicate (by `_row_key`)."""
+    keys = map(_row_key, batch.column("id").to_pylist(), batch.column("origin").to_pylist())
+    keep = [not reason and key not in duplicates for key, reason in zip(keys, batch.column("drop_reason").to_pylist())]
     return batch.filter(pa.array(keep)).select(["id", "record"])
 
 
 def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[str, tuple[str, str]], Counter, list[dict]]:
-    """Scan the annotated rows on the driver: duplicates (id -> (reason, duplicate_of)), counts, problems."""
+    """Scan the annotated rows on the driver: duplicates (`_row_key` -> (reason, id of the one kept)),
+    counts, problems."""
     columns = ["id", "origin", "drop_reason", "detail", "content_hash"] + (["signature"] if near else [])
     reasons: Counter = Counter()
     problems: list[dict] = []
-    kept_ids: list[str] = []
+    kept_keys: list[str] = []
     kept_hashes: list[str] = []
     kept_signatures: list[np.ndarray] = []
     for batch in annotated.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -310,7 +319,7 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
             reasons[row["drop_reason"]] += 1
             problems.append({"id": row["id"], "origin": row["origin"], "reason": row["drop_reason"], "detail": row["detail"]})
         kept = batch.filter(is_kept)
-        kept_ids += kept.column("id").to_pylist()
+        kept_keys += map(_row_key, kept.column("id").to_pylist(), kept.column("origin").to_pylist())
         kept_hashes += kept.column("content_hash").to_pylist()
         if near:
             flat = kept.column("signature").combine_chunks().flatten()
@@ -318,20 +327,22 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
     duplicates: dict[str, tuple[str, str]] = {}
     if exact:
         first: dict[str, str] = {}
-        for id_, digest in sorted(zip(kept_ids, kept_hashes)):
+        for key, digest in sorted(zip(kept_keys, kept_hashes)):
             if digest in first:
-                duplicates[id_] = ("exact_duplicate", first[digest])
+                duplicates[key] = ("exact_duplicate", first[digest])
             else:
-                first[digest] = id_
-    if near and kept_ids:
+                first[digest] = key
+    if near and kept_keys:
         signatures = np.concatenate(kept_signatures)
-        remaining = np.array([id_ not in duplicates for id_ in kept_ids], dtype=bool)
-        ids = [id_ for id_, keep in zip(kept_ids, remaining) if keep]
-        for id_, of in minhash.near_duplicates(ids, signatures[remaining], near["threshold"]).items():
-            duplicates[id_] = ("near_duplicate", of)
-    for id_, (reason, of) in sorted(duplicates.items()):
+        remaining = np.array([key not in duplicates for key in kept_keys], dtype=bool)
+        keys = [key for key, keep in zip(kept_keys, remaining) if keep]
+        for key, of in minhash.near_duplicates(keys, signatures[remaining], near["threshold"]).items():
+            duplicates[key] = ("near_duplicate", of)
+    for key, (reason, of) in sorted(duplicates.items()):
         reasons[reason] += 1
-        problems.append({"id": id_, "reason": reason, "detail": f"duplicate of {of}"})
+        (id_, origin), (of_id, of_origin) = key.split("\x1f", 1), of.split("\x1f", 1)
+        where = "" if of_origin == of_id else f" ({of_origin})"  # a file's id is its path
+        problems.append({"id": id_, "origin": origin, "reason": reason, "detail": f"duplicate of {of_id}{where}"})
     return duplicates, reasons, problems
 
 
