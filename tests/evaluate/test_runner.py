@@ -303,6 +303,12 @@ def test_exact_match_and_short_answer_scoring():
     metrics, details = score_short_answer(items, ["roughly 0.41 GPa", "the beetle Thalonia spinosa."], relative_tolerance=0.01, require_unit=False)
     assert metrics == {"accuracy": 1.0, "exact_match": 0.5, "numeric_match": 1.0, "items": 2, "numeric_items": 1}
     assert details[0]["number_taken"] == {"value": 0.41, "unit": "GPa"}
+    # Listing candidates earns nothing: the gold text appears, but the number taken is the first.
+    hedged = "It is 3.0 MJ/m^3, 4.1 MJ/m^3 or 5.2 MJ/m^3."
+    item = BenchmarkItem(id="h", split="test", type="short_answer", question="q", answer="4.1 MJ/m^3", answer_value=4.1, unit="MJ/m^3")
+    metrics, (detail,) = score_short_answer([item], [hedged], relative_tolerance=0.01, require_unit=False)
+    assert detail["exact_match"] is True and detail["numeric_match"] is False and detail["correct"] is False
+    assert metrics["accuracy"] == 0.0 and metrics["exact_match"] == 1.0
 
 
 # ----------------------------------------------------------------------------- benchmark input

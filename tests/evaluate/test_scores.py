@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from alloylm.evaluate.comparison import (
@@ -22,11 +23,22 @@ from alloylm.evaluate.comparison import (
     format_value,
     headline_metric,
     headline_value,
+    _score_replicates,
     score_definition,
     score_interval,
 )
 from alloylm.evaluate.config import EvalConfig
-from alloylm.evaluate.intervals import CONFIDENCE, METHOD, RESAMPLES, Samples, metric_for, paired_difference, percentile_interval, replicates
+from alloylm.evaluate.intervals import (
+    CONFIDENCE,
+    METHOD,
+    RESAMPLES,
+    Samples,
+    joint_replicates,
+    metric_for,
+    paired_difference,
+    percentile_interval,
+    replicates,
+)
 
 JUDGE_ON = {"enabled": True, "base_url": "http://judge:8000/v1", "model": "judge"}
 
@@ -464,6 +476,32 @@ def test_the_score_interval_resamples_with_the_results_seed_on_the_suites_stream
     assert score_interval(scored(values, seed=7)) == expected[7]
     for seed in (None, "7"):  # no integer seed: seed 0
         assert score_interval(scored(values, seed=seed)) == expected[0]
+
+
+def test_the_score_resamples_suites_about_the_same_facts_together():
+    """Multiple choice and short answer ask about the same facts: resampled each on its own, their
+    combined score's interval came out about 1/sqrt(2) too narrow. With the same per-fact results in
+    both, the score moves as one suite does; a suite of other units (perplexity) stays on its own."""
+    facts = [f"f{k}" for k in range(12)]
+    known = [1.0 if k % 3 else 0.0 for k in range(12)]
+
+    def clustered(column):
+        return {"unit": "item", "ids": [f"{column}{k}" for k in range(12)], "clusters": facts, "columns": {column: known}}
+
+    both = {"multiple_choice": {"objective_metric": "accuracy"}, "short_answer": {},
+            "domain_perplexity": {"enabled": False}, "general_perplexity": {"enabled": False}}
+    result = {"seed": 3, "config": {"suites": both}, "suites": {
+        "multiple_choice": {"status": "ok", "samples": clustered("correct")},
+        "short_answer": {"status": "ok", "samples": clustered("correct")},
+    }}  # fmt: skip
+    alone = {"seed": 3, "config": {"suites": {**both, "short_answer": {"enabled": False}}}, "suites": {"multiple_choice": result["suites"]["multiple_choice"]}}
+    one, joint = _score_replicates(alone), _score_replicates(result)
+    assert np.std(joint) == pytest.approx(np.std(one), rel=0.15)  # independent halves: ~0.71 of it
+    assert score_interval(result)["high"] - score_interval(result)["low"] > 0.8 * (score_interval(alone)["high"] - score_interval(alone)["low"])
+    # Identical halves on the same draw: every replicate is the one suite's value on that draw.
+    data = Samples.from_json(clustered("correct"))
+    [same] = joint_replicates([(data, metric_for("short_answer", "accuracy"))], seed=3, stream="benchmark")
+    assert np.allclose(joint, same)
 
 
 def test_differences_from_the_reference_are_paired_and_signed():

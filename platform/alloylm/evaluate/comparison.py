@@ -18,6 +18,7 @@ from alloylm.evaluate.intervals import (
     RESAMPLES,
     Samples,
     difference_entry,
+    joint_replicates,
     metric_for,
     paired_difference,
     percentile_interval,
@@ -201,10 +202,12 @@ def _seed(result: Mapping) -> int:
 
 
 def _score_replicates(result: Mapping, resamples: int = RESAMPLES):
-    """The aggregate score on each bootstrap resample (suites resampled independently), or None."""
+    """The aggregate score on each bootstrap resample, or None. Suites whose units are clustered
+    (benchmark items, by fact) are resampled together, over the union of their facts, since they
+    ask about the same facts; the others (perplexity's blocks, the judge's questions) each on its own."""
     config = result.get("config") or {}
     suites = config.get("suites") or {}
-    total = weights = 0.0
+    weighted = []
     for name in SUITE_NAMES:
         suite = suites.get(name) or {}
         weight = suite.get("weight", 1.0)
@@ -214,13 +217,23 @@ def _score_replicates(result: Mapping, resamples: int = RESAMPLES):
         metric = metric_for(name, headline_metric(name, suite))
         if samples is None or metric is None or not len(samples):
             return None
-        total = total + weight * _to_headline(name, replicates(samples, metric, seed=_seed(result), stream=name, resamples=resamples))
-        weights += weight
-    return total / weights if weights else None
+        weighted.append((name, weight, samples, metric))
+    if not weighted:
+        return None
+    clustered = [(name, samples, metric) for name, _, samples, metric in weighted if samples.clusters is not None]
+    together: dict[str, object] = {}
+    if len(clustered) > 1:
+        parts = [(samples, metric) for _, samples, metric in clustered]
+        together = dict(zip((name for name, _, _ in clustered), joint_replicates(parts, seed=_seed(result), stream="benchmark", resamples=resamples)))
+    total = 0.0
+    for name, weight, samples, metric in weighted:
+        values = together[name] if name in together else replicates(samples, metric, seed=_seed(result), stream=name, resamples=resamples)
+        total = total + weight * _to_headline(name, values)
+    return total / sum(weight for _, weight, _, _ in weighted)
 
 
 def score_interval(result: Mapping) -> dict | None:
-    """The 95% bootstrap interval of a result's aggregate score (each weighted suite resampled on its own)."""
+    """The 95% bootstrap interval of a result's aggregate score (`_score_replicates`)."""
     reps = _score_replicates(result)
     return percentile_interval(reps) if reps is not None else None
 

@@ -312,6 +312,10 @@ class SuitesConfig(_Frozen):
 SUITE_NAMES = ("multiple_choice", "short_answer", "domain_perplexity", "general_perplexity", "judge", "lm_eval")
 # Suites a config leaves off unless it turns them on (what an older results.json without them meant).
 OFF_BY_DEFAULT = ("judge", "lm_eval")
+# Part of every evaluation's and merge search's fingerprint: raised when scoring changes, so
+# results scored the old way are scored again instead of being reused. 2: a short answer with a
+# value is right by its number alone; the score's interval resamples the benchmark's suites together.
+SCORING_VERSION = 2
 
 
 class EvalResources(_Frozen):

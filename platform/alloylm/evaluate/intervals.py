@@ -113,6 +113,10 @@ class Samples:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def cluster_labels(self) -> list[str]:
+        """The clusters in first-seen order (the order of `cluster_sums`); each unit its own without clusters."""
+        return list(dict.fromkeys(self.clusters if self.clusters is not None else self.ids))
+
     def _cluster_index(self) -> tuple[np.ndarray, int]:
         if self.clusters is None:
             return np.arange(len(self.ids)), len(self.ids)
@@ -175,6 +179,31 @@ def replicates(samples: Samples, metric: RatioMetric, *, seed: int, stream: str,
     denominator = samples.cluster_sums(metric.denominator, metric.id_prefix)
     index = resample_indices(len(numerator), seed=seed, stream=stream, resamples=resamples)
     return metric.apply(numerator[index].sum(axis=1), denominator[index].sum(axis=1))
+
+
+def joint_replicates(
+    parts: Sequence[tuple[Samples, RatioMetric]], *, seed: int, stream: str, resamples: int = RESAMPLES
+) -> list[np.ndarray]:
+    """Each part's metric on the same bootstrap resamples of the union of their clusters.
+
+    For suites that ask about the same facts (the benchmark's multiple-choice and short-answer items
+    are clustered by fact): a model that knows a fact tends to get both kinds right, so resampling
+    each suite on its own would treat correlated halves as independent and make the interval of
+    their combination too narrow. A cluster one suite lacks adds nothing to it when drawn.
+    """
+    labels: dict[str, int] = {}
+    for samples, _ in parts:
+        for label in samples.cluster_labels():
+            labels.setdefault(label, len(labels))
+    index = resample_indices(len(labels), seed=seed, stream=stream, resamples=resamples)
+    out = []
+    for samples, metric in parts:
+        where = np.array([labels[label] for label in samples.cluster_labels()], dtype=np.int64)
+        numerator, denominator = np.zeros(len(labels)), np.zeros(len(labels))
+        numerator[where] = samples.cluster_sums(metric.numerator, metric.id_prefix)
+        denominator[where] = samples.cluster_sums(metric.denominator, metric.id_prefix)
+        out.append(metric.apply(numerator[index].sum(axis=1), denominator[index].sum(axis=1)))
+    return out
 
 
 def percentile_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, float] | None:

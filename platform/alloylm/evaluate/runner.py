@@ -22,7 +22,7 @@ from alloylm import storage
 from alloylm.evaluate.benchmark import BenchmarkItem, load_benchmark, select_items
 from alloylm.evaluate.comparison import aggregate_score, build_comparison, comparison_markdown, score_definition, score_interval
 from alloylm.evaluate.intervals import METHOD, samples_from_details, suite_intervals
-from alloylm.evaluate.config import SUITE_NAMES, EvalConfig, variant_name, variant_source
+from alloylm.evaluate.config import SCORING_VERSION, SUITE_NAMES, EvalConfig, variant_name, variant_source
 from alloylm.evaluate.judge import JudgeQuestion, load_judge_questions, questions_from_benchmark, run_judge
 from alloylm.evaluate.lm_eval_suite import HarnessDoc, load_harness_docs, run_lm_eval
 from alloylm.evaluate.multiple_choice import run_multiple_choice
@@ -343,7 +343,7 @@ def _fingerprint(eval_config: EvalConfig, model_uri: str, model: str | None, eva
     if model is None:
         return None
     config = eval_config.model_dump(mode="json", exclude={"variants", "resources", "batch_size"})
-    return fingerprint("evaluation", config, eval_data.split, model_uri, model, eval_data.fingerprints)
+    return fingerprint("evaluation", SCORING_VERSION, config, eval_data.split, model_uri, model, eval_data.fingerprints)
 
 
 def write_variant_results(out_uri: str, results: dict, details: Mapping[str, list[dict]], *, fingerprint: str | None = None) -> str:

@@ -55,7 +55,9 @@ def score_short_answer(
             numeric_count += numeric
             if quantity is not None:
                 taken = {"value": quantity.value, "unit": quantity.unit_text}
-        correct = exact or bool(numeric)
+        # An item with a value is right when the number taken (the first in a compatible unit) is:
+        # the gold text appearing somewhere in the output, among other numbers, earns nothing.
+        correct = bool(numeric) if item.answer_value is not None else exact
         exact_count += exact
         correct_count += correct
         details.append(

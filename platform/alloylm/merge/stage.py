@@ -31,6 +31,7 @@ from alloylm import artifact as lifecycle
 from alloylm.artifact import fingerprint
 from alloylm.layout import RunLayout
 from alloylm.config import MergeSearchStageConfig, MergeStageConfig, RunConfig
+from alloylm.evaluate.config import SCORING_VERSION
 from alloylm.errors import StageError, UsageError
 
 log = logging.getLogger("alloylm.merge")
@@ -188,7 +189,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     # A search's result also follows its objective: the evaluation settings it scores with (suites,
     # weights, evaluate.seed, max_length, dtype) and the data's fingerprints.
     objective = (
-        [search_inputs[0].model_dump(mode="json", exclude={"resources", "batch_size"}), search_inputs[1].fingerprints]
+        [SCORING_VERSION, search_inputs[0].model_dump(mode="json", exclude={"resources", "batch_size"}), search_inputs[1].fingerprints]
         if search_inputs
         else None
     )
