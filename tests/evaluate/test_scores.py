@@ -579,6 +579,23 @@ def test_a_plain_prompt_is_not_order_sensitive():
     assert "multiple_choice.accuracy_circular" not in [c["key"] for c in plain["columns"]]
 
 
+def test_without_rotations_there_is_no_every_rotation_column_and_no_such_objective():
+    """`circular: false` with letters in a chat prompt: accuracy_circular is plain accuracy, but the
+    column kept its "every rotation" label, and the objective optimised plain accuracy silently."""
+    unrotated = build_comparison({"a": result(0.5, multiple_choice=ok(accuracy=0.5, accuracy_circular=0.5, rotations=False))})
+    assert "multiple_choice.accuracy_circular" not in [c["key"] for c in unrotated["columns"]]
+    with pytest.raises(ValueError, match="accuracy_circular needs circular: true"):
+        EvalConfig.model_validate({"variants": ["a"], "suites": {"multiple_choice": {"circular": False, "objective_metric": "accuracy_circular"}}})
+    EvalConfig.model_validate({"variants": ["a"], "suites": {"multiple_choice": {"circular": False, "objective_metric": "accuracy"}}})
+
+
+@pytest.mark.parametrize("criterion", ["graded", "overall", "items", "unparseable"])
+def test_a_judge_criterion_cannot_take_the_name_of_a_judge_metric(criterion):
+    """A criterion `graded` overwrote the count of graded answers with its mean, and the interval's denominator."""
+    with pytest.raises(ValueError, match=f"criterion '{criterion}' is the name of one of the judge's own metrics"):
+        EvalConfig.model_validate({"variants": ["a"], "suites": {"judge": {"criteria": ["accuracy", criterion]}}})
+
+
 def test_a_config_object_without_the_setting_gets_the_default_metric():
     assert headline_metric("multiple_choice", object()) == "mean_prob_correct"
     assert headline_metric("lm_eval", object()) == "acc"

@@ -143,9 +143,11 @@ def score_definition(config: Mapping | EvalConfig) -> str:
 
 
 def _order_sensitive(result: Mapping) -> bool:
-    """Whether this result's multiple choice was scored with the options in order (lettered, in a chat prompt)."""
+    """Whether this result's multiple choice was scored with the options in order (lettered, in a chat
+    prompt) and every rotation asked: otherwise `accuracy_circular` is plain accuracy, not CircularEval's."""
     metrics = ((result.get("suites") or {}).get("multiple_choice") or {}).get("metrics") or {}
-    return metrics.get("formulation", "letters") == "letters" and metrics.get("prompt", "chat") == "chat"
+    letters_in_chat = metrics.get("formulation", "letters") == "letters" and metrics.get("prompt", "chat") == "chat"
+    return letters_in_chat and metrics.get("rotations", True) is not False
 
 
 def _columns(results: Mapping[str, Mapping]) -> list[Column]:

@@ -20,6 +20,9 @@ from alloylm.schema import SEED_MAX, ConfigModel
 DEFAULT_JUDGE_CRITERIA = ("reasoning_depth", "creativity", "clarity", "quantitative_precision")
 SPLITS = ("validation", "test")
 _CRITERION_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+# The judge's metrics beside one mean per criterion (`judge.summarise_grades`): a criterion of the
+# same name would overwrite one, and its interval's denominator with it.
+_JUDGE_METRICS = ("overall", "graded", "items", "unparseable")
 _VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # What eval/ holds besides one folder per variant (alloylm.layout.RunLayout).
 RESERVED_VARIANT_NAMES = ("validation", "comparison.md", "comparison.json", "best.json", "best")
@@ -80,6 +83,12 @@ class MultipleChoiceConfig(_SuiteBase):
             "options' log-likelihoods (continuous, so close candidates still differ); or `accuracy`, `accuracy_circular`."
         ),
     )
+
+    @model_validator(mode="after")
+    def _circular_objective_needs_rotations(self):
+        if self.objective_metric == "accuracy_circular" and not self.circular:
+            raise ValueError("objective_metric: accuracy_circular needs circular: true (without the rotations it is plain accuracy)")
+        return self
 
 
 class ShortAnswerConfig(_SuiteBase):
@@ -162,6 +171,8 @@ class JudgeConfig(_SuiteBase):
         for name in value:
             if not re.match(_CRITERION_PATTERN, name):
                 raise ValueError(f"criterion {name!r} must match {_CRITERION_PATTERN} (lower case, digits, '_')")
+            if name in _JUDGE_METRICS:
+                raise ValueError(f"criterion {name!r} is the name of one of the judge's own metrics ({', '.join(_JUDGE_METRICS)}); name it otherwise")
         if len(set(value)) != len(value):
             raise ValueError("criteria must not repeat")
         return value
