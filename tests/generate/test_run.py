@@ -497,8 +497,8 @@ def test_prompt_slots_are_filled_once():
 def test_parse_answer_accepts_good_json_and_names_every_defect():
     request = ChunkRequest("doc#0", "doc", "test")
 
-    def parse(content, task="qa", finish="stop", **kw):
-        return parse_answer(content, finish, task=task, request=request, items_wanted=2, **kw)
+    def parse(content, task="qa", finish="stop", items_wanted=2, **kw):
+        return parse_answer(content, finish, task=task, request=request, items_wanted=items_wanted, **kw)
 
     good = '<think>plan</think>```json\n{"items": [{"question": "What is nacre made of?", "answer": "Aragonite."}]}\n```'
     records, malformed, extra = parse(good)
@@ -521,6 +521,17 @@ def test_parse_answer_accepts_good_json_and_names_every_defect():
     }
     for reason, (records, malformed, _) in reasons.items():
         assert records == [] and [m.reason for m in malformed] == [reason], (reason, malformed)
+    # A broken answer whose first item parses on its own: the item is read, the answer counted as malformed
+    # (it used to pass as a whole one-item answer, the other items lost without a trace).
+    items = [{"question": f"What is the toughness of material {i}?", "answer": f"{i} MJ/m^3"} for i in range(3)]
+    whole = json.dumps({"items": items})
+    for content, finish, reason in [(whole[:-2] + ",]}", "stop", "not_json"), (whole[: whole.index('"question"', 80)], "length", "truncated")]:
+        records, malformed, _ = parse(content, finish=finish, items_wanted=3)
+        assert [r["messages"][0]["content"] for r in records] == [items[0]["question"]], content
+        assert [m.reason for m in malformed] == [reason], (content, malformed)
+    # Prose with brackets before a whole answer is not a part of anything.
+    records, malformed, _ = parse("Here they are [2 items]: " + json.dumps({"items": items[:2]}))
+    assert len(records) == 2 and malformed == []
     records, malformed, _ = parse('[{"question": "Which is tougher?", "choices": ["a", "b", "c", "d"], "answer_index": "C"}]',
                                   task="benchmark", question_type="multiple_choice")
     assert records[0]["answer"] == "c" and records[0]["split"] == "test" and records[0]["type"] == "multiple_choice"

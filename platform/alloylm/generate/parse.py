@@ -45,21 +45,36 @@ def _shown(text: str) -> str:
     return text if len(text) <= MAX_ANSWER_SHOWN else text[:MAX_ANSWER_SHOWN] + "..."
 
 
-def find_json(content: str) -> Any:
-    """The first JSON object or list in `content` (code fences and <think> blocks skipped); ValueError if none."""
+def find_json(content: str) -> tuple[Any, bool]:
+    """(the first JSON object or list in `content`, whether it is only a part of a larger one that
+    does not parse); code fences and <think> blocks skipped; ValueError if there is none.
+
+    A part: an answer cut off at max_tokens, or with a trailing comma, fails to parse from its first
+    bracket, and the first value that parses is then an item inside it. Such an answer is counted
+    as malformed (its other items are lost), though the item found is kept.
+    """
     text = _THINKING.sub("", content)
     fenced = _FENCE.findall(text)
     candidates = [*fenced, text]
     decoder = json.JSONDecoder()
     for candidate in candidates:
+        failed: list[int] = []
         for match in re.finditer(r"[\[{]", candidate):
             try:
                 value, _ = decoder.raw_decode(candidate, match.start())
             except ValueError:
+                failed.append(match.start())
                 continue
             if isinstance(value, (dict, list)):
-                return value
+                # inside a bracket that failed: more brackets opened than closed since it (a count
+                # that ignores strings; prose such as "[1]" before the JSON closes itself)
+                inside = any(_open_brackets(candidate[q : match.start()]) > 0 for q in failed)
+                return value, inside
     raise ValueError("no JSON object or list in the answer")
+
+
+def _open_brackets(text: str) -> int:
+    return text.count("{") + text.count("[") - text.count("}") - text.count("]")
 
 
 def _item_list(value: Any) -> list[Any] | None:
@@ -163,12 +178,18 @@ def parse_answer(
     """(records, malformed entries, items beyond `items_wanted` left out) of one teacher answer."""
     if content is None or not content.strip():
         return [], [Malformed("empty_answer", "the answer has no text")], 0
+    reason = "truncated" if finish_reason == "length" else "not_json"
     try:
-        value = find_json(content)
+        value, partial = find_json(content)
     except ValueError:
-        reason = "truncated" if finish_reason == "length" else "not_json"
         what = "cut off at max_tokens before its JSON was complete" if reason == "truncated" else "no JSON in it"
         return [], [Malformed(reason, f"{what}: {_shown(content)!r}")], 0
+    if partial:
+        what = "cut off at max_tokens" if reason == "truncated" else "its JSON does not parse"
+        records, malformed, extra = parse_answer(
+            json.dumps(value), "stop", task=task, request=request, items_wanted=items_wanted, question_type=question_type, num_choices=num_choices
+        )
+        return records, [Malformed(reason, f"{what}; only an item inside it was read: {_shown(content)!r}"), *malformed], extra
     items = _item_list(value)
     if items is None:
         return [], [Malformed("wrong_shape", f'expected {{"items": [...]}}, got {_shown(json.dumps(value))}')], 0
