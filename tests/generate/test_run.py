@@ -179,9 +179,9 @@ def _teacher(url: str, **extra) -> dict:
             "requests_per_second": 1000, "max_retries": 1, "retry_backoff_s": 0, "timeout_s": 30, **extra}
 
 
-def generation_config(storage_uri: str, corpus: Path, tokenizer_dir: str, url: str):
+def generation_config(storage_uri: str, corpus: Path, tokenizer_dir: str, url: str, **teacher):
     common = {"from": "papers", "chunk_chars": 400, "min_chunk_chars": 100, "batch_chunks": 2, "heldout": HELDOUT,
-              "items_per_chunk": 2, "teacher": _teacher(url)}
+              "items_per_chunk": 2, "teacher": {**_teacher(url), **teacher}}
     return validate_config(
         {
             "experiment": "gen",
@@ -552,3 +552,23 @@ def test_rate_limiter_spaces_request_starts():
     for _ in range(3):
         limiter.wait()
     assert slept == [0.25, 0.5]
+
+
+def test_where_the_teacher_is_and_how_hard_it_is_driven_do_not_change_the_data_sets_fingerprint(tmp_path):
+    """Moving the teacher or tuning its rate limit after a generation made the data set (and every
+    stage trained on it) stale; what changes its answers still does."""
+    from alloylm.data.prepare import dataset_fingerprint
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "paper.txt").write_text("Nacre is tough.")
+
+    def fp(**teacher):
+        config = generation_config(str(tmp_path / "runs"), tmp_path / "corpus", "/tok", teacher.pop("base_url", "http://127.0.0.1:9/v1"), **teacher)
+        return dataset_fingerprint(config, "papers-qa", "tok")
+
+    base = fp()
+    for moved in ({"base_url": "http://10.0.0.7:8000/v1"}, {"max_concurrency": 16, "requests_per_second": 2.0},
+                  {"max_retries": 9, "timeout_s": 30.0, "actors": 2, "cpus_per_actor": 0.25}):
+        assert fp(**moved) == base, moved
+    for changed in ({"temperature": 0.2}, {"model": "another"}, {"max_tokens": 64}):
+        assert fp(**changed) != base, changed

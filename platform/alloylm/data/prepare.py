@@ -131,10 +131,12 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
     dataset = config.datasets[name]
     prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
     if dataset.generate is not None:
+        from alloylm.generate.config import TRANSPORT_FIELDS
+
         upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint)
-        return fingerprint(
-            "dataset", dataset.model_dump(mode="json", by_alias=True), prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint
-        )
+        # Where the teacher is and how hard it is driven change no answer (as for the batch ids).
+        answers = dataset.model_dump(mode="json", by_alias=True, exclude={"generate": {"teacher": set(TRANSPORT_FIELDS)}})
+        return fingerprint("dataset", answers, prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint)
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
     if builtin is not None and (builtin["short_answer_per_fact"] == 1 or "builtin:biomaterials-benchmark" not in dataset.sources):
         # Only the benchmark reads it: more short-answer items must not retrain every model, and

@@ -13,6 +13,9 @@ from alloylm.schema import Frozen as _Frozen
 # What each `generate` task produces: the format of the generated data set.
 GENERATE_TASK_FORMATS = {"qa": "chat", "preference": "preference", "benchmark": "benchmark"}
 _PROMPT_PLACEHOLDER = "{chunk}"
+# The teacher's settings that say where it is and how hard it is driven, not what it answers: in
+# neither a batch id nor the generated data set's fingerprint.
+TRANSPORT_FIELDS = ("base_url", "api_key_env", "max_concurrency", "requests_per_second", "max_retries", "retry_backoff_s", "timeout_s", "actors", "cpus_per_actor")
 
 
 class TeacherConfig(_Frozen):
