@@ -456,3 +456,22 @@ def test_records_sharing_an_id_are_deduplicated_as_themselves(ray_cluster, tmp_p
     assert counts["documents_kept"] == len(rows) == 3 and counts["dropped"] == {"exact_duplicate": 3}
     problems = [json.loads(x) for x in storage.read_text(storage.join(config.run_uri, "data", "c", "problems.jsonl")).splitlines()]
     assert sorted((p["id"], os.path.basename(p["origin"])) for p in problems) == [("2", "b.jsonl:2"), ("7", "a.jsonl:3"), ("7", "a.jsonl:4")]
+
+
+def test_a_padded_tail_with_a_tokenizer_that_has_no_pad_token_pads_with_end_of_text(ray_cluster, tmp_path, tokenizer_dir):
+    """`tokenizer.from` a GPT-2/Llama-style tokenizer (no pad token) and `tail: pad`: numpy failed on
+    a None pad id after the whole data set had been read, tokenized and written."""
+    from transformers import AutoTokenizer
+
+    no_pad = AutoTokenizer.from_pretrained(tokenizer_dir)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(str(tmp_path / "tok"))
+    assert load_tokenizer(str(tmp_path / "tok")).pad_token_id is None
+    (tmp_path / "doc.txt").write_text(UNIQUE_DOCS[0] * 3)
+    config = make_config(str(tmp_path / "runs"), {"d": {"source": str(tmp_path / "doc.txt"), "format": "text"}}, str(tmp_path / "tok"),
+                         data={"block_size": 32, "tokenizer_actors": 1, "tail": "pad"})
+    counts = prepare_all(config)["d"]["counts"]
+    assert 0 < counts["tail_padded_tokens"] < 32
+    tail = pq.read_table(str(tmp_path / "runs" / "t" / "data" / "d" / "shards" / "tail.parquet")).to_pylist()[-1]
+    padding = [t for t, m in zip(tail["input_ids"], tail["attention_mask"]) if not m]
+    assert len(padding) == counts["tail_padded_tokens"] and set(padding) == {load_tokenizer(str(tmp_path / "tok")).eos_token_id}

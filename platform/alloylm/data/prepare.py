@@ -424,7 +424,12 @@ def _prepare_text(
     counts = {"blocks": full_blocks + len(tail_blocks), "tokens_dropped_tail": 0, "tail_padded_tokens": 0}
     table = blocks_table(tail_blocks, np.zeros(0, np.int32)).select(["input_ids"])
     if rest.size and prep.tail == "pad":
-        padded = np.full(width, tokenizer.pad_token_id, dtype=np.int32)
+        # A tokenizer without a pad token (GPT-2's, Llama's) pads with its end of text: the mask
+        # keeps the padding out of the loss either way.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise DataPreparationError("data.tail: pad needs a tokenizer with a pad or end-of-text token; this one has neither (use data.tail: drop)")
+        padded = np.full(width, pad, dtype=np.int32)
         padded[: rest.size] = rest
         mask = np.zeros(width, dtype=np.int8)
         mask[: rest.size] = 1
