@@ -475,3 +475,20 @@ def test_a_padded_tail_with_a_tokenizer_that_has_no_pad_token_pads_with_end_of_t
     tail = pq.read_table(str(tmp_path / "runs" / "t" / "data" / "d" / "shards" / "tail.parquet")).to_pylist()[-1]
     padding = [t for t, m in zip(tail["input_ids"], tail["attention_mask"]) if not m]
     assert len(padding) == counts["tail_padded_tokens"] and set(padding) == {load_tokenizer(str(tmp_path / "tok")).eos_token_id}
+
+
+def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
+    """`hf:/path` to a DatasetDict: only its splits have a state.json, so the fingerprint fell back
+    to the path, and data saved again with other rows reused the old shards and stages."""
+    import datasets
+
+    from alloylm.data.prepare import dataset_fingerprint
+
+    def save(rows):
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": rows})}).save_to_disk(str(tmp_path / "hf"))
+
+    config = make_config(str(tmp_path / "runs"), {"d": {"source": f"hf:{tmp_path / 'hf'}", "format": "text"}})
+    save(["Nacre is tough.", "Silk is strong."])
+    before = dataset_fingerprint(config, "d", "tok")
+    save(["Nacre is tough.", "Silk is strong.", "Bone remodels."])
+    assert dataset_fingerprint(config, "d", "tok") != before

@@ -89,11 +89,20 @@ def _source_signature(source: str) -> Any:
     if source.startswith("builtin:"):
         return source
     if source.startswith("hf:"):
-        state = os.path.join(os.path.expanduser(source[3:]), "state.json")
+        folder = os.path.expanduser(source[3:])
+        state = os.path.join(folder, "state.json")
         if os.path.isfile(state):
             with open(state, encoding="utf-8") as f:
                 return [source, json.load(f).get("_fingerprint")]
-        return source
+        if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+            # a DatasetDict saved with save_to_disk: each split keeps its own state.json
+            splits = {}
+            for name in sorted(os.listdir(folder)):
+                if os.path.isfile(os.path.join(folder, name, "state.json")):
+                    with open(os.path.join(folder, name, "state.json"), encoding="utf-8") as f:
+                        splits[name] = json.load(f).get("_fingerprint")
+            return [source, splits]
+        return source  # a Hub id: its name
     try:
         listing = storage.file_signatures(source)
     except storage.StorageError as exc:
