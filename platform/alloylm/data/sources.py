@@ -12,6 +12,7 @@ A `generate` data set has no sources of its own: it reads the items its teacher 
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def _decode_file(path: str, data: bytes) -> tuple[str | None, str, str]:
     if b"\x00" in data[:8192]:
         return None, "binary", f"{path}: binary file (NUL bytes)"
     try:
-        return data.decode("utf-8"), "", ""
+        return data.decode("utf-8-sig"), "", ""  # -sig: a byte-order mark is not text
     except UnicodeDecodeError as exc:
         return None, "undecodable", f"{path}: not UTF-8 at byte {exc.start}"
 
@@ -89,14 +90,22 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
         if path.lower().endswith(PDF_SUFFIXES):
             add(_pdf_row(path, bytes(data), fmt))
             continue
-        text, reason, detail = _decode_file(path, bytes(data))
-        if text is None:
-            add(_row(name, path, None, reason, detail))
-        elif path.lower().endswith(JSON_LINES_SUFFIXES):
-            for number, line in enumerate(text.splitlines(), start=1):
+        if path.lower().endswith(JSON_LINES_SUFFIXES):
+            raw = bytes(data)
+            if not raw.strip() or b"\x00" in raw[:8192]:
+                add(_row(name, path, None, *_decode_file(path, raw)[1:]))
+                continue
+            # Line by line, in bytes: a byte that is not UTF-8 costs its line, named, not the file;
+            # and only "\n" ends a line (a JSON string may hold U+2028, which str.splitlines splits at).
+            for number, chunk in enumerate(raw.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
+                origin = f"{path}:{number}"
+                try:
+                    line = chunk.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    add(_row(f"{name}:{number}", origin, None, "undecodable", f"{origin}: not UTF-8 at byte {exc.start} of the line"))
+                    continue
                 if not line.strip():
                     continue
-                origin = f"{path}:{number}"
                 try:
                     parsed = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -106,6 +115,10 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
                     add(_row(f"{name}:{number}", origin, None, "malformed_json", f"{origin}: not a JSON object"))
                     continue
                 add(convert_row(parsed, fmt, columns, origin, f"{name}:{number}"))
+            continue
+        text, reason, detail = _decode_file(path, bytes(data))
+        if text is None:
+            add(_row(name, path, None, reason, detail))
         elif fmt == "text":
             add(_row(name, path, {"text": text}))
         else:
