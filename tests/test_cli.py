@@ -159,3 +159,27 @@ def test_inside_a_ray_job_the_driver_forwards_only_variables_the_job_does_not_se
     # what ray.init does with the two (None: the conflict it raises on)
     assert _merge_runtime_env(job_env, {"env_vars": forwarded}) is not None
     assert _merge_runtime_env(job_env, {"env_vars": {**forwarded, "TOKENIZERS_PARALLELISM": "false"}}) is None
+
+
+def test_a_job_that_ships_the_checkout_ships_the_library_to_its_workers(monkeypatch, tmp_path):
+    """`ray job submit --working-dir .`: the driver imported platform/alloylm from the working dir,
+    but Ray's workers imported the copy installed in the image, so code edits reached the driver alone."""
+    import json
+    import os
+
+    import alloylm
+    from alloylm.cluster import shipped_library
+
+    package = os.path.dirname(os.path.abspath(alloylm.__file__))
+    working_dir = os.path.dirname(os.path.dirname(package))  # the checkout: platform/alloylm below it
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}, "metadata": {}}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(working_dir)
+    assert shipped_library() == []  # not a Ray job: nothing to ship
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert shipped_library() == [package]
+    monkeypatch.chdir(tmp_path)
+    assert shipped_library() == []  # the library is not the job's working dir's (an installed one)
+    monkeypatch.chdir(working_dir)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {**job["runtime_env"], "py_modules": ["s3://b/m.zip"]}}))
+    assert shipped_library() == []  # the job's own py_modules stand

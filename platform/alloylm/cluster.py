@@ -18,7 +18,11 @@ def connect_ray() -> None:
     # Workers inherit the driver's environment only on a local cluster; pass what they need to
     # reach S3 and stay offline explicitly, so a remote cluster's workers see the same settings.
     forwarded = forwarded_environment()
-    options = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
+    runtime_env: dict = {"env_vars": forwarded} if forwarded else {}
+    shipped = shipped_library()
+    if shipped:
+        runtime_env["py_modules"] = shipped
+    options = {"runtime_env": runtime_env} if runtime_env else {}
     if address:
         ray.init(address=address, **options)
     else:
@@ -38,12 +42,29 @@ def forwarded_environment() -> dict[str, str]:
     already sets: inside a job (`ray job submit --runtime-env-json`, a RayJob's `runtimeEnvYAML`),
     `ray.init` refuses a runtime env that names an env var the job's also names, even with the
     same value, so the job's setting stands and reaches the workers as it is."""
+    job = _job_runtime_env().get("env_vars") or {}
+    return {key: os.environ[key] for key in FORWARDED if key in os.environ and key not in job}
+
+
+def _job_runtime_env() -> dict:
+    """The runtime env of the Ray job this driver runs in ({} outside a job)."""
     import json
 
-    job = {}
-    if _JOB_CONFIG in os.environ:
-        try:
-            job = (json.loads(os.environ[_JOB_CONFIG]).get("runtime_env") or {}).get("env_vars") or {}
-        except (ValueError, AttributeError):
-            job = {}
-    return {key: os.environ[key] for key in FORWARDED if key in os.environ and key not in job}
+    try:
+        return json.loads(os.environ.get(_JOB_CONFIG) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def shipped_library() -> list[str]:
+    """The `alloylm` package as the runtime env's `py_modules`, when this driver imported it from the
+    job's working_dir (`ray job submit --working-dir .`, where `jobs/_entry.py` puts `platform/` on
+    the driver's path): else Ray's workers would import the copy installed in the image, and code
+    edits would reach the driver alone. [] outside a job, for an installed package, or when the job
+    names py_modules itself (Ray would refuse the two)."""
+    import alloylm
+
+    if _JOB_CONFIG not in os.environ or _job_runtime_env().get("py_modules"):
+        return []
+    package = os.path.dirname(os.path.abspath(alloylm.__file__))
+    return [package] if package.startswith(os.path.join(os.path.abspath(os.getcwd()), "")) else []
