@@ -1141,3 +1141,20 @@ def test_dockerfile_checks_fail_for_real():
     without_install = "\n".join(line for line in text.splitlines() if not line.startswith("RUN pip install ."))
     assert any(p.startswith("RUN pip install .") for p in _dockerfile_problems(without_install))
     assert any(p.startswith("FROM:") for p in _dockerfile_problems("FROM python:3.11\n"))
+
+
+def test_the_gpu_cluster_as_it_starts_fits_every_stage_of_the_paper_configs():
+    """`alloylm run` checks each stage against the cluster as it stands (it does not wait for the
+    autoscaler): with `minReplicas: 0` / `replicas: 2`, every paper config was refused at once."""
+    from alloylm.config import load_config
+    from alloylm.pipeline import check_stage_resources
+
+    spec = yaml.safe_load((K8S / "raycluster-gpu.yaml").read_text())["spec"]
+    have = {"CPU": float(spec["headGroupSpec"]["rayStartParams"].get("num-cpus", 0)), "GPU": 0.0}
+    for group in spec["workerGroupSpecs"]:
+        [container] = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        have["CPU"] += group["minReplicas"] * float(limits["cpu"])
+        have["GPU"] += group["minReplicas"] * float(limits.get("nvidia.com/gpu", 0))
+    for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
+        check_stage_resources(load_config(str(path)), have=have)
