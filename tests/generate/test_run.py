@@ -117,6 +117,8 @@ class _Handler(BaseHTTPRequestHandler):
             failing = teacher.failing and "FLAKY" in excerpt
         if failing:
             return self._send(500, {"error": {"message": "teacher crashed"}})
+        if "TOOLONG" in excerpt:  # as vLLM refuses a prompt plus max_tokens past max_model_len
+            return self._send(400, {"error": {"message": "This model's maximum context length is 2048 tokens"}})
         if transient:
             return self._send(503, {"error": {"message": "busy"}}, {"Retry-After": "0"})
         n = int(re.search(r"Write (\d+)", prompt).group(1))
@@ -370,6 +372,29 @@ def test_rejected_request_is_not_retried(fake_teacher):
     unreachable = TeacherClient(TeacherConfig(**{**_teacher(f"http://127.0.0.1:{_free_port()}/v1"), "max_retries": 2}), None, RateLimiter(None))
     with pytest.raises(TeacherCallError, match="no answer after 2 retries"):
         unreachable.complete([{"role": "user", "content": "hello"}])
+
+
+def test_a_chunk_the_endpoint_refuses_is_that_chunks_problem_unless_the_whole_batch_is_refused(fake_teacher, tmp_path):
+    """A 400 for one chunk (too long for the teacher's context) failed its batch on every run, so the
+    data set could never finish; now the chunk is counted as `rejected_request` and the batch is
+    written. A batch whose every request is refused still fails (the endpoint or the settings)."""
+    _, url = fake_teacher
+    from alloylm.config import TeacherConfig
+    from alloylm.generate.teacher import SendBatches
+
+    def request(code, mark=""):
+        text = f"Write 1 question about <excerpt>\n{_paragraph(code, mark)}\n</excerpt>"
+        return {"chunk_id": f"doc#{code}", "document_id": "doc", "messages": [{"role": "user", "content": text}]}
+
+    sender = SendBatches(TeacherConfig(**_teacher(url)), API_KEY, threads=2, requests_per_second=None, task="qa",
+                         items_wanted=1, question_type="short_answer", num_choices=4, batches_uri=str(tmp_path))
+    out = sender({"batch_id": ["mixed", "refused"], "requests": [json.dumps([request("S91"), request("S92", "TOOLONG")]),
+                                                               json.dumps([request("S93", "TOOLONG"), request("S94", "TOOLONG")])]})
+    assert out["error"][0] == "" and "every request of the batch was refused" in out["error"][1] and "HTTP 400" in out["error"][1]
+    written = json.loads((tmp_path / "mixed.json").read_text())
+    assert [m["reason"] for m in written["malformed"]] == ["rejected_request"] and written["malformed"][0]["chunk_id"] == "doc#S92"
+    assert "maximum context length" in written["malformed"][0]["detail"] and len(written["items"]) == 1
+    assert not (tmp_path / "refused.json").exists()
 
 
 # -------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ log = logging.getLogger("alloylm.generate")
 # Worth another try: timeouts, conflicts, rate limits, server errors. Other 4xx answers (bad
 # request, unauthorised, unknown model) would fail the same way again.
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+# The endpoint refuses this one request as it is (vLLM's 400 for a prompt plus max_tokens past
+# max_model_len, a 413 body too large): the same chunk is refused on every run, so it is that
+# chunk's problem (`rejected_request`), not its batch's, unless the whole batch is refused.
+REJECTED_STATUS = frozenset({400, 413, 422})
 MAX_RETRY_AFTER_S = 60.0
 MAX_ERROR_SHOWN = 300
 
@@ -53,6 +57,7 @@ class TeacherReply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     problem: str = ""
+    problem_reason: str = "bad_response"  # the malformed reason `problem` is counted under
 
 
 class RateLimiter:
@@ -128,6 +133,8 @@ class TeacherClient:
                     return _reply(raw, attempt)
                 shown = raw[:MAX_ERROR_SHOWN].decode("utf-8", "replace")
                 failure = f"HTTP {status}: {shown}"
+                if status in REJECTED_STATUS:
+                    return TeacherReply(None, None, attempt, problem=f"{self.url} refused the request: {failure}", problem_reason="rejected_request")
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise TeacherCallError(f"{self.url} answered {failure} (not retried)")
                 wait_s = _retry_after(headers)
@@ -210,17 +217,20 @@ class SendBatches:
                 future.cancel()
             wait(pending)
             return str(failed[0].exception())
+        replies: list[TeacherReply] = [f.result() for f in futures]
+        if all(r.problem_reason == "rejected_request" for r in replies if r.problem) and all(r.problem for r in replies):
+            # every request refused: the endpoint or the settings, not a chunk; fail the batch (sent again next run)
+            return f"every request of the batch was refused; the first: {replies[0].problem}"
         items, malformed = [], []
         counts = {"requests": len(requests), "answers": 0, "items": 0, "extra_items": 0, "retries": 0,
                   "prompt_tokens": 0, "completion_tokens": 0}
-        for request, future in zip(requests, futures):
-            reply: TeacherReply = future.result()
+        for request, reply in zip(requests, replies):
             counts["retries"] += reply.retries
             counts["prompt_tokens"] += reply.prompt_tokens
             counts["completion_tokens"] += reply.completion_tokens
             chunk = ChunkRequest(request["chunk_id"], request["document_id"], request.get("split", ""))
             if reply.problem:
-                malformed.append({"chunk_id": chunk.chunk_id, "reason": "bad_response", "detail": reply.problem})
+                malformed.append({"chunk_id": chunk.chunk_id, "reason": reply.problem_reason, "detail": reply.problem})
                 continue
             counts["answers"] += 1
             records, problems, extra = parse_answer(reply.content, reply.finish_reason, request=chunk, **self.options)
