@@ -362,6 +362,24 @@ def test_a_finished_run_sends_nothing_again(generated):
     assert generated["again"] == generated["manifests"]
 
 
+def test_what_trains_on_a_generated_data_set_follows_its_answers(generated):
+    """The data set's fingerprint is of what was asked: answers asked again (batches and data set
+    deleted) came with the same one, and the stages trained on the old answers counted as up to date.
+    The manifest's digest of the items now goes into what stages and results are fingerprinted with."""
+    import hashlib
+
+    from alloylm.data.prepare import content_fingerprint
+
+    config = generated["config"]
+    manifest = generated["manifests"]["papers-qa"]
+    items = storage.read_text(storage.join(config.run_uri, "data", "papers-qa", "generated.jsonl"))
+    assert manifest["generated_digest"] == hashlib.sha256(items.encode("utf-8")).hexdigest()[:16]
+    other = {**manifest, "generated_digest": "0" * 16}
+    assert content_fingerprint(other) != content_fingerprint(manifest) != manifest["fingerprint"]
+    plain = generated["manifests"]["papers"]  # not generated: its fingerprint as it was
+    assert "generated_digest" not in plain and content_fingerprint(plain) == plain["fingerprint"]
+
+
 def test_rejected_request_is_not_retried(fake_teacher):
     _, url = fake_teacher
     from alloylm.config import TeacherConfig

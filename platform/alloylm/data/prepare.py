@@ -18,6 +18,7 @@ manifest adds the generation's counts, and `generated.jsonl` keeps every item wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -74,6 +75,13 @@ DATA_PHASES = {
 # A data set that cannot be prepared (no usable record, unreadable source); defined with the
 # other errors so that alloylm.generate can raise it without importing this module.
 DataPreparationError = _DataPreparationError
+
+
+def content_fingerprint(manifest: dict) -> str:
+    """What identifies a prepared data set's content for what is trained or scored on it: its
+    fingerprint, and for a generated one the digest of the items the teacher gave."""
+    digest = manifest.get("generated_digest")
+    return fingerprint("dataset-content", manifest["fingerprint"], digest) if digest else manifest["fingerprint"]
 
 
 def tokenizer_uri(config: RunConfig) -> str:
@@ -595,7 +603,11 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             teacher = dataset.generate.teacher
             extra.update(generated_from=dataset.generate.from_, task=dataset.generate.task,
                          teacher={"model": teacher.model, "base_url": teacher.base_url})
-            storage.write_text(storage.join(artifact.staging_uri, "generated.jsonl"), storage.read_text(generation.items_uri))
+            items = storage.read_text(generation.items_uri)
+            storage.write_text(storage.join(artifact.staging_uri, "generated.jsonl"), items)
+            # The answers themselves: the fingerprint above is of what was asked, and asking again
+            # (batches deleted) may answer otherwise; what trains or scores on it follows this too.
+            extra["generated_digest"] = hashlib.sha256(items.encode("utf-8")).hexdigest()[:16]
         storage.write_text(storage.join(artifact.staging_uri, "problems.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
         shards = sorted(os.path.basename(f) for f in storage.list_files(shards_uri) if f.endswith(".parquet"))
         clock.lap("finish")  # problems.jsonl, generated.jsonl, the listing; the commit below is not counted

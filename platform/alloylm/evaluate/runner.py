@@ -134,7 +134,9 @@ def _source_fingerprint(uri: str) -> str | None:
         except storage.StorageError:
             manifest = None
         if manifest and manifest.get("fingerprint"):
-            return manifest["fingerprint"]
+            from alloylm.data.prepare import content_fingerprint
+
+            return content_fingerprint(manifest)
     try:
         listing = storage.file_signatures(uri)
     except storage.StorageError:

@@ -329,7 +329,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig
 
-    from alloylm.data.prepare import dataset_uri, prepare_dataset, prepare_tokenizer
+    from alloylm.data.prepare import content_fingerprint, dataset_uri, prepare_dataset, prepare_tokenizer
     from alloylm.train.worker import SUMMARY_NAME, StageJob, train_loop_per_worker
 
     from alloylm.pipeline import check_stage_resources
@@ -345,7 +345,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     data_manifest = prepare_dataset(config, stage.data, tokenizer_manifest)
     entered += time.monotonic() - preparing  # making the data (`alloylm train` alone) is the data's step, not the stage's
     uri = stage_uri(config, name)
-    fp = stage_fingerprint(config, name, parent_id, data_manifest["fingerprint"], tokenizer_manifest["fingerprint"])
+    fp = stage_fingerprint(config, name, parent_id, content_fingerprint(data_manifest), tokenizer_manifest["fingerprint"])
     manifest = lifecycle.up_to_date(uri, fp)
     if manifest:
         log.info("stage %s: up to date, not retrained (%s)", name, uri)
