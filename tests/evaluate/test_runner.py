@@ -309,6 +309,10 @@ def test_exact_match_and_short_answer_scoring():
     metrics, (detail,) = score_short_answer([item], [hedged], relative_tolerance=0.01, require_unit=False)
     assert detail["exact_match"] is True and detail["numeric_match"] is False and detail["correct"] is False
     assert metrics["accuracy"] == 0.0 and metrics["exact_match"] == 1.0
+    # A value without a unit (a ratio) under require_unit can never match numerically: its text decides.
+    ratio = BenchmarkItem(id="r", split="test", type="short_answer", question="q", answer="0.3", answer_value=0.3)
+    _, (detail,) = score_short_answer([ratio], ["It is 0.3."], relative_tolerance=0.01, require_unit=True)
+    assert detail["numeric_match"] is False and detail["correct"] is True
 
 
 # ----------------------------------------------------------------------------- benchmark input

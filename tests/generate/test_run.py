@@ -413,6 +413,9 @@ def test_a_chunk_the_endpoint_refuses_is_that_chunks_problem_unless_the_whole_ba
     assert [m["reason"] for m in written["malformed"]] == ["rejected_request"] and written["malformed"][0]["chunk_id"] == "doc#S92"
     assert "maximum context length" in written["malformed"][0]["detail"] and len(written["items"]) == 1
     assert not (tmp_path / "refused.json").exists()
+    # A batch of one chunk (a document's last, or batch_chunks: 1) cannot tell a chunk from the endpoint: recorded.
+    out = sender({"batch_id": ["single"], "requests": [json.dumps([request("S95", "TOOLONG")])]})
+    assert out["error"] == [""] and json.loads((tmp_path / "single.json").read_text())["malformed"][0]["reason"] == "rejected_request"
 
 
 # -------------------------------------------------------------------------------------------

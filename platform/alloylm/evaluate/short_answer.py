@@ -3,7 +3,8 @@ numeric fact, numerically (relative tolerance, units converted: `0.412 GPa` is `
 
 "Exact" means the gold answer, normalised (case, punctuation, spacing, unicode), appears whole in
 the normalised output: a chat model answers in a sentence, so whole-output equality would score
-every variant 0. A numeric item counts as correct when either match holds.
+every variant 0. A numeric item counts as correct when its numeric match holds (the first number in
+a compatible unit), so listing candidates earns nothing even when the gold text is among them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def score_short_answer(
                 taken = {"value": quantity.value, "unit": quantity.unit_text}
         # An item with a value is right when the number taken (the first in a compatible unit) is:
         # the gold text appearing somewhere in the output, among other numbers, earns nothing.
-        correct = bool(numeric) if item.answer_value is not None else exact
+        # (A value without a unit under require_unit can never match numerically: its text decides.)
+        by_number = item.answer_value is not None and not (require_unit and item.unit is None)
+        correct = bool(numeric) if by_number else exact
         exact_count += exact
         correct_count += correct
         details.append(

@@ -218,8 +218,9 @@ class SendBatches:
             wait(pending)
             return str(failed[0].exception())
         replies: list[TeacherReply] = [f.result() for f in futures]
-        if all(r.problem_reason == "rejected_request" for r in replies if r.problem) and all(r.problem for r in replies):
-            # every request refused: the endpoint or the settings, not a chunk; fail the batch (sent again next run)
+        if len(replies) > 1 and all(r.problem_reason == "rejected_request" for r in replies):
+            # every request of several refused: the endpoint or the settings, not a chunk; fail the
+            # batch (sent again next run). A batch of one chunk cannot tell: that chunk is recorded.
             return f"every request of the batch was refused; the first: {replies[0].problem}"
         items, malformed = [], []
         counts = {"requests": len(requests), "answers": 0, "items": 0, "extra_items": 0, "retries": 0,
