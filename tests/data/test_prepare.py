@@ -492,3 +492,13 @@ def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
     before = dataset_fingerprint(config, "d", "tok")
     save(["Nacre is tough.", "Silk is strong.", "Bone remodels."])
     assert dataset_fingerprint(config, "d", "tok") != before
+
+
+def test_identical_parquet_rows_keep_one_copy(ray_cluster, tmp_path, tokenizer_dir):
+    pq.write_table(pa.table({"text": [UNIQUE_DOCS[0], UNIQUE_DOCS[1], UNIQUE_DOCS[0]]}), str(tmp_path / "docs.parquet"))
+    config = make_config(str(tmp_path / "runs"), {"d": {"source": str(tmp_path / "docs.parquet"), "format": "text"}}, tokenizer_dir)
+    counts = prepare_all(config)["d"]["counts"]
+    documents = pa.concat_tables(
+        pq.read_table(f) for f in storage.list_files(storage.join(config.run_uri, "data", "d", "documents")) if f.endswith(".parquet")
+    ).column("text").to_pylist()
+    assert sorted(documents) == sorted(UNIQUE_DOCS[:2]) and counts["documents_kept"] == 2 and counts["dropped"] == {"exact_duplicate": 1}

@@ -90,3 +90,29 @@ def test_jsonl_lines_decode_one_by_one_and_a_byte_order_mark_is_not_a_bad_line()
     assert [(i, r) for i, r, _ in rows] == [("c1", ""), ("c2", ""), ("c1", ""), ("c2", ""), ("c3", ""), ("/d/mixed.jsonl:4", "undecodable")]
     assert rows[-1][2].startswith("/d/mixed.jsonl:4: not UTF-8")
     assert json.loads(out["record"][0])["messages"][1]["content"] == "A composite.\u2028Tough."
+
+
+def test_a_hidden_folder_above_the_source_does_not_hide_it(tmp_path, monkeypatch):
+    """Given relative to a working directory under a hidden folder (~/.work/proj), a source lost every
+    file: the filter looked at the whole absolute path."""
+    project = tmp_path / ".work" / "proj"
+    (project / "corpus" / ".git").mkdir(parents=True)
+    (project / "corpus" / "doc.txt").write_text("Silk is strong.")
+    (project / "corpus" / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    monkeypatch.chdir(project)
+    for source in ("corpus", "./corpus", "corpus/*.txt", "corpus/**", str(project / "corpus")):
+        files, _ = expand_files(source)
+        assert [f.rsplit("/", 1)[-1] for f in files] == ["doc.txt"], source
+
+
+def test_identical_parquet_rows_are_told_apart_so_dedup_keeps_one():
+    """A parquet read gives no row number, so identical rows got the same id and origin: dedup
+    marked the kept copy a duplicate of itself and dropped both."""
+    import pyarrow as pa
+
+    from alloylm.data.sources import _table_rows
+
+    table = pa.table({"text": ["Nacre is tough.", "Silk is strong.", "Nacre is tough."], "path": ["/d/a.parquet"] * 3})
+    out = _table_rows(table, "text", ColumnMapping(), "/d", has_paths=True)
+    assert len(set(zip(out["id"], out["origin"]))) == 3
+    assert out["id"][0] != out["id"][2] and out["id"][2].startswith(out["id"][0])

@@ -347,7 +347,8 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
     if exact:
         first: dict[str, str] = {}
         for key, digest in sorted(zip(kept_keys, kept_hashes)):
-            if digest in first:
+            if digest in first and first[digest] != key:  # the same key twice (identical parquet rows in
+                # two batches of one file) would drop both copies: kept, not deduplicated
                 duplicates[key] = ("exact_duplicate", first[digest])
             else:
                 first[digest] = key

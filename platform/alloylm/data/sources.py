@@ -144,10 +144,16 @@ def _pdf_row(path: str, data: bytes, fmt: str) -> dict[str, str]:
 def _table_rows(batch: pa.Table, fmt: str, columns: ColumnMapping, origin: str, has_paths: bool) -> dict[str, list]:
     """Ray Data UDF: rows of a table source (parquet with its `path` column, Hugging Face) -> uniform rows."""
     out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+    seen: dict[tuple[str, str], int] = {}
     for row in batch.to_pylist():
         where = row.pop("path") if has_paths else origin
         number = row.pop("__row", None)
         key = number if number is not None else content_hash(row)[:16]
+        if number is None:
+            # A parquet read gives no row number: identical rows would share the name that dedup goes
+            # by (`prepare._row_key`); a repeat in the batch is told apart by its count.
+            repeat = seen[(where, key)] = seen.get((where, key), -1) + 1
+            key = f"{key}.{repeat}" if repeat else key
         converted = convert_row(row, fmt, columns, f"{where}#{key}", f"{os.path.basename(where)}#{key}")
         for name, value in converted.items():
             out[name].append(value)
@@ -168,9 +174,10 @@ def expand_files(source: str) -> tuple[list[str], list[str]]:
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from None
     # Hidden files and whatever is inside a hidden folder below the source (.git/, .ipynb_checkpoints/)
-    # are not documents; a hidden folder the source itself names (~/.corpus/) is read.
-    named = set(source.replace("\\", "/").split("/"))
-    files = [f for f in files if not any(part.startswith(".") and part not in named for part in f.replace("\\", "/").split("/"))]
+    # are not documents; hidden folders above it (~/.corpus/, a checkout under ~/.work/) do not count.
+    magic = min((source.index(ch) for ch in "*?[" if ch in source), default=None)
+    root = storage.resolve(source if magic is None else source[:magic].rsplit("/", 1)[0] or "/").rstrip("/") + "/"
+    files = [f for f in files if not any(part.startswith(".") for part in (f[len(root):] if f.startswith(root) else os.path.basename(f)).split("/"))]
     if not files:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
     parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]
