@@ -162,3 +162,25 @@ def test_the_comparison_is_one_mlflow_run_with_each_variants_metrics_and_the_fil
     assert (tmp_path / ("mlartifacts" if uri.startswith("sqlite") else "mlruns")).is_dir()
     assert not (tmp_path / "cwd" / "mlruns").exists()
 
+
+
+def test_a_checkpoints_mlflow_run_is_continued_only_where_it_is(tmp_path, monkeypatch):
+    """A resume sets MLFLOW_RUN_ID to the run its checkpoint recorded; a run that is not in the
+    configured store and experiment, or was deleted, made every resume from that checkpoint fail."""
+    from mlflow import MlflowClient
+
+    from alloylm.tracking import MlflowTarget, ensure_experiment, resumable_run
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = (tmp_path / "mlruns").as_uri()
+    here = MlflowTarget(tracking_uri=store, experiment="qs", run_name="qs/cpt")
+    client = MlflowClient(tracking_uri=store)
+    run = client.create_run(ensure_experiment(here)).info.run_id
+    assert resumable_run(here, run)
+    other = MlflowTarget(tracking_uri=store, experiment="renamed", run_name="qs/cpt")
+    ensure_experiment(other)
+    assert not resumable_run(other, run)  # tracking.mlflow.experiment changed
+    assert not resumable_run(MlflowTarget(tracking_uri=(tmp_path / "elsewhere").as_uri(), experiment="qs", run_name="qs/cpt"), run)
+    assert not resumable_run(here, "0" * 32)
+    client.delete_run(run)
+    assert not resumable_run(here, run)

@@ -164,6 +164,24 @@ def mlflow_target(config: RunConfig, *, step: str, run_name: str | None = None) 
 _experiment_lock = threading.Lock()
 
 
+def resumable_run(target: MlflowTarget, run_id: str) -> bool:
+    """Whether the MLflow run `run_id` (recorded in a checkpoint) can be continued at `target`: it is
+    in the target's store and experiment, and not deleted. A checkpoint outlives a changed
+    `tracking.mlflow` (another store or experiment, the run deleted in the UI), and continuing a run
+    that is not there fails every attempt to resume from it."""
+    if target.file_store:
+        os.environ.setdefault(_ALLOW_FILE_STORE, "true")
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=target.tracking_uri)
+        run = client.get_run(run_id)
+        experiment = client.get_experiment_by_name(target.experiment)
+    except Exception:  # mlflow raises its own and its stores' errors; any of them: not resumable
+        return False
+    return experiment is not None and run.info.experiment_id == experiment.experiment_id and run.info.lifecycle_stage == "active"
+
+
 def ensure_experiment(target: MlflowTarget) -> str:
     """Create the target's experiment once, on the driver, before workers or trials log to it.
 

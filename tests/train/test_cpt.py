@@ -115,13 +115,13 @@ def test_a_padded_tail_block_trains_on_its_text_only(ray_cluster, tmp_path):
 
 
 def test_a_cpt_stage_trained_on_a_padded_tail_before_the_mask_is_not_up_to_date():
-    """The mask changed what CPT learns from a padded tail, not the data set: a CPT stage on such
-    data gets a new fingerprint, so one trained before (on the padding) is retrained, not reused.
-    Every other stage, and CPT on dropped tails, keeps its fingerprint."""
+    """The mask changed what CPT learns from a padded tail, not the data set: a CPT stage on data
+    with padding gets a new fingerprint, so one trained before (on the padding) is retrained, not
+    reused. Every other stage, and CPT on data without padding, keeps its fingerprint."""
     from alloylm.config import validate_config
     from alloylm.train.launcher import stage_fingerprint
 
-    def fingerprints(tail: str) -> dict[str, str]:
+    def fingerprints(tail: str, padded: bool) -> dict[str, str]:
         config = validate_config({
             "experiment": "fp", "storage": "/tmp/unused", "tokenizer": {"train": {"vocab_size": 400}},
             "datasets": {"text": {"source": "builtin:general-text"}, "chat": {"source": "builtin:general-chat"}},
@@ -130,8 +130,9 @@ def test_a_cpt_stage_trained_on_a_padded_tail_before_the_mask_is_not_up_to_date(
                        "sft": {"kind": "sft", "from": "cpt", "data": "chat"}},
         })
         # the data and tokenizer fingerprints held equal: only the stage's own inputs differ
-        return {name: stage_fingerprint(config, name, {"parent": "same"}, "data-fp", "tok-fp") for name in ("cpt", "sft")}
+        return {name: stage_fingerprint(config, name, {"parent": "same"}, "data-fp", "tok-fp", padded) for name in ("cpt", "sft")}
 
-    dropped, padded = fingerprints("drop"), fingerprints("pad")
+    dropped, padded = fingerprints("drop", False), fingerprints("pad", True)
     assert padded["cpt"] != dropped["cpt"]
     assert padded["sft"] == dropped["sft"]
+    assert fingerprints("pad", False) == dropped  # a data set whose blocks came out whole: nothing padded

@@ -57,7 +57,7 @@ def _parent(config: RunConfig, stage: TrainStageConfig) -> tuple[str, str, Any]:
     return "model", stage.from_, model_source_id(stage.from_)
 
 
-def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str, tokenizer_fp: str) -> str:
+def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str, tokenizer_fp: str, padded_tail: bool = False) -> str:
     stage = config.stages[name]
     # Resources and checkpoint cadence change how a stage runs, not what it learns; except the number
     # of workers, which multiplies the global batch (batch_size x workers x accumulation) and so
@@ -65,9 +65,9 @@ def stage_fingerprint(config: RunConfig, name: str, parent_id: Any, data_fp: str
     learned = stage.model_dump(mode="json", by_alias=True, exclude={"resources", "checkpoint", "description"})
     learned["workers"] = stage.resources.workers
     learned["training"].pop("logging_steps", None)  # how often the loss is logged, not what is learned
-    if stage.kind == "cpt" and config.data.tail == "pad":
+    if stage.kind == "cpt" and padded_tail:
         # CPT has masked a padded tail out of the loss since it reads `attention_mask`; a stage
-        # trained before that learned the padding as text, so it must not count as up to date.
+        # trained before that on data with padding learned it as text: not up to date.
         learned["padded_tail"] = "masked"
     return fingerprint("stage", learned, parent_id, data_fp, tokenizer_fp, config.seed)
 
@@ -345,7 +345,8 @@ def train_stage(config: RunConfig, name: str) -> dict:
     data_manifest = prepare_dataset(config, stage.data, tokenizer_manifest)
     entered += time.monotonic() - preparing  # making the data (`alloylm train` alone) is the data's step, not the stage's
     uri = stage_uri(config, name)
-    fp = stage_fingerprint(config, name, parent_id, content_fingerprint(data_manifest), tokenizer_manifest["fingerprint"])
+    padded = bool(data_manifest["counts"].get("tail_padded_tokens"))
+    fp = stage_fingerprint(config, name, parent_id, content_fingerprint(data_manifest), tokenizer_manifest["fingerprint"], padded)
     manifest = lifecycle.up_to_date(uri, fp)
     if manifest:
         log.info("stage %s: up to date, not retrained (%s)", name, uri)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from alloylm.timing import PhaseClock
-from alloylm.tracking import MlflowTarget
+from alloylm.tracking import MlflowTarget, resumable_run
 
 log = logging.getLogger("alloylm.train")
 
@@ -489,8 +489,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
             # checkpoint are logged again through transformers' own TensorBoard callback.
             metrics_log.replay_to = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
             run_id = _tracked_run(resume) if job.mlflow is not None else None
-            if run_id:
+            if run_id and resumable_run(job.mlflow, run_id):
                 os.environ["MLFLOW_RUN_ID"] = run_id  # MLflow already holds the steps before the checkpoint
+            elif run_id:
+                log.warning("stage %s: the MLflow run %s of checkpoint %s is not in %s, experiment %s: logging to a new run",
+                            job.stage_name, run_id, os.path.basename(resume), job.mlflow.tracking_uri, job.mlflow.experiment)
         clock.lap("load")
         result = trainer.train(resume_from_checkpoint=resume)
         # The Trainer builds its engine (DeepSpeed, accelerate's DDP wrapper, optimizer, data
