@@ -113,6 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
         with teacher.lock:
             teacher.log.append((task, code))
             transient = "TRANSIENT" in excerpt and (task, code) not in teacher.transient_seen
+            # a proxy's error page with status 200, once: not a chat completion
+            proxy_page = "PROXYPAGE" in excerpt and (task, code) not in teacher.transient_seen
             teacher.transient_seen.add((task, code))
             failing = teacher.failing and "FLAKY" in excerpt
         if failing:
@@ -121,6 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, {"error": {"message": "This model's maximum context length is 2048 tokens"}})
         if transient:
             return self._send(503, {"error": {"message": "busy"}}, {"Retry-After": "0"})
+        if proxy_page:
+            return self._send(200, {"html": "<html><body>Gateway busy, try again</body></html>"})
         n = int(re.search(r"Write (\d+)", prompt).group(1))
         content = _answer(task, code, excerpt, n)
         self._send(200, {
@@ -413,6 +417,11 @@ def test_a_chunk_the_endpoint_refuses_is_that_chunks_problem_unless_the_whole_ba
     assert [m["reason"] for m in written["malformed"]] == ["rejected_request"] and written["malformed"][0]["chunk_id"] == "doc#S92"
     assert "maximum context length" in written["malformed"][0]["detail"] and len(written["items"]) == 1
     assert not (tmp_path / "refused.json").exists()
+    # A 200 that is not a chat completion (a proxy's page) is asked again, like a 5xx: it used to be
+    # counted as bad_response at once, and cached as a finished answer.
+    out = sender({"batch_id": ["proxy"], "requests": [json.dumps([request("S96", "PROXYPAGE")])]})
+    written = json.loads((tmp_path / "proxy.json").read_text())
+    assert out["error"] == [""] and written["malformed"] == [] and len(written["items"]) == 1 and written["counts"]["retries"] == 1
     # A batch of one chunk (a document's last, or batch_chunks: 1) cannot tell a chunk from the endpoint: recorded.
     out = sender({"batch_id": ["single"], "requests": [json.dumps([request("S95", "TOOLONG")])]})
     assert out["error"] == [""] and json.loads((tmp_path / "single.json").read_text())["malformed"][0]["reason"] == "rejected_request"

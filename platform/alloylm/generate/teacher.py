@@ -130,14 +130,18 @@ class TeacherClient:
                 failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             else:
                 if status == 200:
-                    return _reply(raw, attempt)
-                shown = raw[:MAX_ERROR_SHOWN].decode("utf-8", "replace")
-                failure = f"HTTP {status}: {shown}"
-                if status in REJECTED_STATUS:
-                    return TeacherReply(None, None, attempt, problem=f"{self.url} refused the request: {failure}", problem_reason="rejected_request")
-                if status not in RETRYABLE_STATUS and status < 500:
-                    raise TeacherCallError(f"{self.url} answered {failure} (not retried)")
-                wait_s = _retry_after(headers)
+                    reply = _reply(raw, attempt)
+                    if not reply.problem or attempt == teacher.max_retries:
+                        return reply  # after the retries, a body that is still no chat completion: bad_response
+                    failure = reply.problem  # not a chat completion (a proxy's or gateway's page): asked again, as a 5xx
+                else:
+                    shown = raw[:MAX_ERROR_SHOWN].decode("utf-8", "replace")
+                    failure = f"HTTP {status}: {shown}"
+                    if status in REJECTED_STATUS:
+                        return TeacherReply(None, None, attempt, problem=f"{self.url} refused the request: {failure}", problem_reason="rejected_request")
+                    if status not in RETRYABLE_STATUS and status < 500:
+                        raise TeacherCallError(f"{self.url} answered {failure} (not retried)")
+                    wait_s = _retry_after(headers)
             if attempt < teacher.max_retries:
                 time.sleep(wait_s if wait_s is not None else teacher.retry_backoff_s * 2**attempt)
         raise TeacherCallError(f"{self.url}: no answer after {teacher.max_retries} retries; last: {failure}")
