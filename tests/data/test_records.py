@@ -103,6 +103,8 @@ def test_a_hidden_folder_above_the_source_does_not_hide_it(tmp_path, monkeypatch
     for source in ("corpus", "./corpus", "corpus/*.txt", "corpus/**", str(project / "corpus")):
         files, _ = expand_files(source)
         assert [f.rsplit("/", 1)[-1] for f in files] == ["doc.txt"], source
+    monkeypatch.chdir(project / "corpus")
+    assert [f.rsplit("/", 1)[-1] for f in expand_files("*.txt")[0]] == ["doc.txt"]  # a glob with no folder: below the cwd
 
 
 def test_identical_parquet_rows_are_told_apart_so_dedup_keeps_one():

@@ -176,7 +176,7 @@ def expand_files(source: str) -> tuple[list[str], list[str]]:
     # Hidden files and whatever is inside a hidden folder below the source (.git/, .ipynb_checkpoints/)
     # are not documents; hidden folders above it (~/.corpus/, a checkout under ~/.work/) do not count.
     magic = min((source.index(ch) for ch in "*?[" if ch in source), default=None)
-    root = storage.resolve(source if magic is None else source[:magic].rsplit("/", 1)[0] or "/").rstrip("/") + "/"
+    root = storage.resolve(source if magic is None else os.path.dirname(source[:magic]) or ".").rstrip("/") + "/"
     files = [f for f in files if not any(part.startswith(".") for part in (f[len(root):] if f.startswith(root) else os.path.basename(f)).split("/"))]
     if not files:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
