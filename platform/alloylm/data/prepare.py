@@ -238,6 +238,11 @@ def prepare_tokenizer(config: RunConfig) -> dict:
     started = time.monotonic()
     with lifecycle.begin(uri, fp, config) as artifact:
         if spec.train:
+            import ray.data
+
+            # Which documents train it (the first `max_documents` of each data set) must not depend
+            # on which read task finished first: in input order, as every data set is prepared.
+            ray.data.DataContext.get_current().execution_options.preserve_order = True
             log.info("tokenizer: training byte-level BPE (vocab %d) on %s", spec.train.vocab_size, ", ".join(names))
             tokenizer = train_tokenizer(
                 _tokenizer_training_texts(config, spec.train.max_documents),
