@@ -184,18 +184,16 @@ def parse_answer(
     except ValueError:
         what = "cut off at max_tokens before its JSON was complete" if reason == "truncated" else "no JSON in it"
         return [], [Malformed(reason, f"{what}: {_shown(content)!r}")], 0
+    flagged = []  # the answer itself, when only a part of it could be read
     if partial:
         what = "cut off at max_tokens" if reason == "truncated" else "its JSON does not parse"
-        records, malformed, extra = parse_answer(
-            json.dumps(value), "stop", task=task, request=request, items_wanted=items_wanted, question_type=question_type, num_choices=num_choices
-        )
-        return records, [Malformed(reason, f"{what}; only an item inside it was read: {_shown(content)!r}"), *malformed], extra
+        flagged.append(Malformed(reason, f"{what}; only an item inside it was read: {_shown(content)!r}"))
     items = _item_list(value)
     if items is None:
-        return [], [Malformed("wrong_shape", f'expected {{"items": [...]}}, got {_shown(json.dumps(value))}')], 0
+        return [], [*flagged, Malformed("wrong_shape", f'expected {{"items": [...]}}, got {_shown(json.dumps(value))}')], 0
     if not items:
-        return [], [Malformed("no_items", "the answer lists no items")], 0
-    records, malformed = [], []
+        return [], [*flagged, Malformed("no_items", "the answer lists no items")], 0
+    records, malformed = [], flagged
     for index, item in enumerate(items[:items_wanted]):
         if not isinstance(item, dict):
             malformed.append(Malformed("wrong_shape", f"item {index} is {type(item).__name__}, not an object"))
