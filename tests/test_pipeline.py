@@ -135,6 +135,9 @@ def test_a_stage_larger_than_the_cluster_fails_before_any_step(ray_cluster, tmp_
     assert main(["-q", "run", str(config)]) == 1
     assert "stage 'huge': resources: 64 CPUs, but the Ray cluster has 2" in capsys.readouterr().err
     assert not storage.exists(str(tmp_path / "runs" / "toy" / "stages" / "a"))
+    # `--only a` runs a and its ancestors: a stage it does not run does not have to fit
+    assert main(["-q", "run", str(config), "--only", "a"]) == 0, capsys.readouterr().err
+    assert storage.exists(str(tmp_path / "runs" / "toy" / "stages" / "a"))
 
 
 def test_one_resource_check_names_the_stage_and_the_shortfall():

@@ -496,7 +496,7 @@ def run_pipeline(
     # A stage the cluster can never hold fails the run before anything is written, the lease included.
     connect_ray()
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    check_stage_resources(config, have=capacity)
+    check_stage_resources(config, names, have=capacity)
     check_stage_memory(config, names, capacity.get("GPU", 0))
     with lease.held(wait=wait_for_lease):
         summary = _run(config, only, capacity)
@@ -572,7 +572,12 @@ def resolve_best(config: RunConfig, serve_config):
     chosen = ChosenVariant(**{k: best.get(k) for k in ("variant", "score", "score_definition") if best.get(k) is not None},
                            within_noise=best.get("within_noise") or [])
     log.info("serve: `best` is %s (validation score %s)", chosen.variant, chosen.score)
-    return serve_config.with_chosen(chosen)
+    resolved = serve_config.with_chosen(chosen)
+    if chosen.variant not in config.stages and chosen.variant not in resolved.sources and best.get("model"):
+        # A model from outside the run (`evaluate.variants: [instruct=meta-llama/...]`) won: serve it
+        # from where it was scored, since the run has no stage folder of that name.
+        resolved = resolved.with_sources({chosen.variant: best["model"]})
+    return resolved
 
 
 def check_serve_resources(serve_config) -> None:

@@ -43,6 +43,22 @@ def test_resolve_best_reads_the_runs_choice(tmp_path):
     assert resolved.model == "sft" and resolved.variant_names == ["sft", "instruct"] and resolved.chosen.within_noise == ["dpo"]
 
 
+def test_a_model_from_outside_the_run_that_won_is_served_from_where_it_was_scored(tmp_path):
+    """`evaluate.variants: [instruct=<folder or hub id>]` and that model chosen: serving looked for a
+    stage folder `<run>/stages/instruct` that no run writes."""
+    from alloylm.serve.run import variant_sources
+
+    outside = str(tmp_path / "models" / "general-instruct")
+    config = load_config(QUICKSTART, [f"storage={tmp_path}", "serve.model=best", "serve.variants=[best, dpo]"])
+    config.stages.pop("instruct")  # as the paper configs: the Instruct model is not trained by the run
+    storage_best = Path(RunLayout.of(config).best)
+    storage_best.parent.mkdir(parents=True)
+    storage_best.write_text(json.dumps({"variant": "instruct", "score": 0.7, "split": "validation", "model": outside}))
+    resolved = resolve_best(config, config.serve)
+    assert resolved.model == "instruct" and resolved.sources == {"instruct": outside}
+    assert variant_sources(resolved, config.run_uri, require_complete=False)["instruct"] == outside
+
+
 def test_a_choice_among_models_that_changed_since_is_stale(tmp_path):
     # `alloylm train CONFIG sft` (or `run --only sft`) after the run: best.json was chosen among
     # the old sft; serving it as "best" would claim a validation score nobody measured.
