@@ -179,6 +179,27 @@ def test_dpo_raises_the_held_out_margin_and_beta_and_loss_type_change_what_is_le
     assert first(rpo[0.5]) - math.log(2) == pytest.approx(nll / 2, rel=1e-3)
 
 
+def test_dpo_from_a_preset_parent_has_that_parent_as_its_reference(world):
+    """TRL loaded the reference from the policy's `_name_or_path`: "" for `from: {init: ...}`, so
+    the trainer failed to build (and a remote-code parent lost trust_remote_code)."""
+    from alloylm.models.presets import build_model
+    from alloylm.train import STAGE_TRAINERS
+    from alloylm.train.worker import StageJob, common_arguments
+
+    raw = {"kind": "dpo", "from": {"init": "pico-llama", "seed": 3}, "data": "prefs", "training": {"max_steps": 1, "batch_size": 4}}
+    stage = TRAIN_STAGES["dpo"].model_validate(raw)
+    run = world["config"].run_uri
+    job = StageJob(
+        stage_name="dpo", stage=raw, seed=0, trust_remote_code=False, tokenizer_uri=os.path.join(run, "tokenizer"),
+        data_uri=os.path.join(run, "data", "prefs"), parent_kind="preset", parent="pico-llama", parent_seed=3,
+        output_uri=str(world["root"] / "unused"), data_rows=world["rows"]["prefs"],
+    )
+    arguments = {**common_arguments(job, stage, str(world["root"] / "work-dpo-preset"), 1), "ddp_backend": None, "report_to": []}
+    policy = build_model("pico-llama", world["tokenizer"], seed=3)
+    trainer = STAGE_TRAINERS["dpo"].build_trainer(stage, job, policy, world["tokenizer"], arguments)
+    assert trainer.ref_model is not trainer.model and weights_apart(trainer.ref_model, policy) == 0.0
+
+
 def test_orpo_raises_the_held_out_margin(world, parent_model):
     before = held_out_margin(parent_model, world)
     orpo = train(world, "orpo", "prefs")

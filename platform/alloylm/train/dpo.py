@@ -1,7 +1,7 @@
 """Direct preference optimisation with TRL's DPOTrainer.
 
-The reference model is the parent: TRL copies the model it is given before training (or, with
-LoRA, uses the adapter-free base, so no copy is needed).
+The reference model is the parent, loaded a second time as the policy was (with LoRA, TRL uses the
+adapter-free base, so no second copy is needed).
 """
 
 from __future__ import annotations
@@ -25,4 +25,13 @@ def build_trainer(stage, job, model, tokenizer, arguments: dict[str, Any]):
     args = DPOConfig(
         **arguments, beta=stage.beta, loss_type=stage.losses, loss_weights=stage.loss_weights, max_length=stage.training.max_length
     )
-    return DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(table), processing_class=tokenizer)
+    # Given, not left to TRL: TRL would load the reference from the policy's `_name_or_path`, without
+    # the run's trust_remote_code, and a preset parent (`from: {init: ...}`) has no path to load.
+    reference = None if stage.lora is not None else _reference_model(job, tokenizer)
+    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=datasets.Dataset(table), processing_class=tokenizer)
+
+
+def _reference_model(job, tokenizer):
+    from alloylm.train.worker import _load_parent  # the worker's own loading: presets seeded alike
+
+    return _load_parent(job, tokenizer)
