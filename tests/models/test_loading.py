@@ -491,6 +491,15 @@ def test_load_from_s3_and_reuse_the_cache(saved_model, tokenizer, s3_bucket, tmp
     monkeypatch.setattr(loading.storage, "download_dir", no_download)
     again = load_model(uri, cache_dir=str(cache))
     assert torch.equal(_logits(model, tokenizer), _logits(again, tokenizer))
+    monkeypatch.undo()
+
+    # New weights uploaded in place (no manifest: a model from outside the run): a new copy, not
+    # the cached old one, which a retrained stage would otherwise have been trained from.
+    other = build_model("tiny-llama", tokenizer, seed=9)
+    save_model(other, tokenizer, str(tmp_path / "other"))
+    storage.upload_dir(str(tmp_path / "other"), uri)
+    replaced = load_model(uri, cache_dir=str(cache))
+    assert torch.equal(_logits(other, tokenizer), _logits(replaced, tokenizer))
 
 
 @pytest.mark.s3

@@ -154,11 +154,13 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
     """The local copy of the S3 folder ``uri``, downloaded unless a complete copy is cached."""
     cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser().absolute()
     # An artifact rewritten at the same URI gets a new manifest (its created_at changes), hence a
-    # new cache entry; a folder without a manifest is keyed by its URI alone.
+    # new cache entry; a folder without a manifest (a model from outside the run) by its files'
+    # sizes and ETags, which is what its stage's fingerprint counts too (`model_source_id`): keyed
+    # by the URI alone, new weights uploaded in place retrained the stage on the old cached copy.
     key_material = uri.rstrip("/")
     manifest = storage.read_manifest(uri)
-    if manifest is not None:
-        key_material += "\n" + json.dumps(manifest, sort_keys=True)
+    identity = manifest if manifest is not None else storage.file_signatures(uri)
+    key_material += "\n" + json.dumps(identity, sort_keys=True)
     key = hashlib.sha256(key_material.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "model"
     final = cache / f"{name}-{key}"
