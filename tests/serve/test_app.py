@@ -230,6 +230,32 @@ def test_engine_stops_at_stop_tokens_unless_min_tokens(tokenizer):
     assert (held.finish_reason, held.completion_tokens) == ("stop", 6)
 
 
+def test_engine_stop_strings_wait_for_min_tokens(tokenizer):
+    """A stop string counts only after min_tokens, as a stop token does (it stopped at once)."""
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    (comma,) = tokenizer(",", add_special_tokens=False)["input_ids"]
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[comma] = 1e4  # every step: ","
+    model.lm_head = head
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.eos_token_id], max_batch_size=4)
+    ids = tokenizer("Material 1")["input_ids"]
+    try:
+        (plain,), (held,) = _collect(
+            engine,
+            [
+                (ids, SamplingParams(max_tokens=20, temperature=0.0, stop=[","]), 0.0),
+                (ids, SamplingParams(max_tokens=20, temperature=0.0, stop=[","], min_tokens=5), 0.0),
+            ],
+        )
+    finally:
+        engine.close()
+    assert (plain.finish_reason, plain.completion_tokens, plain.text) == ("stop", 1, "")
+    assert (held.finish_reason, held.completion_tokens, held.text) == ("stop", 6, ",,,,,")
+
+
 def test_engine_seeds_reproduce_and_differ(tokenizer):
     model = build_model("tiny-llama", tokenizer, seed=0)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=4)
@@ -285,6 +311,15 @@ def test_incremental_text_holds_back_stop_prefixes_and_split_characters(tokenize
             break
     released += stopped.finish()
     assert stopped.stopped and released == "Nacre é 🙂 tough; "
+
+    # min_tokens: a stop string inside the first min_tokens tokens does not stop (vLLM's rule).
+    text = "a; b; c; d; e; f; g; h"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    early = IncrementalText(tokenizer, (";",), min_tokens=5)
+    released = "".join(early.push(i) for i in ids if not early.stopped) + early.finish()
+    first_tokens = tokenizer.decode(ids[:5])
+    assert early.stopped and released.startswith(first_tokens) and ";" not in released[len(first_tokens):]
+    assert released.count(";") == first_tokens.count(";") >= 2, (released, first_tokens)
 
 
 # -------------------------------------------------------------------------------------------

@@ -18,10 +18,15 @@ class IncrementalText:
 
     `push(token_id)` returns the text that may be sent now; `stopped` is True once a stop string
     was found (the text is cut before it); `finish()` returns whatever was held back.
+
+    Stop strings are looked for only in the text of tokens after the first `min_tokens`, as vLLM
+    does: "generate at least this many tokens" holds for stop strings as for stop tokens.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
         self._tokenizer = tokenizer
+        self._min_tokens = min_tokens
+        self._stop_from = 0  # where in `text` a stop string may start: after the first min_tokens tokens
         self._stop = tuple(s for s in stop if s)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
@@ -53,8 +58,11 @@ class IncrementalText:
             return ""  # nothing new, or half a character: wait for the next token
         new_text = full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        searched_from = max(0, len(self.text) - self._longest_stop + 1)
+        searched_from = max(self._stop_from, len(self.text) - self._longest_stop + 1)
         self.text += new_text
+        if len(self._ids) <= self._min_tokens:
+            self._stop_from = len(self.text)
+            return self._release(len(self.text))
         if self._stop:
             hits = [i for i in (self.text.find(s, searched_from) for s in self._stop) if i >= 0]
             if hits:

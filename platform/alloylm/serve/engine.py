@@ -152,7 +152,7 @@ class GenerationEngine:
             params=params,
             deliver=deliver,
             stream=stream,
-            text=IncrementalText(self.tokenizer, params.stop),
+            text=IncrementalText(self.tokenizer, params.stop, params.min_tokens),
             rng=random.Random(seed),
         )
         self._submit(sequence)
