@@ -256,6 +256,49 @@ def test_engine_stop_strings_wait_for_min_tokens(tokenizer):
     assert (held.finish_reason, held.completion_tokens, held.text) == ("stop", 6, ",,,,,")
 
 
+def _sentencepiece_style_tokenizer():
+    """A Llama-2/Mistral-style tokenizer: Metaspace pre-tokenizer and decoder (prepend_scheme "first")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.train_from_iterator(["The capital of France is Paris, and of Italy Rome."] * 50,
+                             trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_an_answer_keeps_the_space_a_sentencepiece_decoder_drops_at_the_start():
+    """Mistral's and Llama 2's decoders drop a text's first leading space: decoded alone, a
+    completion of "The capital of France is" read "Paris", and prompt + answer "isParis"."""
+    from alloylm.serve.detokenizer import decode_continuation
+
+    tok = _sentencepiece_style_tokenizer()
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    answer = tok("The capital of France is Paris", add_special_tokens=False)["input_ids"][len(prompt):]
+    assert tok.decode(answer) == "Paris"  # what decoding the answer alone gives
+    assert decode_continuation(tok, prompt[-5:], answer) == " Paris"
+    streamed = IncrementalText(tok, context=prompt[-5:])
+    assert "".join(streamed.push(t) for t in answer) + streamed.finish() == " Paris"
+
+    model = build_model("tiny-llama", tok, seed=0)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[answer[0]] = 1e4
+    model.lm_head = head
+    engine = GenerationEngine(model, tok, stop_token_ids=[tok.eos_token_id], max_batch_size=2)
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        (whole,), (streamed,) = _collect(engine, [(prompt, params, 0.0)]), _collect(engine, [(prompt, params, 0.0)], stream=True)
+    finally:
+        engine.close()
+    first = tok.decode(answer[:1], skip_special_tokens=True)
+    assert whole[-1].text == "".join(e.text for e in streamed) == " " + first
+
+
 def test_engine_seeds_reproduce_and_differ(tokenizer):
     model = build_model("tiny-llama", tokenizer, seed=0)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=4)

@@ -11,6 +11,27 @@ from transformers import PreTrainedTokenizerBase
 
 # A byte-level BPE token can end inside a multi-byte UTF-8 character; decoding then ends in U+FFFD.
 _REPLACEMENT = "\ufffd"
+# Prompt tokens an answer is decoded after (vLLM's initial incremental detokenization offset, 5).
+CONTEXT_TOKENS = 5
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def decode_continuation(tokenizer: PreTrainedTokenizerBase, context: list[int], ids: list[int]) -> str:
+    """The text of `ids` where they follow `context` (the prompt's last tokens).
+
+    SentencePiece-style decoders (Llama 2's, Mistral's: Metaspace with prepend_scheme "first")
+    drop the leading space of a text's first token, so an answer decoded alone lost the space
+    between the prompt and it ("The capital of France is" + "Paris"). Decoded after the prompt's
+    last tokens, as vLLM does, the answer keeps it; byte-level BPE decodes the same either way.
+    """
+    if not context:
+        return _decode(tokenizer, ids)
+    head = _decode(tokenizer, context)
+    full = _decode(tokenizer, list(context) + list(ids))
+    return full[len(head):] if full.startswith(head) else _decode(tokenizer, ids)
 
 
 class IncrementalText:
@@ -23,21 +44,26 @@ class IncrementalText:
     does: "generate at least this many tokens" holds for stop strings as for stop tokens.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (), min_tokens: int = 0, context: list[int] = ()
+    ) -> None:
         self._tokenizer = tokenizer
         self._min_tokens = min_tokens
         self._stop_from = 0  # where in `text` a stop string may start: after the first min_tokens tokens
         self._stop = tuple(s for s in stop if s)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
-        self._ids: list[int] = []
+        # The prompt's last tokens come first, already read: the answer is decoded after them
+        # (`decode_continuation`), and only the answer's text is ever returned.
+        self._ids: list[int] = list(context)
+        self._context = len(self._ids)
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = self._context
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self._sent = 0  # characters of `text` already returned
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return _decode(self._tokenizer, ids)
 
     def push(self, token_id: int) -> str:
         if self.stopped:
@@ -60,7 +86,7 @@ class IncrementalText:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         searched_from = max(self._stop_from, len(self.text) - self._longest_stop + 1)
         self.text += new_text
-        if len(self._ids) <= self._min_tokens:
+        if len(self._ids) - self._context <= self._min_tokens:
             self._stop_from = len(self.text)
             return self._release(len(self.text))
         if self._stop:

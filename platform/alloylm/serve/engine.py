@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from alloylm.serve.detokenizer import IncrementalText
+from alloylm.serve.detokenizer import CONTEXT_TOKENS, IncrementalText, decode_continuation
 from alloylm.serve.protocol import SamplingParams, TokenLogprob
 
 log = logging.getLogger("alloylm.serve")
@@ -152,7 +152,7 @@ class GenerationEngine:
             params=params,
             deliver=deliver,
             stream=stream,
-            text=IncrementalText(self.tokenizer, params.stop, params.min_tokens),
+            text=IncrementalText(self.tokenizer, params.stop, params.min_tokens, context=list(prompt_ids)[-CONTEXT_TOKENS:]),
             rng=random.Random(seed),
         )
         self._submit(sequence)
@@ -396,7 +396,7 @@ class GenerationEngine:
         if not sequence.decode_as_you_go:
             # One decode of the whole answer instead of one per token: nothing needed it earlier.
             answer = [t for t in sequence.generated if t not in self.stop_token_ids]
-            text = self.tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = decode_continuation(self.tokenizer, sequence.prompt_ids[-CONTEXT_TOKENS:], answer)
         else:
             rest = piece + sequence.text.finish()
             # Without streaming, the one event carries the whole text.
