@@ -502,3 +502,57 @@ def test_identical_parquet_rows_keep_one_copy(ray_cluster, tmp_path, tokenizer_d
         pq.read_table(f) for f in storage.list_files(storage.join(config.run_uri, "data", "d", "documents")) if f.endswith(".parquet")
     ).column("text").to_pylist()
     assert sorted(documents) == sorted(UNIQUE_DOCS[:2]) and counts["documents_kept"] == 2 and counts["dropped"] == {"exact_duplicate": 1}
+
+
+# A Llama-2/Mistral-style template: it raises for roles out of order instead of rendering them.
+ALTERNATING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_records_the_chat_template_refuses_are_skipped_and_named(ray_cluster, tmp_path, tokenizer_dir):
+    """A record whose roles a Llama/Mistral-style template refuses failed the whole data set, after
+    reading and cleaning all of it, with a Ray traceback that named no record."""
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(tokenizer_dir)
+    strict.chat_template = ALTERNATING_TEMPLATE
+    strict.save_pretrained(str(tmp_path / "tok"))
+
+    def chat(*turns):
+        return {"messages": [{"role": role, "content": text} for role, text in turns]}
+
+    good = chat(("user", "What is nacre?"), ("assistant", "Aragonite and protein."))
+    twice = chat(("user", "What is silk?"), ("user", "And bone?"), ("assistant", "Protein fibre; mineralised collagen."))
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in (good, twice)))
+    pairs = [
+        {"prompt": "Which is tougher?", "chosen": "Nacre.", "rejected": "Chalk."},
+        {"prompt": [{"role": "assistant", "content": "Hello."}], "chosen": "Nacre.", "rejected": "Chalk."},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config = make_config(
+        str(tmp_path / "runs"),
+        {"c": {"source": str(tmp_path / "chats.jsonl"), "format": "chat"}, "p": {"source": str(tmp_path / "pairs.jsonl"), "format": "preference"}},
+        str(tmp_path / "tok"),
+    )
+    manifests = prepare_all(config)
+    for name, kept in (("c", "What is nacre?"), ("p", "Which is tougher?")):
+        counts = manifests[name]["counts"]
+        assert counts["documents_in"] == 2 and counts["documents_kept"] == counts["records_out"] == 1, counts
+        assert counts["dropped"] == {"chat_template": 1}
+        rows = read_shards(storage.join(config.run_uri, "data", name))
+        assert "render_error" not in rows.column_names and "origin" not in rows.column_names
+        assert [(r.get("messages") or r["prompt"])[0]["content"] for r in rows.to_pylist()] == [kept]
+        (problem,) = [json.loads(x) for x in storage.read_text(storage.join(config.run_uri, "data", name, "problems.jsonl")).splitlines()]
+        assert problem["reason"] == "chat_template" and problem["origin"].endswith(f"{'chats' if name == 'c' else 'pairs'}.jsonl:2")
+        assert "Conversation roles must alternate" in problem["detail"] and problem["origin"] in problem["detail"]
+
+    # every record refused: the data set fails, naming the template's reason
+    (tmp_path / "bad.jsonl").write_text(json.dumps(twice) + "\n")
+    bad = make_config(str(tmp_path / "runs2"), {"c": {"source": str(tmp_path / "bad.jsonl"), "format": "chat"}}, str(tmp_path / "tok"))
+    with pytest.raises(DataPreparationError, match="refused all of its 1 kept records.*bad.jsonl:1.*roles must alternate"):
+        prepare_all(bad)

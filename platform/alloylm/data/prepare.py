@@ -321,11 +321,27 @@ def _row_key(id_: str, origin: str) -> str:
     return f"{id_}\x1f{origin}"
 
 
-def _drop_duplicates(batch: pa.Table, duplicates: dict[str, str]) -> pa.Table:
+def _drop_duplicates(batch: pa.Table, duplicates: dict[str, str], columns: tuple[str, ...] = ("id", "record")) -> pa.Table:
     """Ray Data UDF: keep rows without a drop reason that are not a duplicate (by `_row_key`)."""
     keys = map(_row_key, batch.column("id").to_pylist(), batch.column("origin").to_pylist())
     keep = [not reason and key not in duplicates for key, reason in zip(keys, batch.column("drop_reason").to_pylist())]
-    return batch.filter(pa.array(keep)).select(["id", "record"])
+    return batch.filter(pa.array(keep)).select(list(columns))
+
+
+def _refused_renders(rendered) -> list[dict]:
+    """The problems of the records the chat template refused (`RenderChats`), read on the driver."""
+    refused = []
+    for batch in rendered.select_columns(["id", "origin", "render_error"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+        failed = batch.filter(pc.not_equal(batch.column("render_error"), ""))
+        for row in failed.to_pylist():
+            where = f"{row['origin']}: " if row["origin"] else ""
+            refused.append({"id": row["id"], "origin": row["origin"], "reason": "chat_template", "detail": f"{where}record {row['id']!r}: {row['render_error']}"})
+    return refused
+
+
+def _rendered_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: the rows the chat template rendered, without the columns that told them apart."""
+    return batch.filter(pc.equal(batch.column("render_error"), "")).drop_columns(["origin", "render_error"])
 
 
 def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[str, tuple[str, str]], Counter, list[dict]]:
@@ -476,8 +492,10 @@ def _column_batches(ds, column: str):
 
 
 def _prepare_rendered(
-    config: RunConfig, kept, kept_count: int, kept_blocks: int, shards_uri: str, tok_uri: str, tokenizer, fmt: str, clock: PhaseClock
-) -> dict[str, int]:
+    config: RunConfig, name: str, kept, kept_count: int, kept_blocks: int, shards_uri: str, tok_uri: str, tokenizer, fmt: str, clock: PhaseClock
+) -> tuple[dict[str, int], list[dict]]:
+    """Render (chats, preference pairs) or type (benchmark items) the kept records into `shards_uri`:
+    (counts, the problems of records the chat template refused)."""
     prep = config.data
     if fmt == "benchmark":
         rendered = kept.map_batches(benchmark_rows, batch_format="numpy", batch_size=prep.batch_size)
@@ -491,6 +509,12 @@ def _prepare_rendered(
             **_tokenizer_pool(prep, min(math.ceil(kept_count / prep.batch_size), kept_blocks)),
         )
     rendered = rendered.materialize()
+    refused = [] if fmt == "benchmark" else _refused_renders(rendered)
+    if len(refused) == kept_count:
+        shown = "; ".join(p["detail"] for p in refused[:MAX_PROBLEMS_SHOWN])
+        raise DataPreparationError(f"data set {name!r}: the chat template refused all of its {kept_count} kept records: {shown}")
+    if fmt != "benchmark":
+        rendered = rendered.map_batches(_rendered_rows, batch_format="pyarrow", batch_size=None).materialize()
     clock.lap("tokenize")
     _write_shards(rendered, shards_uri, prep.rows_per_shard)
     clock.lap("write_shards")
@@ -500,7 +524,7 @@ def _prepare_rendered(
         counts["tokens_out"] = int(sum(pc.sum(column).as_py() or 0 for column in _column_batches(rendered, "num_tokens")))
     else:
         counts["by_split"] = dict(Counter(split for column in _column_batches(rendered, "split") for split in column.to_pylist()))
-    return counts
+    return counts, refused
 
 
 def _chat_renderer(config: RunConfig):
@@ -586,7 +610,11 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
                 f"data set {name!r}: none of its {documents_in} records is usable "
                 f"(dropped: {dict(dropped)}){': ' + shown if shown else ''}"
             )
-        kept = annotated.map_batches(_drop_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow", batch_size=None)
+        # Chats and pairs keep their origin: a record the chat template refuses is named by it.
+        columns = ("id", "origin", "record") if fmt in ("chat", "preference") else ("id", "record")
+        kept = annotated.map_batches(
+            _drop_duplicates, fn_kwargs={"duplicates": duplicates, "columns": columns}, batch_format="pyarrow", batch_size=None
+        )
         shards_uri = storage.join(artifact.staging_uri, "shards")
         tok_uri = tokenizer_uri(config)
         # Loaded once here and handed to the actors (see alloylm.data.tokenize).
@@ -598,7 +626,10 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
                 beside=lambda: _write_shards(documents, storage.join(artifact.staging_uri, "documents"), prep.rows_per_shard),
             )
         else:
-            counts = _prepare_rendered(config, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt, clock)
+            counts, refused = _prepare_rendered(config, name, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt, clock)
+            problems += refused
+            dropped.update(p["reason"] for p in refused)
+            kept_count -= len(refused)
         extra: dict[str, Any] = {}
         if fmt == "text":
             listed = storage.list_files(storage.join(artifact.staging_uri, "documents"))

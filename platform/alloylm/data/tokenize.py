@@ -139,10 +139,24 @@ def _messages(value: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+class TemplateRefusal(Exception):
+    """The chat template raised for one record (a Jinja `raise_exception`, e.g. roles that do not
+    alternate or a system message the template does not take): that record is skipped."""
+
+
+def _refusal(exc: Exception) -> str:
+    return f"the chat template refused it: {type(exc).__name__}: {exc}"
+
+
 class RenderChats:
     """Render chat records with the chat template; keeps the messages for TRL and the token count.
 
     `tokenizer` (the driver's, pickled) spares the actor loading it from `tokenizer_uri`.
+
+    A record the template refuses (it raises, as Llama's and Mistral's templates do for roles out
+    of order) is not rendered: its row keeps the refusal in `render_error`, with its `origin`, and
+    the driver lists it in problems.jsonl and drops it (`alloylm.data.prepare`), as it does a
+    record without its fields, instead of failing the whole data set on one record.
     """
 
     def __init__(self, tokenizer_uri: str, trust_remote_code: bool = False, *, tokenizer=None):
@@ -156,19 +170,38 @@ class RenderChats:
             return []
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
 
+    def _template(self, messages: list[dict[str, str]], **kwargs) -> str:
+        from jinja2 import TemplateError  # what the template's raise_exception raises (transformers')
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except TemplateError as exc:
+            raise TemplateRefusal(_refusal(exc)) from exc
+
+    @staticmethod
+    def _origins(batch: dict[str, np.ndarray]) -> list[str]:
+        return [str(o) for o in batch["origin"]] if "origin" in batch else [""] * len(batch["id"])
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids, messages, texts = [], [], []
+        ids, messages, texts, errors = [], [], [], []
         for id_, record in zip(batch["id"], batch["record"]):
             chat = _messages(json.loads(record)["messages"])
             ids.append(str(id_))
             messages.append(chat)
-            texts.append(self.tokenizer.apply_chat_template(chat, tokenize=False))
+            try:
+                texts.append(self._template(chat))
+                errors.append("")
+            except TemplateRefusal as exc:
+                texts.append("")
+                errors.append(str(exc))
         return pa.table(
             {
                 "id": pa.array(ids, pa.string()),
                 "messages": pa.array(messages, MESSAGES_TYPE),
                 "text": pa.array(texts, pa.string()),
                 "num_tokens": pa.array(self._counts(texts), pa.int32()),
+                "origin": pa.array(self._origins(batch), pa.string()),
+                "render_error": pa.array(errors, pa.string()),
             }
         )
 
@@ -176,16 +209,26 @@ class RenderChats:
 class RenderPreferences(RenderChats):
     """Render preference pairs: the prompt with the generation prompt, each answer as its continuation."""
 
+    def _pair(self, prompt: list[dict[str, str]], pair: dict) -> tuple[str, dict[str, str]]:
+        prompt_text = self._template(prompt, add_generation_prompt=True)
+        answers = {}
+        for key in ("chosen", "rejected"):
+            full = self._template(prompt + _messages(pair[key]))
+            answers[key] = full[len(prompt_text):] if full.startswith(prompt_text) else full
+        return prompt_text, answers
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         columns: dict[str, list[Any]] = {k: [] for k in ("id", "prompt", "chosen", "rejected", "prompt_text", "chosen_text", "rejected_text")}
+        errors = []
         for id_, record in zip(batch["id"], batch["record"]):
             pair = json.loads(record)
             prompt = _messages(pair["prompt"])
-            prompt_text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            answers = {}
-            for key in ("chosen", "rejected"):
-                full = self.tokenizer.apply_chat_template(prompt + _messages(pair[key]), tokenize=False)
-                answers[key] = full[len(prompt_text):] if full.startswith(prompt_text) else full
+            try:
+                prompt_text, answers = self._pair(prompt, pair)
+                errors.append("")
+            except TemplateRefusal as exc:
+                prompt_text, answers = "", {"chosen": "", "rejected": ""}
+                errors.append(str(exc))
             columns["id"].append(str(id_))
             columns["prompt"].append(prompt)
             columns["chosen"].append(_messages(pair["chosen"]))
@@ -197,6 +240,8 @@ class RenderPreferences(RenderChats):
         chosen_counts = self._counts(columns["chosen_text"])
         rejected_counts = self._counts(columns["rejected_text"])
         columns["num_tokens"] = [p + max(c, r) for p, c, r in zip(prompt_counts, chosen_counts, rejected_counts)]
+        columns["origin"] = self._origins(batch)
+        columns["render_error"] = errors
         types = {"prompt": MESSAGES_TYPE, "chosen": MESSAGES_TYPE, "rejected": MESSAGES_TYPE, "num_tokens": pa.int32()}
         return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in columns.items()})
 
