@@ -182,6 +182,7 @@ def test_grid_search_tries_exactly_its_points(prepared):
 
 
 def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
+    from alloylm.errors import StageError
     from alloylm.merge.stage import merge_stage
 
     root = prepared
@@ -200,6 +201,15 @@ def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
     name = "model.layers.0.mlp.up_proj.weight"
     assert (merged[name] - (0.25 * a[name] + 0.75 * b[name])).abs().max() < 1e-6
     assert os.path.exists(os.path.join(out, "merge.yaml")) and os.path.exists(os.path.join(out, "tokenizer_config.json"))
+
+    # A model the YAML merges besides the parents would be merged unchecked and not fingerprinted.
+    mk.write_text(yaml.safe_dump({
+        "merge_method": "linear",
+        "models": [{"model": str(root / "parent-a"), "parameters": {"weight": 0.5}}, {"model": str(root / "elsewhere"), "parameters": {"weight": 0.5}}],
+        "dtype": "float32",
+    }))
+    with pytest.raises(StageError, match=r"names model\(s\) that are not among the stage's parents: .*elsewhere"):
+        merge_stage(_load(root, {"lin2": {**stages["lin"]}}, name="fixed2.yaml"), "lin2")
 
 
 def test_incompatible_parents_fail_before_any_trial(prepared):
@@ -366,7 +376,12 @@ def test_what_changes_a_search_result_changes_its_fingerprint(prepared):
     config = _load(root, {"fp-merged": grid}, name="fp.yaml")
     first = merge_stage(config, "fp-merged")
     assert merge_stage(config, "fp-merged")["fingerprint"] == first["fingerprint"]  # up to date
+    # evaluate.dtype is the dtype `alloylm eval` loads a variant in; trials score the merge in memory
+    # in the stage's dtype, so it changes nothing here (it reran every search).
     raw = _config(root, {"fp-merged": grid}, overwrite=True)
+    raw["evaluate"]["dtype"] = "bfloat16"
+    assert merge_stage(load_config(_write(root, raw, "fp-dtype.yaml")), "fp-merged")["fingerprint"] == first["fingerprint"]
+    raw["evaluate"].pop("dtype")
     raw["evaluate"]["seed"] = 5
     reseeded = load_config(_write(root, raw, "fp-seed.yaml"))
     assert merge_stage(reseeded, "fp-merged")["fingerprint"] != first["fingerprint"]

@@ -401,6 +401,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def referenced_models(value: Any, key: str | None = None) -> set[str]:
+    """Every model a mergekit config names (`model`, `base_model`, a tokenizer `source`), as an
+    absolute path where it is a path; of `model+lora`, the model (the adapter is not a parent)."""
+    if isinstance(value, dict):
+        return set().union(*(referenced_models(v, k) for k, v in value.items()))
+    if isinstance(value, list):
+        return set().union(*(referenced_models(v, key) for v in value))
+    if key not in _MODEL_KEYS or not isinstance(value, str) or value in ("base", "union"):  # tokenizer sources, not models
+        return set()
+    model = value.split("+", 1)[0]
+    return {os.path.abspath(model) if os.path.isabs(model) or os.path.exists(model) else model}
+
+
 def _replace_stage_names(value: Any, stage_dirs: Mapping[str, str], key: str | None = None) -> Any:
     if isinstance(value, dict):
         return {k: _replace_stage_names(v, stage_dirs, k) for k, v in value.items()}

@@ -95,12 +95,23 @@ def _check_parents(config: RunConfig, name: str, uris: list[str], dirs: list[str
 
 def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -> dict:
     from alloylm.merge import MergeInputError, read_mergekit_yaml
+    from alloylm.merge.mergekit_builder import referenced_models
     from alloylm.merge.search import mergekit_config_for
 
     try:
         if stage.mergekit_config:
             stage_dirs = {p: d for p, d in zip(stage.parents, dirs, strict=True)}
-            return read_mergekit_yaml(stage.mergekit_config, stage_dirs=stage_dirs)
+            merge_config = read_mergekit_yaml(stage.mergekit_config, stage_dirs=stage_dirs)
+            # Only the parents are fingerprinted, checked for compatibility and ordered before this
+            # stage in the DAG: a model the YAML names besides them would be merged unchecked, and
+            # reused stale when replaced (a stage name not listed is taken for a Hub id by mergekit).
+            others = sorted(referenced_models(merge_config) - {os.path.abspath(d) for d in dirs})
+            if others:
+                raise MergeInputError(
+                    f"{stage.mergekit_config} names model(s) that are not among the stage's parents: {', '.join(others)}; "
+                    "list every model the YAML merges under `parents` (a stage name or a folder)"
+                )
+            return merge_config
         return mergekit_config_for(stage, dirs, list(stage.parents), stage.parameters, stage.model_parameters)
     except MergeInputError as exc:
         raise StageError(f"merge parameters: {exc}") from None
@@ -187,9 +198,10 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     parent_uris, parent_ids = _parents(config, stage)
     search_inputs = _search_inputs(config, name) if isinstance(stage, MergeSearchStageConfig) else None
     # A search's result also follows its objective: the evaluation settings it scores with (suites,
-    # weights, evaluate.seed, max_length, dtype) and the data's fingerprints.
+    # weights, evaluate.seed, max_length) and the data's fingerprints. Not evaluate.dtype: a trial
+    # scores the merged model in memory, in the stage's own dtype (search.run_trial).
     objective = (
-        [SCORING_VERSION, search_inputs[0].model_dump(mode="json", exclude={"resources", "batch_size"}), search_inputs[1].fingerprints]
+        [SCORING_VERSION, search_inputs[0].model_dump(mode="json", exclude={"resources", "batch_size", "dtype"}), search_inputs[1].fingerprints]
         if search_inputs
         else None
     )
