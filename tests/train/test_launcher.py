@@ -240,13 +240,15 @@ def _train_worker_actors() -> dict[str, int]:
     }
 
 
-def test_lora_from_a_preset_saves_a_merged_model(chain):
-    """The bug this guards: the merged model was rebuilt from the adapter's base_model_name_or_path,
-    which a preset parent (built in memory) does not have: the stage failed after training."""
+def test_lora_from_a_preset_under_zero3_saves_a_merged_model(chain):
+    """The bugs this guards: the merged model was rebuilt from the adapter's base_model_name_or_path,
+    which a preset parent (built in memory) does not have; and under ZeRO-3 the base was rebuilt
+    inside the finished trainer's zero.Init, partitioned (empty weights with one worker, a hang with
+    more): either way the stage failed after training."""
     config, _ = chain
     raw = config.model_dump(mode="json", by_alias=True)
     raw["stages"] = {"lora-preset": {"kind": "cpt", "from": {"init": "tiny-llama"}, "data": "text", "lora": {"r": 4, "alpha": 8},
-                                     "training": {**FAST, "max_steps": 3}}}
+                                     "deepspeed": {"stage": 3}, "training": {**FAST, "max_steps": 3}}}
     cfg = validate_config(raw)
     train_stage(cfg, "lora-preset")
     uri = stage_uri(cfg, "lora-preset")

@@ -146,3 +146,31 @@ def test_lora_adapters_start_from_the_stage_seed():
     first, again, other = adapters(1, 100), adapters(1, 200), adapters(2, 100)
     assert first and all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_bf16_parent_is_fully_fine_tuned_in_float32(tmp_path):
+    """transformers 5 loads a bf16 checkpoint (the Hub's Llama, a DeepSpeed bf16 stage) as bf16 and
+    nothing cast it back: `precision: fp32` (or DDP's bf16 autocast) trained bf16 weights. DeepSpeed
+    bf16 casts and keeps fp32 master weights itself, and LoRA's base is frozen: saved dtype."""
+    import torch
+
+    from alloylm.config import TRAIN_STAGES
+    from alloylm.models.loading import save_model
+    from alloylm.models.presets import build_model
+    from alloylm.models.tokenizer import train_tokenizer
+    from alloylm.train.worker import StageJob, _load_parent
+
+    tokenizer = train_tokenizer(["some text to learn a few merges from"] * 20, vocab_size=300)
+    save_model(build_model("pico-llama", tokenizer, seed=0).to(torch.bfloat16), tokenizer, str(tmp_path / "parent"))
+
+    def loaded_dtype(**options) -> torch.dtype:
+        raw = {"kind": "sft", "from": str(tmp_path / "parent"), "data": "chat", **options}
+        TRAIN_STAGES["sft"].model_validate(raw)
+        job = StageJob(stage_name="s", stage=raw, seed=0, trust_remote_code=False, tokenizer_uri="unused", data_uri="unused", parent_kind="model",
+                       parent=str(tmp_path / "parent"), output_uri="unused", data_rows=1)
+        return {p.dtype for p in _load_parent(job, tokenizer).parameters()}.pop()
+
+    assert loaded_dtype() == torch.float32
+    assert loaded_dtype(deepspeed={"stage": None, "precision": "bf16"}, resources={"gpus_per_worker": 1}) == torch.float32  # DDP autocast: fp32 weights
+    assert loaded_dtype(deepspeed={"stage": 2, "precision": "bf16"}) == torch.bfloat16
+    assert loaded_dtype(lora={"r": 2}) == torch.bfloat16

@@ -67,13 +67,30 @@ def _stage_config(job: StageJob):
     return TRAIN_STAGES[job.stage["kind"]].model_validate(job.stage)
 
 
+def parent_dtype(stage):
+    """The dtype a stage loads its parent model in: float32 for full fine-tuning, whatever the
+    parent was saved in; None (the saved dtype) otherwise.
+
+    transformers 5 loads a bf16 checkpoint (the Hub's Llama and Mistral, a stage trained under
+    DeepSpeed bf16) as bf16, and nothing after it casts the weights back: `precision: fp32`, or
+    plain DDP's bf16 autocast, then trained bf16 weights with bf16 optimizer states, where small
+    updates round away. DeepSpeed's bf16 and fp16 cast the model themselves and keep fp32 master
+    weights, and LoRA's base is frozen: those keep the saved dtype, and so the memory it saves.
+    """
+    import torch
+
+    if stage.lora is not None or (stage.deepspeed.stage is not None and stage.deepspeed.precision != "fp32"):
+        return None
+    return torch.float32
+
+
 def _load_parent(job: StageJob, tokenizer):
     from alloylm.models.loading import load_model
     from alloylm.models.presets import build_model
 
     if job.parent_kind == "preset":
         return build_model(job.parent, tokenizer, seed=job.parent_seed)
-    model = load_model(job.parent, trust_remote_code=job.trust_remote_code)
+    model = load_model(job.parent, trust_remote_code=job.trust_remote_code, dtype=parent_dtype(_stage_config(job)))
     embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
         raise ValueError(
@@ -420,6 +437,11 @@ def _save_output(trainer, stage, tokenizer, workdir: str, job: StageJob, metrics
         shutil.move(model_dir, os.path.join(workdir, "adapter"))
         # The base is built again the way the stage got it, not from the adapter's
         # `base_model_name_or_path`: a preset parent has none (PEFT then fails after training).
+        # Outside ZeRO-3's zero.Init, which the finished trainer leaves on: it would partition
+        # the base (empty weights with one worker; with more, a broadcast only rank 0 makes hangs).
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         base = _load_parent(job, tokenizer)
         merged = PeftModel.from_pretrained(base, os.path.join(workdir, "adapter")).merge_and_unload()
         merged.save_pretrained(model_dir)
