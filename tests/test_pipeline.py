@@ -218,3 +218,22 @@ def test_run_only_a_merge_search_prepares_the_data_its_objective_scores_on(tmp_p
     # perplexity suites weigh 0 in the quickstart's score, so trials skip them and their data.
     assert "data:domain-benchmark" in steps and "data:domain-benchmark" in steps["stage:merged"].parents
     assert "data:domain-heldout" not in steps and "data:domain-benchmark" not in steps["stage:dpo"].parents
+
+
+def test_a_lost_lease_starts_no_more_steps_and_fails_the_run():
+    """The lease's heartbeat noticed a takeover, logged it, and the run went on writing beside the
+    other writer, and ended with exit 0."""
+    from alloylm.pipeline import LEASE_LOST, Step, run_graph
+
+    lost = []
+    ran = []
+    steps = {
+        "a": Step("a", run=lambda: (ran.append("a"), lost.append(True))),  # the heartbeat finds the lease taken
+        "b": Step("b", run=lambda: ran.append("b"), parents=("a",)),
+        "c": Step("c", run=lambda: ran.append("c"), parents=("b",)),
+    }
+    summary = RunSummary(experiment="x", run="/tmp/x")
+    run_graph(steps, summary, capacity={"CPU": 2.0}, max_parallel=1, halt=lambda: LEASE_LOST if lost else None)
+    assert ran == ["a"] and summary.steps["a"]["status"] == "done"
+    assert {k: summary.steps[k]["status"] for k in ("b", "c")} == {"b": "not run", "c": "not run"}
+    assert not summary.ok and "lease was lost" in summary.failed["b"]

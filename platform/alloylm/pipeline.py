@@ -372,10 +372,20 @@ def _fits(needs: dict[str, float], free: dict[str, float]) -> bool:
     return all(amount <= free.get(resource, 0) + 1e-9 for resource, amount in needs.items())
 
 
-def run_graph(steps: dict[str, Step], summary: RunSummary, *, capacity: dict[str, float], max_parallel: int | None) -> None:
-    """Run every step once its parents are done and its resources fit; record each outcome in `summary.steps`."""
+def run_graph(
+    steps: dict[str, Step],
+    summary: RunSummary,
+    *,
+    capacity: dict[str, float],
+    max_parallel: int | None,
+    halt: Callable[[], str | None] | None = None,
+) -> None:
+    """Run every step once its parents are done and its resources fit; record each outcome in `summary.steps`.
+
+    `halt` is asked before steps are started: a reason it returns (the run's lease was lost) starts
+    none more, marks every waiting step not run with it, and waits for the running ones."""
     global _free_pool
-    scheduler = _Scheduler(steps, summary, capacity, max_parallel or max(1, len(steps)))
+    scheduler = _Scheduler(steps, summary, capacity, max_parallel or max(1, len(steps)), halt)
     _free_pool = scheduler.free
     try:
         scheduler.run()
@@ -384,8 +394,11 @@ def run_graph(steps: dict[str, Step], summary: RunSummary, *, capacity: dict[str
 
 
 class _Scheduler:
-    def __init__(self, steps: dict[str, Step], summary: RunSummary, capacity: dict[str, float], workers: int) -> None:
+    def __init__(
+        self, steps: dict[str, Step], summary: RunSummary, capacity: dict[str, float], workers: int, halt: Callable[[], str | None] | None = None
+    ) -> None:
         self.steps, self.summary, self.capacity, self.workers = steps, summary, capacity, workers
+        self.halt = halt
         self.order = list(steps)
         self.waiting = set(self.order)
         self.running: dict[Future, str] = {}
@@ -456,7 +469,16 @@ class _Scheduler:
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="alloylm-step") as pool:
             while self.waiting or self.running:
                 self._skip_broken()
-                self._start_ready(pool)
+                reason = self.halt() if self.halt is not None else None
+                if reason:
+                    for key in self._waiting():
+                        self.waiting.discard(key)
+                        self.summary.steps[key] = {"status": "not run", "error": f"not run: {reason}"}
+                        log.error("%s: not run: %s", key, reason)
+                else:
+                    self._start_ready(pool)
+                if not self.running and not self.waiting:
+                    return
                 if not self.running:
                     for key in self._waiting():  # nothing can ever start: needs beyond the cluster
                         self.waiting.discard(key)
@@ -499,7 +521,9 @@ def run_pipeline(
     check_stage_resources(config, names, have=capacity)
     check_stage_memory(config, names, capacity.get("GPU", 0))
     with lease.held(wait=wait_for_lease):
-        summary = _run(config, only, capacity)
+        summary = _run(config, only, capacity, halt=lambda: LEASE_LOST if lease.lost else None)
+        if lease.lost:  # also when it was lost while the last steps ran
+            summary.steps["lease"] = {"status": "failed", "error": LEASE_LOST}
     if on_summary is not None:
         on_summary(summary)
     if serve and summary.ok:
@@ -507,12 +531,18 @@ def run_pipeline(
     return summary
 
 
-def _run(config: RunConfig, only: list[str] | None, capacity: dict[str, float]) -> RunSummary:
+LEASE_LOST = (
+    "the run's lease was lost (its heartbeat stalled past run.lease_ttl_seconds and another `alloylm run` took "
+    "it over): no more steps are started; run again once the other writer has finished"
+)
+
+
+def _run(config: RunConfig, only: list[str] | None, capacity: dict[str, float], halt: Callable[[], str | None] | None = None) -> RunSummary:
     started = time.monotonic()
     summary = RunSummary(experiment=config.experiment, run=config.run_uri)
     steps = build_graph(config, summary, only=only)
     log.info("run %s: %d steps on %s", config.experiment, len(steps), ", ".join(f"{v:g} {k}" for k, v in capacity.items()))
-    run_graph(steps, summary, capacity=capacity, max_parallel=config.run.max_parallel_stages)
+    run_graph(steps, summary, capacity=capacity, max_parallel=config.run.max_parallel_stages, halt=halt)
     summary.seconds = round(time.monotonic() - started, 1)
     return summary
 
