@@ -204,15 +204,21 @@ def test_engine_honours_each_requests_own_parameters(tokenizer):
     assert stats.steps < sum(lengths)
 
 
-def test_engine_stops_at_stop_tokens_unless_min_tokens(tokenizer):
+def _model_that_always_says(tokenizer, token_id: int):
+    """A tiny-llama whose every step prefers `token_id` by far."""
     model = build_model("tiny-llama", tokenizer, seed=0)
-    # A model whose every step prefers <|end_of_text|> (id 1) by far.
     head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()
-        head.bias[tokenizer.eos_token_id] = 1e4
+        head.bias[token_id] = 1e4
     model.lm_head = head
+    return model
+
+
+def test_engine_stops_at_stop_tokens_unless_min_tokens(tokenizer):
+    # A model whose every step prefers <|end_of_text|> (id 1) by far.
+    model = _model_that_always_says(tokenizer, tokenizer.eos_token_id)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.eos_token_id], max_batch_size=4)
     ids = tokenizer("Material 1")["input_ids"]
     try:
@@ -232,14 +238,8 @@ def test_engine_stops_at_stop_tokens_unless_min_tokens(tokenizer):
 
 def test_engine_stop_strings_wait_for_min_tokens(tokenizer):
     """A stop string counts only after min_tokens, as a stop token does (it stopped at once)."""
-    model = build_model("tiny-llama", tokenizer, seed=0)
     (comma,) = tokenizer(",", add_special_tokens=False)["input_ids"]
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[comma] = 1e4  # every step: ","
-    model.lm_head = head
+    model = _model_that_always_says(tokenizer, comma)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.eos_token_id], max_batch_size=4)
     ids = tokenizer("Material 1")["input_ids"]
     try:
@@ -282,13 +282,7 @@ def test_an_answer_keeps_the_space_a_sentencepiece_decoder_drops_at_the_start():
     streamed = IncrementalText(tok, context=prompt[-5:])
     assert "".join(streamed.push(t) for t in answer) + streamed.finish() == " Paris"
 
-    model = build_model("tiny-llama", tok, seed=0)
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[answer[0]] = 1e4
-    model.lm_head = head
+    model = _model_that_always_says(tok, answer[0])
     engine = GenerationEngine(model, tok, stop_token_ids=[tok.eos_token_id], max_batch_size=2)
     try:
         params = SamplingParams(max_tokens=1, temperature=0.0)
