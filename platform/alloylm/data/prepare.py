@@ -331,8 +331,9 @@ def _drop_duplicates(batch: pa.Table, duplicates: dict[str, str], columns: tuple
 def _refused_renders(rendered) -> list[dict]:
     """The problems of the records the chat template refused (`RenderChats`), read on the driver."""
     refused = []
-    for batch in rendered.select_columns(["id", "origin", "render_error"]).iter_batches(batch_size=None, batch_format="pyarrow"):
-        failed = batch.filter(pc.not_equal(batch.column("render_error"), ""))
+    # The materialized blocks as they are (a column selection would be one more execution).
+    for batch in rendered.iter_batches(batch_size=None, batch_format="pyarrow"):
+        failed = batch.filter(pc.not_equal(batch.column("render_error"), "")).select(["id", "origin", "render_error"])
         for row in failed.to_pylist():
             where = f"{row['origin']}: " if row["origin"] else ""
             refused.append({"id": row["id"], "origin": row["origin"], "reason": "chat_template", "detail": f"{where}record {row['id']!r}: {row['render_error']}"})
@@ -513,10 +514,13 @@ def _prepare_rendered(
     if len(refused) == kept_count:
         shown = "; ".join(p["detail"] for p in refused[:MAX_PROBLEMS_SHOWN])
         raise DataPreparationError(f"data set {name!r}: the chat template refused all of its {kept_count} kept records: {shown}")
-    if fmt != "benchmark":
+    if refused:  # rare: one more pass, over the rendered rows
         rendered = rendered.map_batches(_rendered_rows, batch_format="pyarrow", batch_size=None).materialize()
+    written = rendered
+    if fmt != "benchmark" and not refused:  # the columns that told refusals apart are left out as the shards are written
+        written = rendered.select_columns([c for c in rendered.columns() if c not in ("origin", "render_error")])
     clock.lap("tokenize")
-    _write_shards(rendered, shards_uri, prep.rows_per_shard)
+    _write_shards(written, shards_uri, prep.rows_per_shard)
     clock.lap("write_shards")
     counts = {"records_out": rendered.count()}
     # Sums and tallies on the driver: Dataset.sum() would start a hash-aggregation (actors, seconds).
