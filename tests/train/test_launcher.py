@@ -5,9 +5,11 @@ fails before training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -155,6 +157,33 @@ def test_changed_stage_is_not_overwritten_without_permission(chain):
     assert storage.read_manifest(stage_uri(config, "orpo")) == manifests["orpo"]
 
 
+@contextlib.contextmanager
+def _local_checkpoints_watched(stage_name: str):
+    """While the block runs, the most Trainer checkpoint folders seen at once in each worker's local
+    folder for `stage_name` (`/tmp/alloylm-<stage>-<key>-rank<r>/trainer`), by rank folder."""
+    import glob
+
+    seen: dict[str, int] = {}
+    done = threading.Event()
+    pattern = os.path.join(tempfile.gettempdir(), f"alloylm-{stage_name}-*-rank*", "trainer")
+    earlier = set(glob.glob(pattern))  # left by a killed process: not this block's
+
+    def watch() -> None:
+        while not done.is_set():
+            for folder in set(glob.glob(pattern)) - earlier:
+                count = len(glob.glob(os.path.join(folder, "checkpoint-*")))
+                seen[folder] = max(seen.get(folder, 0), count)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+
+
 def test_zero3_two_workers_tiny_mistral(chain):
     config, _ = chain
     raw = config.model_dump(mode="json", by_alias=True)
@@ -166,8 +195,12 @@ def test_zero3_two_workers_tiny_mistral(chain):
         }
     }
     cfg = validate_config(raw)
-    manifest = train_stage(cfg, "mistral")
+    with _local_checkpoints_watched("mistral") as most_at_once:
+        manifest = train_stage(cfg, "mistral")
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["global_step"] == 16
+    # Once uploaded, a checkpoint leaves the worker's disk on every rank: the Trainer's own rotation
+    # runs on rank 0 only, and rank 1 kept each checkpoint's ZeRO shards until the stage ended.
+    assert len(most_at_once) == 2 and max(most_at_once.values()) == 1, most_at_once
     # A ZeRO-3 engine ran (read from the engine, not the config), and its checkpoints hold every
     # rank's partition of the model and optimizer states.
     ran = manifest["metrics"]["deepspeed"]

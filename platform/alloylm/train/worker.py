@@ -303,14 +303,21 @@ def report_callback(stage_name: str, tracked: bool = False):
 
     class ReportCallback(RayTrainReportCallback):
         def on_save(self, args, state, control, **kwargs):
-            with tempfile.TemporaryDirectory() as tmpdir:
+            # Beside the Trainer's output folder, so that the move below is a rename on one file system.
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.output_dir))) as tmpdir:
                 metrics: dict[str, Any] = {}
                 for entry in state.log_history:
                     metrics.update(entry)
                 source = transformers.trainer.get_last_checkpoint(args.output_dir)
                 checkpoint = None
                 if source is not None:
-                    shutil.copytree(source, os.path.join(tmpdir, self.CHECKPOINT_NAME))
+                    # Moved, where Ray's own callback copies: once uploaded, Ray Train's storage holds
+                    # the checkpoint (keeping `checkpoint.keep` of them) and a resume reads it from
+                    # there. A copy left the local one for the Trainer's rotation, which only the world
+                    # process zero runs: every other rank kept each checkpoint's ZeRO shards on its
+                    # node's disk until the stage ended (for an 8B model under ZeRO-3, GBs per rank
+                    # per checkpoint), and the copy itself doubled the disk and time a save takes.
+                    shutil.move(source, os.path.join(tmpdir, self.CHECKPOINT_NAME))
                     if tracked and state.is_world_process_zero:
                         import mlflow
 
