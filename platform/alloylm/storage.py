@@ -653,7 +653,9 @@ def file_signatures(uri: str) -> list[list[Any]]:
         fs, path = fsspec_filesystem(file_uri)
         with _storage_errors("read the size and time of", file_uri):
             info = fs.info(path)
-        listing.append([file_uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))])
+        # On S3 the ETag (a hash of the content) first: LastModified counts whole seconds, so a
+        # file of the same size rewritten within the second it was written kept its signature.
+        listing.append([file_uri, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))])
     return listing
 
 
