@@ -409,6 +409,7 @@ def test_the_merge_stage_writes_its_model_on_the_gpu_it_was_given(parents, tmp_p
     import ray
 
     import alloylm.merge.materializer as materializer
+    from alloylm.config import RunConfig
     from alloylm.merge.stage import _materialize_task
 
     calls = []
@@ -422,8 +423,12 @@ def test_the_merge_stage_writes_its_model_on_the_gpu_it_was_given(parents, tmp_p
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(materializer, "materialize", record)
-    yaml_text = yaml.safe_dump(mergekit_config("slerp", parents, names=NAMES, parameters={"t": 0.5}))
-    result = _materialize_task(yaml_text, parents, 1, str(tmp_path / "staging"), False, 5)
+    config = RunConfig.model_validate({
+        "experiment": "gpu", "storage": str(tmp_path / "runs"), "tokenizer": {"from": parents[0]},
+        "stages": {"merged": {"kind": "merge", "parents": parents, "tokenizer_from": parents[1], "method": "slerp", "parameters": {"t": 0.5}}},
+    })
+    result = _materialize_task(config, "merged", parents, None, str(tmp_path / "staging"), 5)
     assert result["device"] == device  # recorded in merge_summary.json and the manifest's metrics
+    assert result["parent_dirs"] == parents and "merge_method: slerp" in result["yaml_text"]
     assert calls == [{"tokenizer_from": parents[1], "trust_remote_code": False, "random_seed": 5, "device": device}]
     assert (tmp_path / "staging" / "config.json").is_file()

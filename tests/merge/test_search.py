@@ -106,11 +106,23 @@ def _state_dict(folder: str) -> dict:
     return tensors
 
 
-def test_search_finds_best_of_its_trials_and_reproduces_with_mergekit(prepared, tmp_path):
+def _parents_not_read_here(monkeypatch) -> None:
+    """The driver (on a cluster: the head node) never fetches a parent: the check, the trials and
+    the written merge read them on the nodes that do the work, where their tasks run."""
+    import alloylm.models.loading
+
+    def refuse(source, **kwargs):
+        raise AssertionError(f"the driver fetched parent {source}")
+
+    monkeypatch.setattr(alloylm.models.loading, "local_model_dir", refuse)
+
+
+def test_search_finds_best_of_its_trials_and_reproduces_with_mergekit(prepared, tmp_path, monkeypatch):
     from alloylm.merge.stage import merge_stage
 
     root = prepared
     config = _load(root, {"merged": _search_stage(root)})
+    _parents_not_read_here(monkeypatch)
     manifest = merge_stage(config, "merged")
     stage = storage.join(config.run_uri, "stages", "merged")
     rows = [json.loads(line) for line in open(os.path.join(stage, "search", "trials.jsonl"))]
@@ -315,7 +327,7 @@ def _slerp(t: float, v0, v1):
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
-def test_fixed_merge_from_parameters_is_the_papers_layer_wise_slerp(prepared):
+def test_fixed_merge_from_parameters_is_the_papers_layer_wise_slerp(prepared, monkeypatch):
     """The paper configs' dpo-slerp stage: kind merge, the second parent as base (t=0), the paper's
     gradients. pico-llama has 2 layers: mergekit spreads the 5 anchors over them, so layer 0 takes
     the first anchor and layer 1 the last; other tensors take `default`."""
@@ -327,6 +339,7 @@ def test_fixed_merge_from_parameters_is_the_papers_layer_wise_slerp(prepared):
         "tokenizer_from": str(root / "parent-b"), "method": "slerp", "parameters": PAPER_POINT,
     }}
     config = _load(root, stages, name="dpo-slerp.yaml")
+    _parents_not_read_here(monkeypatch)
     manifest = merge_stage(config, "dpo-slerp")
     assert manifest["stage_kind"] == "merge"
     merged, a, b = _merged(root, config, "dpo-slerp")
@@ -404,8 +417,10 @@ def test_a_merge_task_that_wrote_no_model_here_leaves_no_manifest(prepared, monk
     from alloylm.errors import StageError
 
     root = prepared
-    monkeypatch.setattr(stage_module, "_materialize_on_cluster", lambda *args: {"merge_seconds": 0.0})  # wrote elsewhere
-    stages = {"elsewhere": {"kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "method": "slerp", "parameters": {"t": 0.5}}}
+    parents = [str(root / "parent-a"), str(root / "parent-b")]
+    wrote_elsewhere = {"merge_seconds": 0.0, "device": "cpu", "method": "slerp", "yaml_text": "merge_method: slerp\n", "parent_dirs": parents}
+    monkeypatch.setattr(stage_module, "_on_cluster", lambda *args, **kwargs: dict(wrote_elsewhere))
+    stages = {"elsewhere": {"kind": "merge", "parents": parents, "method": "slerp", "parameters": {"t": 0.5}}}
     config = _load(root, stages, name="elsewhere.yaml")
     with pytest.raises(StageError, match="the merged model is not at .* after the merge task"):
         stage_module.merge_stage(config, "elsewhere")

@@ -117,18 +117,40 @@ def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -
         raise StageError(f"merge parameters: {exc}") from None
 
 
-def _materialize_task(
-    yaml_text: str, parent_uris: list[str], tokenizer_parent: int, staging_uri: str, trust_remote_code: bool, random_seed: int
-) -> dict:
-    """Ray task: write the merged model from the mergekit YAML into the staging location."""
+def _merge_inputs(config: RunConfig, name: str, parent_uris: list[str], best_params: dict | None) -> tuple[list[str], dict]:
+    """On the node that merges: the parents' local folders (S3 copies and Hub ids fetched there),
+    checked, and the mergekit config over them (a search's: its best trial's parameters)."""
+    from alloylm.merge.search import mergekit_config_for
+
+    stage = config.stages[name]
+    dirs = _local_dirs(parent_uris)
+    _check_parents(config, name, parent_uris, dirs)
+    if best_params is None:
+        return dirs, _fixed_config(config, stage, dirs)
+    return dirs, mergekit_config_for(
+        stage, dirs, list(stage.parents), best_params["parameters"], best_params.get("model_parameters", {})
+    )
+
+
+def _materialize_task(config: RunConfig, name: str, parent_uris: list[str], best_params: dict | None, staging_uri: str, random_seed: int) -> dict:
+    """Ray task: fetch and check the parents, write the merged model from its mergekit config into
+    the staging location; returns the config's YAML text and the parents' folders with the timings.
+
+    The parents are read here, never on the driver: a job's driver runs on the head node, which
+    would otherwise hold a copy of every parent (two 8B models: 32 GB in bf16, more in fp32)."""
     import ray
     import torch
-    import yaml
 
-    from alloylm.merge import materialize
+    from alloylm.merge import MergeInputError, materialize
+    from alloylm.merge.mergekit_builder import mergekit_yaml_text
 
-    dirs = _local_dirs(parent_uris)
-    merge_config = yaml.safe_load(yaml_text)
+    stage = config.stages[name]
+    dirs, merge_config = _merge_inputs(config, name, parent_uris, best_params)
+    try:
+        yaml_text = mergekit_yaml_text(merge_config, random_seed=random_seed)
+    except MergeInputError as exc:
+        raise StageError(f"stage {name!r}: merge parameters: {exc}") from None
+    tokenizer_parent = stage.parents.index(stage.tokenizer_from or stage.parents[0])
     with tempfile.TemporaryDirectory(prefix="alloylm-merge-") as tmp:
         out = os.path.join(tmp, "model")
         started = time.monotonic()
@@ -136,24 +158,36 @@ def _materialize_task(
         # the CPU alone took the written model's merge to the CPU even on a GPU cluster.
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         materialize(
-            merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=trust_remote_code,
+            merge_config, out, tokenizer_from=dirs[tokenizer_parent], trust_remote_code=config.trust_remote_code,
             random_seed=random_seed, device=device,
         )
         storage.upload_dir(out, staging_uri)
-        return {"merge_seconds": round(time.monotonic() - started, 2), "device": device}
+        return {
+            "merge_seconds": round(time.monotonic() - started, 2),
+            "device": device,
+            "method": merge_config.get("merge_method", stage.method),  # a mergekit_config YAML's own
+            "yaml_text": yaml_text,
+            "parent_dirs": dirs,
+        }
 
 
-def _materialize_on_cluster(
-    stage: MergeStageConfig, yaml_text: str, parent_uris: list[str], staging_uri: str, trust_remote_code: bool, random_seed: int
-) -> dict:
+def _check_task(config: RunConfig, name: str, parent_uris: list[str]) -> None:
+    """Ray task: a search's parents are whole and can be merged, checked before its first trial."""
+    _check_parents(config, name, parent_uris, _local_dirs(parent_uris))
+
+
+def _on_cluster(task, stage: MergeStageConfig, *args, num_gpus: float = 0.0):
+    """Run `task` as a Ray task with the stage's CPUs (and `num_gpus`), never on a head node that
+    offers no CPUs; a StageError it raises is raised as is."""
     import ray
 
-    tokenizer_parent = stage.parents.index(stage.tokenizer_from or stage.parents[0])
-    task = ray.remote(_materialize_task).options(num_cpus=stage.resources.num_cpus, num_gpus=stage.resources.num_gpus)
     try:
-        return ray.get(task.remote(yaml_text, parent_uris, tokenizer_parent, staging_uri, trust_remote_code, random_seed))
+        return ray.get(ray.remote(task).options(num_cpus=stage.resources.num_cpus, num_gpus=num_gpus).remote(*args))
     except ray.exceptions.RayTaskError as exc:
-        raise StageError(f"merging failed: {exc.cause if hasattr(exc, 'cause') else exc}") from exc
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, StageError):
+            raise StageError(str(cause)) from None
+        raise StageError(f"merging failed: {cause if cause is not None else exc}") from exc
 
 
 def merge_seed(config: RunConfig, name: str) -> int:
@@ -184,8 +218,6 @@ def merge_fingerprint(config: RunConfig, name: str, parent_ids: list[Any], extra
 
 def merge_stage(config: RunConfig, name: str) -> dict:
     """Run merge stage `name` (fixed merge or merge search); returns its manifest."""
-    from alloylm.merge import write_mergekit_yaml
-
     from alloylm.pipeline import check_stage_resources
     from alloylm.stages import kind_of
 
@@ -211,32 +243,27 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
         return manifest
     check_stage_resources(config, [name])
-    dirs = _local_dirs(parent_uris)
-    _check_parents(config, name, parent_uris, dirs)
     seed = merge_seed(config, name)  # the searcher and random merge methods
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
     with lifecycle.begin(uri, fp, config) as artifact:
         if isinstance(stage, MergeSearchStageConfig):
-            merge_config, search_summary = _search(config, name, fp, parent_uris, dirs, search_inputs, artifact.staging_uri, seed)
+            _on_cluster(_check_task, stage, config, name, parent_uris)  # before any trial
+            best_params, search_summary = _search(config, name, fp, parent_uris, search_inputs, artifact.staging_uri, seed)
             summary.update(search_summary)
             yaml_name = "best_merge.yaml"
         else:
-            merge_config = _fixed_config(config, stage, dirs)
-            yaml_name = "merge.yaml"
-            summary["method"] = merge_config.get("merge_method", stage.method)  # a mergekit_config YAML's own
-        with tempfile.TemporaryDirectory(prefix="alloylm-merge-yaml-") as tmp:
-            local_yaml = os.path.join(tmp, yaml_name)
-            write_mergekit_yaml(merge_config, local_yaml, random_seed=seed)
-            yaml_text = open(local_yaml, encoding="utf-8").read()
+            best_params, yaml_name = None, "merge.yaml"
+        log.info("stage %s: materialising the merge with mergekit -> %s", name, uri)
+        merged = _on_cluster(
+            _materialize_task, stage, config, name, parent_uris, best_params, artifact.staging_uri, seed, num_gpus=stage.resources.num_gpus
+        )
+        yaml_text, dirs = merged.pop("yaml_text"), merged.pop("parent_dirs")
+        summary.update(merged)
         sources = "".join(f"#   {d}  <-  {u}\n" for d, u in zip(dirs, parent_uris, strict=True) if d != u)
         header = f"# mergekit config of stage {name!r}; reproduce with: mergekit-yaml {yaml_name} OUTPUT_DIR\n"
         if sources:
-            header += "# parent folders (local copies) and where they come from:\n" + sources
+            header += "# parent folders (local copies, on the node that merged) and where they come from:\n" + sources
         storage.write_text(storage.join(artifact.staging_uri, yaml_name), header + yaml_text)
-        log.info("stage %s: materialising the merge with mergekit -> %s", name, uri)
-        summary.update(
-            _materialize_on_cluster(stage, yaml_text, parent_uris, artifact.staging_uri, config.trust_remote_code, seed)
-        )
         # The task wrote where its node sees the staging location: on a cluster whose nodes do not
         # share a local run folder it is not here, and a manifest must never stand over no model.
         # (The folder's own files only: a search's staging also holds its Tune experiment.)
@@ -281,8 +308,9 @@ def _search_inputs(config: RunConfig, name: str):
     return eval_config, eval_data
 
 
-def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, staging_uri: str, seed: int) -> tuple[dict, dict]:
-    from alloylm.merge.search import SearchError, mergekit_config_for, prepare_job, run_search
+def _search(config: RunConfig, name: str, fp: str, parent_uris, inputs, staging_uri: str, seed: int) -> tuple[dict, dict]:
+    """Run the search; returns (the best trial's parameters, the summary's search figures)."""
+    from alloylm.merge.search import SearchError, prepare_job, run_search
     from alloylm.tracking import mlflow_target
 
     stage: MergeSearchStageConfig = config.stages[name]
@@ -308,7 +336,6 @@ def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, st
     _write_plots(rows, job, search_uri, name)
     _copy_experiment(storage.join(experiment_uri, "tune"), storage.join(search_uri, "tune"))
     best_params = best["params"]
-    merge_config = mergekit_config_for(stage, dirs, list(stage.parents), best_params["parameters"], best_params.get("model_parameters", {}))
     summary = {
         "searcher": stage.search.searcher,
         "trials": len(rows),
@@ -322,7 +349,7 @@ def _search(config: RunConfig, name: str, fp: str, parent_uris, dirs, inputs, st
         "experiment": experiment_uri,
     }
     log.info("stage %s: best trial %s, score %.4f over %d complete trial(s)", name, best["trial"], best["score"], len(complete))
-    return merge_config, summary
+    return best_params, summary
 
 
 def _write_trials(rows: list[dict], search_uri: str) -> None:
