@@ -256,6 +256,60 @@ def test_checkpoint_choice_warns_naming_the_file_or_fails_naming_every_file(chec
     assert not os.listdir(workdir)  # nothing copied to resume from
 
 
+@pytest.mark.s3
+def test_on_s3_every_rank_checks_every_file_and_fetches_its_own(checkpoints, s3_bucket, tmp_path, caplog):
+    """The check reads where the checkpoint is stored (the ends of the files, no download), so
+    every rank judges every rank's files and all pick the same checkpoint; then each downloads only
+    what it resumes from: its own ZeRO shards, and under DeepSpeed no weights file."""
+    import ray.train
+    import torch
+
+    from alloylm.train.worker import checkpoint_files_for, copy_first_whole_checkpoint
+
+    candidates = []
+    for folder in reversed(checkpoints):  # newest first
+        for rank in (0, 1):
+            shard = os.path.join(folder, "checkpoint", "global_step", f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+            os.makedirs(os.path.dirname(shard), exist_ok=True)
+            torch.save({"rank": rank, "states": torch.zeros(64)}, shard)
+        uri = f"s3://{s3_bucket}/experiment/{os.path.basename(folder)}"
+        storage.upload_dir(folder, uri)
+        fs, path = storage.arrow_filesystem(uri)
+        candidates.append(ray.train.Checkpoint(path=path, filesystem=fs))
+    everything = copy_first_whole_checkpoint(candidates, str(tmp_path / "all"), "cpt")
+    rank1 = copy_first_whole_checkpoint(candidates, str(tmp_path / "rank1"), "cpt", wanted=checkpoint_files_for(1, deepspeed=True))
+    assert os.path.basename(everything) == os.path.basename(rank1) == "checkpoint-4"
+    got = {os.path.relpath(os.path.join(d, f), rank1) for d, _, fs in os.walk(rank1) for f in fs}
+    assert got == {os.path.relpath(os.path.join(d, f), everything) for d, _, fs in os.walk(everything) for f in fs} - {
+        "global_step/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "model.safetensors"
+    }
+    assert "global_step/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in got and "trainer_state.json" in got
+
+    # Rank 0's shard of the newer checkpoint cut short in storage: rank 1, which does not fetch it,
+    # falls back to the older checkpoint too.
+    def put(uri: str, data: bytes) -> None:
+        fs, path = storage.fsspec_filesystem(uri)
+        fs.pipe(path, data)
+        fs.invalidate_cache()
+
+    newer_shard = storage.join(f"s3://{s3_bucket}/experiment/{os.path.basename(checkpoints[1])}", "checkpoint", "global_step", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    shard = storage.read_bytes(newer_shard)
+    put(newer_shard, shard[: len(shard) // 2])
+    with caplog.at_level(logging.WARNING, logger="alloylm.train"):
+        chosen = copy_first_whole_checkpoint(candidates, str(tmp_path / "again"), "cpt", wanted=checkpoint_files_for(1, deepspeed=True))
+    assert os.path.basename(chosen) == "checkpoint-2"
+    assert f"{newer_shard} is truncated or corrupt (not a whole PyTorch archive: " in caplog.text
+
+    # A weights file cut short in storage is found from its header, without downloading it.
+    older_weights = storage.join(f"s3://{s3_bucket}/experiment/{os.path.basename(checkpoints[0])}", "checkpoint", "model.safetensors")
+    whole = storage.read_bytes(older_weights)
+    put(older_weights, whole[: len(whole) - 10])
+    with pytest.raises(StageError) as caught:
+        copy_first_whole_checkpoint(candidates, str(tmp_path / "none"), "cpt", wanted=checkpoint_files_for(1, deepspeed=True))
+    assert newer_shard in str(caught.value)
+    assert f"{older_weights} is truncated or corrupt ({len(whole) - 10} bytes where its header says {len(whole)})" in str(caught.value)
+
+
 def test_a_checkpoint_at_the_last_step_is_passed_over(checkpoints, tmp_path, caplog):
     """A stage that died after its last checkpoint (while saving the model) resumed from it and
     trained one step past max_steps (the Trainer checks the step count only after a step). It now

@@ -134,6 +134,10 @@ def test_upload_download_roundtrip_preserves_nested_files(root, tmp_path):
     assert got == ["top.bin", "x/mid.txt", "x/y/leaf.json"]
     assert (dest / "top.bin").read_bytes() == bytes(range(256))
     assert (dest / "x" / "y" / "leaf.json").read_text() == '{"a": 1}'
+    # Only the files `wanted` keeps, by their path relative to the folder.
+    some = tmp_path / "some"
+    storage.download_dir(remote, str(some), wanted=lambda rel: rel != "x/mid.txt")
+    assert sorted(str(p.relative_to(some)) for p in some.rglob("*") if p.is_file()) == ["top.bin", "x/y/leaf.json"]
 
 
 def test_remove_is_recursive_and_spares_siblings(root):

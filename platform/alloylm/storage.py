@@ -702,20 +702,32 @@ def upload_dir(local_dir: str, uri: str, *, action: str = "upload to") -> None:
     fs.invalidate_cache(root)
 
 
-def download_dir(uri: str, local_dir: str) -> str:
-    """Copy every file below ``uri`` to the same relative path under ``local_dir``; returns it."""
+def download_dir(uri: str, local_dir: str, *, wanted: Callable[[str], bool] | None = None) -> str:
+    """Copy every file below ``uri`` to the same relative path under ``local_dir``; returns it.
+
+    ``wanted``: given a file's path relative to ``uri`` (with ``/``), whether to copy it (default: all)."""
     dest = resolve(local_dir)
     if not is_remote(uri):
         src = resolve(uri)
         if not os.path.isdir(src):
             raise StorageNotFoundError(f"cannot download {src}: not a directory")
+
+        def skipped(folder: str, names: list[str]) -> list[str]:
+            if wanted is None:
+                return []
+            rel = os.path.relpath(folder, src)
+            return [n for n in names if not os.path.isdir(os.path.join(folder, n))
+                    and not wanted(n if rel == "." else f"{rel.replace(os.sep, '/')}/{n}")]
+
         with _storage_errors("download", uri):
-            shutil.copytree(src, dest, dirs_exist_ok=True)
+            shutil.copytree(src, dest, dirs_exist_ok=True, ignore=skipped)
         return local_dir
     fs, _ = fsspec_filesystem(uri)
     files = _relative_files(uri)
     if not files:
         raise StorageNotFoundError(f"cannot download {_where(uri)}: no files under it")
+    if wanted is not None:
+        files = [(name, rel) for name, rel in files if wanted(rel)]
     rpaths, lpaths = [], []
     for name, rel in files:
         lpath = os.path.normpath(os.path.join(dest, rel))

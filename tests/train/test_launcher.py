@@ -159,20 +159,23 @@ def test_changed_stage_is_not_overwritten_without_permission(chain):
 
 @contextlib.contextmanager
 def _local_checkpoints_watched(stage_name: str):
-    """While the block runs, the most Trainer checkpoint folders seen at once in each worker's local
-    folder for `stage_name` (`/tmp/alloylm-<stage>-<key>-rank<r>/trainer`), by rank folder."""
+    """While the block runs, what each worker's local folder for `stage_name` holds
+    (`/tmp/alloylm-<stage>-<key>-rank<r>`), by rank: "most" Trainer checkpoint folders seen at once
+    under `trainer/`, and "resume" the files of the checkpoint it resumed from (`checkpoint-<step>/`)."""
     import glob
 
-    seen: dict[str, int] = {}
+    seen: dict[int, dict] = {}
     done = threading.Event()
-    pattern = os.path.join(tempfile.gettempdir(), f"alloylm-{stage_name}-*-rank*", "trainer")
+    pattern = os.path.join(tempfile.gettempdir(), f"alloylm-{stage_name}-*-rank*")
     earlier = set(glob.glob(pattern))  # left by a killed process: not this block's
 
     def watch() -> None:
         while not done.is_set():
             for folder in set(glob.glob(pattern)) - earlier:
-                count = len(glob.glob(os.path.join(folder, "checkpoint-*")))
-                seen[folder] = max(seen.get(folder, 0), count)
+                rank = seen.setdefault(int(folder.rsplit("rank", 1)[1]), {"most": 0, "resume": set()})
+                rank["most"] = max(rank["most"], len(glob.glob(os.path.join(folder, "trainer", "checkpoint-*"))))
+                for resume in glob.glob(os.path.join(folder, "checkpoint-*")):
+                    rank["resume"] |= {os.path.relpath(os.path.join(d, f), resume) for d, _, fs in os.walk(resume) for f in fs}
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -200,7 +203,7 @@ def test_zero3_two_workers_tiny_mistral(chain):
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["global_step"] == 16
     # Once uploaded, a checkpoint leaves the worker's disk on every rank: the Trainer's own rotation
     # runs on rank 0 only, and rank 1 kept each checkpoint's ZeRO shards until the stage ended.
-    assert len(most_at_once) == 2 and max(most_at_once.values()) == 1, most_at_once
+    assert sorted(most_at_once) == [0, 1] and all(r["most"] <= 1 for r in most_at_once.values()), most_at_once
     # A ZeRO-3 engine ran (read from the engine, not the config), and its checkpoints hold every
     # rank's partition of the model and optimizer states.
     ran = manifest["metrics"]["deepspeed"]
@@ -210,6 +213,21 @@ def test_zero3_two_workers_tiny_mistral(chain):
     for rank in (0, 1):
         assert any(os.path.basename(f).startswith(f"zero_pp_rank_{rank}_") and f.endswith("optim_states.pt") for f in saved), saved
         assert any(os.path.basename(f).startswith(f"zero_pp_rank_{rank}_") and f.endswith("model_states.pt") for f in saved), saved
+    # Run again without its artifact: it resumes from step 8 (the checkpoint at its last step is
+    # passed over), each rank taking its own ZeRO shards only and no weights file (DeepSpeed resumes
+    # from its states): every rank took every rank's shards, and a copy of them (8B, ZeRO-3: ~100 GB
+    # per rank per resume).
+    first_losses = losses(stage_uri(cfg, "mistral"))
+    storage.remove(stage_uri(cfg, "mistral"))
+    with _local_checkpoints_watched("mistral") as resumed:
+        again = train_stage(cfg, "mistral")
+    assert losses(stage_uri(cfg, "mistral")) == first_losses  # steps 10-16 again, exactly as the first time
+    assert again["metrics"]["resumed_from_step"] == 8 and again["metrics"]["global_step"] == 16, again["metrics"]
+    for rank, other in ((0, 1), (1, 0)):
+        files = resumed[rank]["resume"]
+        assert any(os.path.basename(f).startswith(f"zero_pp_rank_{rank}_") for f in files), files
+        assert not any(os.path.basename(f).startswith(f"zero_pp_rank_{other}_") for f in files), files
+        assert "trainer_state.json" in files and not any(f.endswith(".safetensors") for f in files), files
     # The killed-worker test of this module counts checkpoint folders under the same run: leave none behind.
     root = storage.join(cfg.run_uri, "checkpoints")
     for name in os.listdir(root):

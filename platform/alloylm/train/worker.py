@@ -14,14 +14,13 @@ Workers get everything through their config argument (`StageJob`), never through
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -194,9 +193,9 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int) -> str | None:
-    """The newest whole checkpoint Ray Train holds for this stage below step `max_steps`, copied
-    locally, or None.
+def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int, wanted=None) -> str | None:
+    """The newest whole checkpoint Ray Train holds for this stage below step `max_steps`, its files
+    `wanted` fetched locally (`copy_first_whole_checkpoint`), or None.
 
     Ray Train hands every worker its latest checkpoint; the ones it registered before it (as many
     as `checkpoint.keep` leaves) are the fall-backs when a file of the latest is cut short.
@@ -212,7 +211,7 @@ def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int) -
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
     )
     earlier = [r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path]  # newest first
-    return copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps)
+    return copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted)
 
 
 def _checkpoint_uri(checkpoint) -> str:
@@ -220,28 +219,6 @@ def _checkpoint_uri(checkpoint) -> str:
     from alloylm import storage
 
     return storage.arrow_uri(checkpoint.filesystem, checkpoint.path)
-
-
-@contextlib.contextmanager
-def _checkpoint_folder(checkpoint) -> Iterator[str]:
-    """A local folder holding the checkpoint's files. From S3, the download is retried whole within
-    the storage retry window (a StorageError naming the checkpoint and the endpoint past it)."""
-    from alloylm import storage
-
-    uri = _checkpoint_uri(checkpoint)
-    if not uri.startswith("s3://"):
-        with checkpoint.as_directory() as folder:
-            yield folder
-        return
-    folder = tempfile.mkdtemp(prefix="alloylm-checkpoint-")
-    try:
-        try:
-            storage.download_dir(uri, folder)
-        except storage.StorageNotFoundError:
-            pass  # no files: checkpoint_problem names the missing trainer_state.json
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def upload_checkpoint(stage_name: str):
@@ -331,56 +308,123 @@ def report_callback(stage_name: str, tracked: bool = False):
     return ReportCallback()
 
 
-def checkpoint_problem(folder: str, shown_as: str) -> str | None:
-    """None when every file a resume reads from the HF Trainer checkpoint `folder` is whole, else a
-    sentence naming the first one that is not (`shown_as`: where the folder lives in storage).
+def checkpoint_problem(uri: str) -> str | None:
+    """None when every file a resume reads from the HF Trainer checkpoint folder `uri` (local or
+    s3://) is whole, else a sentence naming the first one that is not.
 
-    Checked without loading anything: `trainer_state.json` parses, each safetensors file is as long
-    as its header says, and each PyTorch file (optimizer, scheduler, RNG states, DeepSpeed's ZeRO
-    shards) ends with its zip directory, which a truncated file has lost.
+    Checked where the checkpoint is stored, reading only the ends of its files (every rank checks
+    every rank's files, so all ranks pick the same checkpoint, then fetches its own):
+    `trainer_state.json` parses, each safetensors file is as long as its header says, a sharded
+    model's index lists no missing shard, and each PyTorch file (optimizer, scheduler, RNG states,
+    DeepSpeed's ZeRO shards) ends with its zip directory, which a truncated file has lost.
     """
+    import posixpath
     import zipfile
 
     from alloylm import storage
-    from alloylm.models.loading import check_safetensors
-    from alloylm.storage import CorruptFileError
 
-    def shown(path: str) -> str:
-        return storage.join(shown_as, os.path.relpath(path, folder).replace(os.sep, "/"))
-
-    state = os.path.join(folder, "trainer_state.json")
+    state = storage.join(uri, "trainer_state.json")
     try:
-        with open(state, encoding="utf-8") as f:
-            int(json.load(f)["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{shown(state)} is missing or unreadable ({type(err).__name__}: {err})"
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        if any(name.endswith(".safetensors") for name in filenames):
-            try:
-                check_safetensors(dirpath, shown_as=shown(dirpath))
-            except CorruptFileError as err:
-                return str(err)
-        for name in sorted(filenames):
-            if not name.endswith((".pt", ".pth", ".bin")):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                with zipfile.ZipFile(path):
+        int(json.loads(storage.read_text(state))["global_step"])
+    except (storage.StorageError, ValueError, KeyError, TypeError) as err:
+        return f"{state} is missing or unreadable ({type(err).__name__}: {err})"
+    fs, root = storage.fsspec_filesystem(uri)
+    files = sorted(
+        (posixpath.relpath(path, root) if storage.is_remote(uri) else os.path.relpath(path, root).replace(os.sep, "/"), path, info)
+        for path, info in storage.retrying("list", uri, lambda: fs.find(root, detail=True)).items()
+        if not path.endswith("/")
+    )
+    present = {rel for rel, _, _ in files}
+    for rel, path, info in files:
+        name = posixpath.basename(rel)
+        try:
+            if name.endswith(".safetensors.index.json"):
+                with fs.open(path, "rb") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                folder = posixpath.dirname(rel)
+                missing = [s for s in shards if posixpath.join(folder, s) not in present]
+                if missing:
+                    return f"{storage.join(uri, posixpath.join(folder, missing[0]))} is missing: {name} lists it as a shard"
+            elif name.endswith(".safetensors"):
+                problem = _safetensors_length_problem(fs, path, int(info["size"]))
+                if problem:
+                    return f"{storage.join(uri, rel)} is truncated or corrupt ({problem})"
+            elif name.endswith((".pt", ".pth", ".bin")):
+                # Small reads from the end (the zip directory): never the whole file.
+                with fs.open(path, "rb", block_size=1 << 16) as f, zipfile.ZipFile(f):
                     pass
-            except (zipfile.BadZipFile, OSError) as err:
-                return f"{shown(path)} is truncated or corrupt (not a whole PyTorch archive: {err})"
+        except zipfile.BadZipFile as err:
+            return f"{storage.join(uri, rel)} is truncated or corrupt (not a whole PyTorch archive: {err})"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"{storage.join(uri, rel)} is truncated or corrupt ({type(err).__name__}: {err})"
     return None
 
 
-def copy_first_whole_checkpoint(
-    candidates: list, workdir: str, stage_name: str, *, announce: bool = True, below_step: int | None = None
-) -> str | None:
-    """Copy the first of `candidates` (Ray Train checkpoints, newest first) whose files are whole
-    and whose step is below `below_step` (the stage's max_steps) into `workdir` as
-    `checkpoint-<step>`, and return that folder; None when every whole one is at or past it.
+def _safetensors_length_problem(fs, path: str, size: int) -> str | None:
+    """What is wrong with the safetensors file's length, reading its header only. By hand because
+    safetensors reads local files only (`safe_open` needs a path), and this must not download the
+    file: its 8-byte header length, then the JSON header, whose largest data offset ends the file."""
+    with fs.open(path, "rb", block_size=1 << 16) as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"its header claims {length} bytes, the file has {size}"
+        header = json.loads(f.read(length))
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        return f"{size} bytes where its header says {8 + length + end}"
+    return None
 
-    A skipped checkpoint is logged with the file that is not whole; every rank reads the same files,
+
+_ZERO_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")
+
+
+def checkpoint_files_for(rank: int | None, deepspeed: bool):
+    """Which files of a checkpoint worker `rank` reads to resume (None: all): under DeepSpeed, its
+    own ZeRO shards (not the other ranks', unless elastic checkpoints, which AlloyLM does not set)
+    and no safetensors weights (DeepSpeed resumes the engine's states; the Trainer loads no
+    model file then). For an 8B model under ZeRO-3 every rank fetched every rank's optimizer
+    states: about 100 GB per rank at each resume."""
+
+    def wanted(rel: str) -> bool:
+        if rank is None:
+            return True
+        name = rel.rsplit("/", 1)[-1]
+        shard = _ZERO_SHARD.match(name)
+        if shard is not None:
+            return int(shard.group(1)) == rank
+        return not (deepspeed and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")))
+
+    return wanted
+
+
+def _link_files(source: str, target: str, wanted=None) -> None:
+    """`target` as a folder of symbolic links to the files of the local (or shared) checkpoint
+    folder `source` that `wanted` keeps. The Trainer only reads them, before its first save (and
+    Ray Train deletes an old checkpoint only once a newer one is reported): a copy per rank was a
+    whole checkpoint per rank on the node's disk. Removing the workdir unlinks the links only."""
+    source = os.path.abspath(source)
+    for folder, _, names in os.walk(source):
+        rel = os.path.relpath(folder, source)
+        os.makedirs(os.path.normpath(os.path.join(target, rel)), exist_ok=True)
+        for name in names:
+            relative = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+            if wanted is None or wanted(relative):
+                os.symlink(os.path.join(folder, name), os.path.join(target, rel, name))
+
+
+def copy_first_whole_checkpoint(
+    candidates, workdir: str, stage_name: str, announce: bool = True, below_step: int | None = None, wanted=None
+) -> str | None:
+    """Take the first of Ray Train's `candidates` (newest first) whose files are whole
+    (`checkpoint_problem`) and whose step is below `below_step` (the stage's max_steps) into
+    `workdir` as `checkpoint-<step>`, and return that folder; None when every whole one is at or
+    past it. Only the files `wanted` keeps (`checkpoint_files_for`) are taken: downloaded from S3,
+    linked from a local (or shared) folder.
+
+    A skipped checkpoint is logged with the file that is not whole; every rank checks the same files,
     so all ranks pick the same checkpoint. Raises StageError naming each bad file when none is whole.
     A checkpoint at the last step (the stage died after it, while saving the model) is passed over:
     the Trainer resumed from it takes one step more than `max_steps` (it checks the count only after
@@ -394,28 +438,31 @@ def copy_first_whole_checkpoint(
     problems: list[str] = []
     at_the_end = False
     for checkpoint in candidates:
-        shown = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
-        with _checkpoint_folder(checkpoint) as folder:
-            source = os.path.join(folder, "checkpoint")
-            problem = checkpoint_problem(source, shown)
-            if problem is None:
-                with open(os.path.join(source, "trainer_state.json"), encoding="utf-8") as f:
-                    step = json.load(f)["global_step"]
-                if below_step is not None and step >= below_step:
-                    at_the_end = True
-                    if announce:
-                        log.warning(
-                            "stage %s: checkpoint %s is at the stage's last step (%d); resuming from the one before it",
-                            stage_name, shown, step,
-                        )
-                    continue
-                # Keep transformers' name (checkpoint-<step>): it reads the step from it.
-                target = os.path.join(workdir, f"checkpoint-{step}")
-                shutil.copytree(source, target)
-                return target
+        source = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
+        problem = checkpoint_problem(source)
+        if problem is None:
+            step = json.loads(storage.read_text(storage.join(source, "trainer_state.json")))["global_step"]
+            if below_step is not None and step >= below_step:
+                at_the_end = True
+                if announce:
+                    log.warning(
+                        "stage %s: checkpoint %s is at the stage's last step (%d); resuming from the one before it",
+                        stage_name, source, step,
+                    )
+                continue
+            # Keep transformers' name (checkpoint-<step>): it reads the step from it.
+            target = os.path.join(workdir, f"checkpoint-{step}")
+            os.makedirs(workdir, exist_ok=True)
+            if storage.is_remote(source):
+                partial = target + ".downloading"
+                storage.download_dir(source, partial, wanted=wanted)
+                os.rename(partial, target)
+            else:
+                _link_files(storage.resolve(source), target, wanted)
+            return target
         problems.append(problem)
         if announce:
-            log.warning("stage %s: cannot resume from checkpoint %s: %s; trying the checkpoint before it", stage_name, shown, problem)
+            log.warning("stage %s: cannot resume from checkpoint %s: %s; trying the checkpoint before it", stage_name, source, problem)
     if at_the_end:
         if announce:
             log.warning("stage %s: no whole checkpoint before its last step; training it from the start", stage_name)
@@ -510,7 +557,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         trainer.add_callback(metrics_log)
         trainer.add_callback(report_callback(job.stage_name, tracked=job.mlflow is not None))
         trainer = prepare_trainer(trainer)
-        resume = _resume_dir(workdir, job.stage_name, announce=context.get_world_rank() == 0, max_steps=max_steps)
+        resume = _resume_dir(
+            workdir, job.stage_name, announce=context.get_world_rank() == 0, max_steps=max_steps,
+            wanted=checkpoint_files_for(context.get_world_rank(), deepspeed=trainer.is_deepspeed_enabled),
+        )
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
             metrics_log.restore(resume)  # the steps before it, which the checkpoint's state keeps
