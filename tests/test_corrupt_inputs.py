@@ -257,7 +257,7 @@ def test_checkpoint_choice_warns_naming_the_file_or_fails_naming_every_file(chec
 
 
 @pytest.mark.s3
-def test_on_s3_every_rank_checks_every_file_and_fetches_its_own(checkpoints, s3_bucket, tmp_path, caplog):
+def test_on_s3_every_rank_checks_every_file_and_fetches_its_own(checkpoints, s3_bucket, tmp_path, caplog, monkeypatch):
     """The check reads where the checkpoint is stored (the ends of the files, no download), so
     every rank judges every rank's files and all pick the same checkpoint; then each downloads only
     what it resumes from: its own ZeRO shards, and under DeepSpeed no weights file."""
@@ -284,6 +284,27 @@ def test_on_s3_every_rank_checks_every_file_and_fetches_its_own(checkpoints, s3_
         "global_step/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "model.safetensors"
     }
     assert "global_step/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in got and "trainer_state.json" in got
+
+    # A read that fails is retried, and never taken for a file cut short: a rank whose reads were
+    # throttled would have resumed from an older checkpoint than the others.
+    fs, _ = storage.fsspec_filesystem(f"s3://{s3_bucket}/experiment")
+    original, failures = fs.cat_file, {"left": 2}
+
+    def flaky(path, *args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("connection reset by peer (injected)")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", flaky)  # fsspec keeps one instance per endpoint: the check's own
+    monkeypatch.setenv(storage.RETRY_WINDOW_ENV, "30")
+    retried = copy_first_whole_checkpoint(candidates, str(tmp_path / "retried"), "cpt", wanted=checkpoint_files_for(1, deepspeed=True))
+    assert os.path.basename(retried) == "checkpoint-4" and failures["left"] == 0
+    failures["left"] = 10**9
+    monkeypatch.setenv(storage.RETRY_WINDOW_ENV, "0")
+    with pytest.raises(storage.StorageError, match="cannot read .*connection reset by peer"):
+        copy_first_whole_checkpoint(candidates, str(tmp_path / "unreachable"), "cpt", wanted=checkpoint_files_for(1, deepspeed=True))
+    failures["left"] = 0
 
     # Rank 0's shard of the newer checkpoint cut short in storage: rank 1, which does not fetch it,
     # falls back to the older checkpoint too.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -213,6 +214,18 @@ def test_fixed_merge_from_mergekit_yaml_given_as_is(prepared):
     name = "model.layers.0.mlp.up_proj.weight"
     assert (merged[name] - (0.25 * a[name] + 0.75 * b[name])).abs().max() < 1e-6
     assert os.path.exists(os.path.join(out, "merge.yaml")) and os.path.exists(os.path.join(out, "tokenizer_config.json"))
+
+    # The merge task gets the YAML's text, read on the driver: on its node the path may not exist.
+    from alloylm.merge.stage import _materialize_task
+
+    elsewhere = root / "only-on-the-driver.yaml"
+    shutil.copy(mk, elsewhere)
+    moved = _load(root, {"lin3": {**stages["lin"], "mergekit_config": str(elsewhere)}}, name="fixed3.yaml")
+    text = elsewhere.read_text()
+    elsewhere.unlink()
+    done = _materialize_task(moved, "lin3", stages["lin"]["parents"], None, str(root / "lin3-staging"), 0, text)
+    assert done["method"] == "linear"
+    assert torch.equal(_state_dict(str(root / "lin3-staging"))[name], merged[name])
 
     # A model the YAML merges besides the parents would be merged unchecked and not fingerprinted.
     mk.write_text(yaml.safe_dump({

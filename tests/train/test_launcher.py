@@ -170,14 +170,21 @@ def _local_checkpoints_watched(stage_name: str):
     earlier = set(glob.glob(pattern))  # left by a killed process: not this block's
 
     def watch() -> None:
-        while not done.is_set():
-            for folder in set(glob.glob(pattern)) - earlier:
-                rank = seen.setdefault(int(folder.rsplit("rank", 1)[1]), {"most": 0, "resume": set()})
-                rank["most"] = max(rank["most"], len(glob.glob(os.path.join(folder, "trainer", "checkpoint-*"))))
-                for resume in glob.glob(os.path.join(folder, "checkpoint-*")):
-                    rank["resume"] |= {os.path.relpath(os.path.join(d, f), resume) for d, _, fs in os.walk(resume) for f in fs}
-            time.sleep(0.05)
+        try:
+            while not done.is_set():
+                for folder in set(glob.glob(pattern)) - earlier:
+                    number = folder.rsplit("-rank", 1)[1]
+                    if not number.isdigit():
+                        continue
+                    rank = seen.setdefault(int(number), {"most": 0, "resume": set()})
+                    rank["most"] = max(rank["most"], len(glob.glob(os.path.join(folder, "trainer", "checkpoint-*"))))
+                    for resume in glob.glob(os.path.join(folder, "checkpoint-*")):
+                        rank["resume"] |= {os.path.relpath(os.path.join(d, f), resume) for d, _, fs in os.walk(resume) for f in fs}
+                time.sleep(0.05)
+        except Exception as exc:  # noqa: BLE001 - reported by the block, not lost with the thread
+            failed.append(exc)
 
+    failed: list[BaseException] = []
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
@@ -185,6 +192,7 @@ def _local_checkpoints_watched(stage_name: str):
     finally:
         done.set()
         watcher.join(timeout=10)
+    assert not failed, f"the watcher of {pattern} failed: {failed[0]!r}"
 
 
 def test_zero3_two_workers_tiny_mistral(chain):

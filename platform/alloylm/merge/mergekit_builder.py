@@ -236,17 +236,18 @@ def write_mergekit_yaml(config: Mapping[str, Any], path: str, *, random_seed: in
         f.write(text)
 
 
-def read_mergekit_yaml(path: str, *, stage_dirs: Mapping[str, str] | None = None) -> dict:
+def read_mergekit_yaml(path: str, *, stage_dirs: Mapping[str, str] | None = None, text: str | None = None) -> dict:
     """A user's mergekit YAML file, as is, with stage names resolved to their local folders.
 
     A `model:` (or `base_model:`, `tokenizer_source:`) value equal to a key of `stage_dirs` (a stage
-    name of the run) becomes that stage's folder. Errors name the file.
+    name of the run) becomes that stage's folder. Errors name the file. `text`: the file's content,
+    read already where `path` is seen (a merge task on another node may not see it).
     """
     from alloylm import storage
 
     try:
         # Through storage, as the config check and the fingerprint read it: s3:// and ~ work here too.
-        raw = yaml.safe_load(storage.read_text(storage.resolve(path)))
+        raw = yaml.safe_load(storage.read_text(storage.resolve(path)) if text is None else text)
     except (OSError, storage.StorageError) as err:
         raise MergeInputError(f"cannot read mergekit YAML {path}: {err}") from None
     except yaml.YAMLError as err:

@@ -93,7 +93,9 @@ def _check_parents(config: RunConfig, name: str, uris: list[str], dirs: list[str
         raise StageError(f"cannot merge {', '.join(stage.parents)}: {exc}") from None
 
 
-def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -> dict:
+def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str], mergekit_yaml: str | None = None) -> dict:
+    """The fixed merge's mergekit config over the local parent folders `dirs`: the stage's
+    `mergekit_config` YAML (its text `mergekit_yaml` when read already), else from its parameters."""
     from alloylm.merge import MergeInputError, read_mergekit_yaml
     from alloylm.merge.mergekit_builder import referenced_models
     from alloylm.merge.search import mergekit_config_for
@@ -101,7 +103,7 @@ def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -
     try:
         if stage.mergekit_config:
             stage_dirs = {p: d for p, d in zip(stage.parents, dirs, strict=True)}
-            merge_config = read_mergekit_yaml(stage.mergekit_config, stage_dirs=stage_dirs)
+            merge_config = read_mergekit_yaml(stage.mergekit_config, stage_dirs=stage_dirs, text=mergekit_yaml)
             # Only the parents are fingerprinted, checked for compatibility and ordered before this
             # stage in the DAG: a model the YAML names besides them would be merged unchecked, and
             # reused stale when replaced (a stage name not listed is taken for a Hub id by mergekit).
@@ -117,22 +119,28 @@ def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str]) -
         raise StageError(f"merge parameters: {exc}") from None
 
 
-def _merge_inputs(config: RunConfig, name: str, parent_uris: list[str], best_params: dict | None) -> tuple[list[str], dict]:
+def _merge_inputs(
+    config: RunConfig, name: str, parent_uris: list[str], best_params: dict | None, mergekit_yaml: str | None = None
+) -> tuple[list[str], dict]:
     """On the node that merges: the parents' local folders (S3 copies and Hub ids fetched there),
-    checked, and the mergekit config over them (a search's: its best trial's parameters)."""
+    checked, and the mergekit config over them (a search's: its best trial's parameters; a fixed
+    merge's `mergekit_config` from its text `mergekit_yaml`, read on the driver, which sees its path)."""
     from alloylm.merge.search import mergekit_config_for
 
     stage = config.stages[name]
     dirs = _local_dirs(parent_uris)
     _check_parents(config, name, parent_uris, dirs)
     if best_params is None:
-        return dirs, _fixed_config(config, stage, dirs)
+        return dirs, _fixed_config(config, stage, dirs, mergekit_yaml)
     return dirs, mergekit_config_for(
         stage, dirs, list(stage.parents), best_params["parameters"], best_params.get("model_parameters", {})
     )
 
 
-def _materialize_task(config: RunConfig, name: str, parent_uris: list[str], best_params: dict | None, staging_uri: str, random_seed: int) -> dict:
+def _materialize_task(
+    config: RunConfig, name: str, parent_uris: list[str], best_params: dict | None, staging_uri: str, random_seed: int,
+    mergekit_yaml: str | None = None,
+) -> dict:
     """Ray task: fetch and check the parents, write the merged model from its mergekit config into
     the staging location; returns the config's YAML text and the parents' folders with the timings.
 
@@ -145,7 +153,7 @@ def _materialize_task(config: RunConfig, name: str, parent_uris: list[str], best
     from alloylm.merge.mergekit_builder import mergekit_yaml_text
 
     stage = config.stages[name]
-    dirs, merge_config = _merge_inputs(config, name, parent_uris, best_params)
+    dirs, merge_config = _merge_inputs(config, name, parent_uris, best_params, mergekit_yaml)
     try:
         yaml_text = mergekit_yaml_text(merge_config, random_seed=random_seed)
     except MergeInputError as exc:
@@ -178,15 +186,16 @@ def _check_task(config: RunConfig, name: str, parent_uris: list[str]) -> None:
 
 def _on_cluster(task, stage: MergeStageConfig, *args, num_gpus: float = 0.0):
     """Run `task` as a Ray task with the stage's CPUs (and `num_gpus`), never on a head node that
-    offers no CPUs; a StageError it raises is raised as is."""
+    offers no CPUs (`k8s/`'s head sets `num-cpus: 0`); a StageError or StorageError it raises is
+    raised as is."""
     import ray
 
     try:
         return ray.get(ray.remote(task).options(num_cpus=stage.resources.num_cpus, num_gpus=num_gpus).remote(*args))
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, StageError):
-            raise StageError(str(cause)) from None
+        if isinstance(cause, (StageError, storage.StorageError)):
+            raise cause from None
         raise StageError(f"merging failed: {cause if cause is not None else exc}") from exc
 
 
@@ -243,11 +252,18 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
         return manifest
     check_stage_resources(config, [name])
+    mergekit_yaml = None
+    if stage.mergekit_config:  # read here, where its path is seen (a task may run on another node)
+        try:
+            mergekit_yaml = storage.read_text(storage.resolve(stage.mergekit_config))
+        except (OSError, storage.StorageError) as exc:
+            raise StageError(f"merge parameters: cannot read mergekit YAML {stage.mergekit_config}: {exc}") from None
+    if isinstance(stage, MergeSearchStageConfig):
+        _on_cluster(_check_task, stage, config, name, parent_uris)  # before any trial or staging folder
     seed = merge_seed(config, name)  # the searcher and random merge methods
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
     with lifecycle.begin(uri, fp, config) as artifact:
         if isinstance(stage, MergeSearchStageConfig):
-            _on_cluster(_check_task, stage, config, name, parent_uris)  # before any trial
             best_params, search_summary = _search(config, name, fp, parent_uris, search_inputs, artifact.staging_uri, seed)
             summary.update(search_summary)
             yaml_name = "best_merge.yaml"
@@ -255,7 +271,8 @@ def merge_stage(config: RunConfig, name: str) -> dict:
             best_params, yaml_name = None, "merge.yaml"
         log.info("stage %s: materialising the merge with mergekit -> %s", name, uri)
         merged = _on_cluster(
-            _materialize_task, stage, config, name, parent_uris, best_params, artifact.staging_uri, seed, num_gpus=stage.resources.num_gpus
+            _materialize_task, stage, config, name, parent_uris, best_params, artifact.staging_uri, seed, mergekit_yaml,
+            num_gpus=stage.resources.num_gpus,
         )
         yaml_text, dirs = merged.pop("yaml_text"), merged.pop("parent_dirs")
         summary.update(merged)

@@ -14,6 +14,7 @@ Workers get everything through their config argument (`StageJob`), never through
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -211,7 +212,28 @@ def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int, w
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
     )
     earlier = [r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path]  # newest first
-    return copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted)
+    chosen = copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted)
+    _same_choice_on_every_rank(stage_name, chosen)
+    return chosen
+
+
+def _same_choice_on_every_rank(stage_name: str, chosen: str | None) -> None:
+    """Raise StageError (the attempt fails, and Ray Train starts it again) unless every worker chose
+    the same checkpoint: each chose alone, and ranks resumed from different steps would train on
+    mismatched states (under DeepSpeed, hang in its first collective)."""
+    import torch.distributed as dist
+
+    from alloylm.errors import StageError
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    choices: list = [None] * dist.get_world_size()
+    dist.all_gather_object(choices, os.path.basename(chosen) if chosen else None)
+    if len(set(choices)) > 1:
+        each = ", ".join(f"rank {rank}: {choice or 'none'}" for rank, choice in enumerate(choices))
+        raise StageError(
+            f"stage {stage_name!r}: the workers chose different checkpoints to resume from ({each}); see each worker's log for why"
+        )
 
 
 def _checkpoint_uri(checkpoint) -> str:
@@ -317,6 +339,10 @@ def checkpoint_problem(uri: str) -> str | None:
     `trainer_state.json` parses, each safetensors file is as long as its header says, a sharded
     model's index lists no missing shard, and each PyTorch file (optimizer, scheduler, RNG states,
     DeepSpeed's ZeRO shards) ends with its zip directory, which a truncated file has lost.
+
+    Every read is retried within the storage retry window and a storage that stays unreachable
+    raises StorageError: a read that failed is never taken for a file cut short (a rank whose read
+    was throttled would otherwise resume from an older checkpoint than the others).
     """
     import posixpath
     import zipfile
@@ -325,8 +351,12 @@ def checkpoint_problem(uri: str) -> str | None:
 
     state = storage.join(uri, "trainer_state.json")
     try:
-        int(json.loads(storage.read_text(state))["global_step"])
-    except (storage.StorageError, ValueError, KeyError, TypeError) as err:
+        text = storage.read_text(state)
+    except storage.StorageNotFoundError as err:
+        return f"{state} is missing or unreadable ({type(err).__name__}: {err})"
+    try:
+        int(json.loads(text)["global_step"])
+    except (ValueError, KeyError, TypeError) as err:
         return f"{state} is missing or unreadable ({type(err).__name__}: {err})"
     fs, root = storage.fsspec_filesystem(uri)
     files = sorted(
@@ -336,42 +366,84 @@ def checkpoint_problem(uri: str) -> str | None:
     )
     present = {rel for rel, _, _ in files}
     for rel, path, info in files:
-        name = posixpath.basename(rel)
+        name, shown = posixpath.basename(rel), storage.join(uri, rel)
+        stored = io.BufferedReader(_StoredFile(fs, path, shown, int(info["size"])), buffer_size=1 << 16)
         try:
             if name.endswith(".safetensors.index.json"):
-                with fs.open(path, "rb") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                shards = sorted(set(json.load(stored)["weight_map"].values()))
                 folder = posixpath.dirname(rel)
                 missing = [s for s in shards if posixpath.join(folder, s) not in present]
                 if missing:
                     return f"{storage.join(uri, posixpath.join(folder, missing[0]))} is missing: {name} lists it as a shard"
             elif name.endswith(".safetensors"):
-                problem = _safetensors_length_problem(fs, path, int(info["size"]))
+                problem = _safetensors_length_problem(stored, int(info["size"]))
                 if problem:
-                    return f"{storage.join(uri, rel)} is truncated or corrupt ({problem})"
+                    return f"{shown} is truncated or corrupt ({problem})"
             elif name.endswith((".pt", ".pth", ".bin")):
-                # Small reads from the end (the zip directory): never the whole file.
-                with fs.open(path, "rb", block_size=1 << 16) as f, zipfile.ZipFile(f):
+                with zipfile.ZipFile(stored):  # reads the zip directory at the end, never the whole file
                     pass
+        except storage.StorageError:
+            raise
         except zipfile.BadZipFile as err:
-            return f"{storage.join(uri, rel)} is truncated or corrupt (not a whole PyTorch archive: {err})"
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            return f"{storage.join(uri, rel)} is truncated or corrupt ({type(err).__name__}: {err})"
+            return f"{shown} is truncated or corrupt (not a whole PyTorch archive: {err})"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as err:
+            return f"{shown} is truncated or corrupt ({type(err).__name__}: {err})"
     return None
 
 
-def _safetensors_length_problem(fs, path: str, size: int) -> str | None:
-    """What is wrong with the safetensors file's length, reading its header only. By hand because
-    safetensors reads local files only (`safe_open` needs a path), and this must not download the
-    file: its 8-byte header length, then the JSON header, whose largest data offset ends the file."""
-    with fs.open(path, "rb", block_size=1 << 16) as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, shorter than a header"
-        length = int.from_bytes(head, "little")
-        if length > size - 8:
-            return f"its header claims {length} bytes, the file has {size}"
-        header = json.loads(f.read(length))
+class _StoredFile(io.RawIOBase):
+    """A stored file (local or S3) read by ranges, each read retried within the storage retry
+    window (`storage.retrying`, StorageError past it), for the checks of `checkpoint_problem`."""
+
+    def __init__(self, fs, path: str, uri: str, size: int):
+        super().__init__()
+        self._fs, self._path, self._uri, self._size, self._pos = fs, path, uri, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        from alloylm import storage
+
+        start, end = self._pos, min(self._pos + len(buffer), self._size)
+        if start >= end:
+            return 0
+        data = storage.retrying("read", self._uri, lambda: self._fs.cat_file(self._path, start=start, end=end))
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+# safetensors refuses a header larger than this (its MAX_HEADER_SIZE): a corrupt length above it is
+# named without reading that much.
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def _safetensors_length_problem(stored, size: int) -> str | None:
+    """What is wrong with the stored safetensors file's length, reading its header only. By hand
+    because safetensors reads local files only (`safe_open` needs a path), and this must not
+    download the file: its 8-byte header length, then the JSON header, whose largest data offset
+    ends the file."""
+    head = stored.read(8)
+    if len(head) < 8:
+        return f"{size} bytes, shorter than a header"
+    length = int.from_bytes(head, "little")
+    if length > min(size - 8, _SAFETENSORS_MAX_HEADER):
+        return f"its header claims {length} bytes, the file has {size}"
+    header = json.loads(stored.read(length))
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + length + end != size:
         return f"{size} bytes where its header says {8 + length + end}"
