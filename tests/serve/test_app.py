@@ -293,6 +293,39 @@ def test_an_answer_keeps_the_space_a_sentencepiece_decoder_drops_at_the_start():
     assert whole[-1].text == "".join(e.text for e in streamed) == " " + first
 
 
+def test_logprob_tokens_keep_the_space_a_sentencepiece_decoder_drops_at_the_start():
+    """A logprob's token text is decoded after the tokens before it, as the answer is: decoded alone,
+    Mistral's and Llama 2's decoders dropped its leading space ("Paris" for " Paris"), and the
+    tokens' texts did not add up to the answer (`text_offset` disagreed with the text)."""
+    from types import SimpleNamespace
+
+    from alloylm.serve.app import ModelServer
+    from alloylm.serve.protocol import TokenLogprob
+
+    tok = _sentencepiece_style_tokenizer()
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    full = tok("The capital of France is Paris, and of Italy Rome.", add_special_tokens=False)["input_ids"]
+    answer = full[len(prompt):]
+    server = object.__new__(ModelServer.func_or_class)  # its logprob formatting only: no model
+    server.tokenizer, server._token_texts = tok, {}
+    entries = [TokenLogprob(t, -0.5, ((t, -0.5),)) for t in answer]
+
+    def asked(kind: str) -> SimpleNamespace:
+        return SimpleNamespace(kind=kind, params=SimpleNamespace(logprobs=1))
+
+    completion = server._logprobs(asked("completion"), entries, previous=prompt)
+    assert "".join(completion["tokens"]) == " Paris, and of Italy Rome."
+    assert completion["tokens"][0].startswith(" ") and list(completion["top_logprobs"][0]) == [completion["tokens"][0]]
+    assert completion["text_offset"] == [sum(len(t) for t in completion["tokens"][:i]) for i in range(len(answer))]
+    chat = server._logprobs(asked("chat"), entries, previous=prompt)
+    assert [c["token"] for c in chat["content"]] == completion["tokens"]
+    # Streamed in two pieces, the second after the first's tokens: the same texts.
+    first = server._logprobs(asked("completion"), entries[:2], previous=prompt)
+    rest = server._logprobs(asked("completion"), entries[2:], previous=[*prompt, *answer[:2]], offset=sum(map(len, first["tokens"])))
+    assert first["tokens"] + rest["tokens"] == completion["tokens"]
+    assert first["text_offset"] + rest["text_offset"] == completion["text_offset"]
+
+
 def test_engine_seeds_reproduce_and_differ(tokenizer):
     model = build_model("tiny-llama", tokenizer, seed=0)
     engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=4)

@@ -381,6 +381,12 @@ def test_stream_chunks():
 
 
 TEXTS = {1: "<s>", 7: "The", 8: " cat", 9: " sat", 10: " mat"}
+SEEN: list[tuple[int, tuple[int, ...]]] = []  # (token, the tokens before it) asked of _text_of
+
+
+def _text_of(token: int, previous) -> str:
+    SEEN.append((token, tuple(previous)))
+    return TEXTS[token]
 
 
 def test_completion_logprobs_in_openais_legacy_shape():
@@ -390,7 +396,10 @@ def test_completion_logprobs_in_openais_legacy_shape():
         TokenLogprob(8, -3.0, ((9, -0.5),)),  # not among the top 1: added, so k + 1 entries
         TokenLogprob(9, float("-inf"), ()),  # JSON has no -inf
     ]
-    body = completion_logprobs(entries, TEXTS.__getitem__, offset=4)
+    SEEN.clear()
+    body = completion_logprobs(entries, _text_of, offset=4, previous=[5])
+    # Each token, and each alternative at its position, is decoded after the tokens before it.
+    assert SEEN[:4] == [(1, (5,)), (7, (5, 1)), (7, (5, 1)), (8, (5, 1))] and SEEN[-1] == (9, (5, 1, 7, 8))
     assert body == {
         "tokens": ["<s>", "The", " cat", " sat"],
         "token_logprobs": [None, -1.5, -3.0, LOGPROB_FLOOR],
@@ -402,7 +411,7 @@ def test_completion_logprobs_in_openais_legacy_shape():
 
 def test_chat_logprobs_in_openais_chat_shape():
     entries = [TokenLogprob(7, -0.25, ((7, -0.25), (10, -2.5))), TokenLogprob(8, -1.0, ())]
-    assert chat_logprobs(entries, TEXTS.__getitem__) == {
+    assert chat_logprobs(entries, _text_of) == {
         "content": [
             {
                 "token": "The", "logprob": -0.25, "bytes": [84, 104, 101],
@@ -596,7 +605,7 @@ def test_a_last_chunk_carries_its_finish_reason():
 
 
 def test_nan_logprobs_are_floored_and_offsets_start_at_zero():
-    body = completion_logprobs([TokenLogprob(7, float("nan"), ((8, float("nan")),)), TokenLogprob(8, -1.0)], TEXTS.__getitem__)
+    body = completion_logprobs([TokenLogprob(7, float("nan"), ((8, float("nan")),)), TokenLogprob(8, -1.0)], _text_of)
     assert body == {
         "tokens": ["The", " cat"],
         "token_logprobs": [LOGPROB_FLOOR, -1.0],
@@ -608,7 +617,7 @@ def test_nan_logprobs_are_floored_and_offsets_start_at_zero():
 def test_chat_logprob_bytes_replace_what_utf8_cannot_encode():
     """A token text holding a lone surrogate (no UTF-8 form) gets '?' in its bytes, not an error."""
     texts = {1: "a\ud800", 2: "é"}
-    body = chat_logprobs([TokenLogprob(1, -0.5, ((2, -1.0),))], texts.__getitem__)
+    body = chat_logprobs([TokenLogprob(1, -0.5, ((2, -1.0),))], lambda token, previous: texts[token])
     assert body == {
         "content": [
             {"token": "a\ud800", "logprob": -0.5, "bytes": [97, 63], "top_logprobs": [{"token": "é", "logprob": -1.0, "bytes": [195, 169]}]}

@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -286,12 +286,24 @@ class ModelServer:
             config.batching.max_batch_size,
         )
 
-    def _token_text(self, token: int) -> str:
-        text = self._token_texts.get(token)
-        if text is None:
-            text = self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            self._token_texts[token] = text
-        return text
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _token_text(self, token: int, previous: Sequence[int] = ()) -> str:
+        """The text of `token` in a logprob, where it follows `previous` (the tokens before it):
+        decoded after their last CONTEXT_TOKENS, as the answer itself is (`decode_continuation`), so
+        that a SentencePiece-style decoder keeps the leading space it drops at a text's start and
+        the tokens' texts add up to the text (`text_offset`). Decoded alone (cached) at the start."""
+        from alloylm.serve.detokenizer import CONTEXT_TOKENS
+
+        if not previous:
+            text = self._token_texts.get(token)
+            if text is None:
+                text = self._token_texts[token] = self._decode([token])
+            return text
+        context = list(previous[-CONTEXT_TOKENS:])
+        head, full = self._decode(context), self._decode([*context, token])
+        return full[len(head):] if full.startswith(head) else self._token_text(token)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[tuple[list[int], str]]:
         """Each prompt's token ids and its text (what `echo` returns)."""
@@ -363,12 +375,14 @@ class ModelServer:
             return dataclasses.replace(params, max_tokens=room)
         return params
 
-    def _logprobs(self, request: GenerationRequest, entries, *, offset: int = 0) -> dict | None:
+    def _logprobs(self, request: GenerationRequest, entries, *, offset: int = 0, previous: Sequence[int] = ()) -> dict | None:
+        """`entries` in the request's logprobs shape; `previous`: the token ids before the first
+        entry (the prompt's, then the choice's so far; none when `echo` starts at the prompt)."""
         if request.params.logprobs is None:
             return None
         if request.kind == "chat":
-            return chat_logprobs(entries, self._token_text)
-        return completion_logprobs(entries, self._token_text, offset=offset)
+            return chat_logprobs(entries, self._token_text, previous=previous)
+        return completion_logprobs(entries, self._token_text, offset=offset, previous=previous)
 
     async def complete(self, request: GenerationRequest) -> dict[str, Any]:
         """The whole answer: `{choices, prompt_tokens, completion_tokens}` or `{error}`."""
@@ -387,13 +401,13 @@ class ModelServer:
         # Every choice of every prompt enters the engine at once, so they share its batches.
         events = await asyncio.gather(*(last_event(ids, params) for _, ids, _, params in sequences))
         choices = []
-        for (index, _, prompt_text, _), event in zip(sequences, events):
+        for (index, ids, prompt_text, _), event in zip(sequences, events):
             if event.finish_reason == "error":
                 return {"error": _error_fields(APIError(500, event.text, type="server_error"))}
-            text, entries = event.text, event.logprobs
+            text, entries, previous = event.text, event.logprobs, ids
             if request.echo:
-                text, entries = prompt_text + text, (*(event.prompt_logprobs or ()), *entries)
-            logprobs = self._logprobs(request, entries)
+                text, entries, previous = prompt_text + text, (*(event.prompt_logprobs or ()), *entries), ()
+            logprobs = self._logprobs(request, entries, previous=previous)
             build = completion_choice if request.kind == "completion" else chat_choice
             choices.append(build(index, text, event.finish_reason, logprobs))
         return {
@@ -423,7 +437,12 @@ class ModelServer:
 
         tasks = [asyncio.create_task(pump(index, ids, params)) for index, ids, _, params in sequences]
         prompt_text = {index: text for index, _, text, _ in sequences}
+        from alloylm.serve.detokenizer import CONTEXT_TOKENS
+
         sent = dict.fromkeys(prompt_text, 0)  # characters of each choice's token texts sent so far
+        # The token ids each choice's next logprobs follow: the prompt's (none with echo, whose
+        # logprobs start at the prompt's first token), then the choice's own as they are sent.
+        before = {index: [] if request.echo else list(ids[-CONTEXT_TOKENS:]) for index, ids, _, _ in sequences}
         echoed: set[int] = set()
         left = len(tasks)
         try:
@@ -437,8 +456,10 @@ class ModelServer:
                 if request.echo and index not in echoed:
                     echoed.add(index)
                     text = prompt_text[index] + text
-                logprobs = self._logprobs(request, entries, offset=sent[index])
-                sent[index] += sum(len(self._token_text(e.token)) for e in entries)
+                logprobs = self._logprobs(request, entries, offset=sent[index], previous=before[index])
+                if logprobs is not None and "tokens" in logprobs:
+                    sent[index] += sum(len(t) for t in logprobs["tokens"])
+                before[index] = [*before[index], *(e.token for e in entries)][-CONTEXT_TOKENS:]
                 if event.finish_reason is not None:
                     left -= 1
                 yield {

@@ -521,44 +521,52 @@ def _finite(value: float) -> float:
     return max(value, LOGPROB_FLOOR) if value == value else LOGPROB_FLOOR  # NaN too
 
 
+# A token's text where it follows the tokens before it (`previous`: those of this choice so far,
+# after the prompt's last ones): alone, a SentencePiece-style decoder drops a leading space.
+TokenText = Callable[[int, Sequence[int]], str]
+
+
 def completion_logprobs(
-    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], *, offset: int = 0
+    entries: Sequence[TokenLogprob], token_text: TokenText, *, offset: int = 0, previous: Sequence[int] = ()
 ) -> dict[str, list]:
     """OpenAI's legacy `logprobs` object for `entries`: each token's text, logprob (null for a
     prompt's first token), its alternatives as {text: logprob} with the chosen token always among
     them (so up to k + 1 entries, as OpenAI documents), and where each token starts in the text
-    (counted from `offset`, the characters of this choice already sent)."""
+    (counted from `offset`, the characters of this choice already sent). `previous`: the token ids
+    before the first entry, which its text is decoded after."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    before = list(previous)
     for entry in entries:
-        text = token_text(entry.token)
+        text = token_text(entry.token, before)
         tokens.append(text)
         text_offset.append(offset)
         offset += len(text)
         if entry.logprob is None:
             token_logprobs.append(None)
             top_logprobs.append(None)
-            continue
-        token_logprobs.append(_finite(entry.logprob))
-        top = {token_text(token): _finite(logprob) for token, logprob in entry.top}
-        top.setdefault(text, _finite(entry.logprob))
-        top_logprobs.append(top)
+        else:
+            token_logprobs.append(_finite(entry.logprob))
+            top = {token_text(token, before): _finite(logprob) for token, logprob in entry.top}
+            top.setdefault(text, _finite(entry.logprob))
+            top_logprobs.append(top)
+        before.append(entry.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, list]:
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText, *, previous: Sequence[int] = ()) -> dict[str, list]:
     """OpenAI's chat `logprobs` object: `content`, one entry per generated token with its UTF-8 bytes."""
+    before = list(previous)
 
     def item(token: int, logprob: float) -> dict[str, Any]:
-        text = token_text(token)
+        text = token_text(token, before)
         return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
 
-    return {
-        "content": [
-            {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-            for e in entries
-            if e.logprob is not None
-        ]
-    }
+    content = []
+    for e in entries:
+        if e.logprob is not None:
+            content.append({**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]})
+        before.append(e.token)
+    return {"content": content}
 
 
 def usage_chunk(

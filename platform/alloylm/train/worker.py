@@ -488,7 +488,7 @@ def _link_files(source: str, target: str, wanted=None) -> None:
 
 
 def copy_first_whole_checkpoint(
-    candidates, workdir: str, stage_name: str, announce: bool = True, below_step: int | None = None, wanted=None
+    candidates: list, workdir: str, stage_name: str, *, announce: bool = True, below_step: int | None = None, wanted=None
 ) -> str | None:
     """Take the first of Ray Train's `candidates` (newest first) whose files are whole
     (`checkpoint_problem`) and whose step is below `below_step` (the stage's max_steps) into
