@@ -259,7 +259,9 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         except (OSError, storage.StorageError) as exc:
             raise StageError(f"merge parameters: cannot read mergekit YAML {stage.mergekit_config}: {exc}") from None
     if isinstance(stage, MergeSearchStageConfig):
-        _on_cluster(_check_task, stage, config, name, parent_uris)  # before any trial or staging folder
+        # Before any trial or staging folder, with a trial's resources: on a node of the kind the
+        # trials run on, whose copy of the parents they reuse (not one more copy on a CPU node).
+        _on_cluster(_check_task, stage, config, name, parent_uris, num_gpus=stage.resources.num_gpus)
     seed = merge_seed(config, name)  # the searcher and random merge methods
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
     with lifecycle.begin(uri, fp, config) as artifact:
