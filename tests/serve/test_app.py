@@ -307,7 +307,7 @@ def test_logprob_tokens_keep_the_space_a_sentencepiece_decoder_drops_at_the_star
     full = tok("The capital of France is Paris, and of Italy Rome.", add_special_tokens=False)["input_ids"]
     answer = full[len(prompt):]
     server = object.__new__(ModelServer.func_or_class)  # its logprob formatting only: no model
-    server.tokenizer, server._token_texts = tok, {}
+    server.tokenizer, server._token_texts, server._context_text = tok, {}, ((), "")
     entries = [TokenLogprob(t, -0.5, ((t, -0.5),)) for t in answer]
 
     def asked(kind: str) -> SimpleNamespace:

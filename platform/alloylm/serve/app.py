@@ -270,6 +270,7 @@ class ModelServer:
         self.context_length = _context_length(model.config, self.tokenizer)
         self.vocab_size = len(self.tokenizer)
         self._token_texts: dict[int, str] = {}
+        self._context_text: tuple[tuple[int, ...], str] = ((), "")  # the last context _token_text decoded
         self.engine = GenerationEngine(
             model,
             self.tokenizer,
@@ -301,8 +302,12 @@ class ModelServer:
             if text is None:
                 text = self._token_texts[token] = self._decode([token])
             return text
-        context = list(previous[-CONTEXT_TOKENS:])
-        head, full = self._decode(context), self._decode([*context, token])
+        context = tuple(previous[-CONTEXT_TOKENS:])
+        # One position's token and its alternatives follow the same tokens: their text, decoded once.
+        if self._context_text[0] != context:
+            self._context_text = (context, self._decode(list(context)))
+        head = self._context_text[1]
+        full = self._decode([*context, token])
         return full[len(head):] if full.startswith(head) else self._token_text(token)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[tuple[list[int], str]]:
