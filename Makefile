@@ -5,9 +5,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch first, from the pinned CPU build; GPU users set TORCH_SPEC to their own build (or
-# preinstall torch in the venv, which is then kept).
+# torch first; GPU users set TORCH_SPEC to their own build (or preinstall torch in the venv, which
+# is then kept). TORCH_INDEX_URL, when set, is the index torch comes from: pip's own index gives
+# whatever build it has (on Linux x86_64 PyPI's torch is a CUDA build of several GB), so for the
+# CPU build set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (as the Dockerfile does).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 # DeepSpeed's compiled CPU op lives with the venv it was built against: its build commands name the
 # venv's torch and DeepSpeed paths, so two checkouts sharing one folder rebuilt it for each other.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
@@ -20,7 +23,7 @@ setup: $(VENV)/.installed warm
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -e '.[dev]'
 	@touch $@
 
