@@ -331,6 +331,51 @@ def test_on_s3_every_rank_checks_every_file_and_fetches_its_own(checkpoints, s3_
     assert f"{older_weights} is truncated or corrupt ({len(whole) - 10} bytes where its header says {len(whole)})" in str(caught.value)
 
 
+# Each rank runs this in its own process: a real gloo group of 2, as Ray Train's workers form one.
+_CHOOSE = """
+import json, sys
+import torch.distributed as dist
+from alloylm.errors import StageError
+from alloylm.train.worker import _same_choice_on_every_rank
+rank, store, choices = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+for choice in choices:
+    try:
+        _same_choice_on_every_rank("cpt", choice)
+        print("agreed")
+    except StageError as err:
+        print(err)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_that_chose_different_checkpoints_fail_the_attempt_on_every_rank(tmp_path):
+    """Each rank picks its checkpoint alone; ranks resumed from different steps would train on
+    mismatched states (under DeepSpeed, hang in the first collective). So the choices are compared,
+    and a disagreement fails every rank, naming each rank's choice."""
+    import json
+    import subprocess
+    import sys
+
+    choices = {  # per rank: the same checkpoint, then different ones, then one of them none
+        0: ["/w/checkpoint-8", "/w/checkpoint-8", None],
+        1: ["/w/checkpoint-8", "/w/checkpoint-4", "/w/checkpoint-4"],
+    }
+    store = str(tmp_path / "store")
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", _CHOOSE, str(rank), store, json.dumps(choices[rank])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outputs]
+    for out, _ in outputs:
+        assert out.splitlines() == [
+            "agreed",
+            "stage 'cpt': the workers chose different checkpoints to resume from (rank 0: checkpoint-8, rank 1: checkpoint-4); see each worker's log for why",
+            "stage 'cpt': the workers chose different checkpoints to resume from (rank 0: none, rank 1: checkpoint-4); see each worker's log for why",
+        ]
+
+
 def test_a_checkpoint_at_the_last_step_is_passed_over(checkpoints, tmp_path, caplog):
     """A stage that died after its last checkpoint (while saving the model) resumed from it and
     trained one step past max_steps (the Trainer checks the step count only after a step). It now
