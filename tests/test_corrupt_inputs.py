@@ -331,6 +331,38 @@ def test_on_s3_every_rank_checks_every_file_and_fetches_its_own(checkpoints, s3_
     assert f"{older_weights} is truncated or corrupt ({len(whole) - 10} bytes where its header says {len(whole)})" in str(caught.value)
 
 
+def test_a_checkpoint_missing_a_ranks_zero_shard_is_passed_over_naming_it(checkpoints, tmp_path, caplog):
+    """Each rank fetches only its own ZeRO shards, so every rank checks that every rank's are
+    there; a checkpoint without one is passed over on all ranks alike, the missing file named."""
+    import ray.train
+    import torch
+
+    from alloylm.train.worker import checkpoint_files_for, checkpoint_problem, copy_first_whole_checkpoint
+
+    older, newer = checkpoints
+    shards = {older: (0, 1), newer: (0,)}  # the newer one lost rank 1's shard
+    for folder, ranks in shards.items():
+        for rank in ranks:
+            shard = os.path.join(folder, "checkpoint", "global_step4", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+            os.makedirs(os.path.dirname(shard), exist_ok=True)
+            torch.save({"rank": rank}, shard)
+    candidates = [ray.train.Checkpoint(newer), ray.train.Checkpoint(older)]
+    for rank in (0, 1):
+        with caplog.at_level(logging.WARNING, logger="alloylm.train"):
+            chosen = copy_first_whole_checkpoint(
+                candidates, str(tmp_path / f"rank{rank}"), "cpt", wanted=checkpoint_files_for(rank, deepspeed=True), world_size=2
+            )
+        assert os.path.basename(chosen) == "checkpoint-2", rank
+    missing = os.path.join(newer, "checkpoint", "global_step4", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert f"{missing} is missing: a checkpoint of this stage has one per worker" in caplog.text
+
+    # Without the world size, a gap among the ranks present is found all the same.
+    gone = os.path.join(older, "checkpoint", "global_step4", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    os.remove(gone)
+    assert checkpoint_problem(os.path.join(older, "checkpoint")) == f"{gone} is missing: a checkpoint of this stage has one per worker"
+    assert checkpoint_problem(os.path.join(newer, "checkpoint")) is None  # rank 0's alone: nothing says there were more
+
+
 # Each rank runs this in its own process: a real gloo group of 2, as Ray Train's workers form one.
 _CHOOSE = """
 import json, sys

@@ -194,7 +194,7 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int, wanted=None) -> str | None:
+def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int, wanted=None, world_size: int | None = None) -> str | None:
     """The newest whole checkpoint Ray Train holds for this stage below step `max_steps`, its files
     `wanted` fetched locally (`copy_first_whole_checkpoint`), or None.
 
@@ -212,7 +212,9 @@ def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int, w
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
     )
     earlier = [r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path]  # newest first
-    chosen = copy_first_whole_checkpoint([latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted)
+    chosen = copy_first_whole_checkpoint(
+        [latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted, world_size=world_size
+    )
     _same_choice_on_every_rank(stage_name, chosen)
     return chosen
 
@@ -330,15 +332,16 @@ def report_callback(stage_name: str, tracked: bool = False):
     return ReportCallback()
 
 
-def checkpoint_problem(uri: str) -> str | None:
+def checkpoint_problem(uri: str, world_size: int | None = None) -> str | None:
     """None when every file a resume reads from the HF Trainer checkpoint folder `uri` (local or
     s3://) is whole, else a sentence naming the first one that is not.
 
     Checked where the checkpoint is stored, reading only the ends of its files (every rank checks
     every rank's files, so all ranks pick the same checkpoint, then fetches its own):
     `trainer_state.json` parses, each safetensors file is as long as its header says, a sharded
-    model's index lists no missing shard, and each PyTorch file (optimizer, scheduler, RNG states,
-    DeepSpeed's ZeRO shards) ends with its zip directory, which a truncated file has lost.
+    model's index lists no missing shard, DeepSpeed's ZeRO shards are there for every rank (of
+    `world_size` workers, when given), and each PyTorch file (optimizer, scheduler, RNG states, ZeRO
+    shards) ends with its zip directory, which a truncated file has lost.
 
     Every read is retried within the storage retry window and a storage that stays unreachable
     raises StorageError: a read that failed is never taken for a file cut short (a rank whose read
@@ -365,6 +368,9 @@ def checkpoint_problem(uri: str) -> str | None:
         if not path.endswith("/")
     )
     present = {rel for rel, _, _ in files}
+    missing_shard = _missing_zero_shard(present, world_size)
+    if missing_shard:
+        return f"{storage.join(uri, missing_shard)} is missing: a checkpoint of this stage has one per worker"
     for rel, path, info in files:
         name, shown = posixpath.basename(rel), storage.join(uri, rel)
         stored = io.BufferedReader(_StoredFile(fs, path, shown, int(info["size"])), buffer_size=1 << 16)
@@ -453,6 +459,25 @@ def _safetensors_length_problem(stored, size: int) -> str | None:
 _ZERO_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")
 
 
+def _missing_zero_shard(files: set[str], world_size: int | None) -> str | None:
+    """The first ZeRO shard (`zero_pp_rank_<r>_...`, relative path) missing from a checkpoint's
+    `files`: each kind of shard is written once per rank, 0 to `world_size` - 1 (or to the highest
+    rank present). Otherwise every rank would pass a checkpoint whose other ranks' shards are gone
+    (each fetches only its own), and the rank whose shard is missing fail inside DeepSpeed's load on
+    every attempt, the checkpoint before it never tried."""
+    kinds: dict[tuple[str, str, str], set[int]] = {}
+    for rel in files:
+        folder, _, name = rel.rpartition("/")
+        shard = _ZERO_SHARD.match(name)
+        if shard is not None:
+            kinds.setdefault((folder, name[: shard.start(1)], name[shard.end(1) :]), set()).add(int(shard.group(1)))
+    for (folder, before, after), ranks in sorted(kinds.items()):
+        for rank in range(max(world_size or 0, max(ranks) + 1)):
+            if rank not in ranks:
+                return f"{folder}/{before}{rank}{after}" if folder else f"{before}{rank}{after}"
+    return None
+
+
 def checkpoint_files_for(rank: int | None, deepspeed: bool):
     """Which files of a checkpoint worker `rank` reads to resume (None: all): under DeepSpeed, its
     own ZeRO shards (not the other ranks', unless elastic checkpoints, which AlloyLM does not set)
@@ -488,7 +513,8 @@ def _link_files(source: str, target: str, wanted=None) -> None:
 
 
 def copy_first_whole_checkpoint(
-    candidates: list, workdir: str, stage_name: str, *, announce: bool = True, below_step: int | None = None, wanted=None
+    candidates: list, workdir: str, stage_name: str, *, announce: bool = True, below_step: int | None = None, wanted=None,
+    world_size: int | None = None,
 ) -> str | None:
     """Take the first of Ray Train's `candidates` (newest first) whose files are whole
     (`checkpoint_problem`) and whose step is below `below_step` (the stage's max_steps) into
@@ -502,7 +528,8 @@ def copy_first_whole_checkpoint(
     the Trainer resumed from it takes one step more than `max_steps` (it checks the count only after
     a step: always for CPT's stream, whose one epoch is max_steps; for a data set with a length when
     max_steps is not a whole number of epochs). From the one before it, it trains the last steps
-    again with the same schedule and data, or from the start (`checkpoint.keep: 1`).
+    again with the same schedule and data, or from the start (`checkpoint.keep: 1`). `world_size`:
+    the workers resuming, each of which needs its ZeRO shards.
     """
     from alloylm import storage
     from alloylm.errors import StageError
@@ -511,7 +538,7 @@ def copy_first_whole_checkpoint(
     at_the_end = False
     for checkpoint in candidates:
         source = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
-        problem = checkpoint_problem(source)
+        problem = checkpoint_problem(source, world_size)
         if problem is None:
             step = json.loads(storage.read_text(storage.join(source, "trainer_state.json")))["global_step"]
             if below_step is not None and step >= below_step:
@@ -632,6 +659,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         resume = _resume_dir(
             workdir, job.stage_name, announce=context.get_world_rank() == 0, max_steps=max_steps,
             wanted=checkpoint_files_for(context.get_world_rank(), deepspeed=trainer.is_deepspeed_enabled),
+            world_size=context.get_world_size(),
         )
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
