@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alloylm.train.data import read_prepared_table
+from alloylm.train.data import check_prepared_columns, read_prepared_table
 
 
 def _shard(folder, name: str, rows: dict) -> None:
@@ -33,6 +33,18 @@ def test_a_missing_column_names_the_shard_and_its_columns(tmp_path):
     _shard(tmp_path, "part-0.parquet", {"messages": ["m"], "id": [1]})
     with pytest.raises(ValueError, match=r"part-0.parquet: the data has no column\(s\) prompt, chosen \(columns: messages, id\)"):
         read_prepared_table(str(tmp_path), ["prompt", "chosen", "messages"])
+
+
+def test_the_drivers_check_reads_one_footer_not_the_data(tmp_path):
+    """The driver checks a stage's columns before training: from the first shard's footer alone, so
+    a CPT corpus (terabytes at scale) is never read there. The shards after it are not even opened."""
+    _shard(tmp_path, "part-0.parquet", {"input_ids": [[1, 2], [3]], "attention_mask": [[1, 1], [1]]})
+    (tmp_path / "shards" / "part-1.parquet").write_bytes(b"not parquet at all")
+    check_prepared_columns(str(tmp_path), ["input_ids"])
+    with pytest.raises(ValueError, match=r"part-0.parquet: the data has no column\(s\) messages \(columns: input_ids, attention_mask\)"):
+        check_prepared_columns(str(tmp_path), ["messages"])
+    with pytest.raises(ValueError, match="part-1.parquet"):  # the workers' read opens every shard
+        read_prepared_table(str(tmp_path), ["input_ids"])
 
 
 def test_no_shards_is_an_error_naming_the_folder(tmp_path):

@@ -10,19 +10,41 @@ import pyarrow.parquet as pq
 from alloylm import storage
 
 
-def read_prepared_table(data_uri: str, columns: list[str]) -> pa.Table:
-    """All shards of a prepared data set (local or s3://) as one Arrow table with `columns`."""
+def _shard_uris(data_uri: str) -> list[str]:
     files = [f for f in storage.list_files(storage.join(data_uri, "shards")) if f.endswith(".parquet")]
     if not files:
         raise ValueError(f"no parquet shards under {data_uri}/shards")
+    return files
+
+
+def _check_columns(uri: str, schema: pa.Schema, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ValueError(f"{uri}: the data has no column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
+
+
+def check_prepared_columns(data_uri: str, columns: list[str]) -> None:
+    """Raise ValueError unless the prepared data set at `data_uri` has `columns`, reading only the
+    footer of its first shard: one preparation wrote every shard with one schema, and the driver
+    must not read a CPT corpus (terabytes at scale) to check a column name."""
+    uri = _shard_uris(data_uri)[0]
+    fs, path = storage.arrow_filesystem(uri)
+    _check_columns(uri, pq.read_schema(path, filesystem=fs), columns)
+
+
+def read_prepared_table(data_uri: str, columns: list[str]) -> pa.Table:
+    """All shards of a prepared data set (local or s3://) as one Arrow table with `columns` (only
+    those are read)."""
     tables = []
-    for uri in files:
+    for uri in _shard_uris(data_uri):
         fs, path = storage.arrow_filesystem(uri)
-        table = pq.read_table(path, filesystem=fs)
-        missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise ValueError(f"{uri}: the data has no column(s) {', '.join(missing)} (columns: {', '.join(table.column_names)})")
-        tables.append(table.select(columns))
+        try:
+            with fs.open_input_file(path) as source:
+                shard = pq.ParquetFile(source)
+                _check_columns(uri, shard.schema_arrow, columns)
+                tables.append(shard.read(columns=columns))
+        except pa.ArrowInvalid as exc:  # a shard that is not whole Parquet: name it
+            raise ValueError(f"{uri}: {exc}") from None
     return pa.concat_tables(tables)
 
 

@@ -111,10 +111,10 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
 
 
 def _check_data(stage: TrainStageConfig, name: str, data_uri: str, rows: int) -> None:
-    from alloylm.train.data import read_prepared_table
+    from alloylm.train.data import check_prepared_columns
 
     try:
-        read_prepared_table(data_uri, REQUIRED_COLUMNS[stage.kind]).slice(0, 1)
+        check_prepared_columns(data_uri, REQUIRED_COLUMNS[stage.kind])
     except ValueError as exc:
         raise StageError(f"data for a {stage.kind} stage: {exc}") from None
     workers, batch = stage.resources.workers, stage.training.batch_size
