@@ -115,6 +115,27 @@ def test_list_files_with_and_without_globs(root):
         assert uri.startswith("s3://") if _is_s3(root) else os.path.isabs(uri)
 
 
+def test_file_signatures_come_from_the_listing_not_a_request_per_file(root, monkeypatch):
+    """A source's signatures (size, and mtime or ETag) identify its files in a fingerprint: they
+    are the ones a request per file gives, read from the listing (a HEAD per object, one after
+    another, took hours for a million objects, at every fingerprint)."""
+    for rel in ["a.txt", "sub/b.txt", "sub/c.md"]:
+        storage.write_text(storage.join(root, rel), rel * 3)
+    fs, _ = storage.fsspec_filesystem(root)
+    per_file = {uri: fs.info(storage.fsspec_filesystem(uri)[1]) for uri in storage.list_files(root)}
+    asked: list[str] = []
+    if _is_s3(root):  # (a local listing stats each file itself)
+        original = fs.info
+        monkeypatch.setattr(fs, "info", lambda path, **kw: asked.append(path) or original(path, **kw))  # fsspec keeps one instance
+    signatures = storage.file_signatures(root)
+    assert [s[0] for s in signatures] == sorted(per_file)
+    for file_uri, size, stamp in signatures:
+        info = per_file[file_uri]
+        assert size == info["size"] and stamp == str(info.get("ETag") or info.get("mtime")), file_uri
+    assert not [path for path in asked if not path.rstrip("/").endswith("root")], asked  # the root's own check only
+    assert storage.file_signatures(storage.join(root, "sub", "*.md")) == [s for s in signatures if s[0].endswith("c.md")]
+
+
 def test_upload_download_roundtrip_preserves_nested_files(root, tmp_path):
     src = tmp_path / "src"
     (src / "x" / "y").mkdir(parents=True)
