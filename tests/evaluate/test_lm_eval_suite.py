@@ -25,6 +25,7 @@ from alloylm.evaluate import (
     export_lm_eval_task,
     load_eval_data,
     render_report,
+    run_lm_eval,
 )
 from alloylm.evaluate.benchmark import parse_item
 from alloylm.evaluate.intervals import metric_for, point_value, samples_from_details, suite_intervals
@@ -233,6 +234,35 @@ def test_limit_and_max_items_choose_the_first_docs(task_dir, items):
     assert data.sizes()["lm_eval"] == 3 and len(data.head(0.4).lm_eval) == 2
     assert data.fingerprints[data.sources["lm_eval"]] == load_eval_data(_config(task_dir, limit=0.5, max_items=3), {}).fingerprints[data.sources["lm_eval"]]
     assert data.fingerprints[data.sources["lm_eval"]] != load_eval_data(_config(task_dir, limit=2), {}).fingerprints[data.sources["lm_eval"]]
+
+
+def test_a_validation_evaluation_never_scores_test_docs(task_dir, items, models, tmp_path):
+    """lm-eval scores a task on its test split whenever it has one; the validation evaluation
+    (which chooses the best variant and steers the merge search) takes the validation docs. A
+    weighted task with a test split alone is refused there, naming it."""
+    validation_ids = [i.id for i in items if i.split == "validation" and i.type == "multiple_choice"]
+    test_ids = [i.id for i in items if i.split == "test" and i.type == "multiple_choice"]
+    on_test = load_eval_data(_config(task_dir), {}, split="test")
+    on_validation = load_eval_data(_config(task_dir), {}, split="validation")
+    assert len(on_test.lm_eval) == len(test_ids) and len(on_validation.lm_eval) == len(validation_ids) != len(test_ids)
+    source = on_test.sources["lm_eval"]
+    assert on_test.fingerprints[source] != on_validation.fingerprints[source]
+    scorer = CausalLMScorer(load_model(models["trained"]), load_tokenizer(models["trained"]), batch_size=4)
+    metrics, details = run_lm_eval(scorer, on_validation.lm_eval, _config(task_dir).suites.lm_eval, split="validation")
+    assert metrics["tasks"][TASK]["split"] == "validation" and metrics["tasks"][TASK]["items"] == len(validation_ids)
+    assert sorted(row["id"] for row in details) == sorted(validation_ids)
+
+    only_test = tmp_path / "only_test"
+    export_lm_eval_task(items, str(only_test), task_name="alloylm_only_test", splits=("test",))
+    weighted = EvalConfig.model_validate(
+        {"variants": ["trained"], "suites": {**OTHER_SUITES_OFF, "lm_eval": {"tasks": ["alloylm_only_test"], "include_path": str(only_test), "weight": 0.5}}}
+    )
+    with pytest.raises(EvaluationInputError, match=r"alloylm_only_test have a test split and no validation split: with evaluate.suites.lm_eval.weight 0.5"):
+        load_eval_data(weighted, {}, split="validation")
+    unweighted = EvalConfig.model_validate(
+        {"variants": ["trained"], "suites": {**OTHER_SUITES_OFF, "lm_eval": {"tasks": ["alloylm_only_test"], "include_path": str(only_test)}}}
+    )
+    assert len(load_eval_data(unweighted, {}, split="validation").lm_eval) == len(test_ids)  # a retention column only
 
 
 # ----------------------------------------------------------------------------- comparison and report

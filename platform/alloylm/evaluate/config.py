@@ -199,8 +199,9 @@ class LmEvalConfig(_SuiteBase):
         ge=0,
         description=(
             "Weight of `objective_metric` pooled over every task's docs in the aggregate `score` (0: reported as "
-            "retention columns, not scored). Each task is scored on its own evaluation split (lm-eval's rule: its "
-            "`test_split`, else `validation_split`), whatever `evaluate.split` is."
+            "retention columns, not scored). On the test split each task is scored on lm-eval's evaluation split (its "
+            "`test_split`, else `validation_split`); on the validation split (choosing the best variant, the merge "
+            "search) on its `validation_split` where it has one. With weight > 0 every task needs a validation split."
         ),
     )
     tasks: list[str] = Field(

@@ -113,8 +113,12 @@ def _offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
-def load_tasks(tasks: Sequence[str], include_path: str | None = None) -> dict:
+def load_tasks(tasks: Sequence[str], include_path: str | None = None, *, split: str | None = None) -> dict:
     """Leaf task name -> lm-eval Task (data loaded, offline) for every name in `tasks` (groups and tags expanded).
+
+    `split` "validation": each task that has both a test and a validation split is scored on its
+    validation split (`_on_validation`); otherwise (test, or none given) lm-eval's rule stands, its
+    test split, else its validation split.
 
     Raises EvaluationInputError naming `evaluate.suites.lm_eval.tasks` and the task: an unknown
     name, data not available offline, or any other failure to build the task.
@@ -140,7 +144,18 @@ def load_tasks(tasks: Sequence[str], include_path: str | None = None) -> dict:
         except Exception as exc:  # a broken task YAML, a task needing code or packages that are not here
             raise EvaluationInputError(f"{TASKS_KEY}: task {name!r} cannot be built: {type(exc).__name__}: {exc}") from None
         loaded.update(built)
+    if split == "validation":
+        for task in loaded.values():
+            _on_validation(task)
     return loaded
+
+
+def _on_validation(task) -> None:
+    """Score `task` on its validation split where it also has a test split: lm-eval scores a task
+    on its test split whenever it has one (`eval_docs`), and a validation evaluation chooses the
+    best variant and steers the merge search, which must never see the test docs."""
+    if task.has_test_docs() and task.has_validation_docs():
+        task.config.test_split = None  # eval_docs is then the validation docs
 
 
 def _eval_split(task) -> str | None:
@@ -148,17 +163,29 @@ def _eval_split(task) -> str | None:
     return config.test_split if task.has_test_docs() else getattr(config, "validation_split", None)
 
 
-def load_harness_docs(suite, *, max_items: int | None = None) -> tuple[list[HarnessDoc], str]:
+def load_harness_docs(suite, *, max_items: int | None = None, split: str | None = None) -> tuple[list[HarnessDoc], str]:
     """(the docs the suite scores, a fingerprint of the tasks' configs and those docs' contents).
 
-    `suite` is the LmEvalConfig. Each task gives its first `limit` docs (lm-eval's `--limit`
-    rule); the tasks' docs are then taken in turn (one of each task, then the next of each), so a
-    `max_items` cap or a merge search's first fraction keeps every task represented.
+    `suite` is the LmEvalConfig, `split` the evaluation's (`load_tasks`). Each task gives its first
+    `limit` docs (lm-eval's `--limit` rule); the tasks' docs are then taken in turn (one of each
+    task, then the next of each), so a `max_items` cap or a merge search's first fraction keeps
+    every task represented.
+
+    Raises EvaluationInputError for a validation evaluation that would score a weighted task
+    (`weight` > 0) on its test split, because it has no validation split: that score would choose
+    the best variant on test docs.
     """
     problem = suite.include_problem()
     if problem:
         raise EvaluationInputError(f"evaluate.suites.lm_eval.include_path: {problem}")
-    tasks = load_tasks(suite.tasks, suite.include_path)
+    tasks = load_tasks(suite.tasks, suite.include_path, split=split)
+    on_test = [name for name, task in tasks.items() if task.has_test_docs()]
+    if split == "validation" and suite.weight > 0 and on_test:
+        raise EvaluationInputError(
+            f"{TASKS_KEY}: task(s) {', '.join(on_test)} have a test split and no validation split: with "
+            f"evaluate.suites.lm_eval.weight {suite.weight} their test docs would choose the best variant (and steer a merge "
+            "search); use tasks with a validation split, or weight 0 to report them as retention columns only"
+        )
     per_task: dict[str, list[int]] = {}
     digest = hashlib.sha256()
     for name, task in tasks.items():
@@ -237,8 +264,9 @@ def _doc_rows(task_name: str, task, samples: Sequence[Mapping], means: set[str])
     return [rows[k] for k in sorted(rows)]
 
 
-def run_lm_eval(scorer, docs: Sequence[HarnessDoc], suite, *, seed: int = 0) -> tuple[dict, list[dict]]:
-    """Run `suite`'s tasks (an LmEvalConfig) on `docs` with the scorer's model and tokenizer: (metrics, per-doc details).
+def run_lm_eval(scorer, docs: Sequence[HarnessDoc], suite, *, seed: int = 0, split: str | None = None) -> tuple[dict, list[dict]]:
+    """Run `suite`'s tasks (an LmEvalConfig) on `docs` (of the evaluation's `split`: `load_tasks`)
+    with the scorer's model and tokenizer: (metrics, per-doc details).
 
     Metrics: `<task>/<metric>` as lm-eval reports it (`acc`, `acc_norm`, ...), each mean metric
     also pooled over every task's docs (`acc`), `stderr` (lm-eval's, by the same keys),
@@ -255,7 +283,7 @@ def run_lm_eval(scorer, docs: Sequence[HarnessDoc], suite, *, seed: int = 0) -> 
     wanted: dict[str, list[int]] = {}
     for doc in docs:
         wanted.setdefault(doc.task, []).append(doc.index)
-    tasks = load_tasks(suite.tasks, suite.include_path)
+    tasks = load_tasks(suite.tasks, suite.include_path, split=split)
     missing = sorted(set(wanted) - set(tasks))
     if missing:
         raise EvaluationInputError(f"{TASKS_KEY}: the docs name task(s) {', '.join(missing)}, which the configured tasks do not hold")

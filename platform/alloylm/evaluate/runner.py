@@ -178,7 +178,7 @@ def load_eval_data(
         if name == "lm_eval":
             # The tasks are built (their data read, offline) here, once, so a task that cannot be
             # fails the evaluation before any variant is scored.
-            loaded[name], task_fingerprint = load_harness_docs(suite, max_items=cap)
+            loaded[name], task_fingerprint = load_harness_docs(suite, max_items=cap, split=split)
             where = f" from {suite.include_path}" if suite.include_path else ""
             sources[name] = f"lm-eval tasks {', '.join(suite.tasks)}{where}"
             task_fingerprints[sources[name]] = task_fingerprint
@@ -236,7 +236,7 @@ def _suite_run(name: str, eval_config: EvalConfig, scorer, eval_data: EvalData, 
     if name == "judge":
         return run_judge(scorer, items, suite, seed=eval_config.seed)
     if name == "lm_eval":
-        return (*run_lm_eval(scorer, items, suite, seed=eval_config.seed), None)
+        return (*run_lm_eval(scorer, items, suite, seed=eval_config.seed, split=eval_data.split), None)
     raise ValueError(f"unknown suite {name!r}")
 
 
