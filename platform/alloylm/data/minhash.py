@@ -115,6 +115,9 @@ def near_duplicates(ids: list[str], signatures: np.ndarray, threshold: float) ->
 
     Candidates come from LSH buckets; a candidate pair counts only if the fraction of equal
     signature values (the Jaccard estimate) reaches `threshold`, which removes LSH false positives.
+    An id is never mapped to itself: two rows can share one (identical parquet rows that Ray Data
+    read in two blocks of one file, `sources._table_rows`), and the rows are dropped by id, so that
+    entry would drop every copy; they are kept, as exact deduplication keeps them.
     """
     count, num_perm = signatures.shape
     if count < 2:
@@ -153,6 +156,6 @@ def near_duplicates(ids: list[str], signatures: np.ndarray, threshold: float) ->
         if len(members) > 1:
             keep = min(members, key=lambda i: ids[i])
             for i in members:
-                if i != keep:
+                if ids[i] != ids[keep]:
                     duplicates[ids[i]] = ids[keep]
     return duplicates
