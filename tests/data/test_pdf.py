@@ -164,6 +164,28 @@ def test_hyphenated_line_breaks_are_joined_and_compounds_keep_their_hyphen(paper
     assert len(paragraphs) == 1 + 3 + 14
 
 
+def test_the_hyphen_decision_counts_whole_words_as_the_regex_definition_does():
+    """Counted once per text (a regex scan per line break was quadratic in a book), with the same
+    answer as the definition: `head-tail` found more often than `headtail`, whole words, any case."""
+    import re
+
+    from alloylm.data.pdf import _WordCounts
+
+    body = (
+        "A well-known brick-and-mortar design. Well-Known again; wellknown once. Co-operate, co-operate, cooperate.\n"
+        "Pre-stressed pre-stressed prestressed prestressed. Sub-micron x-sub-micron. Non-linear-ity, nonlinear.\n"
+        "re-entrant Re-Entrant reentrant_x bio-inspired bio-inspired2 bioinspired"
+    )
+    counts = _WordCounts(body)
+    pairs = [("well", "known"), ("brick", "and"), ("and", "mortar"), ("co", "operate"), ("pre", "stressed"), ("sub", "micron"),
+             ("non", "linear"), ("linear", "ity"), ("re", "entrant"), ("bio", "inspired"), ("Well", "Known"), ("mortar", "design")]
+    for head, tail in pairs:
+        hyphenated = len(re.findall(rf"\b{re.escape(head)}-{re.escape(tail)}\b", body, re.IGNORECASE))
+        joined = len(re.findall(rf"\b{re.escape(head + tail)}\b", body, re.IGNORECASE))
+        assert counts.keeps_hyphen(head, tail) == (hyphenated > joined), (head, tail, hyphenated, joined)
+    assert counts.keeps_hyphen("well", "known") and not counts.keeps_hyphen("pre", "stressed") and counts.keeps_hyphen("and", "mortar")
+
+
 def test_reference_list_is_dropped(paper):
     data, _ = paper
     result = extract_pdf_text(data, "paper.pdf")

@@ -39,6 +39,8 @@ _AFTER_REFERENCES_HEADING = re.compile(
 _REFERENCES_EARLIEST = 0.3
 _HYPHEN_BREAK = re.compile(r"([A-Za-z\u00c0-\u024f]+)[-\u00ad]$")
 _WORD_START = re.compile(r"^([a-z\u00df-\u024f][A-Za-z\u00c0-\u024f]*)")
+# Longer than any word a hyphen breaks (the longest English words are about 45 letters).
+_LONGEST_WORD = 200
 _SENTENCE_END = re.compile(r"[.!?:][\"'\u201d)\]]*$")
 
 
@@ -175,7 +177,7 @@ def _join_lines(lines: list[str]) -> str:
     lengths = sorted(len(line) for line in lines)
     full = lengths[int(0.8 * (len(lengths) - 1))] if lengths else 0
     headings = _headings(lines, full)
-    body = "\n".join(lines)
+    counts = _WordCounts("\n".join(lines))
     paragraphs: list[str] = []
     current = ""
     for index, line in enumerate(lines):
@@ -188,11 +190,12 @@ def _join_lines(lines: list[str]) -> str:
         if not current:
             current = line
         else:
-            broken = _HYPHEN_BREAK.search(current)
+            # From near its end: a search of the whole paragraph at every line was quadratic in its length.
+            broken = _HYPHEN_BREAK.search(current, max(0, len(current) - _LONGEST_WORD))
             start = _WORD_START.match(line)
             if broken and start:
                 head, tail = broken.group(1), start.group(1)
-                keep_hyphen = current.endswith("-") and _keeps_hyphen(body, head, tail)
+                keep_hyphen = current.endswith("-") and counts.keeps_hyphen(head, tail)
                 current = current[: broken.start()] + head + ("-" if keep_hyphen else "") + line
             elif current.endswith("-") and current[-2:-1].isalnum() and line[:1].isalnum():
                 current += line  # a range or a name broken at its own hyphen: "10-" / "20", "COVID-" / "19"
@@ -208,11 +211,24 @@ def _join_lines(lines: list[str]) -> str:
     return "\n\n".join(paragraphs)
 
 
-def _keeps_hyphen(body: str, head: str, tail: str) -> bool:
-    """Whether `head-` + `tail` at a line break is a hyphenated compound rather than a word split."""
-    hyphenated = len(re.findall(rf"\b{re.escape(head)}-{re.escape(tail)}\b", body, re.IGNORECASE))
-    joined = len(re.findall(rf"\b{re.escape(head + tail)}\b", body, re.IGNORECASE))
-    return hyphenated > joined
+class _WordCounts:
+    """A text's words and hyphenated word pairs, counted once, case-insensitively. Each line break
+    used to scan the whole text twice with a regex: quadratic in a book's length (thousands of
+    breaks over megabytes)."""
+
+    def __init__(self, body: str):
+        self._words: Counter | None = None
+        self._pairs: Counter | None = None
+        self._body = body
+
+    def keeps_hyphen(self, head: str, tail: str) -> bool:
+        """Whether `head-` + `tail` at a line break is a hyphenated compound rather than a word
+        split: the text has `head-tail` more often than `headtail` (whole words)."""
+        if self._words is None:  # counted at the first break: most texts have none
+            self._words = Counter(word.lower() for word in re.findall(r"\w+", self._body))
+            # Every "a-b" of whole words, overlapping ("x-y-z" holds x-y and y-z).
+            self._pairs = Counter((a.lower(), b.lower()) for a, b in re.findall(r"(?=\b(\w+)-(\w+)\b)", self._body))
+        return self._pairs[(head.lower(), tail.lower())] > self._words[(head + tail).lower()]
 
 
 def pages_to_text(pages: list[PdfPage]) -> tuple[str, int, bool]:
