@@ -599,7 +599,7 @@ def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, ru
 
     model = tmp_path / "stage-model"
     shutil.copytree(models["untrained"], model)
-    storage.write_json(str(model / "manifest.json"), {"kind": "stage", "fingerprint": "abc"})
+    storage.write_json(str(model / "manifest.json"), {"kind": "stage", "fingerprint": "abc", "created_at": "2026-12-05T00:00:00Z"})
     config = _quick_config(max_items=1, suites={name: {"enabled": False} for name in ("short_answer", "domain_perplexity", "general_perplexity")})
     out = str(tmp_path / "eval")
     first = evaluate_variants(config, {"stage": str(model)}, _data(run_dir), out)
@@ -609,7 +609,11 @@ def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, ru
     assert second["variants"]["stage"]["reused"] is True
     assert second["variants"]["stage"]["suites"] == first["variants"]["stage"]["suites"]
     assert "reused" not in third["variants"]["stage"]
-    assert first["variants"]["stage"]["model_fingerprint"] == "abc"  # what the report checks for staleness
+    assert first["variants"]["stage"]["model_fingerprint"] == "abc@2026-12-05T00:00:00Z"  # what the report checks for staleness
+    # The stage trained again from the same inputs (same fingerprint): new weights, evaluated again.
+    storage.write_json(str(model / "manifest.json"), {"kind": "stage", "fingerprint": "abc", "created_at": "2026-12-05T01:00:00Z"})
+    fourth = evaluate_variants(config.model_copy(update={"seed": 1}), {"stage": str(model)}, _data(run_dir), out)
+    assert "reused" not in fourth["variants"]["stage"]
 
 
 def test_a_model_that_cannot_load_fails_its_variant_only(run_dir):

@@ -327,14 +327,20 @@ def score_model(
 
 
 def model_id(model_uri: str | None) -> str | None:
-    """The fingerprint (or creation time) in a model folder's manifest; None without one."""
+    """What identifies the weights in a model folder, from its manifest: its fingerprint and
+    creation time; None without a manifest. The fingerprint alone names the stage's inputs, not its
+    weights: a stage trained again from the same inputs (its folder deleted, a GPU's
+    nondeterministic kernels) kept its old evaluation."""
     if not model_uri:
         return None
     try:
         manifest = storage.read_manifest(model_uri) if storage.is_remote(model_uri) or storage.exists(model_uri) else None
     except (storage.StorageError, ValueError):
         manifest = None
-    return (manifest.get("fingerprint") or manifest.get("created_at")) if manifest else None
+    if not manifest:
+        return None
+    parts = [str(manifest[key]) for key in ("fingerprint", "created_at") if manifest.get(key)]
+    return "@".join(parts) or None
 
 
 def _fingerprint(eval_config: EvalConfig, model_uri: str, model: str | None, eval_data: EvalData) -> str | None:
