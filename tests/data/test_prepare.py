@@ -432,7 +432,8 @@ def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path
     builtin = {k: v for k, v in one.builtin.model_dump(mode="json").items() if k != "short_answer_per_fact"}
     from alloylm.data.prepare import _source_signature
 
-    before = fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, [_source_signature(s) for s in dataset.sources], "tok")
+    fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}  # nor hf_revision's
+    before = fingerprint("dataset", fields, prep, builtin, [_source_signature(s) for s in dataset.sources], "tok")
     assert dataset_fingerprint(one, "world", "tok") == before
 
 
@@ -496,6 +497,35 @@ def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
     before = dataset_fingerprint(config, "d", "tok")
     save(["Nacre is tough.", "Silk is strong.", "Bone remodels."])
     assert dataset_fingerprint(config, "d", "tok") != before
+
+
+def test_a_hub_data_set_is_known_by_its_revision_when_one_is_given(tmp_path):
+    from alloylm.data.prepare import _dataset_fields, dataset_fingerprint
+
+    def fingerprint_of(**fields):
+        config = make_config(str(tmp_path / "runs"), {"d": {"source": "hf:org/name", "format": "text", **fields}})
+        return dataset_fingerprint(config, "d", "tok"), config.datasets["d"]
+
+    unpinned, dataset = fingerprint_of()
+    assert "hf_revision" not in _dataset_fields(dataset)  # fingerprints from before the option stay
+    pinned = {revision: fingerprint_of(hf_revision=revision)[0] for revision in ("v1.0", "0123abcd")}
+    assert len({unpinned, *pinned.values()}) == 3
+
+
+def test_a_hugging_face_data_set_is_read_in_blocks_with_its_row_numbers(ray_cluster, tmp_path):
+    """Ray makes one block of a table: the whole data set was converted by one task."""
+    import datasets
+
+    from alloylm.data.sources import _read_huggingface
+
+    rows = 25_000
+    datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(rows)]}).save_to_disk(str(tmp_path / "hf"))
+    config = make_config(str(tmp_path / "runs"), {"d": {"source": f"hf:{tmp_path / 'hf'}", "format": "text"}})
+    [ds] = _read_huggingface(f"hf:{tmp_path / 'hf'}", config.datasets["d"])
+    ds = ds.materialize()
+    assert ds.num_blocks() == 2
+    ids = [row["id"] for row in ds.iter_rows()]
+    assert ids == [ids[0].rsplit("#", 1)[0] + f"#{i}" for i in range(rows)]
 
 
 def test_identical_parquet_rows_keep_one_copy(ray_cluster, tmp_path, tokenizer_dir):

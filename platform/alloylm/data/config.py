@@ -67,6 +67,14 @@ class DatasetConfig(_Frozen):
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Source column names per field.")
     hf_split: str = Field("train", description="Split to read from a Hugging Face data set.")
     hf_config: str | None = Field(None, description="Configuration (subset) name of a Hugging Face data set.")
+    hf_revision: str | None = Field(
+        None,
+        description=(
+            "Hub revision (commit, tag or branch) of an `hf:ORG/NAME` data set, passed to `load_dataset` and part of "
+            "the data set's fingerprint. Without it a Hub data set is known by its name: the prepared data is reused "
+            "after the data set changes upstream, until a revision is given (or `overwrite`)."
+        ),
+    )
     max_records: int | None = Field(None, gt=0, description="Read at most this many records (for quick trials).")
 
     @property

@@ -152,7 +152,7 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
 
         upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint)
         # Where the teacher is and how hard it is driven change no answer (as for the batch ids).
-        answers = dataset.model_dump(mode="json", by_alias=True, exclude={"generate": {"teacher": set(TRANSPORT_FIELDS)}})
+        answers = _dataset_fields(dataset, exclude={"generate": {"teacher": set(TRANSPORT_FIELDS)}})
         return fingerprint("dataset", answers, prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint)
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
     if builtin is not None and (builtin["short_answer_per_fact"] == 1 or "builtin:biomaterials-benchmark" not in dataset.sources):
@@ -160,7 +160,16 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
         # at its default the fingerprints stay those of runs made before the option existed.
         del builtin["short_answer_per_fact"]
     sources = [_source_signature(s) for s in dataset.sources]
-    return fingerprint("dataset", dataset.model_dump(mode="json", by_alias=True), prep, builtin, sources, tokenizer_fingerprint)
+    return fingerprint("dataset", _dataset_fields(dataset), prep, builtin, sources, tokenizer_fingerprint)
+
+
+def _dataset_fields(dataset, **dump) -> dict:
+    """A data set's config as its fingerprint takes it: `hf_revision` only when set, so that the
+    fingerprints of data sets made before the option existed stay the same."""
+    fields = dataset.model_dump(mode="json", by_alias=True, **dump)
+    if fields.get("hf_revision") is None:
+        fields.pop("hf_revision", None)
+    return fields
 
 
 def _write_local_dir_to(local_dir: str, uri: str) -> None:

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from alloylm import storage
@@ -212,6 +213,9 @@ def _read_files(source: str, dataset: DatasetConfig):
     return parts
 
 
+_HF_ROWS_PER_BLOCK, _HF_MAX_BLOCKS = 10_000, 512
+
+
 def _read_huggingface(source: str, dataset: DatasetConfig):
     """`hf:ORG/NAME` through `datasets.load_dataset`, or `hf:/path` saved with `save_to_disk`."""
     import datasets
@@ -226,13 +230,14 @@ def _read_huggingface(source: str, dataset: DatasetConfig):
                     raise SourceError(f"{source}: no split {dataset.hf_split!r} (splits: {', '.join(loaded)})")
                 loaded = loaded[dataset.hf_split]
         else:
-            loaded = datasets.load_dataset(name, dataset.hf_config, split=dataset.hf_split)
+            loaded = datasets.load_dataset(name, dataset.hf_config, split=dataset.hf_split, revision=dataset.hf_revision)
     except SourceError:
         raise
     except Exception as exc:  # datasets raises many types (hub, network, file-not-found)
         raise SourceError(f"{source}: cannot load Hugging Face data set: {type(exc).__name__}: {exc}") from None
-    loaded = loaded.add_column("__row", list(range(len(loaded))))
-    ds = ray.data.from_huggingface(loaded)
+    loaded = loaded.add_column("__row", np.arange(len(loaded), dtype=np.int64))  # a Python list of every row number before
+    # In blocks, so that the rows are converted by as many tasks (Ray makes one block of a table).
+    ds = ray.data.from_huggingface(loaded, override_num_blocks=max(1, min(len(loaded) // _HF_ROWS_PER_BLOCK, _HF_MAX_BLOCKS)))
     return [ds.map_batches(_table_rows, fn_kwargs={"fmt": dataset.format, "columns": dataset.columns, "origin": source, "has_paths": False}, batch_format="pyarrow")]
 
 
