@@ -499,6 +499,35 @@ def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
     assert dataset_fingerprint(config, "d", "tok") != before
 
 
+def test_compressed_files_are_read_as_what_their_names_say():
+    """corpus.jsonl.gz is JSON lines, notes.txt.zst a text document (gzip, bz2, xz, zstd): they
+    were dropped as binary files. A file that does not decompress is dropped, named."""
+    import bz2
+    import gzip
+    import json
+    import lzma
+
+    from alloylm.config import ColumnMapping
+    from alloylm.data.sources import _file_rows
+
+    zstd = pa.compress(b"Spider silk is strong.", codec="zstd", asbytes=True)  # a standard frame, as the zstd command writes
+    files = {
+        "/c/corpus.jsonl.gz": gzip.compress(b'{"text": "Nacre is tough."}\n{"text": "Bone remodels."}\n'),
+        "/c/notes.TXT.zst": zstd,
+        "/c/old.md.bz2": bz2.compress(b"# Enamel\nEnamel is hard."),
+        "/c/a.txt.xz": lzma.compress(b"Keratin is fibrous."),
+        "/c/cut.jsonl.gz": gzip.compress(b'{"text": "lost"}\n')[:12],
+    }
+    rows = _file_rows({"path": list(files), "bytes": list(files.values())}, "text", ColumnMapping())
+    kept = {i: json.loads(r)["text"] for i, r, reason in zip(rows["id"], rows["record"], rows["drop_reason"]) if not reason}
+    assert kept == {
+        "/c/corpus.jsonl.gz:1": "Nacre is tough.", "/c/corpus.jsonl.gz:2": "Bone remodels.", "/c/notes.TXT.zst": "Spider silk is strong.",
+        "/c/old.md.bz2": "# Enamel\nEnamel is hard.", "/c/a.txt.xz": "Keratin is fibrous.",
+    }
+    [(reason, detail)] = [(r, d) for r, d in zip(rows["drop_reason"], rows["detail"]) if r]
+    assert reason == "undecodable" and detail.startswith("/c/cut.jsonl.gz: not a whole gzip file ("), detail
+
+
 def test_a_hub_data_set_is_known_by_its_revision_when_one_is_given(tmp_path):
     from alloylm.data.prepare import _dataset_fields, dataset_fingerprint
 

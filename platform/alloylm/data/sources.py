@@ -32,6 +32,8 @@ ROW_SCHEMA = pa.schema(
     [("id", pa.string()), ("origin", pa.string()), ("record", pa.string()), ("drop_reason", pa.string()), ("detail", pa.string())]
 )
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# A compressed file is read as what its name says under the suffix (corpus.jsonl.gz: JSON lines).
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
 PARQUET_SUFFIXES = (".parquet",)
 PDF_SUFFIXES = (".pdf",)
 # Files read and decoded per Ray task (see _read_files).
@@ -78,6 +80,16 @@ def _decode_file(path: str, data: bytes) -> tuple[str | None, str, str]:
         return None, "undecodable", f"{path}: not UTF-8 at byte {exc.start}"
 
 
+def _decompress(data: bytes, compression: str) -> bytes:
+    """`data` decompressed: the standard library's xz, Arrow's codecs for the others (zstd is not
+    in Python 3.11's standard library)."""
+    if compression == "xz":
+        import lzma
+
+        return lzma.decompress(data)
+    return pa.CompressedInputStream(pa.BufferReader(data), compression).read()
+
+
 def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[str, list]:
     """Ray Data UDF: a batch of (path, bytes) files -> uniform rows."""
     out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
@@ -88,11 +100,20 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
 
     for path, data in zip(batch["path"], batch["bytes"]):
         name = path  # the full path: two files may share a base name in different folders
-        if path.lower().endswith(PDF_SUFFIXES):
-            add(_pdf_row(path, bytes(data), fmt))
+        kind, data = path.lower(), bytes(data)
+        suffix = next((s for s in COMPRESSION_SUFFIXES if kind.endswith(s)), None)
+        if suffix is not None:
+            kind = kind.removesuffix(suffix)
+            try:
+                data = _decompress(data, COMPRESSION_SUFFIXES[suffix])
+            except Exception as exc:  # each codec raises its own types (OSError, LZMAError, ArrowInvalid, ...)
+                add(_row(name, path, None, "undecodable", f"{path}: not a whole {COMPRESSION_SUFFIXES[suffix]} file ({type(exc).__name__}: {exc})"))
+                continue
+        if kind.endswith(PDF_SUFFIXES):
+            add(_pdf_row(path, data, fmt))
             continue
-        if path.lower().endswith(JSON_LINES_SUFFIXES):
-            raw = bytes(data)
+        if kind.endswith(JSON_LINES_SUFFIXES):
+            raw = data
             if not raw.strip() or b"\x00" in raw[:8192]:
                 add(_row(name, path, None, *_decode_file(path, raw)[1:]))
                 continue
@@ -117,7 +138,7 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
                     continue
                 add(convert_row(parsed, fmt, columns, origin, f"{name}:{number}"))
             continue
-        text, reason, detail = _decode_file(path, bytes(data))
+        text, reason, detail = _decode_file(path, data)
         if text is None:
             add(_row(name, path, None, reason, detail))
         elif fmt == "text":
