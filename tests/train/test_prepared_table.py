@@ -45,6 +45,9 @@ def test_the_drivers_check_reads_one_footer_not_the_data(tmp_path):
         check_prepared_columns(str(tmp_path), ["messages"])
     with pytest.raises(ValueError, match="part-1.parquet"):  # the workers' read opens every shard
         read_prepared_table(str(tmp_path), ["input_ids"])
+    (tmp_path / "shards" / "part-0.parquet").write_bytes(b"PAR1 cut short")  # a first shard that is not whole: named
+    with pytest.raises(ValueError, match=r"part-0.parquet: .*Parquet"):
+        check_prepared_columns(str(tmp_path), ["input_ids"])
 
 
 def test_no_shards_is_an_error_naming_the_folder(tmp_path):

@@ -113,13 +113,12 @@ def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[
             add(_pdf_row(path, data, fmt))
             continue
         if kind.endswith(JSON_LINES_SUFFIXES):
-            raw = data
-            if not raw.strip() or b"\x00" in raw[:8192]:
-                add(_row(name, path, None, *_decode_file(path, raw)[1:]))
+            if not data.strip() or b"\x00" in data[:8192]:
+                add(_row(name, path, None, *_decode_file(path, data)[1:]))
                 continue
             # Line by line, in bytes: a byte that is not UTF-8 costs its line, named, not the file;
             # and only "\n" ends a line (a JSON string may hold U+2028, which str.splitlines splits at).
-            for number, chunk in enumerate(raw.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
+            for number, chunk in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
                 origin = f"{path}:{number}"
                 try:
                     line = chunk.decode("utf-8")

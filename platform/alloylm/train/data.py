@@ -29,7 +29,11 @@ def check_prepared_columns(data_uri: str, columns: list[str]) -> None:
     must not read a CPT corpus (terabytes at scale) to check a column name."""
     uri = _shard_uris(data_uri)[0]
     fs, path = storage.arrow_filesystem(uri)
-    _check_columns(uri, pq.read_schema(path, filesystem=fs), columns)
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except pa.ArrowInvalid as exc:  # not whole Parquet: name the shard, as read_prepared_table does
+        raise ValueError(f"{uri}: {exc}") from None
+    _check_columns(uri, schema, columns)
 
 
 def read_prepared_table(data_uri: str, columns: list[str]) -> pa.Table:
