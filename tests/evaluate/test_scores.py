@@ -256,6 +256,24 @@ def test_best_is_the_highest_accuracy_and_score_but_the_lowest_perplexity():
     }
 
 
+def test_per_token_perplexity_on_another_tokenizers_tokens_is_not_ranked_bits_per_byte_is():
+    """A model with its own tokenizer scores the text re-encoded into its tokens: fewer, longer
+    tokens make per-token perplexity incomparable; it used to be ranked with the others."""
+    comparison = build_comparison(
+        {
+            "sft": result(0.5, domain_perplexity=ok(perplexity=4.0, bits_per_byte=1.0, reencoded=False)),
+            "hub-model": result(0.4, domain_perplexity=ok(perplexity=3.0, bits_per_byte=1.1, reencoded=True)),
+            "cpt": result(0.3, domain_perplexity=ok(perplexity=5.0, bits_per_byte=1.2, reencoded=False)),
+        }
+    )
+    assert comparison["best"]["domain_perplexity.perplexity"] == ["sft"]  # not hub-model's 3.0
+    assert comparison["best"]["domain_perplexity.bits_per_byte"] == ["sft"]
+    assert comparison["own_tokens"] == {"domain_perplexity.perplexity": ["hub-model"]}
+    assert any("Domain perplexity of `hub-model`: per token of its own tokenizer" in n for n in comparison_notes(comparison))
+    same = build_comparison({n: result(0.1, domain_perplexity=ok(perplexity=p, bits_per_byte=1.0)) for n, p in (("a", 2.0), ("b", 3.0))})
+    assert same["own_tokens"] == {} and same["best"]["domain_perplexity.perplexity"] == ["a"]
+
+
 def test_a_tie_at_the_top_marks_every_tied_variant():
     comparison = build_comparison({n: result(s) for n, s in (("a", 0.6), ("b", 0.6), ("c", 0.1))})
     assert comparison["best"]["score"] == ["a", "b"]

@@ -263,11 +263,24 @@ def _cell_difference(result: Mapping, reference: Mapping, column: Column) -> dic
         if not same_terms or _scored_units(result) != _scored_units(reference) or _seed(result) != _seed(reference):
             return None
         return difference_entry(result["score"] - reference["score"], ours - theirs)
+    if _own_tokens(result, column) or _own_tokens(reference, column):
+        return None
     metric = metric_for(column.suite, column.metric)
     ours, theirs = _suite_samples(result, column.suite), _suite_samples(reference, column.suite)
     if metric is None or ours is None or theirs is None or _seed(result) != _seed(reference):
         return None
     return paired_difference(ours, theirs, metric, seed=_seed(result), stream=column.suite)
+
+
+def _own_tokens(result: Mapping, column: Column) -> bool:
+    """Whether `column` is a per-token perplexity counted on other tokens than the data's: the
+    variant's tokenizer is not the one that wrote the text blocks, so they were re-encoded into its
+    own. A perplexity per token of another tokenizer is not comparable (fewer, longer tokens give a
+    higher one on the same text); bits per byte is, and stays compared."""
+    if column.metric != "perplexity" or column.suite is None:
+        return False
+    metrics = (((result.get("suites") or {}).get(column.suite) or {}).get("metrics")) or {}
+    return bool(metrics.get("reencoded"))
 
 
 def _variant_order(results: Mapping[str, Mapping]) -> list[str]:
@@ -335,8 +348,17 @@ def build_comparison(results: Mapping[str, Mapping], *, reference: str | None = 
             }
         )
     best: dict[str, list[str]] = {}
+    own_tokens = {
+        column.key: [name for name in order if _own_tokens(results[name], column)]
+        for column in columns
+        if any(_own_tokens(results[name], column) for name in order)
+    }
     for column in columns:
-        scored = [(row["values"][column.key], row["variant"]) for row in rows if row["values"][column.key] is not None]
+        scored = [
+            (row["values"][column.key], row["variant"])
+            for row in rows
+            if row["values"][column.key] is not None and row["variant"] not in own_tokens.get(column.key, ())
+        ]
         if len(scored) > 1 and len({v for v, _ in scored}) > 1:  # a tie of all is no "best"
             top = max(v for v, _ in scored) if column.higher_is_better else min(v for v, _ in scored)
             best[column.key] = [name for v, name in scored if v == top]
@@ -359,6 +381,7 @@ def build_comparison(results: Mapping[str, Mapping], *, reference: str | None = 
         "score_definition": score_definition(first_config) if first_config else None,
         "score_leader": _score_leader(rows, results),
         "lm_eval_splits": _lm_eval_splits(results),
+        "own_tokens": own_tokens,
     }
 
 
@@ -453,6 +476,12 @@ def comparison_notes(comparison: Mapping) -> list[str]:
     retention = _retention_note(comparison)
     if retention:
         notes.append(retention)
+    for key, names in (comparison.get("own_tokens") or {}).items():
+        label = next((c["label"] for c in comparison.get("columns") or [] if c["key"] == key), key)
+        notes.append(
+            f"{label} of {', '.join(f'`{n}`' for n in names)}: per token of its own tokenizer (the text was re-encoded), "
+            "so not compared with the others (no best, no difference); bits per byte compares every variant."
+        )
     if comparison.get("score_definition"):
         notes.append(f"Score: {comparison['score_definition']}.")
     for row in comparison["rows"]:
