@@ -243,6 +243,28 @@ def test_multiple_choice_accuracy_matches_hand_computed_case():
     assert [d["predicted_norm"] for d in details] == [1, 0, 0]
 
 
+def test_accuracy_norm_divides_by_the_scored_continuation_as_lm_eval_does():
+    """In the lettered chat form the scored text is `A. x`, not `x`: lm-eval's acc_norm divides by
+    the continuation's characters, and dividing by the option's alone picked another answer."""
+
+    class Scorer:  # a chat model that gives `A. x` -2 and `B. yyyy` -5 (one item)
+        def uses_chat(self, prompt):
+            return True
+
+        def prompt(self, text, *, chat):
+            return text
+
+        def encode_pair(self, context, continuation, *, chat):
+            return context, continuation
+
+        def loglikelihood(self, pairs):
+            return [LogLikelihood({"A. x": -2.0, "B. yyyy": -5.0}[continuation], 1, False) for _, continuation in pairs]
+
+    metrics, (detail,) = run_multiple_choice(Scorer(), [_item("a", ["x", "yyyy"], 0)], prompt="chat", circular=False)
+    # -2/4 > -5/7 over the continuations (A); over the options -2/1 < -5/4 would pick B.
+    assert detail["predicted_norm"] == 0 and metrics["accuracy_norm"] == 1.0, detail
+
+
 def test_loglikelihood_equals_a_direct_forward_pass(tokenizer, models):
     model = load_model(models["trained"])
     scorer = CausalLMScorer(model, tokenizer, batch_size=3)
