@@ -36,8 +36,8 @@ from alloylm.evaluate.config import JudgeConfig
 from alloylm.evaluate.judge import GradeParseError, JudgeQuestion, parse_grades, run_judge
 from alloylm.evaluate.multiple_choice import run_multiple_choice, score_multiple_choice
 from alloylm.evaluate.quantities import find_quantities, numeric_match
-from alloylm.evaluate.scorer import CausalLMScorer, LogLikelihood
-from alloylm.evaluate.short_answer import exact_match, score_short_answer
+from alloylm.evaluate.scorer import PLAIN_STOP, CausalLMScorer, LogLikelihood, cut_at_stop
+from alloylm.evaluate.short_answer import exact_match, run_short_answer, score_short_answer
 from alloylm.models import build_model, load_model, load_tokenizer, save_model, train_tokenizer
 
 OPTIONS = BuiltinCorpusOptions(materials=4, heldout_documents=8, general_heldout_documents=12, general_documents=40)
@@ -275,6 +275,38 @@ def test_loglikelihood_equals_a_direct_forward_pass(tokenizer, models):
         expected = sum(float(logprobs[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
         assert got.logprob == pytest.approx(expected, abs=1e-4)
         assert got.tokens == len(continuation)
+
+
+def test_generation_stops_before_the_first_stop_string(tokenizer, models):
+    scorer = CausalLMScorer(load_model(models["trained"]), tokenizer, batch_size=2)
+    prompts = ["Question: What is the density of Vekrinite?\nAnswer:", "Question: Who makes Lunostin?\nAnswer:"]
+    whole = scorer.generate(prompts, chat=False, max_new_tokens=24)
+    assert all(len(text) > 12 for text in whole), whole
+    stop = whole[0][6:10]  # occurs in the first output: it ends there; elsewhere nothing is cut
+    cut = scorer.generate(prompts, chat=False, max_new_tokens=24, stop=[stop, "never generated"])
+    assert cut[0] == whole[0][: whole[0].index(stop)].strip() and len(cut[0]) < len(whole[0])
+    assert cut[1] == (whole[1][: whole[1].index(stop)].strip() if stop in whole[1] else whole[1])
+    assert cut_at_stop("412 MPa\nQuestion: x\n\n", PLAIN_STOP) == "412 MPa\n" and cut_at_stop("abc", ()) == "abc"
+
+
+def test_a_plain_answer_is_not_credited_for_the_next_question_it_invents(tokenizer, models, monkeypatch):
+    """A model with no chat turn to close answers, then goes on with the pattern's next question and
+    answer; the gold text in that invented follow-up used to count (exact match looks anywhere)."""
+    item = BenchmarkItem(id="o", split="test", type="short_answer", question="Which organism produces Vekrinite?", answer="Thalonia spinosa")
+    scorer = CausalLMScorer(load_model(models["trained"]), tokenizer, batch_size=1)
+    rambling = " the woodpecker Sagumina ferrella.\nQuestion: Which organism produces Lunostin?\nAnswer: Thalonia spinosa"
+
+    def generate(input_ids, attention_mask, max_new_tokens, **_):  # the model's output, scripted
+        continuation = torch.tensor([tokenizer(rambling, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+        return torch.cat([input_ids, continuation], dim=1)
+
+    monkeypatch.setattr(scorer.model, "generate", generate)
+    settings = {"max_new_tokens": 64, "relative_tolerance": 0.01, "require_unit": False, "seed": 0}
+    metrics, (detail,) = run_short_answer(scorer, [item], prompt="plain", **settings)
+    assert detail["output"] == "the woodpecker Sagumina ferrella." and metrics["accuracy"] == 0.0, detail
+    # A chat prompt's answer ends with its turn (the stop token), not at any text.
+    _, (detail,) = run_short_answer(scorer, [item], prompt="chat", **settings)
+    assert detail["output"] == rambling.strip() and detail["correct"], detail
 
 
 # ----------------------------------------------------------------------------- short answer

@@ -24,7 +24,7 @@ from alloylm.corpus import PROPERTY_LABELS
 from alloylm.evaluate.benchmark import BenchmarkItem
 from alloylm.evaluate.config import JudgeConfig
 from alloylm.evaluate.prepared import EvaluationInputError, read_records_file
-from alloylm.evaluate.scorer import CausalLMScorer
+from alloylm.evaluate.scorer import PLAIN_STOP, CausalLMScorer
 
 SUITE = "judge"
 GRADE_RANGE = (1.0, 10.0)
@@ -314,7 +314,10 @@ def run_judge(
         return summarise_grades([], config.criteria), [], "no judge questions for this split"
     chat = scorer.uses_chat("auto")
     prompts = [scorer.prompt(q.question, chat=chat) for q in questions]
-    answers = scorer.generate(prompts, chat=chat, max_new_tokens=config.answer_max_new_tokens, seed=seed)
+    # A plain answer ends before the next question the model invents (not at a blank line, as a
+    # short answer does: the judge grades answers that may run to paragraphs).
+    stop = () if chat else tuple(s for s in PLAIN_STOP if s.strip())
+    answers = scorer.generate(prompts, chat=chat, max_new_tokens=config.answer_max_new_tokens, seed=seed, stop=stop)
     client = JudgeClient(config, seed=seed)
     details: list[dict] = []
     for question, answer in zip(questions, answers):

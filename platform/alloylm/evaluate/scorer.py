@@ -16,6 +16,21 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
+# Where a plain prompt's answer ends: a model without a chat turn to close goes on past its answer,
+# typically inventing the next "Question: ...\nAnswer: ..." of the pattern, and an answer matched
+# anywhere in the output would be credited for that. lm-evaluation-harness cuts the same
+# question/answer format at these (`until` of its generation tasks).
+PLAIN_STOP = ("\n\n", "Question:")
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any of the `stop` strings (all of it if none occurs).
+
+    Cut after decoding, as lm-evaluation-harness's HF model does: greedy decoding makes the text
+    before a stop string the same whether generation stopped there or went on.
+    """
+    ends = [found for s in stop if s and (found := text.find(s)) >= 0]
+    return text[: min(ends)] if ends else text
 
 
 @dataclass(frozen=True)
@@ -157,8 +172,11 @@ class CausalLMScorer:
                 results[i] = LogLikelihood(float(picked.double().sum()), len(continuation), greedy)
         return results  # type: ignore[return-value]
 
-    def generate(self, prompts: Sequence[str], *, chat: bool, max_new_tokens: int, seed: int = 0) -> list[str]:
-        """Greedy continuations of `prompts`, cut at a stop token, special tokens removed."""
+    def generate(
+        self, prompts: Sequence[str], *, chat: bool, max_new_tokens: int, seed: int = 0, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy continuations of `prompts`, cut at a stop token and before the first of the `stop`
+        strings, special tokens removed."""
         outputs: list[str | None] = [None] * len(prompts)
         encoded = [self._encode(p, chat=chat) for p in prompts]
         room = max(1, self.max_length - max_new_tokens)
@@ -184,7 +202,7 @@ class CausalLMScorer:
             for k, i in enumerate(batch):
                 new = generated[k, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in self.stop_ids), len(new))
-                outputs[i] = self.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+                outputs[i] = cut_at_stop(self.tokenizer.decode(new[:cut], skip_special_tokens=True), stop).strip()
         return outputs  # type: ignore[return-value]
 
     def sequence_nll(self, sequences: Sequence[list[int]], masks: Sequence[list[int] | None] | None = None) -> list[tuple[float, int]]:

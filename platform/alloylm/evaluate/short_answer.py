@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from alloylm.evaluate.benchmark import BenchmarkItem
 from alloylm.evaluate.quantities import numeric_match
-from alloylm.evaluate.scorer import CausalLMScorer
+from alloylm.evaluate.scorer import PLAIN_STOP, CausalLMScorer
 
 SUITE = "short_answer"
 
@@ -102,7 +102,8 @@ def run_short_answer(
     """Generate an answer to each item with `scorer` and score it."""
     chat = scorer.uses_chat(prompt)
     prompts = [scorer.prompt(item.question, chat=chat) for item in items]
-    outputs = scorer.generate(prompts, chat=chat, max_new_tokens=max_new_tokens, seed=seed)
+    stop = () if chat else PLAIN_STOP  # a chat answer ends with its turn
+    outputs = scorer.generate(prompts, chat=chat, max_new_tokens=max_new_tokens, seed=seed, stop=stop)
     metrics, details = score_short_answer(items, outputs, relative_tolerance=relative_tolerance, require_unit=require_unit)
     for detail, text in zip(details, prompts):
         detail["prompt"] = text
