@@ -231,7 +231,7 @@ def test_suite_answers_every_item_as_the_plain_multiple_choice_suite(evaluated, 
 def test_limit_and_max_items_choose_the_first_docs(task_dir, items):
     data = load_eval_data(_config(task_dir, limit=0.5, max_items=3), {})
     assert [(d.task, d.index) for d in data.lm_eval] == [(TASK, 0), (TASK, 1), (TASK, 2)]
-    assert data.sizes()["lm_eval"] == 3 and len(data.head(0.4).lm_eval) == 2
+    assert data.sizes()["lm_eval"] == 3 and len(data.rung(0.4, seed=0).lm_eval) == 2
     assert data.fingerprints[data.sources["lm_eval"]] == load_eval_data(_config(task_dir, limit=0.5, max_items=3), {}).fingerprints[data.sources["lm_eval"]]
     assert data.fingerprints[data.sources["lm_eval"]] != load_eval_data(_config(task_dir, limit=2), {}).fingerprints[data.sources["lm_eval"]]
 

@@ -369,6 +369,28 @@ def test_exact_match_and_short_answer_scoring():
     assert detail["numeric_match"] is False and detail["correct"] is True
 
 
+def test_asha_rungs_score_items_drawn_across_the_file_nested_and_the_same_for_every_trial():
+    """The benchmark file is ordered by material; a rung used to be its first items, so a trial's
+    first judgement came from the first few materials alone."""
+    from alloylm.evaluate.perplexity import TextBlock
+    from alloylm.evaluate.runner import EvalData
+
+    items = [BenchmarkItem(id=f"m{m}-{k}", split="validation", type="multiple_choice", question="q", answer="a", fact_id=f"m{m}")
+             for m in range(10) for k in range(10)]
+    blocks = [TextBlock(index=i, input_ids=[1, 2, 3]) for i in range(7)]
+    data = EvalData(split="validation", multiple_choice=items, domain_perplexity=blocks)
+    rungs = [data.rung(fraction, seed=0) for fraction in (0.25, 0.5, 1.0)]
+    assert [r.sizes()["multiple_choice"] for r in rungs] == [25, 50, 100] and [len(r.domain_perplexity) for r in rungs] == [2, 4, 7]
+    assert rungs[-1].multiple_choice == items and rungs[-1].domain_perplexity == blocks
+    for small, large in zip(rungs, rungs[1:]):  # nested: what a trial scored at a rung is part of the next
+        assert set(map(id, small.multiple_choice)) <= set(map(id, large.multiple_choice))
+    first = rungs[0].multiple_choice
+    assert first == sorted(first, key=items.index)  # file order kept
+    assert len({item.fact_id for item in first}) >= 7, [item.id for item in first]  # not the first 3 materials
+    assert data.rung(0.25, seed=0) == rungs[0] and data.rung(0.25, seed=1) != rungs[0]  # the seed's draw, every trial alike
+    assert data.rung(0.01, seed=0).sizes() == {**data.sizes(), "multiple_choice": 1, "domain_perplexity": 1}
+
+
 # ----------------------------------------------------------------------------- benchmark input
 
 

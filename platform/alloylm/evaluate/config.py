@@ -327,7 +327,9 @@ OFF_BY_DEFAULT = ("judge", "lm_eval")
 # Part of every evaluation's and merge search's fingerprint: raised when scoring changes, so
 # results scored the old way are scored again instead of being reused. 2: a short answer with a
 # value is right by its number alone; the score's interval resamples the benchmark's suites together.
-SCORING_VERSION = 2
+# 3: a plain prompt's short answer ends at a blank line or an invented "Question:"; the merge
+# search's ASHA rungs score items drawn with the seed, not the first ones in file order.
+SCORING_VERSION = 3
 
 
 class EvalResources(_Frozen):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import time
 import traceback
 from collections.abc import Mapping
@@ -49,12 +50,20 @@ class EvalData:
     fingerprints: dict[str, str | None] = field(default_factory=dict)  # data URI -> manifest fingerprint
     tokenizer_uri: str | None = None  # the tokenizer that wrote the text blocks
 
-    def head(self, fraction: float) -> EvalData:
-        """The first `fraction` of every suite's items (at least one each): the merge search's ASHA rungs."""
-        cut = {
-            name: getattr(self, name)[: max(1, math.ceil(fraction * len(getattr(self, name))))] if getattr(self, name) else []
-            for name in SUITE_NAMES
-        }
+    def rung(self, fraction: float, seed: int) -> EvalData:
+        """`fraction` of every suite's items (at least one each), drawn with `seed`, kept in file
+        order: the merge search's ASHA rungs.
+
+        Drawn, not the first ones: the files are ordered (the benchmark by material), so a prefix
+        would judge a trial at its first rung on a few materials only. One order per suite and seed,
+        so a smaller fraction's items are among a larger one's and every trial sees the same items.
+        """
+        cut = {}
+        for name in SUITE_NAMES:
+            items = getattr(self, name)
+            order = random.Random(f"{seed}:rung:{name}").sample(range(len(items)), len(items))
+            keep = sorted(order[: max(1, math.ceil(fraction * len(items)))]) if items else []
+            cut[name] = [items[i] for i in keep]
         return dataclasses.replace(self, **cut)
 
     def sizes(self) -> dict[str, int]:

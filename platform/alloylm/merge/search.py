@@ -148,7 +148,7 @@ def run_trial(tune_config: dict, job: TrialJob, eval_data: EvalData) -> None:
         device=state["device"],
     )
     for rung, fraction in enumerate(job.rungs, start=1):
-        data = eval_data.head(fraction)
+        data = eval_data.rung(fraction, job.eval_config.seed)
         results, _ = score_model(job.eval_config, "in-memory merge", data, variant="trial", scorer=scorer)
         if results.get("score") is None:
             reasons = {n: s.get("reason") for n, s in results["suites"].items() if s.get("status") != "ok"}
