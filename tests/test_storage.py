@@ -238,16 +238,19 @@ def test_s3_commit_order_old_manifest_first_new_manifest_last(s3_bucket, monkeyp
         art.commit({"version": 2})
 
     manifest = f"{s3_bucket}/exp/dpo/{storage.MANIFEST_NAME}"
-    # The old manifest goes first, so readers see the old artifact as incomplete ...
-    assert events[0] == ("delete", manifest)
+    marker = f"{s3_bucket}/exp/dpo/{storage.COMMIT_MARKER_NAME}"
+    # The commit marks the folder, then the old manifest goes, so readers see the old artifact as
+    # incomplete (and a commit cut short from here on is known as one, not as a user's files) ...
+    assert events[:2] == [("put", marker), ("delete", manifest)]
     copies = [key for kind, key in events if kind == "copy"]
     assert sorted(copies) == [f"{s3_bucket}/exp/dpo/tokenizer/vocab.txt",
                               f"{s3_bucket}/exp/dpo/weights.txt"]
-    # ... and the new manifest is put after every copy, then only the staging is deleted.
+    # ... and the new manifest is put after every copy, then the marker and the staging are deleted.
     put_at = events.index(("put", manifest))
     assert all(i < put_at for i, (kind, _) in enumerate(events) if kind == "copy")
+    assert events[put_at + 1] == ("delete", marker)
     staging_key = art.staging_uri.split("://", 1)[1]
-    for kind, key in events[put_at + 1:]:
+    for kind, key in events[put_at + 2:]:
         assert kind == "delete"
         keys = key if isinstance(key, tuple) else (key,)
         assert all(k.startswith(staging_key + "/") for k in keys), key
@@ -340,14 +343,27 @@ def test_incomplete_folder_is_not_complete_and_can_be_replaced(root):
     assert storage.is_complete(final)
     assert storage.read_text(storage.join(final, "weights.txt")) == "weights v1"
     assert not storage.exists(storage.join(final, "partial.bin"))
-    # On S3 a folder without a manifest is a commit cut short, and is deleted. On a local disk a
-    # commit is a rename and leaves none, so those are a user's own files: moved aside, kept.
+    # Files without a manifest that no commit left (locally a commit is a rename and leaves none; on
+    # S3 a commit cut short leaves its marker) are a user's own files: moved aside, kept. They were
+    # deleted on S3, so a corpus kept at a data set's path was lost when the data set was written.
     aside = [f for f in storage.list_files(storage.join(root, "exp")) if ".replaced-" in f]
-    if storage.is_remote(root):
-        assert aside == []
-    else:
-        assert sorted(os.path.basename(f) for f in aside) == ["partial.bin", "vocab.txt", "weights.txt"], aside
-        assert storage.read_text(next(f for f in aside if f.endswith("partial.bin"))) == "half"
+    assert sorted(os.path.basename(f) for f in aside) == ["partial.bin", "vocab.txt", "weights.txt"], aside
+    assert storage.read_text(next(f for f in aside if f.endswith("partial.bin"))) == "half"
+    assert not storage.exists(storage.join(final, storage.COMMIT_MARKER_NAME))
+
+
+def test_an_s3_commit_cut_short_is_replaced_not_kept(s3_bucket):
+    final = f"s3://{s3_bucket}/exp/orpo"
+    _write_model(final, "half-copied")  # what a commit that died copying leaves: its marker, no manifest
+    storage.write_text(storage.join(final, storage.COMMIT_MARKER_NAME), "commit in progress\n")
+    assert not storage.is_complete(final)
+    with storage.begin_artifact(final) as art:
+        _write_model(art.staging_uri, "v1")
+        art.commit({"stage": "orpo"})
+    assert storage.read_text(storage.join(final, "weights.txt")) == "weights v1"
+    assert storage.list_files(f"s3://{s3_bucket}/exp") == [
+        storage.join(final, storage.MANIFEST_NAME), storage.join(final, "tokenizer", "vocab.txt"), storage.join(final, "weights.txt"),
+    ]
 
 
 def test_artifact_cannot_be_a_bucket_root(s3_bucket):

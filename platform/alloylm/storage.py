@@ -87,6 +87,9 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 STAGING_DIR_NAME = ".staging"
+# On S3, present in an artifact's folder while a commit replaces its objects: files there without a
+# manifest are a commit cut short when it is present, and somebody's own files when it is not.
+COMMIT_MARKER_NAME = ".alloylm-commit"
 
 # Bounded so that an unreachable endpoint fails in seconds instead of hanging a stage: a refused
 # connection fails at once, a black-holed one after connect_timeout per attempt.
@@ -901,8 +904,7 @@ class StagedArtifact:
                 # A local commit is a rename, so a crashed attempt never leaves a folder here without
                 # a manifest: this one is somebody's own files (e.g. a corpus kept inside the run
                 # folder). Moved aside and kept, never deleted.
-                stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-                aside = f"{final}.replaced-{stamp}"
+                aside = f"{final}.replaced-{_stamp()}"
                 os.rename(final, aside)
                 log.warning("%s held files that are not an AlloyLM artifact (no %s): moved to %s", final, MANIFEST_NAME, aside)
             if os.path.lexists(final):
@@ -929,19 +931,36 @@ class StagedArtifact:
         ]
         manifest_path = f"{final_root}/{MANIFEST_NAME}"
         manifest_uri = join(self.final_uri, MANIFEST_NAME)
+        marker_path = f"{final_root}/{COMMIT_MARKER_NAME}"
         action = "commit the artifact"
+
+        def mark() -> None:
+            retrying(f"{action} (mark it)", self.final_uri, lambda: fs.pipe_file(marker_path, b"commit in progress\n"))
+
         # No rename on S3: first make readers see the old artifact as incomplete, then replace its
         # objects, and only then publish the new manifest. Each step is retried on its own within
         # the retry window; if one gives up, the manifest is not written (and an old one is gone),
         # so the folder reads as incomplete, never as a finished artifact with files missing.
-        if exists(manifest_uri):  # not fs.exists, which says "no" when the endpoint is down
+        # The marker, put first and removed last, tells such a commit cut short from a user's own
+        # files at this path (a corpus kept in the run's folder), which are moved aside, as locally.
+        # `exists`, not fs.exists, which says "no" when the endpoint is down.
+        if exists(manifest_uri):
+            mark()
             retrying(f"{action} (remove the old manifest)", self.final_uri, lambda: fs.rm_file(manifest_path))
             fs.invalidate_cache(final_root)
+        elif not exists(join(self.final_uri, COMMIT_MARKER_NAME)) and (theirs := _relative_files(self.final_uri)):
+            aside = f"{final_root}.replaced-{_stamp()}"
+            retrying(f"{action} (move aside the files already there)", self.final_uri,
+                     lambda: fs.copy([n for n, _ in theirs], [f"{aside}/{rel}" for _, rel in theirs]))
+            log.warning("%s held files that are not an AlloyLM artifact (no %s): moved to %s",
+                        self.final_uri, MANIFEST_NAME, f"{self.final_uri.split('://', 1)[0]}://{aside}")
         _s3_delete_prefix(self.final_uri)
+        mark()
         if staged:
             sources, targets = [n for n, _ in staged], [f"{final_root}/{rel}" for _, rel in staged]
             retrying(f"{action} (copy its files)", self.final_uri, lambda: fs.copy(sources, targets))
         retrying(f"{action} (write its manifest last)", self.final_uri, lambda: fs.pipe_file(manifest_path, manifest_data))
+        retrying(f"{action} (unmark it)", self.final_uri, lambda: fs.rm_file(marker_path))
         fs.invalidate_cache(final_root)
         _s3_delete_prefix(self.staging_uri)
 
@@ -953,6 +972,11 @@ class StagedArtifact:
         remove(self.staging_uri, window=window)
         if not is_remote(self.staging_uri):
             _remove_empty_staging_parent(resolve(self.staging_uri))
+
+
+def _stamp() -> str:
+    """The suffix of a folder moved aside: UTC time to the microsecond."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def _remove_empty_staging_parent(staging: str) -> None:
