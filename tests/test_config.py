@@ -206,6 +206,18 @@ def test_a_key_given_twice_names_both_lines(tmp_path):
     assert "given twice" in error_of(tmp_path, MINIMAL, ["stages.x={a: 1, a: 2}"])
 
 
+def test_a_date_like_value_is_text_and_binary_or_set_values_name_their_line(tmp_path):
+    """YAML reads `2024-06-01` as a date, and a date (or `!!binary` bytes) crashed loading with a
+    traceback when the config was copied through JSON."""
+    config = load_config(write(tmp_path, MINIMAL + "storage: 2024-06-01\n"), ["seed=3"])
+    assert config.storage == "2024-06-01"
+    assert load_config(write(tmp_path, MINIMAL), ["storage=2024-06-01T10:00:00"]).storage == "2024-06-01T10:00:00"
+    message = error_of(tmp_path, MINIMAL.replace("experiment: demo", "experiment: !!binary aGVsbG8="))
+    assert "run.yaml:1:" in message and "a binary value has no meaning in a config" in message, message
+    assert "a set value" in error_of(tmp_path, MINIMAL, ["storage=!!set {a: null}"])
+    assert main(["validate", str(write(tmp_path, MINIMAL.replace("experiment: demo", "experiment: !!binary aGVsbG8=")))]) == 2
+
+
 def test_bytes_that_are_not_utf8_or_yaml_name_the_line(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")

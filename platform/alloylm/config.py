@@ -263,6 +263,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _timestamp_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+    # A date-like scalar (`experiment: 2024-06-01`, a revision named by date) stays the text it is:
+    # no config key takes a date, and a date object cannot be carried further (JSON, fingerprints).
+    return loader.construct_scalar(node)
+
+
+def _not_in_a_config(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"a {node.tag.rsplit(':', 1)[-1]} value has no meaning in a config; write it as text", node.start_mark
+    )
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_as_written)
+for _tag in ("binary", "set"):
+    _UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _not_in_a_config)
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
