@@ -220,6 +220,23 @@ def test_run_only_a_merge_search_prepares_the_data_its_objective_scores_on(tmp_p
     assert "data:domain-heldout" not in steps and "data:domain-benchmark" not in steps["stage:dpo"].parents
 
 
+def test_a_merge_search_holds_what_its_concurrent_trials_take(tmp_path):
+    """The search's step held one trial's CPUs while Tune ran max_concurrent_trials trials, so the
+    scheduler started siblings on resources the other trials took (on GPUs: a Ray Train worker
+    group waited for a placement group until its start timeout)."""
+    from alloylm.config import load_config
+    from alloylm.pipeline import build_graph
+
+    overrides = [f"storage={tmp_path}", "stages.merged.search.max_concurrent_trials=3", "stages.merged.resources.num_cpus=0.5"]
+    config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    summary = RunSummary(experiment=config.experiment, run=config.run_uri)
+    held = {cpus: build_graph(config, summary, capacity={"CPU": cpus})["stage:merged"].needs for cpus in (8.0, 1.0, 0.5)}
+    assert held == {8.0: {"CPU": 1.5}, 1.0: {"CPU": 1.0}, 0.5: {"CPU": 0.5}}  # as many trials as fit, at least one
+    assert build_graph(config, summary, capacity={"CPU": 8.0})["stage:merged-head"].needs == {"CPU": 1.0}  # a fixed merge: one
+    few = load_config(REPO / "configs" / "quickstart.yaml", [*overrides, "stages.merged.search.num_samples=2"])
+    assert build_graph(few, summary, capacity={"CPU": 8.0})["stage:merged"].needs == {"CPU": 1.0}
+
+
 def test_a_lost_lease_starts_no_more_steps_and_fails_the_run():
     """The lease's heartbeat noticed a takeover, logged it, and the run went on writing beside the
     other writer, and ended with exit 0."""

@@ -164,8 +164,26 @@ def _stage_uris(config: RunConfig) -> dict[str, str]:
     return {name: layout.stage(name) for name in config.stages}
 
 
-def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | None = None) -> dict[str, Step]:
-    """The steps of the run, in a dependency order. `only`: these stages and their ancestors, no evaluation."""
+def _held_while_running(stage, needs: dict[str, float], capacity: dict[str, float] | None) -> dict[str, float]:
+    """What a stage's step holds on the cluster while it runs. A merge search's `needs` are one
+    trial's, the least it can progress with; Tune then runs up to `max_concurrent_trials` of them
+    at once, as many as the cluster fits, so the step holds that many, and the scheduler does not
+    start a sibling on resources the search's other trials take."""
+    search = getattr(stage, "search", None)
+    if search is None or not needs:
+        return needs
+    at_once = min(search.max_concurrent_trials, search.num_samples)
+    for resource, amount in needs.items():
+        if capacity is not None:
+            at_once = min(at_once, int(capacity.get(resource, 0) / amount + 1e-9))
+    return {resource: amount * max(1, at_once) for resource, amount in needs.items()}
+
+
+def build_graph(
+    config: RunConfig, summary: RunSummary, *, only: list[str] | None = None, capacity: dict[str, float] | None = None
+) -> dict[str, Step]:
+    """The steps of the run, in a dependency order. `only`: these stages and their ancestors, no evaluation.
+    `capacity`: the cluster's CPUs and GPUs, which bound what a merge search's trials hold at once."""
     from alloylm.data.prepare import prepare_dataset, prepare_tokenizer
 
     layout = RunLayout.of(config)
@@ -199,6 +217,7 @@ def build_graph(config: RunConfig, summary: RunSummary, *, only: list[str] | Non
         parents = [f"stage:{p}" for p in kind.parents(stage) if p in config.stages]
         parents += [f"data:{d}" for d in _stage_datasets(config, name)]
         needs = {resource: amount for resource, (amount, _) in kind.resources(stage).items() if amount > 0}
+        needs = _held_while_running(stage, needs, capacity)
 
         def run_stage(name: str = name, kind=kind) -> dict:
             manifest = kind.run(config, name)
@@ -540,7 +559,7 @@ LEASE_LOST = (
 def _run(config: RunConfig, only: list[str] | None, capacity: dict[str, float], halt: Callable[[], str | None] | None = None) -> RunSummary:
     started = time.monotonic()
     summary = RunSummary(experiment=config.experiment, run=config.run_uri)
-    steps = build_graph(config, summary, only=only)
+    steps = build_graph(config, summary, only=only, capacity=capacity)
     log.info("run %s: %d steps on %s", config.experiment, len(steps), ", ".join(f"{v:g} {k}" for k, v in capacity.items()))
     run_graph(steps, summary, capacity=capacity, max_parallel=config.run.max_parallel_stages, halt=halt)
     summary.seconds = round(time.monotonic() - started, 1)
