@@ -140,6 +140,25 @@ def test_a_stage_larger_than_the_cluster_fails_before_any_step(ray_cluster, tmp_
     assert storage.exists(str(tmp_path / "runs" / "toy" / "stages" / "a"))
 
 
+def test_an_evaluation_larger_than_the_cluster_fails_before_any_step(ray_cluster, tmp_path):
+    """Only stages were checked up front: with evaluate.resources.num_gpus on a CPU cluster every
+    stage trained, then each evaluation task waited for a GPU that never came."""
+    from alloylm.config import load_config
+    from alloylm.evaluate import EvaluationInputError
+    from alloylm.evaluate.runner import check_eval_resources
+    from alloylm.pipeline import run_pipeline
+
+    config = load_config(REPO / "configs" / "quickstart.yaml", [f"storage={tmp_path}", "evaluate.resources.num_gpus=1"])
+    with pytest.raises(EvaluationInputError, match=r"evaluate.resources.num_gpus: 1 per evaluation task, but the Ray cluster has 0"):
+        run_pipeline(config)
+    assert not any(tmp_path.iterdir())  # no lease, no tokenizer, no data
+    check_eval_resources(config.evaluate.model_copy(update={"resources": config.evaluate.resources.model_copy(update={"num_gpus": 0.0})}),
+                         {"CPU": 2.0})
+    big = config.evaluate.resources.model_copy(update={"num_gpus": 0.0, "memory_gb": 64.0})
+    with pytest.raises(EvaluationInputError, match=r"evaluate.resources.memory_gb: 64 GiB per evaluation task, but the Ray cluster has 2 GiB"):
+        check_eval_resources(config.evaluate.model_copy(update={"resources": big}), {"CPU": 2.0, "memory": 2 * 1024**3})
+
+
 def test_one_resource_check_names_the_stage_and_the_shortfall():
     from alloylm.config import load_config
 

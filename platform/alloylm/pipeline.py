@@ -539,6 +539,10 @@ def run_pipeline(
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     check_stage_resources(config, names, have=capacity)
     check_stage_memory(config, names, capacity.get("GPU", 0))
+    if config.evaluate is not None and not only:
+        from alloylm.evaluate.runner import check_eval_resources
+
+        check_eval_resources(config.evaluate, ray.cluster_resources())  # not after every stage has trained
     with lease.held(wait=wait_for_lease):
         summary = _run(config, only, capacity, halt=lambda: LEASE_LOST if lease.lost else None)
         if lease.lost:  # also when it was lost while the last steps ran

@@ -400,6 +400,24 @@ def _evaluate_variant_task(
 # ------------------------------------------------------------------------------ every variant
 
 
+def check_eval_resources(eval_config: EvalConfig, have: Mapping[str, float]) -> None:
+    """Raise EvaluationInputError when one evaluation task needs more than the cluster `have`s
+    (`ray.cluster_resources()`): Ray would keep such a task pending for ever, and the pipeline
+    would train every stage first."""
+    resources = eval_config.resources
+    wanted = [("CPU", resources.num_cpus, "num_cpus", 1.0, "")]
+    wanted.append(("GPU", resources.num_gpus, "num_gpus", 1.0, ""))
+    if resources.memory_gb:
+        wanted.append(("memory", resources.memory_gb, "memory_gb", 1024**3, " GiB"))
+    for resource, amount, key, unit, suffix in wanted:
+        there = have.get(resource, 0) / unit
+        if amount > there + 1e-9:
+            raise EvaluationInputError(
+                f"evaluate.resources.{key}: {amount:g}{suffix} per evaluation task, but the Ray cluster has {there:g}{suffix}; "
+                "nothing was run (lower it or use a larger cluster)"
+            )
+
+
 def evaluate_variants(
     eval_config: EvalConfig,
     variants: Mapping[str, str],
@@ -431,6 +449,7 @@ def evaluate_variants(
     check_variant_sources(variants)
     eval_data = load_eval_data(eval_config, data, split=split, tokenizer_uri=tokenizer_uri)
     connect_ray()
+    check_eval_resources(eval_config, ray.cluster_resources())
     started = time.monotonic()
     data_ref = ray.put(eval_data)
     resources = eval_config.resources
