@@ -186,6 +186,17 @@ def test_boundary_values_are_accepted():
         ({"stop_token_ids": [2]}, "stop_token_ids"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+        # vLLM's extensions that were accepted and ignored, so the client believed it got them
+        ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        ({"skip_special_tokens": False}, "skip_special_tokens"),
+        ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"length_penalty": 0.8}, "length_penalty"),
+        ({"allowed_token_ids": [5, 6]}, "allowed_token_ids"),
+        ({"bad_words": ["x"]}, "bad_words"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"truncate_prompt_tokens": 64}, "truncate_prompt_tokens"),
+        ({"max_completion_tokens": 8}, "max_completion_tokens"),  # a chat field: completions fell back to the default length
     ],
 )
 def test_completion_fields_this_server_cannot_honour_are_named(fields, field):
@@ -198,6 +209,8 @@ def test_completion_fields_this_server_cannot_honour_are_named(fields, field):
         {"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"echo": False}, {"echo": True}, {"logprobs": 0},
         {"logprobs": 5}, {"logit_bias": {}}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"n": 1}, {"n": 3},
         {"top_k": -1}, {"top_k": 0}, {"min_p": 0.0}, {"repetition_penalty": 1.0}, {"ignore_eos": False}, {"stop_token_ids": []},
+        {"include_stop_str_in_output": False}, {"skip_special_tokens": True}, {"spaces_between_special_tokens": True},
+        {"use_beam_search": False}, {"length_penalty": 1.0}, {"allowed_token_ids": []}, {"bad_words": []},
     ],  # fmt: skip
 )
 def test_completion_fields_at_their_neutral_values_are_accepted(fields):
@@ -222,6 +235,11 @@ def test_completion_fields_at_their_neutral_values_are_accepted(fields):
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"top_k": 5}, "top_k"),
+        ({"chat_template": "{{ messages }}"}, "chat_template"),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+        ({"continue_final_message": True}, "continue_final_message"),
+        ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
     ],
 )
 def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
@@ -243,6 +261,9 @@ def test_chat_fields_this_server_cannot_honour_are_named(fields, field):
         {"functions": []},
         {"function_call": "none"},
         {"modalities": ["text"]},
+        {"chat_template_kwargs": {}},
+        {"add_generation_prompt": True},
+        {"continue_final_message": False},
     ],
 )
 def test_chat_fields_at_their_neutral_values_are_accepted(fields):

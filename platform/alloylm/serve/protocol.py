@@ -146,6 +146,15 @@ class _SamplingFields(_Request):
     guided_choice: Any = Field(None, description="vLLM's extension: unsupported.")
     guided_grammar: Any = Field(None, description="vLLM's extension: unsupported.")
     structured_outputs: Any = Field(None, description="vLLM's extension: unsupported.")
+    include_stop_str_in_output: Any = Field(None, description="vLLM's extension: unsupported unless false.")
+    skip_special_tokens: Any = Field(None, description="vLLM's extension: unsupported unless true.")
+    spaces_between_special_tokens: Any = Field(None, description="vLLM's extension: unsupported unless true.")
+    use_beam_search: Any = Field(None, description="vLLM's extension: unsupported unless false.")
+    length_penalty: Any = Field(None, description="vLLM's extension: unsupported unless 1.")
+    allowed_token_ids: Any = Field(None, description="vLLM's extension: unsupported unless empty.")
+    bad_words: Any = Field(None, description="vLLM's extension: unsupported unless empty.")
+    prompt_logprobs: Any = Field(None, description="vLLM's extension: unsupported (completions: echo with logprobs).")
+    truncate_prompt_tokens: Any = Field(None, description="vLLM's extension: unsupported.")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -164,9 +173,15 @@ class _SamplingFields(_Request):
             return "frequency_penalty"
         if self.logit_bias:
             return "logit_bias"
-        neutral = {"top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "ignore_eos": (False,), "stop_token_ids": ([],)}
+        neutral = {
+            "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "ignore_eos": (False,), "stop_token_ids": ([],),
+            "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+            "use_beam_search": (False,), "length_penalty": (1,), "allowed_token_ids": ([],), "bad_words": ([],),
+        }  # fmt: skip
         for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "structured_outputs"):  # fmt: skip
+                     "guided_choice", "guided_grammar", "structured_outputs", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens", "use_beam_search", "length_penalty", "allowed_token_ids", "bad_words",
+                     "prompt_logprobs", "truncate_prompt_tokens"):  # fmt: skip
             value = getattr(self, name)
             # true is not 1 and 0 is not false here: a neutral value of the field's own kind only.
             if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral.get(name, ())):
@@ -187,6 +202,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = Field(False, description="Return the prompt (and its logprobs) before the completion.")
     best_of: int | None = Field(None, description="Unsupported unless 1.")
     suffix: str | None = Field(None, description="Unsupported.")
+    max_completion_tokens: Any = Field(None, description="A chat field: completions take max_tokens.")
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -194,6 +210,8 @@ class CompletionRequest(_SamplingFields):
             return "best_of"
         if self.suffix:
             return "suffix"
+        if self.max_completion_tokens is not None:  # else silently the default length
+            return "max_completion_tokens"
         return self._unsupported_common()
 
     def prompts(self) -> list[str | list[int]]:
@@ -256,6 +274,12 @@ class ChatCompletionRequest(_SamplingFields):
     audio: Any = Field(None, description="Unsupported.")
     prediction: Any = Field(None, description="Predicted outputs: unsupported.")
     reasoning_effort: Any = Field(None, description="For reasoning models: unsupported.")
+    # vLLM's chat-template extensions: the template is applied as the model gives it, with a new
+    # assistant turn opened; anything else is refused rather than ignored.
+    chat_template: Any = Field(None, description="vLLM's extension: unsupported.")
+    chat_template_kwargs: Any = Field(None, description="vLLM's extension: unsupported unless empty.")
+    add_generation_prompt: Any = Field(None, description="vLLM's extension: unsupported unless true.")
+    continue_final_message: Any = Field(None, description="vLLM's extension: unsupported unless false.")
 
     @property
     def token_limit(self) -> int | None:
@@ -276,9 +300,15 @@ class ChatCompletionRequest(_SamplingFields):
             return "function_call"
         if self.modalities not in (None, ["text"]):
             return "modalities"
-        for name in ("audio", "prediction", "reasoning_effort"):
+        for name in ("audio", "prediction", "reasoning_effort", "chat_template"):
             if getattr(self, name) is not None:
                 return name
+        if self.chat_template_kwargs not in (None, {}):
+            return "chat_template_kwargs"
+        if self.add_generation_prompt not in (None, True) or not isinstance(self.add_generation_prompt, (bool, type(None))):
+            return "add_generation_prompt"
+        if self.continue_final_message not in (None, False) or not isinstance(self.continue_final_message, (bool, type(None))):
+            return "continue_final_message"
         return self._unsupported_common()
 
     def conversation(self) -> list[dict[str, str]]:
