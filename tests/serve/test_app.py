@@ -37,7 +37,7 @@ from alloylm.serve import API_KEYS_ENV, ServeConfig
 from alloylm.serve.auth import APIKeyCheck, key_digest, keys_from_env, keys_from_file
 from alloylm.serve.detokenizer import IncrementalText
 from alloylm.serve.engine import GenerationEngine
-from alloylm.serve.protocol import SamplingParams
+from alloylm.serve.protocol import APIError, SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
@@ -88,6 +88,32 @@ def test_a_default_max_tokens_is_cut_to_the_contexts_room_and_a_given_one_is_not
     assert room_for(server, default, 50) is default
     given = SamplingParams(max_tokens=8)
     assert room_for(server, given, 95) is given
+
+
+def test_a_prompt_that_fills_the_context_may_be_scored_but_not_continued(tokenizer):
+    """lm-eval's rolling log-likelihood sends windows of exactly max_length tokens with echo and
+    max_tokens 0: they were refused as leaving no room, though nothing is generated."""
+    from types import SimpleNamespace
+
+    from alloylm.serve.app import GenerationRequest, ModelServer
+    from alloylm.serve.config import LimitsConfig
+
+    server = SimpleNamespace(context_length=16, vocab_size=len(tokenizer), limits=LimitsConfig(max_prompt_tokens=64), tokenizer=tokenizer)
+    prompt_ids = ModelServer.func_or_class._prompt_ids
+    full = list(range(5, 21))  # 16 ids: the whole context
+    score = GenerationRequest(kind="completion", params=SamplingParams(max_tokens=0, prompt_logprobs=0), prompts=(full,), echo=True)
+    assert [ids for ids, _ in prompt_ids(server, score)] == [full]
+    for params in (SamplingParams(max_tokens=1), SamplingParams(max_tokens=0, max_tokens_param=None)):
+        with pytest.raises(APIError, match="which leaves no room"):
+            prompt_ids(server, GenerationRequest(kind="completion", params=params, prompts=(full,)))
+    with pytest.raises(APIError, match="the prompt has 17"):
+        prompt_ids(server, GenerationRequest(kind="completion", params=SamplingParams(max_tokens=0), prompts=([*full, 5],)))
+    # And the engine scores such a prompt: a model whose context is 16 positions, 16 ids.
+    model = build_model("tiny-llama", tokenizer, seed=0, max_position_embeddings=16)
+    engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=2)
+    (events,) = _collect(engine, [(full, SamplingParams(max_tokens=0, prompt_logprobs=0), 0.0)])
+    prompt_logprobs = next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None)
+    assert events[-1].finish_reason == "length" and len(prompt_logprobs) == 16 and prompt_logprobs[0].logprob is None
 
 
 def _collect(engine: GenerationEngine, requests: list[tuple[list[int], SamplingParams, float]], stream=False):

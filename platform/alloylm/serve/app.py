@@ -342,13 +342,16 @@ class ModelServer:
                     param,
                     "context_length_exceeded",
                 )
-            if len(ids) >= self.context_length:
+            given = request.params.max_tokens_param
+            # A prompt that fills the context leaves room for nothing, which is all that scoring it
+            # (echo with max_tokens 0, lm-eval's rolling windows of max_length tokens) asks for.
+            scoring_only = given is not None and request.params.max_tokens == 0
+            if len(ids) > self.context_length or (len(ids) == self.context_length and not scoring_only):
                 raise bad_request(
                     f"this model's context is {self.context_length} tokens; the prompt has {len(ids)}, which leaves no room",
                     param,
                     "context_length_exceeded",
                 )
-            given = request.params.max_tokens_param
             if given is not None and len(ids) + request.params.max_tokens > self.context_length:
                 raise bad_request(
                     f"this model's context is {self.context_length} tokens; the prompt ({len(ids)}) plus "
