@@ -116,6 +116,59 @@ def test_a_prompt_that_fills_the_context_may_be_scored_but_not_continued(tokeniz
     assert events[-1].finish_reason == "length" and len(prompt_logprobs) == 16 and prompt_logprobs[0].logprob is None
 
 
+def test_a_stopped_engine_answers_503_and_keeps_its_error_text_in_the_log(model_dirs):
+    """A streamed answer sent the engine's fatal error text to the client (a CUDA message, a path),
+    and a whole answer became a 500 naming Ray's wrapper; now both get a 503 to retry (Serve's
+    health check replaces the replica), with the error's kind only."""
+    from alloylm.serve.app import GenerationRequest, ModelServer, _error_from_fields
+
+    server = ModelServer.func_or_class("merged", model_dirs["merged"], ServeConfig.model_validate({"model": "merged"}))
+    try:
+        server.engine._fatal = RuntimeError("CUDA error at /secret/weights/path")  # what the engine thread sets as it dies
+        request = GenerationRequest(kind="completion", params=SamplingParams(max_tokens=4), prompts=("Material 3 has",))
+        whole = asyncio.run(server.complete(request))["error"]
+
+        async def streamed():
+            return [event async for event in server.stream(request)]
+
+        first, *rest = asyncio.run(streamed())
+        assert "prompt_tokens" in first and len(rest) == 1
+        for error in (whole, rest[0]["error"]):
+            assert (error["status"], error["code"]) == (503, "overloaded"), error
+            assert "RuntimeError" in error["message"] and "secret" not in error["message"], error
+        assert _error_from_fields(whole).headers == {"Retry-After": "1"}
+    finally:
+        server.engine.close()
+
+
+def test_a_client_that_leaves_at_the_role_chunk_cancels_its_generation():
+    """The chat stream's first chunks (the role) were sent before the try whose finally cancels the
+    replica's generation, so a client gone by then left it generating to max_tokens."""
+    from alloylm.serve.app import _sse_chunks
+
+    class Events:
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(3600)  # the replica is still generating
+
+        def cancel(self):
+            Events.cancelled = True
+
+    async def leave_after_the_first_chunk():
+        chunks = _sse_chunks(Events(), kind="chat", request_id="r", model="m", prompt_tokens=3, choices=2, include_usage=False)
+        first = await chunks.__anext__()
+        await chunks.aclose()
+        return first
+
+    first = asyncio.run(leave_after_the_first_chunk())
+    assert json.loads(first.decode().removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+    assert Events.cancelled
+
+
 def _collect(engine: GenerationEngine, requests: list[tuple[list[int], SamplingParams, float]], stream=False):
     """Run requests (prompt ids, params, arrival delay in s) through `engine` concurrently."""
 

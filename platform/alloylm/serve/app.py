@@ -106,9 +106,16 @@ def _error_fields(err: APIError) -> dict[str, Any]:
 
 
 def _error_from_fields(fields: dict[str, Any]) -> APIError:
+    # Every 503 of ours means "a replica will take it shortly": say when to retry, as OpenAI does.
+    headers = {"Retry-After": "1"} if fields["status"] == 503 else None
     return APIError(
-        fields["status"], fields["message"], type=fields["type"], param=fields["param"], code=fields["code"]
+        fields["status"], fields["message"], type=fields["type"], param=fields["param"], code=fields["code"], headers=headers
     )
+
+
+def _stopped(err: Exception) -> APIError:
+    """A replica whose engine has stopped (Serve's health check replaces it): a 503 to retry."""
+    return APIError(503, str(err), type="server_error", code="overloaded")
 
 
 # No interactive docs: they would be reachable without a key.
@@ -192,12 +199,13 @@ async def _sse_chunks(
             )
         )  # fmt: skip
 
-    if kind == "chat":
-        for index in range(choices):
-            yield chunk(index, None, None, role=True)
     completion_tokens: dict[int, int] = {}
     finished = False
     try:
+        # Inside the try: a client that leaves at the first chunk also stops the replica's side.
+        if kind == "chat":
+            for index in range(choices):
+                yield chunk(index, None, None, role=True)
         async for event in _failures_as_errors(events, model):
             if "error" in event:
                 fields = event["error"]
@@ -405,9 +413,14 @@ class ModelServer:
                     return event
             raise RuntimeError("generation ended without a finish event")
 
+        from alloylm.serve.engine import EngineStoppedError
+
         sequences = self._sequences(request, prompts)
         # Every choice of every prompt enters the engine at once, so they share its batches.
-        events = await asyncio.gather(*(last_event(ids, params) for _, ids, _, params in sequences))
+        try:
+            events = await asyncio.gather(*(last_event(ids, params) for _, ids, _, params in sequences))
+        except EngineStoppedError as err:
+            return {"error": _error_fields(_stopped(err))}
         choices = []
         for (index, ids, prompt_text, _), event in zip(sequences, events):
             if event.finish_reason == "error":
@@ -433,6 +446,8 @@ class ModelServer:
             yield {"error": _error_fields(err)}
             return
         yield {"prompt_tokens": sum(len(ids) for ids, _ in prompts)}
+        from alloylm.serve.engine import EngineStoppedError
+
         sequences = self._sequences(request, prompts)
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -456,8 +471,15 @@ class ModelServer:
         try:
             while left:
                 index, event = await queue.get()
+                if isinstance(event, EngineStoppedError):
+                    yield {"error": _error_fields(_stopped(event))}
+                    return
                 if isinstance(event, Exception) or event.finish_reason == "error":
-                    message = str(event) if isinstance(event, Exception) else event.text
+                    if isinstance(event, Exception):  # its kind for the client, its text for the log
+                        log.error("streaming a choice of model %r failed", self.variant, exc_info=event)
+                        message = f"generation failed ({type(event).__name__}); the server's log has the details"
+                    else:
+                        message = event.text
                     yield {"error": _error_fields(APIError(500, message, type="server_error"))}
                     return
                 text, entries = event.text, (*(event.prompt_logprobs or ()), *event.logprobs)

@@ -171,7 +171,8 @@ class GenerationEngine:
             if self._closed:
                 raise EngineStoppedError("the engine is shut down")
             if self._fatal is not None:
-                raise EngineStoppedError(f"the engine stopped after an error: {self._fatal}")
+                # Its kind only: the text (a CUDA error, a path) is for the server's log, where it is.
+                raise EngineStoppedError(f"the engine stopped after an error ({type(self._fatal).__name__}); retry")
             self._waiting.append(sequence)
             self._wake.notify()
 
