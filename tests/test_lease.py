@@ -123,3 +123,23 @@ def test_writing_commands_take_the_lease_and_reading_ones_do_not(tmp_path):
         done = subprocess.run([sys.executable, "-m", "alloylm.cli", "validate", QUICKSTART, f"storage={tmp_path}"], capture_output=True, text=True)
         assert done.returncode == 0
     assert not (tmp_path / "quickstart" / "stages").exists()  # nothing was trained by the refused commands
+
+
+def test_a_single_command_that_lost_its_lease_fails_naming_it(tmp_path, monkeypatch, capsys):
+    """`alloylm run` stops starting steps when its heartbeat finds the lease taken over; the
+    one-step writers (data, train, merge, search, eval) ended with exit 0 regardless."""
+    from alloylm import cli
+    from alloylm.config import load_config
+
+    config = load_config(QUICKSTART, [f"storage={tmp_path}"])
+    acquire = RunLease.acquire
+
+    def acquire_then_lose(self, *args, **kwargs):  # as the heartbeat marks it when another writer took over
+        acquire(self, *args, **kwargs)
+        self.lost = True
+
+    monkeypatch.setattr(RunLease, "acquire", acquire_then_lose)
+    monkeypatch.setattr(cli, "_eval", lambda config: {"evaluated": "written"})
+    assert cli.main(["eval", QUICKSTART, f"storage={tmp_path}"]) == 1
+    captured = capsys.readouterr()
+    assert "the run's lease was lost while `alloylm eval` ran" in captured.err and '"written"' in captured.out

@@ -253,8 +253,18 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
             from alloylm.stages import kind_of
 
             kind_of(config, args.stage, command=args.command)  # a usage error before waiting for a lease
-        with RunLease(config.run_uri, args.command, ttl=config.run.lease_ttl_seconds).held(wait=args.wait):
+        lease = RunLease(config.run_uri, args.command, ttl=config.run.lease_ttl_seconds)
+        with lease.held(wait=args.wait):
             result = commands[args.command]()
+        if lease.lost:  # `alloylm run` stops starting steps; one step can only fail at its end
+            from alloylm.lease import LeaseLostError
+
+            print(json.dumps(result, indent=2, default=str))
+            raise LeaseLostError(
+                f"the run's lease was lost while `alloylm {args.command}` ran (its heartbeat stalled past "
+                "run.lease_ttl_seconds and another writer took it over): it may have written beside that writer; "
+                "check the result, or run again once the other writer has finished"
+            )
     else:
         result = commands[args.command]()
     print(json.dumps(result, indent=2, default=str))
