@@ -183,6 +183,26 @@ def _collect(engine: GenerationEngine, requests: list[tuple[list[int], SamplingP
     return asyncio.run(run())
 
 
+def test_scoring_prompts_admitted_together_are_prefilled_within_a_logits_budget(tokenizer):
+    """Scoring keeps every position's logits; prompts admitted in one step were prefilled as one
+    batch however large (an lm-eval batch of 32 x 2,048 tokens over a 128k vocabulary is 33 GB)."""
+    model = build_model("tiny-llama", tokenizer, seed=0)
+    prompts = [tokenizer(text)["input_ids"] for text in ("Material 3 has a toughness", "Nacre", "The modulus of bone is 20 GPa")]
+    results = {}
+    for budget in (1 << 28, 1):  # room for all three; for none (each row alone is a part of its own)
+        engine = GenerationEngine(model, tokenizer, stop_token_ids=[], max_batch_size=8, batch_wait_timeout_s=0.5, max_scoring_logits=budget)
+        try:
+            events = _collect(engine, [(ids, SamplingParams(max_tokens=0, prompt_logprobs=2), 0.0) for ids in prompts])
+            results[budget] = ([e[-1].prompt_logprobs for e in events], engine.stats().prefills)
+        finally:
+            engine.close()
+    (whole, one_prefill), (parts, three_prefills) = results.values()
+    assert (one_prefill, three_prefills) == (1, 3)
+    for a, b in zip(whole, parts):
+        assert [t.token for t in a] == [t.token for t in b]
+        assert all(x.logprob is None and y.logprob is None or abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a, b))
+
+
 def test_engine_batched_greedy_matches_generate_one_by_one(tokenizer):
     # Staggered arrivals join a running batch (left-padded, KV caches joined); each answer must
     # equal transformers' own greedy generate on that prompt alone. tiny-mistral's prompt is longer

@@ -101,6 +101,7 @@ class GenerationEngine:
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.0,
         name: str = "engine",
+        max_scoring_logits: int = 1 << 28,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -109,6 +110,10 @@ class GenerationEngine:
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        # Scoring rows keep every position's logits (rows x positions x vocabulary): prompts admitted
+        # together are prefilled in parts that keep at most this many (1 GiB of float32 by default;
+        # 32 prompts of 2,048 tokens over a 128k vocabulary would be 33 GB in one tensor).
+        self.max_scoring_logits = max_scoring_logits
         self.stop_token_ids = sorted(set(stop_token_ids))
         self._stop_ids = torch.tensor(self.stop_token_ids, dtype=torch.long, device=self.device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -260,9 +265,26 @@ class GenerationEngine:
         # Rows that score their prompt keep every position's logits; the others keep only the last.
         scoring = [s for s in admitted if s.params.prompt_logprobs is not None]
         plain = [s for s in admitted if s.params.prompt_logprobs is None]
-        for group in (plain, scoring):
-            if group:
-                self._prefill_group(group, keep=max(len(s.prompt_ids) for s in group) if group is scoring else 1)
+        if plain:
+            self._prefill_group(plain, keep=1)
+        for part in self._scoring_parts(scoring):
+            self._prefill_group(part, keep=max(len(s.prompt_ids) for s in part))
+
+    def _scoring_parts(self, rows: list[_Sequence]) -> list[list[_Sequence]]:
+        """`rows` in order, in parts whose kept logits (rows x longest prompt x vocabulary) stay
+        within max_scoring_logits; a row that alone exceeds it is a part of its own."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        parts: list[list[_Sequence]] = []
+        width = 0
+        for row in rows:
+            wider = max(width, len(row.prompt_ids))
+            if parts and parts[-1] and (len(parts[-1]) + 1) * wider * vocab <= self.max_scoring_logits:
+                parts[-1].append(row)
+                width = wider
+            else:
+                parts.append([row])
+                width = len(row.prompt_ids)
+        return parts
 
     def _prefill_group(self, admitted: list[_Sequence], *, keep: int) -> None:
         width = max(len(s.prompt_ids) for s in admitted)
