@@ -273,3 +273,69 @@ def test_a_lost_lease_starts_no_more_steps_and_fails_the_run():
     assert ran == ["a"] and summary.steps["a"]["status"] == "done"
     assert {k: summary.steps[k]["status"] for k in ("b", "c")} == {"b": "not run", "c": "not run"}
     assert not summary.ok and "lease was lost" in summary.failed["b"]
+
+
+_INTERRUPTED_RUN = """
+import logging, os, sys, time
+from alloylm.lease import RunLease
+from alloylm.pipeline import RunSummary, Step, run_graph
+
+logging.basicConfig(level=logging.INFO)
+uri, seconds = sys.argv[1], float(sys.argv[2])
+
+def slow():
+    print("step running", flush=True)
+    time.sleep(seconds)
+    open(os.path.join(uri, "finished"), "w").close()
+
+with RunLease(uri, "run", ttl=60).held():
+    summary = RunSummary(experiment="x", run=uri)
+    steps = {"slow": Step("slow", run=slow), "after": Step("after", run=lambda: print("after ran", flush=True), parents=("slow",))}
+    try:
+        run_graph(steps, summary, capacity={"CPU": 1.0}, max_parallel=1)
+    finally:
+        print("statuses", {k: v["status"] for k, v in summary.steps.items()}, flush=True)
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_waits_for_running_steps_and_a_second_stops_at_once_keeping_the_lease(tmp_path, presses):
+    """The first Ctrl-C waited silently for the running steps; a second released the run's lease
+    while their threads went on training, so another run could take it and write beside them."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    uri = tmp_path / "exp"
+    seconds = 4 if presses == 1 else 60
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN, str(uri), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 120
+        while not any(text in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+
+    try:
+        wait_for("step running")
+        proc.send_signal(signal.SIGINT)
+        wait_for("interrupted: no more steps start; waiting for the running ones (slow)")
+        if presses == 2:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "after ran" not in out, out
+    if presses == 1:  # the step finished, the other was not run, the lease was released
+        assert (uri / "finished").exists() and not (uri / ".lease").exists(), out
+        assert "statuses {'slow': 'done', 'after': 'not run'}" in out and proc.returncode != 0, out
+    else:  # stopped at once: the step never finished, and the lease stays until its TTL
+        assert proc.returncode == 130 and not (uri / "finished").exists() and (uri / ".lease").exists(), out
+        assert "stopped while slow ran" in out, out

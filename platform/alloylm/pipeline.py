@@ -486,27 +486,61 @@ class _Scheduler:
 
     def run(self) -> None:
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="alloylm-step") as pool:
-            while self.waiting or self.running:
-                self._skip_broken()
-                reason = self.halt() if self.halt is not None else None
-                if reason:
-                    for key in self._waiting():
-                        self.waiting.discard(key)
-                        self.summary.steps[key] = {"status": "not run", "error": f"not run: {reason}"}
-                        log.error("%s: not run: %s", key, reason)
-                else:
-                    self._start_ready(pool)
-                if not self.running and not self.waiting:
-                    return
-                if not self.running:
-                    for key in self._waiting():  # nothing can ever start: needs beyond the cluster
-                        self.waiting.discard(key)
-                        needs = self.steps[key].needs
-                        self.summary.steps[key] = {"status": "failed", "error": f"needs {needs}, more than the cluster's {self.capacity}"}
-                    return
-                done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._finish(future)
+            try:
+                self._loop(pool)
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: start nothing more and wait for the running steps (their artifacts stay whole);
+        a second Ctrl-C stops the process at once. Without this the executor waited silently, and a
+        second Ctrl-C released the run's lease while the steps' threads kept training, so another
+        `alloylm run` could take the lease and write beside them."""
+        for key in self._waiting():
+            self.waiting.discard(key)
+            self.summary.steps[key] = {"status": "not run", "error": "not run: interrupted"}
+        if not self.running:
+            return
+        names = ", ".join(sorted(self.running.values()))
+        log.warning("interrupted: no more steps start; waiting for the running ones (%s) to finish; Ctrl-C again stops now", names)
+        try:
+            wait(list(self.running))
+        except KeyboardInterrupt:
+            import os
+
+            # Not a clean exit, which would join the step threads (Python waits for them) after
+            # the lease was released: the process ends now, as if killed. Its lease is taken over
+            # once run.lease_ttl_seconds pass without a heartbeat; a stage's checkpoints stay, and
+            # its half-written staging is never taken for an artifact.
+            log.error("stopped while %s ran; a rerun resumes them (the lease frees after run.lease_ttl_seconds)", names)
+            logging.shutdown()
+            os._exit(130)
+        for future in list(self.running):
+            self._finish(future)
+
+    def _loop(self, pool: ThreadPoolExecutor) -> None:
+        while self.waiting or self.running:
+            self._skip_broken()
+            reason = self.halt() if self.halt is not None else None
+            if reason:
+                for key in self._waiting():
+                    self.waiting.discard(key)
+                    self.summary.steps[key] = {"status": "not run", "error": f"not run: {reason}"}
+                    log.error("%s: not run: %s", key, reason)
+            else:
+                self._start_ready(pool)
+            if not self.running and not self.waiting:
+                return
+            if not self.running:
+                for key in self._waiting():  # nothing can ever start: needs beyond the cluster
+                    self.waiting.discard(key)
+                    needs = self.steps[key].needs
+                    self.summary.steps[key] = {"status": "failed", "error": f"needs {needs}, more than the cluster's {self.capacity}"}
+                return
+            done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
+            for future in done:
+                self._finish(future)
 
 
 def run_pipeline(
