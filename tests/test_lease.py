@@ -143,3 +143,36 @@ def test_a_single_command_that_lost_its_lease_fails_naming_it(tmp_path, monkeypa
     assert cli.main(["eval", QUICKSTART, f"storage={tmp_path}"]) == 1
     captured = capsys.readouterr()
     assert "the run's lease was lost while `alloylm eval` ran" in captured.err and '"written"' in captured.out
+
+
+def test_a_lease_is_never_seen_before_its_content(tmp_path, monkeypatch):
+    """A lease file created empty and written after: a second writer reading it in between took it
+    for an unreadable (stale) lease, replaced it, and both ran as its holder."""
+    uri = str(tmp_path / "exp")
+    first, second = RunLease(uri, "run", ttl=60), RunLease(uri, "train", ttl=60)
+    path = os.path.join(uri, ".lease")
+    seen = []
+    real_open, real_link = os.open, os.link
+
+    def look(created: str) -> None:  # the second writer, the moment the lease's name exists
+        if created == path and not seen:
+            seen.append(second.try_acquire())
+
+    def open_then_look(name, *args, **kwargs):
+        fd = real_open(name, *args, **kwargs)
+        look(name)
+        return fd
+
+    def link_then_look(source, target, *args, **kwargs):
+        real_link(source, target, *args, **kwargs)
+        look(target)
+
+    monkeypatch.setattr(os, "open", open_then_look)
+    monkeypatch.setattr(os, "link", link_then_look)
+    first.acquire()
+    try:
+        assert seen and seen[0] is not None and seen[0].command == "run", seen  # the first writer's, whole
+        assert first.holder().command == "run"
+    finally:
+        first.release()
+        second.release()
