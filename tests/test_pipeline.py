@@ -256,6 +256,22 @@ def test_a_merge_search_holds_what_its_concurrent_trials_take(tmp_path):
     assert build_graph(few, summary, capacity={"CPU": 8.0})["stage:merged"].needs == {"CPU": 1.0}
 
 
+def test_an_artifact_is_up_to_date_only_with_the_builds_of_its_inputs_it_recorded(tmp_path):
+    parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
+    with artifact.begin(parent, "p") as building:
+        built = building.commit({"kind": "stage"})
+    inputs = artifact.input_versions([parent, str(tmp_path / "missing")])
+    assert inputs == {parent: built["created_at"]}
+    with artifact.begin(child, "c") as building:
+        made = building.commit({"kind": "stage", "inputs": inputs})
+    assert artifact.up_to_date(child, "c", inputs) == made
+    assert artifact.up_to_date(child, "c", {parent: "another build"}) is None
+    assert artifact.up_to_date(child, "other fingerprint", inputs) is None
+    # A manifest made before builds were recorded: judged by its fingerprint, as it was then.
+    storage.write_json(storage.join(child, storage.MANIFEST_NAME), {k: v for k, v in made.items() if k != "inputs"})
+    assert artifact.up_to_date(child, "c", {parent: "another build"})["fingerprint"] == "c"
+
+
 def test_a_lost_lease_starts_no_more_steps_and_fails_the_run():
     """The lease's heartbeat noticed a takeover, logged it, and the run went on writing beside the
     other writer, and ended with exit 0."""

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+log = logging.getLogger("alloylm")
 
 if TYPE_CHECKING:
     from alloylm.config import RunConfig
@@ -33,12 +36,37 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def up_to_date(uri: str, fp: str) -> dict | None:
-    """The manifest of the finished artifact at `uri` when it was made from the same inputs, else None."""
+def input_versions(uris: list[str]) -> dict[str, str]:
+    """The build (`created_at`) of each finished artifact of the run at `uris`, for `up_to_date`."""
+    from alloylm import storage
+
+    versions = {}
+    for uri in uris:
+        manifest = storage.read_manifest(uri)
+        if manifest and manifest.get("created_at"):
+            versions[uri] = str(manifest["created_at"])
+    return versions
+
+
+def up_to_date(uri: str, fp: str, inputs: dict[str, str] | None = None) -> dict | None:
+    """The manifest of the finished artifact at `uri` when it was made from the same inputs, else None.
+
+    `inputs` (`input_versions` of the run's own artifacts it is made from, recorded in its manifest
+    under that key): a parent built again under the same fingerprint (deleted and retrained; on a
+    GPU that gives other weights) makes its children out of date too. A manifest written before
+    these were recorded is judged by its fingerprint alone.
+    """
     from alloylm import storage
 
     manifest = storage.read_manifest(uri)
-    return manifest if manifest and manifest.get("fingerprint") == fp else None
+    if not manifest or manifest.get("fingerprint") != fp:
+        return None
+    recorded = manifest.get("inputs")
+    if inputs is not None and recorded is not None and recorded != inputs:
+        changed = sorted(set(recorded) ^ set(inputs) | {k for k in recorded if k in inputs and recorded[k] != inputs[k]})
+        log.warning("%s was made from an earlier build of %s: not up to date", uri, ", ".join(changed))
+        return None
+    return manifest
 
 
 class Building:

@@ -157,6 +157,24 @@ def test_changed_stage_is_not_overwritten_without_permission(chain):
     assert storage.read_manifest(stage_uri(config, "orpo")) == manifests["orpo"]
 
 
+def test_a_stage_made_from_an_earlier_build_of_its_parent_is_not_up_to_date(chain):
+    """A parent deleted and trained again keeps its fingerprint (same inputs), but on a GPU not its
+    weights: its children were still taken as up to date, built on the old ones."""
+    config, manifests = chain
+    base = stage_uri(config, "base")
+    assert manifests["sft"]["inputs"] == {base: manifests["base"]["created_at"]}
+    path = storage.join(base, storage.MANIFEST_NAME)
+    original = storage.read_text(path)
+    try:
+        storage.write_json(path, {**manifests["base"], "created_at": "2027-01-01T00:00:00+00:00"})  # base, built again
+        with pytest.raises(storage.ArtifactExistsError, match="overwrite"):  # sft is stale, and not replaced unasked
+            train_stage(config, "sft")
+        assert storage.read_manifest(stage_uri(config, "sft")) == manifests["sft"]
+    finally:
+        storage.write_text(path, original)
+    assert train_stage(config, "sft") == manifests["sft"]  # the build it was made from: up to date again
+
+
 @contextlib.contextmanager
 def _local_checkpoints_watched(stage_name: str):
     """While the block runs, what each worker's local folder for `stage_name` holds

@@ -247,7 +247,8 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         else None
     )
     fp = merge_fingerprint(config, name, parent_ids, objective)
-    manifest = lifecycle.up_to_date(uri, fp)
+    inputs = lifecycle.input_versions([u for p, u in zip(stage.parents, parent_uris) if p in config.stages])
+    manifest = lifecycle.up_to_date(uri, fp, inputs)
     if manifest:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
         return manifest
@@ -301,6 +302,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
                 "stage_kind": stage.kind,
                 "name": name,
                 "parents": parent_uris,
+                "inputs": inputs,
                 "metrics": {k: v for k, v in summary.items() if k in ("best_score", "trials", "complete_trials", "searcher", "method", "device")},
                 "seconds": summary["seconds"],
             }

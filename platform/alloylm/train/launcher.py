@@ -352,7 +352,8 @@ def train_stage(config: RunConfig, name: str) -> dict:
     uri = stage_uri(config, name)
     padded = bool(data_manifest["counts"].get("tail_padded_tokens"))
     fp = stage_fingerprint(config, name, parent_id, content_fingerprint(data_manifest), tokenizer_manifest["fingerprint"], padded)
-    manifest = lifecycle.up_to_date(uri, fp)
+    inputs = lifecycle.input_versions([parent] if stage.from_ in config.stages else [])
+    manifest = lifecycle.up_to_date(uri, fp, inputs)
     if manifest:
         log.info("stage %s: up to date, not retrained (%s)", name, uri)
         return manifest
@@ -455,6 +456,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
                 "stage_kind": stage.kind,
                 "name": name,
                 "parent": parent,
+                "inputs": inputs,
                 "data": stage.data,
                 "data_fingerprint": data_manifest["fingerprint"],
                 "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
