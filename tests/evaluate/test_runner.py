@@ -247,20 +247,16 @@ def test_accuracy_norm_divides_by_the_scored_continuation_as_lm_eval_does():
     """In the lettered chat form the scored text is `A. x`, not `x`: lm-eval's acc_norm divides by
     the continuation's characters, and dividing by the option's alone picked another answer."""
 
-    class Scorer:  # a chat model that gives `A. x` -2 and `B. yyyy` -5 (one item)
-        def uses_chat(self, prompt):
-            return True
+    from types import SimpleNamespace
 
-        def prompt(self, text, *, chat):
-            return text
-
-        def encode_pair(self, context, continuation, *, chat):
-            return context, continuation
-
-        def loglikelihood(self, pairs):
-            return [LogLikelihood({"A. x": -2.0, "B. yyyy": -5.0}[continuation], 1, False) for _, continuation in pairs]
-
-    metrics, (detail,) = run_multiple_choice(Scorer(), [_item("a", ["x", "yyyy"], 0)], prompt="chat", circular=False)
+    scores = {"A. x": -2.0, "B. yyyy": -5.0}  # a chat model's log-likelihoods of the two lettered options
+    scorer = SimpleNamespace(
+        uses_chat=lambda prompt: True,
+        prompt=lambda text, chat: text,
+        encode_pair=lambda context, continuation, chat: (context, continuation),
+        loglikelihood=lambda pairs: [LogLikelihood(scores[continuation], 1, False) for _, continuation in pairs],
+    )
+    metrics, (detail,) = run_multiple_choice(scorer, [_item("a", ["x", "yyyy"], 0)], prompt="chat", circular=False)
     # -2/4 > -5/7 over the continuations (A); over the options -2/1 < -5/4 would pick B.
     assert detail["predicted_norm"] == 0 and metrics["accuracy_norm"] == 1.0, detail
 
