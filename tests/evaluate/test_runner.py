@@ -243,22 +243,22 @@ def test_multiple_choice_accuracy_matches_hand_computed_case():
     assert [d["predicted_norm"] for d in details] == [1, 0, 0]
 
 
-def test_accuracy_norm_divides_by_the_scored_continuation_as_lm_eval_does():
-    """In the lettered chat form the scored text is `A. x`, not `x`: lm-eval's acc_norm divides by
-    the continuation's characters, and dividing by the option's alone picked another answer."""
-
+def test_accuracy_norm_divides_by_the_choices_own_length_as_lm_eval_does():
+    """lm-eval's acc_norm divides by `len(choice)` from doc_to_choice, without the target
+    delimiter: dividing by the scored continuation (` ab`) instead picked the other option here,
+    and the exported task's acc_norm no longer agreed with ours."""
     from types import SimpleNamespace
 
-    scores = {"A. x": -2.0, "B. yyyy": -5.0}  # a chat model's log-likelihoods of the two lettered options
+    scores = {" ab": -2.0, " abcdef": -5.5}  # a plain-form model's log-likelihoods of the two options
     scorer = SimpleNamespace(
-        uses_chat=lambda prompt: True,
+        uses_chat=lambda prompt: False,
         prompt=lambda text, chat: text,
         encode_pair=lambda context, continuation, chat: (context, continuation),
         loglikelihood=lambda pairs: [LogLikelihood(scores[continuation], 1, False) for _, continuation in pairs],
     )
-    metrics, (detail,) = run_multiple_choice(scorer, [_item("a", ["x", "yyyy"], 0)], prompt="chat", circular=False)
-    # -2/4 > -5/7 over the continuations (A); over the options -2/1 < -5/4 would pick B.
-    assert detail["predicted_norm"] == 0 and metrics["accuracy_norm"] == 1.0, detail
+    metrics, (detail,) = run_multiple_choice(scorer, [_item("a", ["ab", "abcdef"], 1)], prompt="plain", circular=False, formulation="cloze")
+    # lm-eval: -2.0/2 < -5.5/6, so "abcdef"; over the continuations, -2.0/3 > -5.5/7 would pick "ab".
+    assert detail["predicted_norm"] == 1 and metrics["accuracy_norm"] == 1.0, detail
 
 
 def test_loglikelihood_equals_a_direct_forward_pass(tokenizer, models):

@@ -3,8 +3,7 @@
 `plain` prompts are lm-evaluation-harness's cloze form (`Question: ...\\nAnswer:` then ` option`);
 `chat` prompts ask in the format the SFT data teaches (lettered options in the user turn, the
 answer `B. option`). Accuracy is reported raw and length-normalised (log-likelihood divided by the
-scored continuation's length in characters, ` option` or `B. option`, as lm-eval's acc_norm), with
-the chance level of the items scored.
+option's length in characters, lm-eval's acc_norm), with the chance level of the items scored.
 
 Order robustness (MMBench's CircularEval): with `circular`, every item is also asked with its
 options rotated by 1..n-1 places, and `accuracy_circular` counts an item right only when every
@@ -99,12 +98,8 @@ def score_multiple_choice(
     items: Sequence[BenchmarkItem],
     loglikelihoods: Sequence[Sequence[LogLikelihood]],
     rotations: Sequence[Sequence[Sequence[LogLikelihood]]] | None = None,
-    lengths: Sequence[Sequence[int]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Metrics and per-item details from each item's option log-likelihoods (one list per item).
-
-    `lengths` (optional) holds, per item, the characters of each option's scored continuation, by
-    which accuracy_norm divides; without it, the options' own lengths.
 
     `loglikelihoods` are the options in the item's own order. `rotations` (optional) holds, per
     item, one list per rotation shift 0..n-1 of the options' log-likelihoods when shown rotated by
@@ -124,8 +119,7 @@ def score_multiple_choice(
         if len(options) != n:
             raise ValueError(f"item {item.id}: {n} choices but {len(options)} log-likelihoods")
         raw = [o.logprob for o in options]
-        chars = lengths[k] if lengths is not None else [len(choice) for choice in item.choices]
-        normalised = [o.logprob / max(1, length) for o, length in zip(options, chars)]
+        normalised = [o.logprob / max(1, len(choice)) for o, choice in zip(options, item.choices)]
         pick, pick_norm = _argmax(raw), _argmax(normalised)
         asked = [(0, raw)]
         if rotations is not None:
@@ -197,15 +191,13 @@ def run_multiple_choice(
     chat = scorer.uses_chat(prompt)
     # Only lettered options in a chat prompt depend on the order; elsewhere a rotation changes no log-likelihood.
     rescored = circular and chat and formulation == "letters"
-    pairs, spans, lengths = [], [], []
+    pairs, spans = [], []
     for item in items:
         shifts = range(len(item.choices)) if rescored else (0,)
         for shift in shifts:
             requests = option_requests(
                 rotate_item(item, shift), chat=chat, prompt=lambda text: scorer.prompt(text, chat=chat), formulation=formulation
             )
-            if shift == 0:
-                lengths.append([len(continuation) for _, continuation in requests])
             spans.append((len(pairs), len(requests)))
             pairs.extend(scorer.encode_pair(context, continuation, chat=chat) for context, continuation in requests)
     flat = scorer.loglikelihood(pairs)
@@ -229,7 +221,7 @@ def run_multiple_choice(
         rotations = per_item
     else:
         rotations = [[asked[0]] * len(item.choices) for item, asked in zip(items, per_item)]
-    metrics, details = score_multiple_choice(items, given, rotations, lengths)
+    metrics, details = score_multiple_choice(items, given, rotations)
     metrics["prompt"] = "chat" if chat else "plain"
     metrics["formulation"] = formulation
     return metrics, details
