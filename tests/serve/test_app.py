@@ -656,13 +656,7 @@ def test_vllm_backend_passes_scoring_fields_within_alloylms_limits():
         with pytest.raises(APIError) as err:
             check_vllm_request(body, method, limits)
         assert (err.value.status, err.value.param) == (400, param), body
-    # No length given: vLLM would generate to the end of the context; the server's default is set.
-    for body, method, field in ((completion(max_tokens=None), "completions", "max_tokens"), (chat(max_completion_tokens=None), "chat", "max_completion_tokens")):
-        check_vllm_request(body, method, limits)
-        assert getattr(body, field) == 16, body
-    scoring = completion(max_tokens=0, echo=True)
-    check_vllm_request(scoring, "completions", limits)
-    assert scoring.max_tokens == 0  # a length given (scoring the prompt), not "none given"
+    check_vllm_request(completion(stop="one string"), "completions", limits)  # a string is one stop sequence
     config = ServeConfig.model_validate({"model": "m", "sources": {"m": "org/m"}, "backend": "vllm", "limits": {"max_logprobs": 5}})
     assert llm_configs(config)[0]["engine_kwargs"]["max_logprobs"] == 20  # chat's top_logprobs reach 20
 

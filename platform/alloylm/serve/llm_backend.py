@@ -121,17 +121,15 @@ def check_vllm_request(body: Any, call_method: str, limits: LimitsConfig) -> Non
     """AlloyLM's bounds on a request bound for vLLM (`body` is Ray Serve LLM's request object, with
     OpenAI's field names): `max_tokens`, `n`, `logprobs`, `top_logprobs`, `echo`, `max_tokens: 0`
     and the number of `stop` strings. Raises `APIError` (400, naming the field) as AlloyLM's own
-    backend does. A request that gives no length gets `limits.default_max_tokens`, set on `body`:
-    vLLM's own default is the rest of the context, past `limits.max_tokens`."""
+    backend does. A request that gives no length is left to vLLM's default, which vLLM fits to
+    the room the prompt leaves (an explicit default here would be refused where it does not fit)."""
     from alloylm.serve.protocol import bad_request, check_choice_fields
 
     if call_method not in ("completions", "chat"):
         return
     given = [getattr(body, name, None) for name in ("max_completion_tokens", "max_tokens")]
     max_tokens = next((value for value in given if value is not None), None)
-    if max_tokens is None:
-        setattr(body, "max_completion_tokens" if call_method == "chat" else "max_tokens", limits.default_max_tokens)
-    elif max_tokens > limits.max_tokens:
+    if max_tokens is not None and max_tokens > limits.max_tokens:
         raise bad_request(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
     stop = getattr(body, "stop", None)
     if stop is not None and not isinstance(stop, str) and len(stop) > limits.max_stop_sequences:
