@@ -260,16 +260,19 @@ def test_an_artifact_is_up_to_date_only_with_the_builds_of_its_inputs_it_recorde
     parent, child = str(tmp_path / "parent"), str(tmp_path / "child")
     with artifact.begin(parent, "p") as building:
         built = building.commit({"kind": "stage"})
-    inputs = artifact.input_versions([parent, str(tmp_path / "missing")])
-    assert inputs == {parent: built["created_at"]}
+    inputs = artifact.input_versions({"parent": parent, "missing": str(tmp_path / "missing")})
+    assert inputs == {"parent": built["created_at"]}  # by name: a run copied elsewhere is the same run
     with artifact.begin(child, "c") as building:
         made = building.commit({"kind": "stage", "inputs": inputs})
     assert artifact.up_to_date(child, "c", inputs) == made
-    assert artifact.up_to_date(child, "c", {parent: "another build"}) is None
+    assert artifact.up_to_date(child, "c", {"parent": "another build"}) is None
     assert artifact.up_to_date(child, "other fingerprint", inputs) is None
     # A manifest made before builds were recorded: judged by its fingerprint, as it was then.
     storage.write_json(storage.join(child, storage.MANIFEST_NAME), {k: v for k, v in made.items() if k != "inputs"})
-    assert artifact.up_to_date(child, "c", {parent: "another build"})["fingerprint"] == "c"
+    assert artifact.up_to_date(child, "c", {"parent": "another build"})["fingerprint"] == "c"
+    # Work folders (Ray Train checkpoints, Tune experiments) are per build: one made on the old
+    # parent is not resumed by the rebuild.
+    assert artifact.build_key("c", {}) == "c" and artifact.build_key("c", inputs) != artifact.build_key("c", {"parent": "another build"})
 
 
 def test_a_lost_lease_starts_no_more_steps_and_fails_the_run():

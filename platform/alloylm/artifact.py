@@ -36,16 +36,24 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def input_versions(uris: list[str]) -> dict[str, str]:
-    """The build (`created_at`) of each finished artifact of the run at `uris`, for `up_to_date`."""
+def input_versions(uris: dict[str, str]) -> dict[str, str]:
+    """The build (`created_at`) of each finished artifact of the run, by name (name -> URI given),
+    for `up_to_date`. By name, not URI: a run copied elsewhere (local to S3) is the same run."""
     from alloylm import storage
 
     versions = {}
-    for uri in uris:
+    for name, uri in uris.items():
         manifest = storage.read_manifest(uri)
         if manifest and manifest.get("created_at"):
-            versions[uri] = str(manifest["created_at"])
+            versions[name] = str(manifest["created_at"])
     return versions
+
+
+def build_key(fp: str, inputs: dict[str, str]) -> str:
+    """What names the work folders of one build of an artifact (its Ray Train run, its Tune
+    experiment): the fingerprint, and the builds of its inputs when it has any, so that a stage
+    rebuilt on a parent built again starts afresh instead of resuming work done on the old one."""
+    return fingerprint(fp, inputs) if inputs else fp
 
 
 def up_to_date(uri: str, fp: str, inputs: dict[str, str] | None = None) -> dict | None:

@@ -362,6 +362,8 @@ def _add_evaluation(config: RunConfig, summary: RunSummary, steps: dict[str, Ste
         # What the choice was made among: a stage retrained since (`alloylm train`, `run --only`)
         # makes it stale (`stale_best`).
         best["fingerprints"] = _stage_fingerprints(config, [v for v in done if v in config.stages])
+        # and their builds: one deleted and trained again keeps its fingerprint, not (on a GPU) its weights
+        best["builds"] = _stage_builds(config, list(best["fingerprints"]))
         storage.write_json(layout.best, best)
         summary.best = best
         log.info("best on validation: %s (score %s; within noise: %s)", best["variant"], best["score"], ", ".join(best["within_noise"]) or "none")
@@ -626,13 +628,26 @@ def _stage_fingerprints(config: RunConfig, names: list[str]) -> dict[str, str | 
     return {name: (storage.read_manifest(layout.stage(name)) or {}).get("fingerprint") for name in names}
 
 
+def _stage_builds(config: RunConfig, names: list[str]) -> dict[str, str]:
+    from alloylm.artifact import input_versions
+
+    layout = RunLayout.of(config)
+    return input_versions({name: layout.stage(name) for name in names})
+
+
 def stale_best(config: RunConfig, best: dict) -> str | None:
-    """Why `best` (eval/best.json) no longer holds, or None: a stage it was chosen among has changed."""
+    """Why `best` (eval/best.json) no longer holds, or None: a stage it was chosen among has changed
+    (its fingerprint, or its build where the choice recorded builds)."""
     recorded = best.get("fingerprints")
     if recorded is None:
         return None  # written before fingerprints were recorded: nothing to check it against
     now = _stage_fingerprints(config, [name for name in recorded if name in config.stages])
-    changed = sorted(name for name in recorded if now.get(name) != recorded[name])
+    changed = {name for name in recorded if now.get(name) != recorded[name]}
+    builds = best.get("builds")
+    if builds is not None:
+        current = _stage_builds(config, [name for name in builds if name in config.stages])
+        changed |= {name for name in builds if current.get(name) != builds[name]}
+    changed = sorted(changed)
     if changed:
         return f"it was chosen among models that have changed since ({', '.join(changed)})"
     return None

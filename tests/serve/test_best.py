@@ -74,6 +74,15 @@ def test_a_choice_among_models_that_changed_since_is_stale(tmp_path):
     storage.write_json(storage.join(layout.stage("dpo"), storage.MANIFEST_NAME), {"fingerprint": "c" * 16})
     with pytest.raises(ServeError, match=r"best.json is stale: it was chosen among models that have changed since \(dpo\)"):
         resolve_best(config, config.serve)
+    # Trained again under the same fingerprint (deleted, then `alloylm train`): on a GPU, other weights.
+    built = {"sft": "2026-12-05T01:00:00+00:00", "dpo": "2026-12-05T02:00:00+00:00"}
+    for stage, fingerprint in (("sft", "a" * 16), ("dpo", "b" * 16)):
+        storage.write_json(storage.join(layout.stage(stage), storage.MANIFEST_NAME), {"fingerprint": fingerprint, "created_at": built[stage]})
+    storage.write_json(layout.best, {**choice, "builds": built})
+    assert resolve_best(config, config.serve).model == "sft"
+    storage.write_json(storage.join(layout.stage("sft"), storage.MANIFEST_NAME), {"fingerprint": "a" * 16, "created_at": "2026-12-06T00:00:00+00:00"})
+    with pytest.raises(ServeError, match=r"changed since \(sft\)"):
+        resolve_best(config, config.serve)
 
 
 def test_best_needs_an_evaluation(tmp_path):

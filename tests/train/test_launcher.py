@@ -162,7 +162,7 @@ def test_a_stage_made_from_an_earlier_build_of_its_parent_is_not_up_to_date(chai
     weights: its children were still taken as up to date, built on the old ones."""
     config, manifests = chain
     base = stage_uri(config, "base")
-    assert manifests["sft"]["inputs"] == {base: manifests["base"]["created_at"]}
+    assert manifests["sft"]["inputs"] == {"base": manifests["base"]["created_at"]}
     path = storage.join(base, storage.MANIFEST_NAME)
     original = storage.read_text(path)
     try:

@@ -247,7 +247,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         else None
     )
     fp = merge_fingerprint(config, name, parent_ids, objective)
-    inputs = lifecycle.input_versions([u for p, u in zip(stage.parents, parent_uris) if p in config.stages])
+    inputs = lifecycle.input_versions({p: u for p, u in zip(stage.parents, parent_uris) if p in config.stages})
     manifest = lifecycle.up_to_date(uri, fp, inputs)
     if manifest:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
@@ -267,7 +267,9 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     summary: dict[str, Any] = {"method": stage.method, "parents": dict(zip(stage.parents, parent_uris, strict=True))}
     with lifecycle.begin(uri, fp, config) as artifact:
         if isinstance(stage, MergeSearchStageConfig):
-            best_params, search_summary = _search(config, name, fp, parent_uris, search_inputs, artifact.staging_uri, seed)
+            # The Tune experiment of this build (a search on parents built again starts afresh).
+            build = lifecycle.build_key(fp, inputs)
+            best_params, search_summary = _search(config, name, build, parent_uris, search_inputs, artifact.staging_uri, seed)
             summary.update(search_summary)
             yaml_name = "best_merge.yaml"
         else:
@@ -329,8 +331,9 @@ def _search_inputs(config: RunConfig, name: str):
     return eval_config, eval_data
 
 
-def _search(config: RunConfig, name: str, fp: str, parent_uris, inputs, staging_uri: str, seed: int) -> tuple[dict, dict]:
-    """Run the search; returns (the best trial's parameters, the summary's search figures)."""
+def _search(config: RunConfig, name: str, build: str, parent_uris, inputs, staging_uri: str, seed: int) -> tuple[dict, dict]:
+    """Run the search (its Tune experiment at `searches/<name>-<build>`); returns (the best trial's
+    parameters, the summary's search figures)."""
     from alloylm.merge.search import SearchError, prepare_job, run_search
     from alloylm.tracking import mlflow_target
 
@@ -342,7 +345,7 @@ def _search(config: RunConfig, name: str, fp: str, parent_uris, inputs, staging_
         )
     except SearchError as exc:
         raise StageError(f"stages.{name}.{exc}") from None
-    experiment_uri = RunLayout.of(config).search(name, fp)
+    experiment_uri = RunLayout.of(config).search(name, build)
     rows = run_search(job, eval_data, experiment_uri, seed=seed, mlflow=mlflow_target(config, step=f"stage:{name}"))
     complete = [r for r in rows if r["score"] is not None]
     if not complete:

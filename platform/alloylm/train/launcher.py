@@ -352,11 +352,12 @@ def train_stage(config: RunConfig, name: str) -> dict:
     uri = stage_uri(config, name)
     padded = bool(data_manifest["counts"].get("tail_padded_tokens"))
     fp = stage_fingerprint(config, name, parent_id, content_fingerprint(data_manifest), tokenizer_manifest["fingerprint"], padded)
-    inputs = lifecycle.input_versions([parent] if stage.from_ in config.stages else [])
+    inputs = lifecycle.input_versions({stage.from_: parent} if stage.from_ in config.stages else {})
     manifest = lifecycle.up_to_date(uri, fp, inputs)
     if manifest:
         log.info("stage %s: up to date, not retrained (%s)", name, uri)
         return manifest
+    build = lifecycle.build_key(fp, inputs)  # the checkpoints of this build of the stage, and of no other
     data_uri = dataset_uri(config, stage.data)
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     _check_data(stage, name, data_uri, rows)
@@ -382,7 +383,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
             storage_env=storage.storage_environment(),
             # the same for every attempt of this stage's Ray Train run (`run_config.name` below, in
             # the run's checkpoints folder), and for no other
-            workdir_key=fingerprint(layout.checkpoints_root, f"{name}-{fp}")[:12],
+            workdir_key=fingerprint(layout.checkpoints_root, f"{name}-{build}")[:12],
         )
         # Retries within the storage retry window in Ray Train's controller too (see storage.py).
         fs, checkpoints_path = storage.train_filesystem(layout.checkpoints_root)
@@ -418,7 +419,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
                 placement_strategy=stage.resources.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
-                name=f"{name}-{fp}",
+                name=f"{name}-{build}",
                 storage_path=checkpoints_path,
                 storage_filesystem=fs,
                 # After a lost node, Ray Train keeps trying to start the worker group again; each start
