@@ -352,6 +352,34 @@ def test_incomplete_folder_is_not_complete_and_can_be_replaced(root):
     assert not storage.exists(storage.join(final, storage.COMMIT_MARKER_NAME))
 
 
+def test_an_s3_commit_cut_short_while_deleting_the_old_objects_stays_marked(s3_bucket, monkeypatch):
+    """The marker was deleted with the old objects and put back after: a commit that died in
+    between left files with neither manifest nor marker, taken next time for a user's own."""
+    final = f"s3://{s3_bucket}/exp/sft"
+    with storage.begin_artifact(final) as art:
+        _write_model(art.staging_uri, "v1")
+        art.commit({"version": 1})
+    delete = storage._s3_delete_prefix
+
+    def delete_then_die(uri, **kwargs):
+        delete(uri, **kwargs)
+        if uri == final:
+            raise storage.StorageError("the process died here")
+
+    monkeypatch.setattr(storage, "_s3_delete_prefix", delete_then_die)
+    with pytest.raises(storage.StorageError, match="died"):
+        with storage.begin_artifact(final, overwrite=True) as art:
+            _write_model(art.staging_uri, "v2")
+            art.commit({"version": 2})
+    monkeypatch.setattr(storage, "_s3_delete_prefix", delete)
+    assert storage.list_files(final) == [storage.join(final, storage.COMMIT_MARKER_NAME)]  # marked through the delete
+    with storage.begin_artifact(final) as art:
+        _write_model(art.staging_uri, "v3")
+        art.commit({"version": 3})
+    assert storage.read_manifest(final)["version"] == 3
+    assert not [f for f in storage.list_files(f"s3://{s3_bucket}/exp") if ".replaced-" in f]  # nothing moved aside
+
+
 def test_an_s3_commit_cut_short_is_replaced_not_kept(s3_bucket):
     final = f"s3://{s3_bucket}/exp/orpo"
     _write_model(final, "half-copied")  # what a commit that died copying leaves: its marker, no manifest

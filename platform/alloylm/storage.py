@@ -744,15 +744,17 @@ def download_dir(uri: str, local_dir: str, *, wanted: Callable[[str], bool] | No
     return local_dir
 
 
-def _s3_delete_prefix(uri: str, *, window: float | None = None) -> None:
-    """Delete every object at ``uri`` or below ``uri/``, never one that merely shares the prefix."""
+def _s3_delete_prefix(uri: str, *, window: float | None = None, keep: str | None = None) -> None:
+    """Delete every object at ``uri`` or below ``uri/``, never one that merely shares the prefix,
+    nor ``uri/keep``."""
     fs, root = fsspec_filesystem(uri)
     if "/" not in root:
         raise StorageError(f"refusing to delete the whole bucket {uri}")
+    kept = f"{root}/{keep}" if keep else None
 
     def delete() -> None:
         found = fs.find(root)
-        doomed = [n for n in found if (n == root or n.startswith(root + "/"))]
+        doomed = [n for n in found if (n == root or n.startswith(root + "/")) and n != kept]
         if doomed:
             fs.rm(doomed)
 
@@ -954,8 +956,10 @@ class StagedArtifact:
                      lambda: fs.copy([n for n, _ in theirs], [f"{aside}/{rel}" for _, rel in theirs]))
             log.warning("%s held files that are not an AlloyLM artifact (no %s): moved to %s",
                         self.final_uri, MANIFEST_NAME, f"{self.final_uri.split('://', 1)[0]}://{aside}")
-        _s3_delete_prefix(self.final_uri)
-        mark()
+            mark()
+        else:
+            mark()  # nothing there yet, or a commit cut short (marked): marked before anything changes
+        _s3_delete_prefix(self.final_uri, keep=COMMIT_MARKER_NAME)
         if staged:
             sources, targets = [n for n, _ in staged], [f"{final_root}/{rel}" for _, rel in staged]
             retrying(f"{action} (copy its files)", self.final_uri, lambda: fs.copy(sources, targets))
