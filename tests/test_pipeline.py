@@ -254,6 +254,13 @@ def test_a_merge_search_holds_what_its_concurrent_trials_take(tmp_path):
     assert build_graph(config, summary, capacity={"CPU": 8.0})["stage:merged-head"].needs == {"CPU": 1.0}  # a fixed merge: one
     few = load_config(REPO / "configs" / "quickstart.yaml", [*overrides, "stages.merged.search.num_samples=2"])
     assert build_graph(few, summary, capacity={"CPU": 8.0})["stage:merged"].needs == {"CPU": 1.0}
+    # A grid runs one trial per point, whatever num_samples says: 1 point here, or 3 of them.
+    grid = [*overrides, "stages.merged.search.searcher=grid", "stages.merged.search.num_samples=1"]
+    one_point = load_config(REPO / "configs" / "quickstart.yaml", grid)
+    assert build_graph(one_point, summary, capacity={"CPU": 8.0})["stage:merged"].needs == {"CPU": 0.5}
+    point = "{t: {self_attn: [0, 0.5, 0.5, 0.5, 1], mlp: [1, 0.5, 0.5, 0.5, 0], default: 0.5}}"
+    three = load_config(REPO / "configs" / "quickstart.yaml", [*grid, f"stages.merged.search.points=[{point}, {point}, {point}]"])
+    assert build_graph(three, summary, capacity={"CPU": 8.0})["stage:merged"].needs == {"CPU": 1.5}
 
 
 def test_an_artifact_is_up_to_date_only_with_the_builds_of_its_inputs_it_recorded(tmp_path):

@@ -172,7 +172,15 @@ def _held_while_running(stage, needs: dict[str, float], capacity: dict[str, floa
     search = getattr(stage, "search", None)
     if search is None or not needs:
         return needs
-    at_once = min(search.max_concurrent_trials, search.num_samples)
+    trials = search.num_samples
+    if search.searcher == "grid":  # num_samples is ignored: one trial per grid point
+        from alloylm.merge.space import dimensions, grid_size
+
+        try:
+            trials = grid_size(search, dimensions(search))
+        except ValueError:  # a bad space: the merge check names it before any step
+            trials = search.max_concurrent_trials
+    at_once = min(search.max_concurrent_trials, max(1, trials))
     for resource, amount in needs.items():
         if capacity is not None:
             at_once = min(at_once, int(capacity.get(resource, 0) / amount + 1e-9))
