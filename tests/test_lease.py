@@ -145,34 +145,29 @@ def test_a_single_command_that_lost_its_lease_fails_naming_it(tmp_path, monkeypa
     assert "the run's lease was lost while `alloylm eval` ran" in captured.err and '"written"' in captured.out
 
 
-def test_a_lease_is_never_seen_before_its_content(tmp_path, monkeypatch):
-    """A lease file created empty and written after: a second writer reading it in between took it
-    for an unreadable (stale) lease, replaced it, and both ran as its holder."""
+def test_a_lease_read_before_its_content_is_not_taken_over(tmp_path, monkeypatch):
+    """A lease file is created empty and then written: a second writer reading it in between took
+    it for an unreadable (stale) lease, replaced it, and both ran as its holder."""
     uri = str(tmp_path / "exp")
     first, second = RunLease(uri, "run", ttl=60), RunLease(uri, "train", ttl=60)
     path = os.path.join(uri, ".lease")
-    seen = []
-    real_open, real_link = os.open, os.link
+    seen: list = []
+    racer = threading.Thread(target=lambda: seen.append(second.try_acquire()))
+    real_open = os.open
 
-    def look(created: str) -> None:  # the second writer, the moment the lease's name exists
-        if created == path and not seen:
-            seen.append(second.try_acquire())
-
-    def open_then_look(name, *args, **kwargs):
+    def open_then_race(name, *args, **kwargs):
         fd = real_open(name, *args, **kwargs)
-        look(name)
+        if name == path and not racer.is_alive() and not seen:  # the file exists, still empty
+            racer.start()
+            racer.join(timeout=1.0)  # it reads it now; a takeover waits for the creator's lock
         return fd
 
-    def link_then_look(source, target, *args, **kwargs):
-        real_link(source, target, *args, **kwargs)
-        look(target)
-
-    monkeypatch.setattr(os, "open", open_then_look)
-    monkeypatch.setattr(os, "link", link_then_look)
+    monkeypatch.setattr(os, "open", open_then_race)
     first.acquire()
+    racer.join(timeout=30)
     try:
-        assert seen and seen[0] is not None and seen[0].command == "run", seen  # the first writer's, whole
-        assert first.holder().command == "run"
+        assert seen and seen[0] is not None and seen[0].command == "run", seen  # the first writer's lease
+        assert first.holder().command == "run" and first.holder().owner == seen[0].owner
     finally:
         first.release()
         second.release()

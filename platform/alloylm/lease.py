@@ -93,20 +93,18 @@ class _LocalStore:
     def create(self, data: bytes) -> str | None:
         """Write the lease if there is none; its version token, or None when one exists."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        # Whole before it is visible: written aside, then hard-linked into place, which fails if a
-        # lease is there. An O_EXCL file written after its creation could be read empty by a
-        # racer, taken for an unreadable (stale) lease and replaced, and both would then hold it.
-        tmp = f"{self.path}.{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, self.path)
-        except FileExistsError:
-            return None
-        finally:
-            os.remove(tmp)
+        # Created and written under the lock that `replace` takes: a racer that reads the file
+        # still empty takes it for an unreadable (stale) lease, but its takeover waits for the
+        # lock and then finds another version, so it looks again and sees this holder.
+        with self._locked():
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         return data.decode("utf-8")
 
     def read(self) -> tuple[bytes, str] | None:
