@@ -510,6 +510,10 @@ def _convention_problems(obj: dict[str, Any]) -> list[str]:
             shm = [m for m in container.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
             if not shm or (volumes.get(shm[0].get("name"), {}).get("emptyDir") or {}).get("medium") != "Memory":
                 problems.append(f"{path}: mount an emptyDir with medium Memory at /dev/shm (Ray's object store, NCCL)")
+            else:
+                store = _object_store_outside_shm(group, container, volumes[shm[0]["name"]]["emptyDir"])
+                if store:
+                    problems.append(f"{path}: {store}")
             if S3_SECRET not in [(s.get("secretRef") or {}).get("name") for s in container.get("envFrom") or []]:
                 problems.append(f"{path}: envFrom secretRef {S3_SECRET} (S3 credentials) is missing")
             resources = container.get("resources") or {}
@@ -667,6 +671,35 @@ def _runtime_env_problems(text: str | None, workdir: str) -> list[str]:
     return problems
 
 
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_UNITS = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _bytes(quantity: Any) -> float:
+    """A Kubernetes memory quantity (`8Gi`, `500M`, a plain number) in bytes."""
+    match = _QUANTITY.match(str(quantity))
+    assert match, f"not a memory quantity: {quantity!r}"
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _object_store_outside_shm(group: dict[str, Any], container: dict[str, Any], shm: dict[str, Any]) -> str | None:
+    """Where Ray would put the pod's object store, if not in its /dev/shm: Ray 2.60 sizes it at 30%
+    of the pod's memory, capped at 95% of /dev/shm but never below 10 GB (`resolve_object_store_memory`),
+    and moves it to /tmp on the container's disk (slower, and unbounded) when /dev/shm is smaller."""
+    memory = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    if memory is None or shm.get("sizeLimit") is None:
+        return None
+    shm_bytes = _bytes(shm["sizeLimit"])
+    given = (group.get("rayStartParams") or {}).get("object-store-memory")
+    store = float(given) if given is not None else min(0.3 * _bytes(memory), max(1e10, 0.95 * shm_bytes))
+    if store <= shm_bytes:
+        return None
+    return (
+        f"Ray's object store ({store / 2**30:.1f} GiB of {memory}) does not fit /dev/shm ({shm['sizeLimit']}) and would go "
+        "to /tmp on the container's disk: raise the emptyDir's sizeLimit or set rayStartParams object-store-memory"
+    )
+
+
 def _entrypoint_problems(spec: dict[str, Any]) -> tuple[list[str], Any]:
     """The entrypoint runs jobs/pipeline.py on a config of the repository that `alloylm validate`
     accepts with the entrypoint's overrides; returns the problems and the resolved RunConfig."""
@@ -676,7 +709,17 @@ def _entrypoint_problems(spec: dict[str, Any]) -> tuple[list[str], Any]:
     problems = []
     if not (REPO / argv[1]).is_file():
         problems.append(f"spec.entrypoint: {argv[1]} is not in the repository")
-    config_path, overrides = REPO / argv[2], argv[3:]
+    from alloylm.cli import make_parser
+
+    try:  # as jobs/pipeline.py hands them to `alloylm run`: flags (--wait) and key=value overrides
+        parsed = make_parser().parse_args(["run", *argv[2:]])
+    except SystemExit:
+        return problems + [f"spec.entrypoint: `alloylm run` refuses the arguments {argv[2:]}"], None
+    config_path, overrides = REPO / parsed.config, parsed.overrides
+    if spec.get("backoffLimit") and not parsed.wait:
+        # A retried driver finds the lease of the one that died (it renews no more, but only
+        # expires after run.lease_ttl_seconds): without --wait it exits 1 at once, and the retry is spent.
+        problems.append("spec.entrypoint: a RayJob with backoffLimit must pass --wait, or its retry fails on the dead driver's lease")
     if not config_path.is_file():
         return problems + [f"spec.entrypoint: config {argv[2]} is not in the repository"], None
     try:
@@ -943,6 +986,8 @@ def test_dockerignore_keeps_what_the_image_needs():
     needed = ["pyproject.toml", "README.md", "platform/alloylm/__init__.py", "jobs/pipeline.py", "jobs/_entry.py", "configs/quickstart.yaml"]
     assert [p for p in needed if _dockerignored(p, patterns)] == []
     assert all(_dockerignored(p, patterns) for p in [".venv/bin/python", "runs/quickstart/manifest.json", ".git/HEAD", "platform/alloylm/__pycache__/x.pyc"])
+    # API keys written into the repository by mistake stay out of the image (and out of git).
+    assert _dockerignored("api-keys.txt", patterns) and "api-keys.txt" in (REPO / ".gitignore").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------
