@@ -8,7 +8,7 @@
 #         --build-arg WARM_DEEPSPEED=0 .
 #
 # RAY_VERSION must stay the Ray that pyproject.toml pins and that the k8s/ manifests name in
-# `rayVersion` (tests/test_k8s.py checks both); every node of a cluster runs this same image.
+# `rayVersion` (tests/k8s/test_manifests.py checks both); every node of a cluster runs this same image.
 ARG RAY_VERSION=2.60.0
 # -py311 is the CPU image; -py311-gpu or -py311-cu12x the CUDA ones (Ray's tags for this version).
 ARG BASE_TAG_SUFFIX=-py311

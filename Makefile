@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: setup warm quickstart science test bench mutation clean-runs
+.PHONY: setup warm quickstart science test bench mutation
 
 setup: $(VENV)/.installed warm
 
