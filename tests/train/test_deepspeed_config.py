@@ -125,6 +125,16 @@ def test_gpu_training_leaves_the_optimizer_to_transformers(stage):
     assert "optimizer" not in config(True, stage=stage)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gpu_training_with_offloaded_optimizer_states_uses_deepspeeds_cpu_adam(stage):
+    """DeepSpeed refuses a torch optimizer whose states it offloads (zero_force_ds_cpu_optimizer,
+    true by default): without an optimizer block of its own, `offload_optimizer` (what
+    `alloylm plan` advises when a stage does not fit) failed at engine start on every GPU."""
+    built = config(True, stage=stage, offload_optimizer=True)
+    assert built["optimizer"] == {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    assert built.get("zero_force_ds_cpu_optimizer", True) is True  # DeepSpeed's CPU Adam, not a slow torch one
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

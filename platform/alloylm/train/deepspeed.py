@@ -48,6 +48,11 @@ def deepspeed_config(options: DeepSpeedOptions, *, on_gpu: bool) -> dict[str, An
             "type": "AdamW",
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
         }
+    elif options.offload_optimizer:
+        # With the optimizer states on the CPU, DeepSpeed steps them with its own CPU Adam
+        # (DeepSpeedCPUAdam) and refuses the torch AdamW transformers would otherwise hand it
+        # (`zero_force_ds_cpu_optimizer`): the optimizer is DeepSpeed's, its values the Trainer's.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
     return config
 
 
