@@ -72,3 +72,32 @@ def test_remote_shards_are_read_through_their_own_filesystem():
         fs.rm(root, recursive=True)
     assert table.column_names == ["prompt"]
     assert table.column("prompt").to_pylist() == ["a", "b", "c"]
+
+
+def test_orpo_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+    """Hub tokenizers such as Llama 3.1's have no pad token. TRL's DPOTrainer pads with EOS then;
+    its experimental ORPOTrainer raised on the first batch ("the tokenizer is not configured with
+    a padding token"), after every worker had loaded the model."""
+    from types import SimpleNamespace
+
+    from alloylm.corpus import BuiltinCorpusOptions, generate_builtin
+    from alloylm.models import build_model, train_tokenizer
+    from alloylm.train import orpo
+
+    texts = [r["text"] for r in generate_builtin("general-text", BuiltinCorpusOptions(general_documents=20))]
+    tokenizer = train_tokenizer(texts, vocab_size=400, model_max_length=128)
+    model = build_model("pico-llama", tokenizer, seed=0)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    user = [{"role": "user", "content": "Which material is tougher?"}]
+    _shard(tmp_path, "part-0.parquet", {
+        "prompt": [user, user],
+        "chosen": [[{"role": "assistant", "content": "Nacre, by far."}], [{"role": "assistant", "content": "Bone."}]],
+        "rejected": [[{"role": "assistant", "content": "Chalk."}], [{"role": "assistant", "content": "Glass, I think."}]],
+    })
+    stage = SimpleNamespace(beta=0.1, training=SimpleNamespace(max_length=64))
+    arguments = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 1, "use_cpu": True, "report_to": "none"}
+    trainer = orpo.build_trainer(stage, SimpleNamespace(data_uri=str(tmp_path)), model, tokenizer, arguments)
+    batch = next(iter(trainer.get_train_dataloader()))  # padded to the longer answer
+    assert tokenizer.pad_token == tokenizer.eos_token and model.config.pad_token_id == tokenizer.eos_token_id
+    assert batch["chosen_input_ids"].shape[0] == 2

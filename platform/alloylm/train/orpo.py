@@ -20,5 +20,11 @@ def build_trainer(stage, job, model, tokenizer, arguments: dict[str, Any]):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     table = read_prepared_table(job.data_uri, PREFERENCE_COLUMNS)
+    if tokenizer.pad_token is None:
+        # Hub tokenizers such as Llama 3.1's have none. TRL's DPOTrainer pads with EOS then (and
+        # tells the model); its experimental ORPOTrainer raises on the first batch instead.
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     args = ORPOConfig(**arguments, beta=stage.beta, max_length=stage.training.max_length)
     return ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(table), processing_class=tokenizer)
