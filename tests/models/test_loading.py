@@ -483,7 +483,7 @@ def test_load_from_s3_and_reuse_the_cache(saved_model, tokenizer, s3_bucket, tmp
     loaded_tokenizer = load_tokenizer(uri, cache_dir=str(cache))
     assert torch.equal(_logits(model, tokenizer), _logits(loaded, loaded_tokenizer))
     assert loaded_tokenizer.chat_template == CHAT_TEMPLATE
-    assert len(list(cache.iterdir())) == 1  # one complete copy, no partial folder left
+    assert len([p for p in cache.iterdir() if not p.name.endswith(".lock")]) == 1  # one complete copy, no partial folder left
 
     def no_download(*args, **kwargs):
         raise AssertionError("a cached S3 model was downloaded again")
@@ -500,6 +500,35 @@ def test_load_from_s3_and_reuse_the_cache(saved_model, tokenizer, s3_bucket, tmp
     storage.upload_dir(str(tmp_path / "other"), uri)
     replaced = load_model(uri, cache_dir=str(cache))
     assert torch.equal(_logits(other, tokenizer), _logits(replaced, tokenizer))
+
+
+@pytest.mark.s3
+def test_the_workers_of_a_node_download_an_s3_model_once(saved_model, s3_bucket, tmp_path, monkeypatch):
+    """Each of a node's workers (8 ranks on an 8-GPU node) downloaded the whole parent model into
+    its own temporary folder, and all but the first copy were thrown away."""
+    import threading
+    import time
+
+    _, folder = saved_model
+    uri = f"s3://{s3_bucket}/runs/exp/parent"
+    storage.upload_dir(str(folder), uri)
+    downloads = []
+    download = loading.storage.download_dir
+
+    def counted(*args, **kwargs):
+        downloads.append(args[0])
+        time.sleep(0.5)  # long enough for the other workers to arrive meanwhile
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(loading.storage, "download_dir", counted)
+    found: list[str] = []
+    workers = [threading.Thread(target=lambda: found.append(loading._download_cached(uri, cache_dir=str(tmp_path / "cache")))) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert downloads == [uri] and len(found) == 4 and len(set(found)) == 1
+    assert os.path.isfile(os.path.join(found[0], "config.json"))
 
 
 @pytest.mark.s3

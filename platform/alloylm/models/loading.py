@@ -9,6 +9,7 @@ with its tokenizer to a local folder or to S3.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -167,9 +168,22 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
     if (final / _COMPLETE_MARKER).is_file():
         return str(final)
     cache.mkdir(parents=True, exist_ok=True)
+    # One download per node: the workers of a node (8 ranks on an 8-GPU node) wait for the first,
+    # then find its copy complete. Without the lock each downloaded the whole model.
+    with open(cache / f".{final.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (final / _COMPLETE_MARKER).is_file():
+                _download_into(uri, cache, final)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(final)
+
+
+def _download_into(uri: str, cache: Path, final: Path) -> None:
     # Downloaded beside the final folder and renamed into place, so that a crash never leaves a
-    # half-downloaded folder that looks complete, and concurrent workers on one node do not mix
-    # their files: the first rename wins, the others drop their copy.
+    # half-downloaded folder that looks complete (and a node without working locks still never
+    # mixes two workers' files: the first rename wins, the others drop their copy).
     partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache))
     try:
         storage.download_dir(uri, str(partial))
@@ -183,7 +197,6 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return str(final)
 
 
 def _hub_error(what: str, source: str, err: Exception) -> OSError:
