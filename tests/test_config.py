@@ -324,3 +324,12 @@ def test_cli_validate_prints_the_resolved_config(tmp_path, capsys):
     assert resolved["stages"]["base"]["from"] == {"init": "tiny-llama", "seed": None}
     # The resolved config validates again to the same thing.
     assert RunConfig.model_validate(resolved).model_dump() == load_config(write(tmp_path, MINIMAL), ["data.block_size=32"]).model_dump()
+
+
+@pytest.mark.parametrize("gpus", ["0.5", "2"])
+def test_a_training_worker_uses_no_gpu_or_one(tmp_path, gpus):
+    """Each worker is one DDP/DeepSpeed rank on one device: two ranks sharing a GPU failed in NCCL
+    (a fractional share was accepted), and a worker's second GPU sat idle."""
+    message = error_of(tmp_path, MINIMAL, [f"stages.base.resources.gpus_per_worker={gpus}"])
+    assert "stages.base.resources.gpus_per_worker" in message and "raise `workers`" in message, message
+    assert load_config(write(tmp_path, MINIMAL), ["stages.base.resources.gpus_per_worker=1"]).stages["base"].resources.use_gpu

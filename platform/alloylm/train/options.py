@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alloylm.schema import SEED_MAX
 from alloylm.schema import Frozen as _Frozen
@@ -92,10 +92,19 @@ class ResourceOptions(_Frozen):
 
     workers: int = Field(1, ge=1, description="Training workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 trains on CPU with gloo).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker: 0 trains on CPU with gloo, 1 on one GPU per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed on nodes (STRICT_SPREAD: one per node)."
     )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _one_gpu_per_rank(cls, value: float) -> float:
+        # Each worker is one DDP/DeepSpeed rank, which trains on one device (accelerate binds it to
+        # cuda:LOCAL_RANK): two ranks sharing a GPU fail in NCCL, and a second GPU would sit idle.
+        if value not in (0, 1):
+            raise ValueError(f"must be 0 (CPU) or 1: each worker is one rank on one GPU, got {value:g}; for more GPUs raise `workers`")
+        return value
 
     @property
     def use_gpu(self) -> bool:
