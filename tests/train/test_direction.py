@@ -292,6 +292,7 @@ def test_the_paper_sft_settings_train_on_ray_under_zero3_with_the_optimizer_offl
     assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 3, {"optimizer": "cpu", "params": None})
     assert ran["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and ran["gather_16bit_weights_on_save"] is True
     assert ran["precision"] == "bf16"  # the paper's precision, run by the engine on the CPU
+    assert ran["loaded_partitioned"] is True  # the parent loaded into each rank's partition (zero.Init)
     losses = _losses(config, "paper-sft")
     assert metrics["global_step"] == 2 and len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
     trained, parent = load_model(stage_uri(config, "paper-sft")).state_dict(), load_model(world["parent"]).state_dict()

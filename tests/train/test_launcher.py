@@ -235,6 +235,8 @@ def test_zero3_two_workers_tiny_mistral(chain):
     ran = manifest["metrics"]["deepspeed"]
     assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 3, {"optimizer": None, "params": None})
     assert ran["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and ran["gather_16bit_weights_on_save"] is True
+    # Loaded partitioned (inside deepspeed.zero.Init): every rank built the whole model first.
+    assert ran["loaded_partitioned"] is True
     saved = [f for f in storage.list_files(storage.join(cfg.run_uri, "checkpoints")) if "/mistral-" in f and "/global_step" in f]
     for rank in (0, 1):
         assert any(os.path.basename(f).startswith(f"zero_pp_rank_{rank}_") and f.endswith("optim_states.pt") for f in saved), saved
@@ -291,7 +293,7 @@ def test_lora_with_zero2_two_workers_saves_a_merged_model(chain):
     manifest = train_stage(cfg, "lora")
     ran = manifest["metrics"]["deepspeed"]
     assert (ran["enabled"], ran["zero_stage"], ran["offload"]) == (True, 2, {"optimizer": None, "params": None})
-    assert ran["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert ran["optimizer"] == "DeepSpeedZeroOptimizer" and ran["loaded_partitioned"] is False  # ZeRO-2 keeps whole weights
     uri = stage_uri(cfg, "lora")
     assert os.path.exists(os.path.join(uri, "adapter", "adapter_config.json"))
     merged = load(uri)

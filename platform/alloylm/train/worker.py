@@ -14,6 +14,7 @@ Workers get everything through their config argument (`StageJob`), never through
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -98,6 +99,29 @@ def _load_parent(job: StageJob, tokenizer):
             f"parent model {job.parent} has {embeddings} embeddings"
         )
     return model
+
+
+@contextlib.contextmanager
+def _deepspeed_aware(arguments: dict[str, Any]):
+    """While the model is loaded: the stage's DeepSpeed config made known to transformers (a
+    TrainingArguments holds it), so that under ZeRO-3 `from_pretrained`/`from_config` partition the
+    weights as they load (`deepspeed.zero.Init`). Yields whether they do."""
+    if not arguments.get("deepspeed"):
+        yield False
+        return
+    from transformers import TrainingArguments
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    held = TrainingArguments(**arguments)  # noqa: F841 - transformers keeps only a weak reference to its config
+    partitioned = is_deepspeed_zero3_enabled()
+    if partitioned:
+        import deepspeed
+        import torch.distributed
+
+        # zero.Init partitions over DeepSpeed's communicator, which accelerate sets up only when
+        # the Trainer is built: set up now, on the process group Ray Train made (not a new one).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    yield partitioned
 
 
 def common_arguments(job: StageJob, stage, workdir: str, max_steps: int) -> dict[str, Any]:
@@ -642,13 +666,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     clock.lap("imports")
     tokenizer = load_tokenizer(job.tokenizer_uri, trust_remote_code=job.trust_remote_code)
-    model = _load_parent(job, tokenizer)
-    if stage.lora is not None:
-        model = apply_lora(model, stage, stage.training.seed if stage.training.seed is not None else job.seed)
     workdir = _workdir(job, context.get_world_rank())
     try:
         max_steps = method.max_steps(stage, job, context.get_world_size())
         arguments = common_arguments(job, stage, workdir, max_steps)
+        # The TrainingArguments first: under ZeRO-3 they make transformers build and load the
+        # model inside deepspeed.zero.Init, each rank holding only its partition. Loaded before
+        # them, every rank held the whole model first (8 x 16 GB of host memory on a node for 8B).
+        with _deepspeed_aware(arguments) as partitioned:
+            model = _load_parent(job, tokenizer)
+        if stage.lora is not None:
+            model = apply_lora(model, stage, stage.training.seed if stage.training.seed is not None else job.seed)
         trainer = method.build_trainer(stage, job, model, tokenizer, arguments)
         max_steps = steps_after_build(stage, trainer, context.get_world_size(), max_steps)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -688,7 +716,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
             "world_size": context.get_world_size(),
             "first_loss": next((r["loss"] for r in _read_jsonl(metrics_path) if "loss" in r), None),
             "last_loss": next((r["loss"] for r in reversed(_read_jsonl(metrics_path)) if "loss" in r), None),
-            "deepspeed": deepspeed_record(trainer),
+            "deepspeed": {**deepspeed_record(trainer), "loaded_partitioned": partitioned},
         }
         _save_output(trainer, stage, tokenizer, workdir, job, metrics_path, summary)
         ray.train.report({"final": True, **summary})
