@@ -532,6 +532,25 @@ def test_the_workers_of_a_node_download_an_s3_model_once(saved_model, s3_bucket,
 
 
 @pytest.mark.s3
+def test_a_cache_on_a_file_system_without_locks_still_downloads(saved_model, s3_bucket, tmp_path, monkeypatch):
+    """NFS without a lock daemon and some FUSE mounts refuse flock: the model is downloaded
+    without the lock (each worker its own copy, the first rename wins) instead of failing."""
+    import errno
+
+    _, folder = saved_model
+    uri = f"s3://{s3_bucket}/runs/exp/unlocked"
+    storage.upload_dir(str(folder), uri)
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(loading.fcntl, "flock", no_locks)
+    local = loading._download_cached(uri, cache_dir=str(tmp_path / "cache"))
+    assert os.path.isfile(os.path.join(local, "config.json"))
+    assert loading._download_cached(uri, cache_dir=str(tmp_path / "cache")) == local  # complete: not again
+
+
+@pytest.mark.s3
 def test_save_to_s3_then_load(tokenizer, s3_bucket, tmp_path):
     model = build_model("pico-llama", tokenizer, seed=5)
     uri = f"s3://{s3_bucket}/runs/exp/merged"

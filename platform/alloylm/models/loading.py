@@ -171,7 +171,11 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
     # One download per node: the workers of a node (8 ranks on an 8-GPU node) wait for the first,
     # then find its copy complete. Without the lock each downloaded the whole model.
     with open(cache / f".{final.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFS without lockd, some FUSE mounts)
+            _download_into(uri, cache, final)  # each worker downloads; the first rename wins
+            return str(final)
         try:
             if not (final / _COMPLETE_MARKER).is_file():
                 _download_into(uri, cache, final)

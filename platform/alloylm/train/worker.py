@@ -105,23 +105,28 @@ def _load_parent(job: StageJob, tokenizer):
 def _deepspeed_aware(arguments: dict[str, Any]):
     """While the model is loaded: the stage's DeepSpeed config made known to transformers (a
     TrainingArguments holds it), so that under ZeRO-3 `from_pretrained`/`from_config` partition the
-    weights as they load (`deepspeed.zero.Init`). Yields whether they do."""
+    weights as they load (`deepspeed.zero.Init`)."""
     if not arguments.get("deepspeed"):
-        yield False
+        yield
         return
     from transformers import TrainingArguments
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     held = TrainingArguments(**arguments)  # noqa: F841 - transformers keeps only a weak reference to its config
-    partitioned = is_deepspeed_zero3_enabled()
-    if partitioned:
+    if is_deepspeed_zero3_enabled():
         import deepspeed
         import torch.distributed
 
-        # zero.Init partitions over DeepSpeed's communicator, which accelerate sets up only when
-        # the Trainer is built: set up now, on the process group Ray Train made (not a new one).
+        # zero.Init partitions over DeepSpeed's communicator. On GPUs the arguments above set it
+        # up (accelerate's state); on CPU (gloo) nothing does until the Trainer is built: set up
+        # now, on the process group Ray Train made (DeepSpeed takes it over, it makes no new one).
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    yield partitioned
+    yield
+
+
+def _partitioned(model) -> bool:
+    """Whether every parameter of `model` is a ZeRO-3 partition (loaded inside zero.Init)."""
+    return all(hasattr(parameter, "ds_id") for parameter in model.parameters())
 
 
 def common_arguments(job: StageJob, stage, workdir: str, max_steps: int) -> dict[str, Any]:
@@ -673,8 +678,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         # The TrainingArguments first: under ZeRO-3 they make transformers build and load the
         # model inside deepspeed.zero.Init, each rank holding only its partition. Loaded before
         # them, every rank held the whole model first (8 x 16 GB of host memory on a node for 8B).
-        with _deepspeed_aware(arguments) as partitioned:
+        with _deepspeed_aware(arguments):
             model = _load_parent(job, tokenizer)
+        partitioned = _partitioned(model)  # what happened, not what the config asked for
         if stage.lora is not None:
             model = apply_lora(model, stage, stage.training.seed if stage.training.seed is not None else job.seed)
         trainer = method.build_trainer(stage, job, model, tokenizer, arguments)
