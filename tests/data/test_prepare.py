@@ -247,6 +247,14 @@ def test_rerun_is_skipped_and_changed_input_is_not_overwritten(messy_run):
     with pytest.raises(storage.ArtifactExistsError, match="overwrite"):
         prepare_dataset(changed, "corpus", tokenizer_manifest)
     assert storage.read_manifest(storage.join(config.run_uri, "data", "corpus")) == manifests["corpus"]
+    # Settings only text documents go through (packing, length filter, near dedup) leave the
+    # other formats up to date: nothing trained on them is trained again.
+    text_only = {"block_size": 16, "tail": "pad", "min_chars": 3, "max_chars": 500, "near_dedup": {"enabled": False}}
+    changed = validate_config({**config.model_dump(mode="json", by_alias=True), "data": {**config.data.model_dump(), **text_only}})
+    for name in ("chats", "prefs", "bench"):
+        assert prepare_dataset(changed, name, tokenizer_manifest) == manifests[name], name
+    with pytest.raises(storage.ArtifactExistsError, match="overwrite"):
+        prepare_dataset(changed, "corpus", tokenizer_manifest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +356,19 @@ def test_trained_tokenizer_and_builtin_sources(ray_cluster, tmp_path):
     assert masks and sum(masks[-1]) == 32 - counts["tail_padded_tokens"]
     # The same config again: tokenizer and data sets reused, not rebuilt.
     assert prepare_tokenizer(config) == tok_manifest
+    # The tokenizer reads the records as they are: no `data:` setting changes it (nor, through its
+    # fingerprint, any data set or model made with it).
+    changed = make_config(config.storage, dict(config.model_dump(mode="json", by_alias=True)["datasets"]),
+                          data={"block_size": 16, "tokenizer_actors": 1, "tail": "drop", "min_chars": 3})
+    assert prepare_tokenizer(changed) == tok_manifest
+    assert prepare_dataset(changed, "chat", tok_manifest)["created_at"] == manifests["chat"]["created_at"]
+    # A run prepared before the fingerprints took only what each format uses (every `data:`
+    # setting in every data set and the tokenizer) is still up to date, as it was made.
+    for name, uri in (("chat", storage.join(config.run_uri, "data", "chat")), (None, storage.join(config.run_uri, "tokenizer"))):
+        old = _fingerprint_made_before(config, name, tok_manifest["fingerprint"]) if name else _tokenizer_fingerprint_made_before(config)
+        manifest = {**storage.read_manifest(uri), "fingerprint": old}
+        storage.write_text(storage.join(uri, storage.MANIFEST_NAME), json.dumps(manifest))
+        assert (prepare_dataset(config, name, tok_manifest) if name else prepare_tokenizer(config)) == manifest
     mixed_ids = {i for row in read_shards(storage.join(config.run_uri, "data", "mixed")).column("input_ids").to_pylist() for i in row}
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in mixed_ids  # the template's tokens, not their characters
 
@@ -435,6 +456,27 @@ def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path
     fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}  # nor hf_revision's
     before = fingerprint("dataset", fields, prep, builtin, [_source_signature(s) for s in dataset.sources], "tok")
     assert dataset_fingerprint(one, "world", "tok") == before
+
+
+def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> str:
+    """A data set's fingerprint as AlloyLM made it before 2026-12-05, written out: every `data:`
+    setting (less the two that set only speed), whatever the format."""
+    from alloylm.artifact import fingerprint
+    from alloylm.data.prepare import _source_signature
+
+    dataset = config.datasets[name]
+    prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
+    builtin = {k: v for k, v in config.builtin.model_dump(mode="json").items() if k != "short_answer_per_fact"}
+    fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}
+    return fingerprint("dataset", fields, prep, builtin, [_source_signature(s) for s in dataset.sources], tokenizer_fingerprint)
+
+
+def _tokenizer_fingerprint_made_before(config) -> str:
+    from alloylm.artifact import fingerprint
+
+    names = config.tokenizer.train.datasets or sorted(config.datasets)
+    inputs = [_fingerprint_made_before(config, n, "") for n in names]
+    return fingerprint("tokenizer", config.tokenizer.model_dump(mode="json", by_alias=True), inputs)
 
 
 def test_records_sharing_an_id_are_deduplicated_as_themselves(ray_cluster, tmp_path, tokenizer_dir):

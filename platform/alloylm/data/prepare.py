@@ -144,23 +144,55 @@ def _prompt_signature(config: RunConfig, name: str) -> str | None:
         raise DataPreparationError(f"datasets.{name}.generate.prompt_file: {exc}") from None
 
 
-def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str) -> str:
+# The `data:` settings a format's output does not depend on: only text documents are filtered by
+# length, near-deduplicated and packed into blocks, and a benchmark keeps every item (no exact dedup).
+# Every format reads `batch_size` (task boundaries) and `rows_per_shard` (the shard files).
+_TEXT_ONLY = {"block_size", "tail", "min_chars", "max_chars", "near_dedup"}
+_PREP_UNUSED = {"chat": _TEXT_ONLY, "preference": _TEXT_ONLY, "benchmark": _TEXT_ONLY | {"exact_dedup"}}
+_PREP_NEVER = {"tokenizer_actors", "cpus_per_tokenizer_actor"}  # how fast, not what
+
+
+def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str, *, legacy: bool = False) -> str:
+    """What a prepared data set is made from: its config, the `data:` settings its format uses,
+    its sources' content, the tokenizer. `legacy`: the fingerprint as made before 2026-12-05, which
+    hashed every `data:` setting into every format; a data set prepared then and unchanged since is
+    still up to date (`_reusable`), so no existing run prepares or retrains anything for the change."""
     dataset = config.datasets[name]
-    prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
+    unused = set() if legacy else _PREP_UNUSED.get(dataset.format, set())
+    prep = config.data.model_dump(mode="json", exclude=_PREP_NEVER | unused)
     if dataset.generate is not None:
         from alloylm.generate.config import TRANSPORT_FIELDS
 
-        upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint)
+        upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint, legacy=legacy)
         # Where the teacher is and how hard it is driven change no answer (as for the batch ids).
         answers = _dataset_fields(dataset, exclude={"generate": {"teacher": set(TRANSPORT_FIELDS)}})
         return fingerprint("dataset", answers, prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint)
+    builtin, sources = _source_parts(config, dataset)
+    return fingerprint("dataset", _dataset_fields(dataset), prep, builtin, sources, tokenizer_fingerprint)
+
+
+def _source_parts(config: RunConfig, dataset) -> tuple[dict | None, list]:
+    """The built-in world's settings (where a source is built in) and each source's signature."""
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
     if builtin is not None and (builtin["short_answer_per_fact"] == 1 or "builtin:biomaterials-benchmark" not in dataset.sources):
         # Only the benchmark reads it: more short-answer items must not retrain every model, and
         # at its default the fingerprints stay those of runs made before the option existed.
         del builtin["short_answer_per_fact"]
-    sources = [_source_signature(s) for s in dataset.sources]
-    return fingerprint("dataset", _dataset_fields(dataset), prep, builtin, sources, tokenizer_fingerprint)
+    return builtin, [_source_signature(s) for s in dataset.sources]
+
+
+def _tokenizer_input(config: RunConfig, name: str) -> str:
+    """What the tokenizer reads of data set `name`: its records as read (`_tokenizer_training_texts`),
+    before any `data:` setting cleans, filters or packs them."""
+    dataset = config.datasets[name]
+    return fingerprint("tokenizer-input", _dataset_fields(dataset), *_source_parts(config, dataset))
+
+
+def _reusable(uri: str, fp: str, legacy: str) -> dict | None:
+    """The manifest of the artifact at `uri` if it is up to date under `fp`, or under the `legacy`
+    fingerprint it was given before `fp`'s formula (its manifest keeps that one, and so do the
+    fingerprints of everything made from it)."""
+    return lifecycle.up_to_date(uri, fp) or (lifecycle.up_to_date(uri, legacy) if legacy != fp else None)
 
 
 def _dataset_fields(dataset, **dump) -> dict:
@@ -232,11 +264,13 @@ def prepare_tokenizer(config: RunConfig) -> dict:
         names = spec.train.datasets or sorted(chosen)
         if not names:
             raise DataPreparationError("tokenizer.train: the run has no text or chat data set to train a tokenizer on")
-        inputs = [dataset_fingerprint(config, n, "") for n in names]
+        inputs = [_tokenizer_input(config, n) for n in names]
+        made_before = [dataset_fingerprint(config, n, "", legacy=True) for n in names]
     else:
-        inputs = [model_source_id(spec.from_)]
-    fp = fingerprint("tokenizer", spec.model_dump(mode="json", by_alias=True), inputs)
-    manifest = lifecycle.up_to_date(uri, fp)
+        inputs = made_before = [model_source_id(spec.from_)]
+    settings = spec.model_dump(mode="json", by_alias=True)
+    fp = fingerprint("tokenizer", settings, inputs)
+    manifest = _reusable(uri, fp, fingerprint("tokenizer", settings, made_before))
     if manifest:
         try:
             check_tokenizer_folder(uri)  # one listing: every step that tokenizes starts here
@@ -576,7 +610,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             raise DataPreparationError("; ".join(problems))
     uri = dataset_uri(config, name)
     fp = dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"])
-    manifest = lifecycle.up_to_date(uri, fp)
+    manifest = _reusable(uri, fp, dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"], legacy=True))
     if manifest:
         log.info("data %s: up to date (%s)", name, uri)
         return manifest
