@@ -96,8 +96,15 @@ def test_orpo_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
         "rejected": [[{"role": "assistant", "content": "Chalk."}], [{"role": "assistant", "content": "Glass, I think."}]],
     })
     stage = SimpleNamespace(beta=0.1, training=SimpleNamespace(max_length=64))
-    arguments = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 1, "use_cpu": True, "report_to": "none"}
+    arguments = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 1, "use_cpu": True, "report_to": "none",
+                 "include_num_input_tokens_seen": "non_padding", "save_strategy": "no"}  # as the stage's worker sets it
     trainer = orpo.build_trainer(stage, SimpleNamespace(data_uri=str(tmp_path)), model, tokenizer, arguments)
     batch = next(iter(trainer.get_train_dataloader()))  # padded to the longer answer
     assert tokenizer.pad_token == tokenizer.eos_token and model.config.pad_token_id == tokenizer.eos_token_id
     assert batch["chosen_input_ids"].shape[0] == 2
+    # The tokens trained on are counted (the Trainer looks for `input_ids`, which ORPO's batches
+    # lack): every token of both prompt+answer sequences, padding not.
+    trainer.train()
+    trained = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    assert trained < batch["chosen_attention_mask"].numel() + batch["rejected_attention_mask"].numel()  # there was padding
+    assert trainer.state.num_input_tokens_seen == trained

@@ -27,4 +27,28 @@ def build_trainer(stage, job, model, tokenizer, arguments: dict[str, Any]):
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     args = ORPOConfig(**arguments, beta=stage.beta, max_length=stage.training.max_length)
-    return ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset(table), processing_class=tokenizer)
+    return _counting(ORPOTrainer)(model=model, args=args, train_dataset=datasets.Dataset(table), processing_class=tokenizer)
+
+
+def _counting(trainer_class):
+    """`trainer_class` counting the tokens it trains on. The Trainer counts a batch's `input_ids`
+    (`include_num_input_tokens_seen`), which ORPO's batches do not have: they hold prompt+chosen
+    and prompt+rejected sequences, so it counted none (and warned on every step). Counted here as
+    TRL's DPOTrainer's batches are: every non-padding token of both sequences."""
+
+    class CountingTrainer(trainer_class):
+        def _track_num_input_tokens(self, inputs):
+            if self.args.include_num_input_tokens_seen == "no" or "chosen_attention_mask" not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            import torch
+
+            masks = (inputs["chosen_attention_mask"], inputs["rejected_attention_mask"])
+            if self.args.include_num_input_tokens_seen == "non_padding":
+                tokens = sum(mask.sum() for mask in masks)
+            else:
+                tokens = sum(mask.numel() for mask in masks)
+            tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+    CountingTrainer.__name__ = CountingTrainer.__qualname__ = trainer_class.__name__
+    return CountingTrainer
