@@ -201,7 +201,10 @@ def build_graph(
     tokenizer_state: dict[str, dict] = {}
 
     def tokenizer() -> dict:
+        from alloylm.train.launcher import check_chat_templates
+
         tokenizer_state["manifest"] = prepare_tokenizer(config)
+        check_chat_templates(config, sorted(wanted or config.stages))  # not only once CPT is done
         return tokenizer_state["manifest"]
 
     if datasets or (config.evaluate is not None and wanted is None):

@@ -82,9 +82,12 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
 
     tokenizer_uri = RunLayout.of(config).tokenizer
     try:
-        tokens = len(load_tokenizer(tokenizer_uri, trust_remote_code=config.trust_remote_code))
+        tokenizer = load_tokenizer(tokenizer_uri, trust_remote_code=config.trust_remote_code)
     except CorruptFileError as exc:
         raise StageError(f"stage {name!r}: the run's tokenizer: {exc}; delete {tokenizer_uri} to rebuild it") from None
+    tokens = len(tokenizer)
+    if getattr(config.stages[name], "assistant_only_loss", False):
+        _check_assistant_masks(name, tokenizer)
     if parent_kind != "model":
         return
     parent_stage = config.stages[name].from_
@@ -108,6 +111,45 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
             f"tokenizer/model vocabulary mismatch: the run's tokenizer has {tokens} tokens but the parent model "
             f"{parent} has {embeddings} embeddings; use the parent's tokenizer (tokenizer.from) or a matching model"
         )
+
+
+def check_chat_templates(config: RunConfig, names: list[str]) -> None:
+    """Before any data set is prepared (the run's tokenizer step): every SFT stage among `names`
+    that learns only the assistant's turns can mark them with the run's tokenizer."""
+    from alloylm.models.loading import load_tokenizer
+
+    sft = [name for name in names if getattr(config.stages[name], "assistant_only_loss", False)]
+    if sft:
+        tokenizer = load_tokenizer(RunLayout.of(config).tokenizer, trust_remote_code=config.trust_remote_code)
+        for name in sft:
+            _check_assistant_masks(name, tokenizer)
+
+
+def _check_assistant_masks(name: str, tokenizer) -> None:
+    """SFT's `assistant_only_loss` needs a chat template that marks the assistant's tokens
+    (`{% generation %}`); TRL's SFTTrainer swaps in a marked copy of the templates it knows and
+    raises for any other, but in every worker, after the model has loaded. Asked here, of TRL's
+    own functions, before the stage starts. TRL (seconds to import) only for a template without
+    the closing marker: most Hub templates, never the one AlloyLM trains."""
+    template = tokenizer.chat_template
+    if template and "endgeneration" in (template if isinstance(template, str) else template.get("default", "")):
+        return
+    if template:
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+        if has_generation_markers(template):
+            return
+        try:
+            get_training_chat_template(tokenizer)
+            return
+        except ValueError:
+            pass
+    raise StageError(
+        f"stage {name!r}: stages.{name}.assistant_only_loss is true, but the run's tokenizer has "
+        + ("a chat template that marks no assistant tokens ({% generation %}) and that TRL cannot mark" if template else "no chat template")
+        + f"; set stages.{name}.assistant_only_loss: false to learn from the whole conversation, or use a tokenizer "
+        "whose chat template wraps the assistant's turns in {% generation %} ... {% endgeneration %}"
+    )
 
 
 def _check_data(stage: TrainStageConfig, name: str, data_uri: str, rows: int) -> None:
