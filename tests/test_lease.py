@@ -92,6 +92,26 @@ def test_a_live_holder_keeps_its_lease_past_the_ttl(run_uri):
         assert not holder.lost
 
 
+def test_on_s3_a_heartbeats_age_is_the_servers_not_the_readers_clock(s3_bucket, monkeypatch):
+    """A reader whose clock runs an hour ahead (or behind) of the holder's: by its own clock the
+    live holder's heartbeat looks an hour old (its lease would be taken) or from the future (a
+    dead holder's lease would be kept an hour). S3 gives the age itself (Date less LastModified)."""
+    import types
+
+    from alloylm import lease as lease_module
+
+    uri = f"s3://{s3_bucket}/runs/skew"
+    holder = RunLease(uri, "run", ttl=20)
+    with holder.held():
+        for skew in (3600.0, -3600.0):
+            monkeypatch.setattr(lease_module, "time", types.SimpleNamespace(time=lambda skew=skew: time.time() + skew, sleep=time.sleep))
+            reader = RunLease(uri, "train", ttl=20)
+            held_by = reader.try_acquire()
+            assert held_by is not None and held_by.owner == holder.holder().owner, skew  # live: kept
+            assert 0 <= held_by.seconds_since_heartbeat() < 20 and "last heartbeat" in reader._held_error(held_by).args[0]
+            monkeypatch.undo()
+
+
 def test_wait_starts_when_the_holder_finishes(tmp_path):
     uri = str(tmp_path / "exp")
     holder = RunLease(uri, "run", ttl=60)

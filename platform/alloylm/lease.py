@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from alloylm.errors import RunError
 
@@ -52,23 +52,30 @@ class LeaseInfo:
     started_at: float  # unix seconds
     heartbeat_at: float
     ttl: float
+    # Seconds since the last heartbeat as the store's own clock tells it (S3: the response's Date
+    # less the object's LastModified), when it does; not written. Else this host's clock against
+    # the holder's `heartbeat_at`: hosts whose clocks differ by more than the TTL would take a live
+    # holder's lease, or wait for a dead one's far too long.
+    age: float | None = field(default=None, compare=False)
 
-    def stale(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.time()) - self.heartbeat_at > self.ttl
+    def seconds_since_heartbeat(self) -> float:
+        return self.age if self.age is not None else time.time() - self.heartbeat_at
+
+    def stale(self) -> bool:
+        return self.seconds_since_heartbeat() > self.ttl
 
     def describe(self) -> str:
         since = datetime.datetime.fromtimestamp(self.started_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        age = time.time() - self.heartbeat_at
-        return f"{self.host} pid {self.pid} (`alloylm {self.command}`) since {since}, last heartbeat {age:.0f} s ago"
+        return f"{self.host} pid {self.pid} (`alloylm {self.command}`) since {since}, last heartbeat {self.seconds_since_heartbeat():.0f} s ago"
 
 
 def _encode(info: LeaseInfo) -> bytes:
-    return json.dumps(asdict(info), indent=1).encode("utf-8")
+    return json.dumps({k: v for k, v in asdict(info).items() if k != "age"}, indent=1).encode("utf-8")
 
 
-def _decode(data: bytes, where: str) -> LeaseInfo | None:
+def _decode(data: bytes, where: str, age: float | None = None) -> LeaseInfo | None:
     try:
-        return LeaseInfo(**json.loads(data.decode("utf-8")))
+        return LeaseInfo(**{k: v for k, v in json.loads(data.decode("utf-8")).items() if k != "age"}, age=age)
     except (ValueError, TypeError):
         log.warning("lease %s is unreadable; treating it as stale", where)
         return None
@@ -107,13 +114,14 @@ class _LocalStore:
                 os.fsync(f.fileno())
         return data.decode("utf-8")
 
-    def read(self) -> tuple[bytes, str] | None:
+    def read(self) -> tuple[bytes, str, float | None] | None:
+        """The lease's bytes, its version token, and (locally: one host's clock) no age of its own."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return None
-        return data, data.decode("utf-8", "replace")
+        return data, data.decode("utf-8", "replace"), None
 
     def replace(self, data: bytes, version: str) -> str | None:
         """Write the lease only if it still is `version`; the new version, or None."""
@@ -160,13 +168,15 @@ class _S3Store:
         except FileExistsError:  # s3fs maps 412 PreconditionFailed here
             return None
 
-    def read(self) -> tuple[bytes, str] | None:
+    def read(self) -> tuple[bytes, str, float | None] | None:
+        """The lease's bytes, its ETag, and its age by the S3 server's clock (None where the
+        response has no Date header to tell it)."""
         try:
             response = self._call("get_object")
         except FileNotFoundError:
             return None
         body = response["Body"]
-        return _read_body(self.fs, body), response["ETag"]
+        return _read_body(self.fs, body), response["ETag"], _server_age(response)
 
     def replace(self, data: bytes, version: str) -> str | None:
         try:
@@ -177,6 +187,22 @@ class _S3Store:
     def delete(self, version: str) -> None:
         with contextlib.suppress(FileExistsError, FileNotFoundError):
             self._call("delete_object", IfMatch=version)
+
+
+def _server_age(response: dict) -> float | None:
+    """Seconds from an S3 object's LastModified to the response's Date: both the server's clock,
+    both in whole seconds, so the true age may be up to a second less than their difference: the
+    lower bound, so that no live holder's lease is taken a second early."""
+    from email.utils import parsedate_to_datetime
+
+    modified = response.get("LastModified")
+    date = (response.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+    if not isinstance(modified, datetime.datetime) or not date:
+        return None
+    try:
+        return max(0.0, (parsedate_to_datetime(date) - modified).total_seconds() - 1.0)
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_body(fs, body) -> bytes:
@@ -214,7 +240,7 @@ class RunLease:
 
     def holder(self) -> LeaseInfo | None:
         current = self._store.read()
-        return None if current is None else _decode(current[0], self.uri)
+        return None if current is None else _decode(current[0], self.uri, current[2])
 
     def try_acquire(self) -> LeaseInfo | None:
         """Take the lease (creating it, or taking over a stale one); None when taken, else the live holder."""
@@ -225,7 +251,7 @@ class RunLease:
             current = self._store.read()
             if current is None:
                 continue  # released between our create and our read: try again
-            info = _decode(current[0], self.uri)
+            info = _decode(current[0], self.uri, current[2])
             if info is not None and not info.stale():
                 return info
             self._version = self._store.replace(self._info(), current[1])
