@@ -611,6 +611,12 @@ def test_vllm_llm_configs_follow_ray_serve_llm_schema():
     kwargs = configs[0]["engine_kwargs"]
     assert kwargs["trust_remote_code"] is False and kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 4096
     assert kwargs["enable_prefix_caching"] is True and configs[0]["accelerator_type"] == "H100"
+    # A chat request without max_tokens is held to limits.max_tokens by vLLM's own generation
+    # default (it ran to the room left in max_model_len); a smaller one the config gives stands.
+    assert kwargs["override_generation_config"] == {"max_new_tokens": config.limits.max_tokens}
+    smaller = config.model_copy(update={"vllm": config.vllm.model_copy(update={"engine_kwargs": {
+        "override_generation_config": {"max_new_tokens": 64, "temperature": 0.7}}})})
+    assert llm_configs(smaller)[0]["engine_kwargs"]["override_generation_config"] == {"max_new_tokens": 64, "temperature": 0.7}
     assert configs[0]["deployment_config"]["autoscaling_config"]["max_replicas"] == 3
     assert configs[0]["deployment_config"]["max_ongoing_requests"] == 96
     assert openai_app_args(config) == {"llm_configs": configs}

@@ -53,6 +53,15 @@ def llm_configs(config: ServeConfig) -> list[dict[str, Any]]:
     }
     if settings.max_model_len is not None:
         engine_kwargs["max_model_len"] = settings.max_model_len
+    # A chat request without max_tokens would run to the room left in max_model_len, past
+    # limits.max_tokens (the ingress can bound only the lengths a request gives). vLLM's
+    # `override_generation_config` `max_new_tokens` is its default for such requests and (vLLM
+    # 0.29, which Ray 2.60 pins, with generation_config auto or vllm) a ceiling for every request,
+    # fitted to the room the prompt leaves, so nothing that fits is refused. A smaller value the
+    # config gives stands.
+    generation = dict(settings.engine_kwargs.get("override_generation_config") or {})
+    generation["max_new_tokens"] = min(generation.get("max_new_tokens", config.limits.max_tokens), config.limits.max_tokens)
+    engine_kwargs["override_generation_config"] = generation
     deployment = config.deployment.to_serve()
     # Ray Serve LLM sizes each replica's resources (GPUs, placement group) from engine_kwargs and
     # accelerator_type, so only the scheduling-independent options are passed on.
@@ -122,7 +131,8 @@ def check_vllm_request(body: Any, call_method: str, limits: LimitsConfig) -> Non
     OpenAI's field names): `max_tokens`, `n`, `logprobs`, `top_logprobs`, `echo`, `max_tokens: 0`
     and the number of `stop` strings. Raises `APIError` (400, naming the field) as AlloyLM's own
     backend does. A request that gives no length is left to vLLM's default, which vLLM fits to
-    the room the prompt leaves (an explicit default here would be refused where it does not fit)."""
+    the room the prompt leaves (an explicit default here would be refused where it does not fit),
+    and which `llm_configs` bounds by `limits.max_tokens` (vLLM's `override_generation_config`)."""
     from alloylm.serve.protocol import bad_request, check_choice_fields
 
     if call_method not in ("completions", "chat"):
