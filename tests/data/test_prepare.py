@@ -541,7 +541,24 @@ def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
     assert dataset_fingerprint(config, "d", "tok") != before
 
 
-def test_compressed_files_are_read_as_what_their_names_say():
+def _rows_of(files: dict[str, bytes], folder, fmt: str, columns=None, **sizes) -> dict[str, list]:
+    """The rows `_files_rows` (the read tasks' UDF) makes of `files` written into `folder`, all
+    its batches joined; ids and origins keep the file names relative to `folder`."""
+    import pyarrow.fs
+
+    from alloylm.config import ColumnMapping
+    from alloylm.data.sources import _files_rows
+
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    paths = [str(folder / name) for name in files]
+    batches = list(_files_rows({"path": paths}, pyarrow.fs.LocalFileSystem(), fmt, columns or ColumnMapping(), **sizes))
+    prefix = str(folder) + "/"
+    return {key: [v.replace(prefix, "/") if isinstance(v, str) else v for b in batches for v in b[key]] for key in batches[0]}
+
+
+def test_compressed_files_are_read_as_what_their_names_say(tmp_path):
     """corpus.jsonl.gz is JSON lines, notes.txt.zst a text document (gzip, bz2, xz, zstd): they
     were dropped as binary files. A file that does not decompress is dropped, named."""
     import bz2
@@ -549,25 +566,54 @@ def test_compressed_files_are_read_as_what_their_names_say():
     import json
     import lzma
 
-    from alloylm.config import ColumnMapping
-    from alloylm.data.sources import _file_rows
-
     zstd = pa.compress(b"Spider silk is strong.", codec="zstd", asbytes=True)  # a standard frame, as the zstd command writes
     files = {
-        "/c/corpus.jsonl.gz": gzip.compress(b'{"text": "Nacre is tough."}\n{"text": "Bone remodels."}\n'),
-        "/c/notes.TXT.zst": zstd,
-        "/c/old.md.bz2": bz2.compress(b"# Enamel\nEnamel is hard."),
-        "/c/a.txt.xz": lzma.compress(b"Keratin is fibrous."),
-        "/c/cut.jsonl.gz": gzip.compress(b'{"text": "lost"}\n')[:12],
+        "c/corpus.jsonl.gz": gzip.compress(b'{"text": "Nacre is tough."}\n{"text": "Bone remodels."}\n'),
+        "c/notes.TXT.zst": zstd,
+        "c/old.md.bz2": bz2.compress(b"# Enamel\nEnamel is hard."),
+        "c/a.txt.xz": lzma.compress(b"Keratin is fibrous."),
+        "c/lines.jsonl.xz": lzma.compress(b'{"text": "Wood is layered."}\n'),
+        "c/cut.jsonl.gz": gzip.compress(b'{"text": "lost"}\n')[:12],
     }
-    rows = _file_rows({"path": list(files), "bytes": list(files.values())}, "text", ColumnMapping())
+    rows = _rows_of(files, tmp_path, "text")
     kept = {i: json.loads(r)["text"] for i, r, reason in zip(rows["id"], rows["record"], rows["drop_reason"]) if not reason}
     assert kept == {
         "/c/corpus.jsonl.gz:1": "Nacre is tough.", "/c/corpus.jsonl.gz:2": "Bone remodels.", "/c/notes.TXT.zst": "Spider silk is strong.",
-        "/c/old.md.bz2": "# Enamel\nEnamel is hard.", "/c/a.txt.xz": "Keratin is fibrous.",
+        "/c/old.md.bz2": "# Enamel\nEnamel is hard.", "/c/a.txt.xz": "Keratin is fibrous.", "/c/lines.jsonl.xz:1": "Wood is layered.",
     }
     [(reason, detail)] = [(r, d) for r, d in zip(rows["drop_reason"], rows["detail"]) if r]
     assert reason == "undecodable" and detail.startswith("/c/cut.jsonl.gz: not a whole gzip file ("), detail
+
+
+def test_a_large_json_lines_file_is_read_a_chunk_at_a_time_and_its_rows_leave_in_batches(tmp_path):
+    """A JSON-lines file was read whole, and all its rows made, in one task: a shard of a few GB
+    took several times that in memory. Read in chunks (a line may span two), the rows come out the
+    same and in batches, and the task never holds the file."""
+    import gzip
+    import json
+    import tracemalloc
+
+    lines = [json.dumps({"text": f"Document {i}: " + "nacre tablets and protein " * 40}) for i in range(4000)]
+    data = ("\n".join(lines) + "\n").encode()  # ~4.3 MB
+    files = {"big.jsonl": data, "big.jsonl.gz": gzip.compress(data)}
+    whole = _rows_of(files, tmp_path / "whole", "text", chunk_bytes=len(data) + 1, rows_per_batch=10**6)
+    import pyarrow.fs
+
+    from alloylm.config import ColumnMapping
+    from alloylm.data.sources import _files_rows
+
+    tracemalloc.start()
+    batches = 0
+    for batch in _files_rows({"path": [str(tmp_path / "whole" / name) for name in files]}, pyarrow.fs.LocalFileSystem(), "text",
+                             ColumnMapping(), rows_per_batch=500, chunk_bytes=64 << 10):
+        batches += 1
+        assert len(batch["id"]) <= 500
+        del batch
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert batches == 16 and peak < len(data) / 2, (batches, peak)
+    chunked = _rows_of(files, tmp_path / "chunked", "text", chunk_bytes=1000, rows_per_batch=500)  # lines span chunks
+    assert chunked == whole and len(whole["id"]) == 8000 and not any(whole["drop_reason"])
 
 
 def test_a_hub_data_set_is_known_by_its_revision_when_one_is_given(tmp_path):

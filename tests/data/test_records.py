@@ -75,20 +75,24 @@ def test_a_parquet_row_with_a_timestamp_column_is_read():
     assert out["drop_reason"] == [""] and json.loads(out["record"][0]) == {"text": "Nacre is tough."}
 
 
-def test_jsonl_lines_decode_one_by_one_and_a_byte_order_mark_is_not_a_bad_line():
+def test_jsonl_lines_decode_one_by_one_and_a_byte_order_mark_is_not_a_bad_line(tmp_path):
     """A BOM cost the first record (malformed JSON), and one byte that is not UTF-8 cost the whole
     file as one `undecodable` row, reported by byte offset instead of line."""
-    from alloylm.data.sources import _file_rows
+    import pyarrow.fs
+
+    from alloylm.data.sources import _files_rows
 
     def line(i):
         return json.dumps({"id": f"c{i}", "q": f"What is material {i}?", "a": "A composite.\u2028Tough."}).encode() + b"\r\n"
 
-    bom = b"\xef\xbb\xbf" + line(1) + line(2)
-    mixed = line(1) + line(2) + line(3) + b'{"id": "c4", "q": "Caf\xe9?", "a": "x"}\n'
-    out = _file_rows({"path": ["/d/bom.jsonl", "/d/mixed.jsonl"], "bytes": [bom, mixed]}, "chat", ColumnMapping(user="q", assistant="a"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line(1) + line(2))
+    (tmp_path / "mixed.jsonl").write_bytes(line(1) + line(2) + line(3) + b'{"id": "c4", "q": "Caf\xe9?", "a": "x"}\n')
+    [out] = _files_rows({"path": [str(tmp_path / "bom.jsonl"), str(tmp_path / "mixed.jsonl")]}, pyarrow.fs.LocalFileSystem(), "chat",
+                        ColumnMapping(user="q", assistant="a"))
     rows = list(zip(out["id"], out["drop_reason"], out["detail"]))
-    assert [(i, r) for i, r, _ in rows] == [("c1", ""), ("c2", ""), ("c1", ""), ("c2", ""), ("c3", ""), ("/d/mixed.jsonl:4", "undecodable")]
-    assert rows[-1][2].startswith("/d/mixed.jsonl:4: not UTF-8")
+    bad = f"{tmp_path}/mixed.jsonl:4"
+    assert [(i, r) for i, r, _ in rows] == [("c1", ""), ("c2", ""), ("c1", ""), ("c2", ""), ("c3", ""), (bad, "undecodable")]
+    assert rows[-1][2].startswith(f"{bad}: not UTF-8")
     assert json.loads(out["record"][0])["messages"][1]["content"] == "A composite.\u2028Tough."
 
 

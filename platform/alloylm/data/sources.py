@@ -80,71 +80,115 @@ def _decode_file(path: str, data: bytes) -> tuple[str | None, str, str]:
         return None, "undecodable", f"{path}: not UTF-8 at byte {exc.start}"
 
 
-def _decompress(data: bytes, compression: str) -> bytes:
-    """`data` decompressed: the standard library's xz, Arrow's codecs for the others (zstd is not
-    in Python 3.11's standard library)."""
+def _open_stream(fs, path: str, compression: str | None):
+    """A file as a stream of its (decompressed) bytes: the standard library's xz, Arrow's codecs
+    for the others (zstd is not in Python 3.11's standard library)."""
+    raw = fs.open_input_stream(path, compression=None)  # None: no codec guessed from the name here
+    if compression is None:
+        return raw
     if compression == "xz":
         import lzma
 
-        return lzma.decompress(data)
-    return pa.CompressedInputStream(pa.BufferReader(data), compression).read()
+        return lzma.LZMAFile(raw)
+    return pa.CompressedInputStream(raw, compression)
 
 
-def _file_rows(batch: dict[str, Any], fmt: str, columns: ColumnMapping) -> dict[str, list]:
-    """Ray Data UDF: a batch of (path, bytes) files -> uniform rows."""
-    out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+# A JSON-lines file is read in chunks of this many bytes and its rows leave the task in batches of
+# this many rows, so that neither a large file nor its rows are ever held whole (a 10 GB shard was).
+JSON_LINES_CHUNK_BYTES = 8 << 20
+ROWS_PER_BATCH = 8192
 
-    def add(row: dict[str, str]) -> None:
-        for key, value in row.items():
-            out[key].append(value)
 
-    for path, data in zip(batch["path"], batch["bytes"]):
-        name = path  # the full path: two files may share a base name in different folders
-        kind, data = path.lower(), bytes(data)
-        suffix = next((s for s in COMPRESSION_SUFFIXES if kind.endswith(s)), None)
-        if suffix is not None:
-            kind = kind.removesuffix(suffix)
-            try:
-                data = _decompress(data, COMPRESSION_SUFFIXES[suffix])
-            except Exception as exc:  # each codec raises its own types (OSError, LZMAError, ArrowInvalid, ...)
-                add(_row(name, path, None, "undecodable", f"{path}: not a whole {COMPRESSION_SUFFIXES[suffix]} file ({type(exc).__name__}: {exc})"))
-                continue
-        if kind.endswith(PDF_SUFFIXES):
-            add(_pdf_row(path, data, fmt))
-            continue
+def _json_line_row(path: str, number: int, chunk: bytes, fmt: str, columns: ColumnMapping) -> dict[str, str] | None:
+    """Line `number` of a JSON-lines file as a uniform row (None for a blank line). Decoded line by
+    line, in bytes: a byte that is not UTF-8 costs its line, named, not the file."""
+    origin = f"{path}:{number}"
+    try:
+        line = chunk.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _row(f"{path}:{number}", origin, None, "undecodable", f"{origin}: not UTF-8 at byte {exc.start} of the line")
+    if not line.strip():
+        return None
+    try:
+        parsed = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return _row(f"{path}:{number}", origin, None, "malformed_json", f"{origin}: {exc.msg} (column {exc.colno})")
+    if not isinstance(parsed, dict):
+        return _row(f"{path}:{number}", origin, None, "malformed_json", f"{origin}: not a JSON object")
+    return convert_row(parsed, fmt, columns, origin, f"{path}:{number}")
+
+
+def _json_lines_rows(path: str, stream, fmt: str, columns: ColumnMapping, chunk_bytes: int):
+    """The rows of one JSON-lines file, read from `stream` a chunk at a time. Only "\n" ends a line
+    (a JSON string may hold U+2028, which str.splitlines splits at); a byte-order mark is not text.
+    A file that is empty (whitespace) or binary (NUL bytes in its first 8 KiB) is one dropped row."""
+    head = stream.read(max(chunk_bytes, 8192))
+    if b"\x00" in head[:8192]:
+        yield _row(path, path, None, "binary", f"{path}: binary file (NUL bytes)")
+        return
+    rest, number, text_seen, block = b"", 0, False, head.removeprefix(codecs.BOM_UTF8)
+    while block:
+        text_seen = text_seen or bool(block.strip())
+        *lines, rest = (rest + block).split(b"\n")
+        for line in lines:
+            number += 1
+            row = _json_line_row(path, number, line, fmt, columns)
+            if row is not None:
+                yield row
+        block = stream.read(chunk_bytes)
+    if not text_seen:
+        yield _row(path, path, None, "empty", f"{path}: empty file")
+        return
+    row = _json_line_row(path, number + 1, rest, fmt, columns)  # the last line, without its "\n"
+    if row is not None:
+        yield row
+
+
+def _file_rows(path: str, fs, fmt: str, columns: ColumnMapping, chunk_bytes: int = JSON_LINES_CHUNK_BYTES):
+    """The uniform rows of one file: a JSON-lines file's lines (streamed), or one document."""
+    kind = path.lower()
+    suffix = next((s for s in COMPRESSION_SUFFIXES if kind.endswith(s)), None)
+    codec = COMPRESSION_SUFFIXES[suffix] if suffix is not None else None
+    kind = kind.removesuffix(suffix) if suffix is not None else kind
+    try:
         if kind.endswith(JSON_LINES_SUFFIXES):
-            if not data.strip() or b"\x00" in data[:8192]:
-                add(_row(name, path, None, *_decode_file(path, data)[1:]))
-                continue
-            # Line by line, in bytes: a byte that is not UTF-8 costs its line, named, not the file;
-            # and only "\n" ends a line (a JSON string may hold U+2028, which str.splitlines splits at).
-            for number, chunk in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
-                origin = f"{path}:{number}"
-                try:
-                    line = chunk.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    add(_row(f"{name}:{number}", origin, None, "undecodable", f"{origin}: not UTF-8 at byte {exc.start} of the line"))
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    parsed = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    add(_row(f"{name}:{number}", origin, None, "malformed_json", f"{origin}: {exc.msg} (column {exc.colno})"))
-                    continue
-                if not isinstance(parsed, dict):
-                    add(_row(f"{name}:{number}", origin, None, "malformed_json", f"{origin}: not a JSON object"))
-                    continue
-                add(convert_row(parsed, fmt, columns, origin, f"{name}:{number}"))
-            continue
-        text, reason, detail = _decode_file(path, data)
-        if text is None:
-            add(_row(name, path, None, reason, detail))
-        elif fmt == "text":
-            add(_row(name, path, {"text": text}))
-        else:
-            add(_row(name, path, None, "unsupported_file", f"{path}: a {fmt} data set needs .jsonl or .parquet files"))
-    return out
+            with _open_stream(fs, path, codec) as stream:
+                yield from _json_lines_rows(path, stream, fmt, columns, chunk_bytes)
+            return
+        with _open_stream(fs, path, codec) as stream:
+            data = stream.read()
+    except Exception as exc:  # each codec raises its own types (OSError, LZMAError, EOFError, ArrowInvalid, ...)
+        if codec is None:
+            raise
+        yield _row(path, path, None, "undecodable", f"{path}: not a whole {codec} file ({type(exc).__name__}: {exc})")
+        return
+    if kind.endswith(PDF_SUFFIXES):
+        yield _pdf_row(path, data, fmt)
+        return
+    text, reason, detail = _decode_file(path, data)
+    if text is None:
+        yield _row(path, path, None, reason, detail)
+    elif fmt == "text":
+        yield _row(path, path, {"text": text})
+    else:
+        yield _row(path, path, None, "unsupported_file", f"{path}: a {fmt} data set needs .jsonl or .parquet files")
+
+
+def _files_rows(batch: dict[str, Any], fs, fmt: str, columns: ColumnMapping, rows_per_batch: int = ROWS_PER_BATCH,
+                chunk_bytes: int = JSON_LINES_CHUNK_BYTES):
+    """Ray Data UDF (a generator): a batch of file paths -> uniform rows, in batches of at most
+    `rows_per_batch`. The path is the full one: two files may share a base name in different folders."""
+    out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+    yielded = False
+    for path in batch["path"]:
+        for row in _file_rows(str(path), fs, fmt, columns, chunk_bytes):
+            for key, value in row.items():
+                out[key].append(value)
+            if len(out["id"]) >= rows_per_batch:
+                yield out
+                yielded, out = True, {name: [] for name in ROW_SCHEMA.names}
+    if out["id"] or not yielded:
+        yield out
 
 
 def _pdf_row(path: str, data: bytes, fmt: str) -> dict[str, str]:
@@ -219,14 +263,12 @@ def _read_files(source: str, dataset: DatasetConfig):
     fs, _ = storage.arrow_filesystem(source)
     strip = (lambda f: f.split("://", 1)[1]) if storage.is_remote(source) else (lambda f: f)
     if raw_files:
-        # One read task per FILES_PER_READ_TASK files, decoded in the same task (Read and MapBatches
-        # fuse when the map takes whole blocks): Ray's default of a few files per read task, then a
-        # separate map over batches of 16 files, spent more time scheduling tasks than reading.
-        files = ray.data.read_binary_files(
-            [strip(f) for f in raw_files], include_paths=True, filesystem=fs,
-            override_num_blocks=math.ceil(len(raw_files) / FILES_PER_READ_TASK),
-        )
-        parts.append(files.map_batches(_file_rows, fn_kwargs={"fmt": fmt, "columns": columns}, batch_format="numpy", batch_size=None))
+        # One task per FILES_PER_READ_TASK files, which it reads and decodes itself (a JSON-lines
+        # file streamed, its rows leaving in batches): Ray's read_binary_files held each file whole,
+        # bytes and rows, and Ray's default of a few files per task spent more time scheduling
+        # tasks than reading.
+        paths = ray.data.from_items([{"path": strip(f)} for f in raw_files], override_num_blocks=math.ceil(len(raw_files) / FILES_PER_READ_TASK))
+        parts.append(paths.map_batches(_files_rows, fn_kwargs={"fs": fs, "fmt": fmt, "columns": columns}, batch_format="numpy", batch_size=None))
     if parquet_files:
         table = ray.data.read_parquet([strip(f) for f in parquet_files], filesystem=fs, include_paths=True)
         parts.append(table.map_batches(_table_rows, fn_kwargs={"fmt": fmt, "columns": columns, "origin": source, "has_paths": True}, batch_format="pyarrow"))
