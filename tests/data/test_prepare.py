@@ -255,6 +255,16 @@ def test_rerun_is_skipped_and_changed_input_is_not_overwritten(messy_run):
         assert prepare_dataset(changed, name, tokenizer_manifest) == manifests[name], name
     with pytest.raises(storage.ArtifactExistsError, match="overwrite"):
         prepare_dataset(changed, "corpus", tokenizer_manifest)
+    # Files that are not read (hidden ones: a git checkout's .git/, notebook checkpoints) are not
+    # in the fingerprint either: they change with no document changing.
+    hidden = Path(config.datasets["corpus"].sources[0]) / ".ipynb_checkpoints" / "doc0-checkpoint.txt"
+    hidden.parent.mkdir()
+    try:
+        hidden.write_text("autosaved")
+        assert prepare_dataset(config, "corpus", tokenizer_manifest) == manifests["corpus"]
+    finally:
+        hidden.unlink()
+        hidden.parent.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,12 +373,14 @@ def test_trained_tokenizer_and_builtin_sources(ray_cluster, tmp_path):
     assert prepare_tokenizer(changed) == tok_manifest
     assert prepare_dataset(changed, "chat", tok_manifest)["created_at"] == manifests["chat"]["created_at"]
     # A run prepared before the fingerprints took only what each format uses (every `data:`
-    # setting in every data set and the tokenizer) is still up to date, as it was made.
+    # setting in every data set and the tokenizer) is still up to date, as it was made, and stays so
+    # when a `data:` setting it does not use changes (the settings it was made with are recorded).
     for name, uri in (("chat", storage.join(config.run_uri, "data", "chat")), (None, storage.join(config.run_uri, "tokenizer"))):
         old = _fingerprint_made_before(config, name, tok_manifest["fingerprint"]) if name else _tokenizer_fingerprint_made_before(config)
         manifest = {**storage.read_manifest(uri), "fingerprint": old}
         storage.write_text(storage.join(uri, storage.MANIFEST_NAME), json.dumps(manifest))
-        assert (prepare_dataset(config, name, tok_manifest) if name else prepare_tokenizer(config)) == manifest
+        for now in (config, changed):
+            assert (prepare_dataset(now, name, tok_manifest) if name else prepare_tokenizer(now)) == manifest
     mixed_ids = {i for row in read_shards(storage.join(config.run_uri, "data", "mixed")).column("input_ids").to_pylist() for i in row}
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in mixed_ids  # the template's tokens, not their characters
 

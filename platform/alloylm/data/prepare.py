@@ -18,6 +18,8 @@ manifest adds the generation's counts, and `generated.jsonl` keeps every item wi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -27,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,7 +47,7 @@ from alloylm.errors import DataPreparationError as _DataPreparationError
 from alloylm.timing import PhaseClock
 from alloylm.data import clean, minhash
 from alloylm.corpus import BUILTIN_FORMATS
-from alloylm.data.sources import SourceError, read_dataset
+from alloylm.data.sources import SourceError, read_dataset, visible_files
 from alloylm.data.tokenize import (
     BackendTokenizerState,
     PackTokenBlocks,
@@ -92,8 +94,31 @@ def dataset_uri(config: RunConfig, name: str) -> str:
     return RunLayout.of(config).dataset(name)
 
 
+# Signatures already taken in this call (`_signatures_once`): the current and the earlier formula
+# of a fingerprint list every source once, not once each (an S3 source of many objects is slow to list).
+_SIGNATURES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("alloylm_source_signatures", default=None)
+
+
+@contextlib.contextmanager
+def _signatures_once() -> Iterator[None]:
+    token = _SIGNATURES.set({})
+    try:
+        yield
+    finally:
+        _SIGNATURES.reset(token)
+
+
 def _source_signature(source: str) -> Any:
     """What identifies a source's current content, for the fingerprint."""
+    cache = _SIGNATURES.get()
+    if cache is None:
+        return _take_signature(source)
+    if source not in cache:
+        cache[source] = _take_signature(source)
+    return cache[source]
+
+
+def _take_signature(source: str) -> Any:
     if source.startswith("builtin:"):
         return source
     if source.startswith("hf:"):
@@ -115,6 +140,10 @@ def _source_signature(source: str) -> Any:
         listing = storage.file_signatures(source)
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from None
+    # What is read, not what is there: a git checkout's .git/ or a notebook's checkpoints change
+    # without any document changing.
+    shown = set(visible_files(source, [entry[0] for entry in listing]))
+    listing = [entry for entry in listing if entry[0] in shown]
     if not listing:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
     return listing
@@ -188,11 +217,36 @@ def _tokenizer_input(config: RunConfig, name: str) -> str:
     return fingerprint("tokenizer-input", _dataset_fields(dataset), *_source_parts(config, dataset))
 
 
-def _reusable(uri: str, fp: str, legacy: str) -> dict | None:
-    """The manifest of the artifact at `uri` if it is up to date under `fp`, or under the `legacy`
-    fingerprint it was given before `fp`'s formula (its manifest keeps that one, and so do the
-    fingerprints of everything made from it)."""
-    return lifecycle.up_to_date(uri, fp) or (lifecycle.up_to_date(uri, legacy) if legacy != fp else None)
+def _reusable(uri: str, config: RunConfig, fingerprints: Callable[[RunConfig], tuple[str, str]]) -> tuple[str, dict | None]:
+    """The artifact's fingerprint, and the manifest of the one at `uri` if it is up to date: under
+    its fingerprint by the current formula, or made before that formula (2026-12-05) and unchanged
+    since in anything the current formula takes. `fingerprints(config)` gives (current, earlier
+    formula). An artifact made before keeps its fingerprint (so do the fingerprints of everything
+    made from it): its earlier-formula fingerprint is taken with the `data:` settings it was made
+    with (its `resolved_config.yaml`), so that a `data:` setting its format does not use may have
+    changed since."""
+    with _signatures_once():
+        fp, _ = fingerprints(config)
+        manifest = lifecycle.up_to_date(uri, fp)
+        if manifest is not None:
+            return fp, manifest
+        manifest = storage.read_manifest(uri)
+        if manifest is None:
+            return fp, None
+        then = config.model_copy(update={"data": _data_settings_made_with(uri) or config.data})
+        fp_then, legacy_then = fingerprints(then)
+    return fp, (manifest if manifest.get("fingerprint") == legacy_then and fp_then == fp else None)
+
+
+def _data_settings_made_with(uri: str) -> DataPrepConfig | None:
+    """The `data:` settings of the run config an artifact recorded (None where it cannot be read)."""
+    import yaml
+
+    try:
+        recorded = yaml.safe_load(storage.read_text(storage.join(uri, "resolved_config.yaml")))
+        return DataPrepConfig.model_validate(recorded["data"])
+    except Exception:  # missing, unreadable or of another version: judged by the current settings
+        return None
 
 
 def _dataset_fields(dataset, **dump) -> dict:
@@ -264,13 +318,16 @@ def prepare_tokenizer(config: RunConfig) -> dict:
         names = spec.train.datasets or sorted(chosen)
         if not names:
             raise DataPreparationError("tokenizer.train: the run has no text or chat data set to train a tokenizer on")
-        inputs = [_tokenizer_input(config, n) for n in names]
-        made_before = [dataset_fingerprint(config, n, "", legacy=True) for n in names]
-    else:
-        inputs = made_before = [model_source_id(spec.from_)]
     settings = spec.model_dump(mode="json", by_alias=True)
-    fp = fingerprint("tokenizer", settings, inputs)
-    manifest = _reusable(uri, fp, fingerprint("tokenizer", settings, made_before))
+
+    def fingerprints(config: RunConfig) -> tuple[str, str]:
+        if not spec.train:
+            fp = fingerprint("tokenizer", settings, [model_source_id(spec.from_)])
+            return fp, fp
+        inputs = [_tokenizer_input(config, n) for n in names]
+        return fingerprint("tokenizer", settings, inputs), fingerprint("tokenizer", settings, [dataset_fingerprint(config, n, "", legacy=True) for n in names])
+
+    fp, manifest = _reusable(uri, config, fingerprints)
     if manifest:
         try:
             check_tokenizer_folder(uri)  # one listing: every step that tokenizes starts here
@@ -609,8 +666,8 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
         if problems:
             raise DataPreparationError("; ".join(problems))
     uri = dataset_uri(config, name)
-    fp = dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"])
-    manifest = _reusable(uri, fp, dataset_fingerprint(config, name, tokenizer_manifest["fingerprint"], legacy=True))
+    tokenizer_fp = tokenizer_manifest["fingerprint"]
+    fp, manifest = _reusable(uri, config, lambda c: (dataset_fingerprint(c, name, tokenizer_fp), dataset_fingerprint(c, name, tokenizer_fp, legacy=True)))
     if manifest:
         log.info("data %s: up to date (%s)", name, uri)
         return manifest

@@ -238,15 +238,20 @@ def expand_files(source: str) -> tuple[list[str], list[str]]:
             files = []
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from None
-    # Hidden files and whatever is inside a hidden folder below the source (.git/, .ipynb_checkpoints/)
-    # are not documents; hidden folders above it (~/.corpus/, a checkout under ~/.work/) do not count.
-    magic = min((source.index(ch) for ch in "*?[" if ch in source), default=None)
-    root = storage.resolve(source if magic is None else os.path.dirname(source[:magic]) or ".").rstrip("/") + "/"
-    files = [f for f in files if not any(part.startswith(".") for part in (f[len(root):] if f.startswith(root) else os.path.basename(f)).split("/"))]
+    files = visible_files(source, files)
     if not files:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
     parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]
     return [f for f in files if f not in set(parquet)], parquet
+
+
+def visible_files(source: str, files: list[str]) -> list[str]:
+    """`files` (listed at or below `source`) less hidden files and whatever is inside a hidden folder
+    below the source (.git/, .ipynb_checkpoints/): they are not documents. Hidden folders above it
+    (~/.corpus/, a checkout under ~/.work/) do not count."""
+    magic = min((source.index(ch) for ch in "*?[" if ch in source), default=None)
+    root = storage.resolve(source if magic is None else os.path.dirname(source[:magic]) or ".").rstrip("/") + "/"
+    return [f for f in files if not any(part.startswith(".") for part in (f[len(root):] if f.startswith(root) else os.path.basename(f)).split("/"))]
 
 
 def _is_dir(source: str) -> bool:
