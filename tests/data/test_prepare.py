@@ -259,10 +259,16 @@ def test_rerun_is_skipped_and_changed_input_is_not_overwritten(messy_run):
     # in the fingerprint either: they change with no document changing.
     hidden = Path(config.datasets["corpus"].sources[0]) / ".ipynb_checkpoints" / "doc0-checkpoint.txt"
     hidden.parent.mkdir()
+    corpus_uri = storage.join(config.run_uri, "data", "corpus")
     try:
         hidden.write_text("autosaved")
         assert prepare_dataset(config, "corpus", tokenizer_manifest) == manifests["corpus"]
+        # Prepared before that rule (its fingerprint took the hidden file): still up to date.
+        made_before = {**manifests["corpus"], "fingerprint": _fingerprint_made_before(config, "corpus", tokenizer_manifest["fingerprint"])}
+        storage.write_text(storage.join(corpus_uri, storage.MANIFEST_NAME), json.dumps(made_before))
+        assert prepare_dataset(config, "corpus", tokenizer_manifest) == made_before
     finally:
+        storage.write_text(storage.join(corpus_uri, storage.MANIFEST_NAME), json.dumps(manifests["corpus"]))
         hidden.unlink()
         hidden.parent.rmdir()
 
@@ -466,7 +472,7 @@ def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path
     from alloylm.data.prepare import _source_signature
 
     fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}  # nor hf_revision's
-    before = fingerprint("dataset", fields, prep, builtin, [_source_signature(s) for s in dataset.sources], "tok")
+    before = fingerprint("dataset", fields, prep, builtin, [_source_signature(s, every_file=True) for s in dataset.sources], "tok")
     assert dataset_fingerprint(one, "world", "tok") == before
 
 
@@ -479,8 +485,10 @@ def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> s
     dataset = config.datasets[name]
     prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
     builtin = {k: v for k, v in config.builtin.model_dump(mode="json").items() if k != "short_answer_per_fact"}
+    if not any(source.startswith("builtin:") for source in dataset.sources):
+        builtin = None
     fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}
-    return fingerprint("dataset", fields, prep, builtin, [_source_signature(s) for s in dataset.sources], tokenizer_fingerprint)
+    return fingerprint("dataset", fields, prep, builtin, [_source_signature(s, every_file=True) for s in dataset.sources], tokenizer_fingerprint)
 
 
 def _tokenizer_fingerprint_made_before(config) -> str:

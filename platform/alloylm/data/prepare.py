@@ -96,7 +96,7 @@ def dataset_uri(config: RunConfig, name: str) -> str:
 
 # Signatures already taken in this call (`_signatures_once`): the current and the earlier formula
 # of a fingerprint list every source once, not once each (an S3 source of many objects is slow to list).
-_SIGNATURES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("alloylm_source_signatures", default=None)
+_SIGNATURES: contextvars.ContextVar[dict[tuple[str, bool], Any] | None] = contextvars.ContextVar("alloylm_source_signatures", default=None)
 
 
 @contextlib.contextmanager
@@ -108,17 +108,18 @@ def _signatures_once() -> Iterator[None]:
         _SIGNATURES.reset(token)
 
 
-def _source_signature(source: str) -> Any:
-    """What identifies a source's current content, for the fingerprint."""
+def _source_signature(source: str, every_file: bool = False) -> Any:
+    """What identifies a source's current content, for the fingerprint: of a folder, the files read
+    (`every_file`: all of them, hidden ones too, as fingerprints made before 2026-12-05 took)."""
     cache = _SIGNATURES.get()
     if cache is None:
-        return _take_signature(source)
-    if source not in cache:
-        cache[source] = _take_signature(source)
-    return cache[source]
+        return _take_signature(source, every_file)
+    if (source, every_file) not in cache:
+        cache[(source, every_file)] = _take_signature(source, every_file)
+    return cache[(source, every_file)]
 
 
-def _take_signature(source: str) -> Any:
+def _take_signature(source: str, every_file: bool) -> Any:
     if source.startswith("builtin:"):
         return source
     if source.startswith("hf:"):
@@ -142,8 +143,9 @@ def _take_signature(source: str) -> Any:
         raise SourceError(str(exc)) from None
     # What is read, not what is there: a git checkout's .git/ or a notebook's checkpoints change
     # without any document changing.
-    shown = set(visible_files(source, [entry[0] for entry in listing]))
-    listing = [entry for entry in listing if entry[0] in shown]
+    if not every_file:
+        shown = set(visible_files(source, [entry[0] for entry in listing]))
+        listing = [entry for entry in listing if entry[0] in shown]
     if not listing:
         raise SourceError(f"no such file or folder, or nothing in it: {source}")
     return listing
@@ -196,18 +198,18 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
         # Where the teacher is and how hard it is driven change no answer (as for the batch ids).
         answers = _dataset_fields(dataset, exclude={"generate": {"teacher": set(TRANSPORT_FIELDS)}})
         return fingerprint("dataset", answers, prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint)
-    builtin, sources = _source_parts(config, dataset)
+    builtin, sources = _source_parts(config, dataset, every_file=legacy)
     return fingerprint("dataset", _dataset_fields(dataset), prep, builtin, sources, tokenizer_fingerprint)
 
 
-def _source_parts(config: RunConfig, dataset) -> tuple[dict | None, list]:
+def _source_parts(config: RunConfig, dataset, every_file: bool = False) -> tuple[dict | None, list]:
     """The built-in world's settings (where a source is built in) and each source's signature."""
     builtin = config.builtin.model_dump(mode="json") if any(s.startswith("builtin:") for s in dataset.sources) else None
     if builtin is not None and (builtin["short_answer_per_fact"] == 1 or "builtin:biomaterials-benchmark" not in dataset.sources):
         # Only the benchmark reads it: more short-answer items must not retrain every model, and
         # at its default the fingerprints stay those of runs made before the option existed.
         del builtin["short_answer_per_fact"]
-    return builtin, [_source_signature(s) for s in dataset.sources]
+    return builtin, [_source_signature(s, every_file) for s in dataset.sources]
 
 
 def _tokenizer_input(config: RunConfig, name: str) -> str:
