@@ -432,3 +432,25 @@ def test_the_merge_stage_writes_its_model_on_the_gpu_it_was_given(parents, tmp_p
     assert result["parent_dirs"] == parents and "merge_method: slerp" in result["yaml_text"]
     assert calls == [{"tokenizer_from": parents[1], "trust_remote_code": False, "random_seed": 5, "device": device}]
     assert (tmp_path / "staging" / "config.json").is_file()
+
+
+def test_a_search_trial_scores_with_the_generation_settings_the_stages_model_takes(parents):
+    """The written model takes its tokenizer and generation settings from `tokenizer_from`
+    (materialize); a trial's in-memory model took them from the base model, so a search with
+    base dpo and tokenizer_from instruct chose under settings the chosen model would not have."""
+    from alloylm.config import MergeSearchStageConfig
+    from alloylm.evaluate.config import EvalConfig
+    from alloylm.merge import search
+
+    stage = MergeSearchStageConfig.model_validate({
+        "kind": "merge_search", "parents": NAMES, "base": "dpo", "tokenizer_from": "instruct",
+        "search": {"space": {"t": {}}, "num_samples": 1},
+    })
+    job = search.TrialJob(stage=stage, parent_uris=tuple(parents), names=tuple(NAMES), eval_config=EvalConfig(variants=["m"]))
+    try:
+        state = search._worker_state(job)
+        model = state["merger"].merge(search.mergekit_config_for(stage, parents, NAMES, {"t": 0.5}, {}))
+        assert model.generation_config.max_new_tokens == _INSTRUCT_MAX_NEW_TOKENS
+        assert state["tokenizer"].chat_template.startswith(_INSTRUCT_TEMPLATE_MARK)
+    finally:
+        search._WORKER.clear()

@@ -256,6 +256,66 @@ def test_incompatible_parents_fail_before_any_trial(prepared):
     )
 
 
+def test_a_tensor_filter_that_would_set_nothing_is_refused_naming_its_key(prepared):
+    """mergekit gives a tensor the first filter that is part of its name: a typo (`mlps`) or a
+    filter every tensor of which an earlier one takes (`attn` before `self_attn`) set nothing, and
+    the search spent dimensions on it; `default` as a filter failed every trial with a TypeError."""
+    from alloylm.errors import StageError
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    cases = {
+        "typo": ({"space": {"t": {"anchors": 3, "filters": ["self_attn", "mlps"]}}, "points": []},
+                 r"stages.typo.search.space.t.filters: filter 'mlps' would set nothing: it is part of no tensor's name"),
+        "shadowed": ({"space": {"t": {"anchors": 3, "filters": ["attn", "self_attn"]}}, "points": []},
+                     r"stages.shadowed.search.space.t.filters: filter 'self_attn' would set nothing: every tensor it matches is matched first by 'attn'"),
+    }
+    for name, (search, message) in cases.items():
+        stage = _search_stage(root)
+        stage["search"].update(search)
+        config = _load(root, {name: stage}, name=f"{name}.yaml")
+        with pytest.raises(StageError, match=message):
+            merge_stage(config, name)
+    fixed = {"kind": "merge", "parents": [str(root / "parent-a"), str(root / "parent-b")], "method": "slerp",
+             "parameters": {"t": {"self_attn": [0, 1], "mlps": [1, 0], "default": 0.5}}}
+    with pytest.raises(StageError, match=r"stages.fixed.parameters.t: filter 'mlps' would set nothing"):
+        merge_stage(_load(root, {"fixed": fixed}, name="fixed.yaml"), "fixed")
+    stage = _search_stage(root)
+    stage["search"]["space"]["t"]["filters"] = ["self_attn", "default"]
+    with pytest.raises(ConfigError, match="not `default`"):
+        _load(root, {"m": stage}, name="default-filter.yaml")
+
+
+def test_a_search_that_could_not_run_as_configured_is_refused_at_load(prepared):
+    root = prepared
+    stage = _search_stage(root, num_samples=1, points=[PAPER_POINT, PAPER_POINT])
+    with pytest.raises(ConfigError, match=r"num_samples \(1\) is below the number of points \(2\)"):
+        _load(root, {"m": stage}, name="few-samples.yaml")
+    stage = _search_stage(root, objective={"max_items": 8, "suites": {
+        "multiple_choice": {"dataset": "bench", "weight": 0}, "short_answer": {"enabled": False},
+        "domain_perplexity": {"enabled": False}, "general_perplexity": {"enabled": False}}})
+    with pytest.raises(ConfigError, match=r"stages.m.search.objective.suites: every enabled suite has weight 0"):
+        _load(root, {"m": stage}, name="no-objective.yaml")
+
+
+def test_asha_judges_trials_at_every_rung_but_the_last_whatever_its_reduction_factor():
+    """Tune's ASHA judges at times rf^k only. The rung number as the time left rungs unjudged:
+    rungs [0.25, 0.5, 1.0] with reduction_factor 3 judged the first rung only."""
+    from alloylm.config import MergeSearchStageConfig
+    from alloylm.merge.search import _scheduler, asha_time
+
+    for rungs in ([0.5, 1.0], [0.25, 0.5, 1.0], [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]):
+        for factor in (1.5, 2, 3, 4, 10):
+            stage = MergeSearchStageConfig.model_validate({
+                "kind": "merge_search", "parents": ["a", "b"],
+                "search": {"space": {"t": {}}, "asha": {"rungs": rungs, "reduction_factor": factor}},
+            })
+            # Tune's judging points (its bracket's milestones; no public accessor)
+            milestones = {milestone for milestone, _ in _scheduler(stage)._brackets[0]._rungs}
+            reported = [asha_time(stage, rung) for rung in range(1, len(rungs) + 1)]
+            assert set(reported[:-1]) <= milestones, (rungs, factor, reported, milestones)
+
+
 def test_search_on_the_test_split_is_refused(prepared):
     root = prepared
     stage = _search_stage(root)

@@ -121,6 +121,10 @@ class SearchedParameter(_Frozen):
             raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
         if self.filters and self.anchors is None:
             raise ValueError("filters need `anchors` (how many gradient points per filter)")
+        if "default" in self.filters or len(set(self.filters)) != len(self.filters):
+            raise ValueError(
+                f"filters {self.filters}: each once, and not `default`, which names the value of the tensors no filter matches"
+            )
         if self.values is not None and self.anchors is not None:
             raise ValueError("`values` is for a scalar parameter; a gradient (anchors) is searched in [low, high] or given as search.points")
         if self.values is not None and any(not self.low <= v <= self.high for v in self.values):
@@ -199,6 +203,12 @@ class MergeSearchConfig(_Frozen):
     def _something_searched(self) -> MergeSearchConfig:
         if not self.space and not self.model_space and not self.points:
             raise ValueError("declare `space`, `model_space` or `points`: nothing is searched")
+        if self.searcher in ("tpe", "cmaes") and len(self.points) > self.num_samples:
+            # Tune's searcher runs the points first and stops at num_samples trials.
+            raise ValueError(
+                f"num_samples ({self.num_samples}) is below the number of points ({len(self.points)}): {self.searcher} tries "
+                "the points first and stops after num_samples trials, so the last points would never run"
+            )
         if self.searcher == "grid" and not self.points:
             scalars = [p for p in self.space.values()] + [p for m in self.model_space.values() for p in m.values()]
             missing = [p for p in scalars if p.values is None]
@@ -292,10 +302,14 @@ def _search_problems(config: RunConfig, name: str) -> list[str]:
     if stage.search.objective.suites is None and config.evaluate is None:
         return [f"stages.{name}.search.objective.suites: no suites given and the run has no `evaluate:` section to take them from"]
     formats = {n: d.format for n, d in config.datasets.items()}
+    evaluation = search_eval_config(config, name)
     problems = [
         problem.replace("evaluate.suites.", f"stages.{name}.search.objective.suites.", 1)
-        for problem in search_eval_config(config, name).reference_problems(set(config.stages), formats)
+        for problem in evaluation.reference_problems(set(config.stages), formats)
     ]
+    if not any(suite.weight > 0 for suite in evaluation.suites.enabled().values()):
+        where = f"stages.{name}.search.objective.suites" if stage.search.objective.suites is not None else "evaluate.suites"
+        problems.append(f"{where}: every enabled suite has weight 0, so a merge search has no objective to maximise")
     # The candidate points, at load (`alloylm validate`), not once the parents have trained.
     from alloylm.merge.space import dimensions, flatten_point
 

@@ -105,12 +105,15 @@ def _worker_state(job: TrialJob):
         _WORKER.clear()
         dirs = [local_model_dir(uri) for uri in job.parent_uris]
         device = "cuda" if job.stage.resources.num_gpus > 0 and _cuda() else "cpu"
+        # The parent the stage's model takes its tokenizer and generation settings from (`materialize`):
+        # a trial scores with that parent's generation settings too, not with the base model's.
+        donor = dirs[job.names.index(job.stage.tokenizer_from or job.names[0])]
         # check=False: merge_stage checked the parents once, before any trial; each trial process need not.
         merger = InMemoryMerger(
-            dirs, names=list(job.names), dtype=job.stage.dtype, device=device, trust_remote_code=job.trust_remote_code, check=False
+            dirs, names=list(job.names), dtype=job.stage.dtype, device=device, trust_remote_code=job.trust_remote_code, check=False,
+            tokenizer_from=donor,
         )
-        tokenizer_from = job.stage.tokenizer_from or job.names[0]
-        tokenizer = load_tokenizer(dirs[job.names.index(tokenizer_from)], trust_remote_code=job.trust_remote_code)
+        tokenizer = load_tokenizer(donor, trust_remote_code=job.trust_remote_code)
         _WORKER.update(key=key, dirs=dirs, merger=merger, tokenizer=tokenizer, device=device)
     return _WORKER
 
@@ -158,7 +161,10 @@ def run_trial(tune_config: dict, job: TrialJob, eval_data: EvalData) -> None:
             for name, suite in results["suites"].items()
             if suite.get("status") == "ok"
         }
-        tune.report({METRIC: float(results["score"]), "rung": rung, "fraction": fraction, "items": sum(data.sizes().values()), **suites})
+        tune.report({
+            METRIC: float(results["score"]), "rung": rung, ASHA_TIME: asha_time(job.stage, rung), "fraction": fraction,
+            "items": sum(data.sizes().values()), **suites,
+        })
 
 
 # ------------------------------------------------------------------------------ the search
@@ -200,15 +206,29 @@ def _searcher(stage: MergeSearchStageConfig, seed: int, points: list[dict[str, f
     )
 
 
+# ASHA's clock: Tune's ASHAScheduler judges a trial only at times grace_period x rf^k, so rung r
+# (1, 2, ...) is reported at rf^(r-1). Reported as the rung number, the judging points were 1, rf,
+# rf^2: with rungs [0.25, 0.5, 1.0] and reduction_factor 3 no trial was judged at the second rung
+# (each surviving trial still scored it, for nothing). Two rungs with rf 2 read the same either way.
+ASHA_TIME = "asha_time"
+
+
+def asha_time(stage: MergeSearchStageConfig, rung: int) -> float:
+    """The time a trial reports rung `rung` (1-based) at, for the stage's ASHA."""
+    factor = stage.search.asha.reduction_factor if stage.search.asha is not None else 2.0
+    return float(factor ** (rung - 1))
+
+
 def _scheduler(stage: MergeSearchStageConfig):
     asha = stage.search.asha
     if asha is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(
-        time_attr="rung", max_t=len(asha.rungs), grace_period=1, reduction_factor=asha.reduction_factor
-    )
+    # A hair above the last rung's time: Tune counts its rungs as int(log(max_t) / log(rf) + 1),
+    # which rounding would cut by one for some rf and rung counts (rf 3 and 6 rungs gave 5).
+    last = asha_time(stage, len(asha.rungs))
+    return ASHAScheduler(time_attr=ASHA_TIME, max_t=last * (1 + 1e-9), grace_period=1, reduction_factor=asha.reduction_factor)
 
 
 def prepare_job(

@@ -91,6 +91,61 @@ def _check_parents(config: RunConfig, name: str, uris: list[str], dirs: list[str
         check_compatible(dirs, list(stage.parents), trust_remote_code=config.trust_remote_code)
     except MergeInputError as exc:
         raise StageError(f"cannot merge {', '.join(stage.parents)}: {exc}") from None
+    from alloylm.merge.compat import tensor_shapes
+
+    check_filters(name, stage, list(tensor_shapes(dirs[0])))
+
+
+def _layerwise_filters(stage: MergeStageConfig) -> list[tuple[str, list[str]]]:
+    """(config key, tensor-name filters in the order mergekit tries them) of every layer-wise
+    setting of the stage: fixed, searched, and in the search's points."""
+    found: list[tuple[str, list[str]]] = []
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            found.append((key, [f for f in value if f != "default"]))
+
+    def add_all(prefix: str, parameters: dict, per_parent: dict) -> None:
+        for parameter, value in parameters.items():
+            add(f"{prefix or 'parameters.'}{parameter}", value)
+        for parent, values in per_parent.items():
+            for parameter, value in values.items():
+                add(f"{prefix}model_parameters.{parent}.{parameter}", value)
+
+    add_all("", stage.parameters, stage.model_parameters)
+    if isinstance(stage, MergeSearchStageConfig):
+        search = stage.search
+        found += [(f"search.space.{p}.filters", list(spec.filters)) for p, spec in search.space.items() if spec.filters]
+        found += [
+            (f"search.model_space.{parent}.{p}.filters", list(spec.filters))
+            for parent, space in search.model_space.items() for p, spec in space.items() if spec.filters
+        ]
+        for index, point in enumerate(search.points):
+            point = dict(point)
+            add_all(f"search.points.{index}.", {k: v for k, v in point.items() if k != "model_parameters"}, point.get("model_parameters") or {})
+    return found
+
+
+def check_filters(name: str, stage: MergeStageConfig, tensors: list[str]) -> None:
+    """Every tensor-name filter of the stage gives its value to some tensor of the parents: mergekit
+    takes the first filter that is part of a tensor's name, so a filter that matches none (a typo:
+    `mlps`) or only tensors an earlier one took (`[attn, self_attn]`) would be searched or set in
+    vain, its tensors given `default` without a word."""
+    for key, filters in _layerwise_filters(stage):
+        for index, name_part in enumerate(filters):
+            if name_part == "*":
+                continue
+            if any(name_part in tensor and not any(earlier in tensor for earlier in filters[:index]) for tensor in tensors):
+                continue
+            shown = ", ".join(t for t in tensors if ".0." in t or "layers" not in t)
+            reason = (
+                f"every tensor it matches is matched first by {', '.join(repr(e) for e in filters[:index])}"
+                if any(name_part in tensor for tensor in tensors) else "it is part of no tensor's name"
+            )
+            raise StageError(
+                f"stages.{name}.{key}: filter {name_part!r} would set nothing: {reason} (mergekit gives a tensor the "
+                f"first filter that is part of its name); the parents' tensors are named like {shown}"
+            )
 
 
 def _fixed_config(config: RunConfig, stage: MergeStageConfig, dirs: list[str], mergekit_yaml: str | None = None) -> dict:
