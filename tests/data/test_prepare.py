@@ -605,6 +605,25 @@ def test_compressed_files_are_read_as_what_their_names_say(tmp_path):
     assert reason == "undecodable" and detail.startswith("/c/cut.jsonl.gz: not a whole gzip file ("), detail
 
 
+def test_a_json_file_holding_one_array_of_records_is_read_as_its_records(tmp_path):
+    """Alpaca's `alpaca_data.json` and many exports are one pretty-printed JSON array: read as JSON
+    lines, every line was dropped as malformed JSON, and nothing said why."""
+    import json
+
+    from alloylm.config import ColumnMapping
+
+    records = [{"instruction": "What is nacre?", "output": "A composite."}, {"instruction": "What is silk?", "output": "A protein fibre."}, 3]
+    files = {"alpaca.json": json.dumps(records, indent=2).encode(), "broken.json": b'[\n  {"instruction": "x",\n  oops\n]',
+             "lines.json": b'{"instruction": "What is bone?", "output": "A mineralised composite."}\n'}
+    rows = _rows_of(files, tmp_path, "chat", ColumnMapping(user="instruction", assistant="output"))
+    by_origin = dict(zip(rows["origin"], zip(rows["drop_reason"], rows["detail"], rows["record"])))
+    assert [o for o, (reason, _, _) in by_origin.items() if not reason] == ["/alpaca.json#0", "/alpaca.json#1", "/lines.json:1"]
+    assert json.loads(by_origin["/alpaca.json#1"][2])["messages"][1]["content"] == "A protein fibre."
+    assert by_origin["/alpaca.json#2"][:2] == ("malformed_json", "/alpaca.json#2: not a JSON object")
+    reason, detail, _ = by_origin["/broken.json"]
+    assert reason == "malformed_json" and detail.startswith("/broken.json:3: ") and "JSON array" in detail
+
+
 def test_a_large_json_lines_file_is_read_a_chunk_at_a_time_and_its_rows_leave_in_batches(tmp_path):
     """A JSON-lines file was read whole, and all its rows made, in one task: a shard of a few GB
     took several times that in memory. Read in chunks (a line may span two), the rows come out the

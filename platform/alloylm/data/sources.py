@@ -118,13 +118,17 @@ def _json_line_row(path: str, number: int, chunk: bytes, fmt: str, columns: Colu
     return convert_row(parsed, fmt, columns, origin, f"{path}:{number}")
 
 
-def _json_lines_rows(path: str, stream, fmt: str, columns: ColumnMapping, chunk_bytes: int):
+def _json_lines_rows(path: str, stream, fmt: str, columns: ColumnMapping, chunk_bytes: int, may_be_array: bool = False):
     """The rows of one JSON-lines file, read from `stream` a chunk at a time. Only "\n" ends a line
     (a JSON string may hold U+2028, which str.splitlines splits at); a byte-order mark is not text.
-    A file that is empty (whitespace) or binary (NUL bytes in its first 8 KiB) is one dropped row."""
+    A file that is empty (whitespace) or binary (NUL bytes in its first 8 KiB) is one dropped row.
+    `may_be_array` (a `.json` file): one that starts with `[` is a JSON array of records."""
     head = stream.read(max(chunk_bytes, 8192))
     if b"\x00" in head[:8192]:
         yield _row(path, path, None, "binary", f"{path}: binary file (NUL bytes)")
+        return
+    if may_be_array and head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+        yield from _json_array_rows(path, head + stream.read(), fmt, columns)
         return
     rest, number, text_seen, block = b"", 0, False, head.removeprefix(codecs.BOM_UTF8)
     while block:
@@ -144,6 +148,26 @@ def _json_lines_rows(path: str, stream, fmt: str, columns: ColumnMapping, chunk_
         yield row
 
 
+def _json_array_rows(path: str, data: bytes, fmt: str, columns: ColumnMapping):
+    """A `.json` file that holds one JSON array of records (as Alpaca's data and many exports are),
+    read whole: each element a row, `path#index` its origin. A file that is not valid JSON is one
+    dropped row naming where it breaks."""
+    try:
+        records = json.loads(data.removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        yield _row(path, path, None, "undecodable", f"{path}: not UTF-8 at byte {exc.start}")
+        return
+    except json.JSONDecodeError as exc:
+        yield _row(path, path, None, "malformed_json", f"{path}:{exc.lineno}: {exc.msg} (column {exc.colno}; the file starts a JSON array)")
+        return
+    for index, record in enumerate(records):
+        origin = f"{path}#{index}"
+        if isinstance(record, dict):
+            yield convert_row(record, fmt, columns, origin, origin)
+        else:
+            yield _row(origin, origin, None, "malformed_json", f"{origin}: not a JSON object")
+
+
 def _file_rows(path: str, fs, fmt: str, columns: ColumnMapping, chunk_bytes: int = JSON_LINES_CHUNK_BYTES):
     """The uniform rows of one file: a JSON-lines file's lines (streamed), or one document."""
     kind = path.lower()
@@ -153,7 +177,7 @@ def _file_rows(path: str, fs, fmt: str, columns: ColumnMapping, chunk_bytes: int
     try:
         if kind.endswith(JSON_LINES_SUFFIXES):
             with _open_stream(fs, path, codec) as stream:
-                yield from _json_lines_rows(path, stream, fmt, columns, chunk_bytes)
+                yield from _json_lines_rows(path, stream, fmt, columns, chunk_bytes, may_be_array=kind.endswith(".json"))
             return
         with _open_stream(fs, path, codec) as stream:
             data = stream.read()
