@@ -587,6 +587,10 @@ def test_parse_answer_accepts_good_json_and_names_every_defect():
     # Prose with brackets before a whole answer is not a part of anything.
     records, malformed, _ = parse("Here they are [2 items]: " + json.dumps({"items": items[:2]}))
     assert len(records) == 2 and malformed == []
+    # A citation before the answer is a JSON list that parses: the answer's JSON after it is taken
+    # (the citation was, and every item was lost as wrong_shape).
+    records, malformed, _ = parse("As stated in [1] and [2, 3], here: " + json.dumps({"items": items[:2]}))
+    assert len(records) == 2 and malformed == []
     records, malformed, _ = parse('[{"question": "Which is tougher?", "choices": ["a", "b", "c", "d"], "answer_index": "C"}]',
                                   task="benchmark", question_type="multiple_choice")
     assert records[0]["answer"] == "c" and records[0]["split"] == "test" and records[0]["type"] == "multiple_choice"

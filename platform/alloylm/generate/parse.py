@@ -59,6 +59,7 @@ def find_json(content: str) -> tuple[Any, bool]:
     decoder = json.JSONDecoder()
     for candidate in candidates:
         failed: list[int] = []
+        scalars: tuple[Any, bool] | None = None  # a list of no objects: prose such as a citation "[1]"
         for match in re.finditer(r"[\[{]", candidate):
             try:
                 value, _ = decoder.raw_decode(candidate, match.start())
@@ -69,7 +70,12 @@ def find_json(content: str) -> tuple[Any, bool]:
                 # inside a bracket that failed: more brackets opened than closed since it (a count
                 # that ignores strings; prose such as "[1]" before the JSON closes itself)
                 inside = any(_open_brackets(candidate[q : match.start()]) > 0 for q in failed)
+                if isinstance(value, list) and value and not any(isinstance(v, dict) for v in value):
+                    scalars = scalars or (value, inside)  # the answer's JSON may come after it
+                    continue
                 return value, inside
+        if scalars is not None:
+            return scalars
     raise ValueError("no JSON object or list in the answer")
 
 
