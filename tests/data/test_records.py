@@ -29,14 +29,33 @@ def _item(**fields):
     "fields",
     [{"answer": 42}, {"answer_value": "42"}, {"answer_value": True},
      {"type": "multiple_choice", "choices": ["a", "b"], "answer_index": True},
-     {"type": "multiple_choice", "choices": ["a", 2], "answer_index": 0}, {"material": ["nacre"]}],
-    ids=["answer-number", "value-string", "value-bool", "index-bool", "choice-number", "material-list"],
+     {"type": "multiple_choice", "choices": ["a", 2], "answer_index": 0}, {"material": ["nacre"]},
+     {"answer_index": "A"}, {"choices": "abc"}],
+    ids=["answer-number", "value-string", "value-bool", "index-bool", "choice-number", "material-list",
+         "short-answer-index-letter", "short-answer-choices-string"],
 )
 def test_a_benchmark_item_of_the_wrong_type_is_named_not_an_arrow_error(fields):
     """Each stopped the whole data set inside a Ray task with an Arrow type error naming no item."""
     with pytest.raises(RecordError) as caught:
         to_record(_item(**fields), "benchmark", ColumnMapping())
     assert caught.value.reason == "bad_benchmark_item"
+
+
+def test_a_benchmark_item_is_read_as_the_evaluator_reads_it():
+    """Preparation refused what the evaluator takes: a multiple-choice item without `answer` (its
+    indexed choice is the answer) and `answer_index: 1.0` (pandas writes whole numbers as floats
+    into a column that has gaps); every such item was dropped from a `format: benchmark` data set."""
+    from alloylm.evaluate.benchmark import parse_item
+
+    for fields in ({"answer_index": 1.0, "answer": "calcite"}, {"answer_index": 1, "answer": None}, {"answer_index": 1.0, "answer": float("nan")}):
+        item = {k: v for k, v in _item(type="multiple_choice", choices=["aragonite", "calcite"], **fields).items() if v is not None}
+        record = to_record(item, "benchmark", ColumnMapping())
+        assert (record["answer_index"], record["answer"]) == (1, "calcite"), fields
+        table = benchmark_rows({"id": np.array(["i1"]), "record": np.array([json.dumps(record)])})
+        evaluated = parse_item(table.to_pylist()[0])
+        assert (evaluated.answer_index, evaluated.answer) == (1, "calcite")
+    short = to_record({k: v for k, v in _item(answer_index=None).items()}, "benchmark", ColumnMapping())
+    assert short["answer_index"] == -1 and short["choices"] == []
 
 
 def test_a_numbered_fact_id_is_kept_as_text_and_an_items_own_metadata_is_kept():

@@ -10,7 +10,7 @@ from typing import Any
 
 from alloylm.config import ColumnMapping
 
-BENCHMARK_KEYS = ("question", "type", "answer", "split")
+BENCHMARK_KEYS = ("question", "type", "split")  # and `answer`, which a multiple-choice item may leave to its choices
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
                  "assistant": "assistant", "system": "system"}
 
@@ -104,6 +104,27 @@ def _benchmark(row: dict[str, Any]) -> dict[str, Any]:
     if row["split"] not in ("validation", "test"):
         raise RecordError("bad_benchmark_item", f"split must be validation or test, got {row['split']!r}")
     record = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    # As the evaluator reads an item (`evaluate.benchmark.parse_item`): answer_index null is none
+    # (-1), a whole float (pandas writes 1.0 into a column with gaps) is that integer, and a
+    # multiple-choice item without `answer` has its indexed choice for one.
+    index = record.get("answer_index")
+    index = -1 if index is None else index
+    if isinstance(index, float) and index.is_integer():
+        index = int(index)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise RecordError("bad_benchmark_item", f"answer_index must be an integer, got {index!r}")
+    record["answer_index"] = index
+    choices = record.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise RecordError("bad_benchmark_item", f"choices must be a list of strings, got {choices!r}")
+    record["choices"] = choices
+    if record["type"] == "multiple_choice":
+        if not 0 <= index < len(choices):
+            raise RecordError("bad_benchmark_item", f"answer_index {index!r} does not index choices ({len(choices)})")
+        if not isinstance(record.get("answer"), str) or not record["answer"].strip():
+            record["answer"] = choices[index]
+    elif "answer" not in record:
+        raise RecordError("missing_field", f"no column 'answer' (columns: {', '.join(sorted(row))})")
     # The types the prepared table stores them as: a wrong one is this item's problem, named here,
     # not an Arrow error that stops the whole data set.
     for key in ("question", "answer"):
@@ -118,12 +139,6 @@ def _benchmark(row: dict[str, Any]) -> dict[str, Any]:
     value = record.get("answer_value")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise RecordError("bad_benchmark_item", f"answer_value must be a number or null, got {value!r}")
-    if record["type"] == "multiple_choice":
-        choices, index = record.get("choices") or [], record.get("answer_index", -1)
-        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-            raise RecordError("bad_benchmark_item", f"choices must be a list of strings, got {choices!r}")
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(choices):
-            raise RecordError("bad_benchmark_item", f"answer_index {index!r} does not index choices ({len(choices)})")
     return record
 
 
