@@ -211,6 +211,23 @@ def test_benchmark_keeps_its_splits(messy_run):
     assert mc and all(0 <= r["answer_index"] < len(r["choices"]) for r in mc)
 
 
+def test_benchmark_items_from_files_that_each_number_from_one_get_ids_of_their_own(ray_cluster, tmp_path, tokenizer_dir):
+    """Two files each numbering their items from 1: prepared, then refused by the evaluation
+    ("id repeats the item at ..."), once every stage had trained."""
+    from alloylm.evaluate.benchmark import load_benchmark
+
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for part, question in (("a", "Which is tougher?"), ("b", "Which is stiffer?")):
+        item = {"id": 1, "question": question, "type": "multiple_choice", "choices": ["nacre", "chalk"], "answer_index": 0, "split": "test"}
+        (folder / f"{part}.jsonl").write_text(json.dumps(item) + "\n")
+    config = make_config(str(tmp_path / "runs"), {"bench": {"source": str(folder), "format": "benchmark"}}, tokenizer_dir)
+    manifest = prepare_all(config)["bench"]
+    assert manifest["counts"]["ids_renamed"] == 1
+    items = load_benchmark(storage.join(config.run_uri, "data", "bench"))
+    assert [(i.id, i.question) for i in items] == [("1", "Which is tougher?"), ("1#2", "Which is stiffer?")]
+
+
 def test_manifest_is_last_and_resolved_config_is_saved(messy_run):
     config, manifests = messy_run
     uri = storage.join(config.run_uri, "data", "corpus")

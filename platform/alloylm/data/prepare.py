@@ -612,6 +612,9 @@ def _prepare_rendered(
             **_tokenizer_pool(prep, min(math.ceil(kept_count / prep.batch_size), kept_blocks)),
         )
     rendered = rendered.materialize()
+    renamed = 0
+    if fmt == "benchmark":
+        rendered, renamed = _unique_item_ids(name, rendered)
     refused = [] if fmt == "benchmark" else _refused_renders(rendered)
     if len(refused) == kept_count:
         shown = "; ".join(p["detail"] for p in refused[:MAX_PROBLEMS_SHOWN])
@@ -630,7 +633,34 @@ def _prepare_rendered(
         counts["tokens_out"] = int(sum(pc.sum(column).as_py() or 0 for column in _column_batches(rendered, "num_tokens")))
     else:
         counts["by_split"] = dict(Counter(split for column in _column_batches(rendered, "split") for split in column.to_pylist()))
+        if renamed:
+            counts["ids_renamed"] = renamed
     return counts, refused
+
+
+def _unique_item_ids(name: str, items):
+    """Benchmark items (a small, materialized data set) whose id repeats an earlier item's get
+    `<id>#2`, `#3`, ... in data set order: (the items, how many were renamed). Ids repeat where two
+    files each number from 1, or where a generated benchmark's documents shared an id; the
+    evaluation names items by id and refuses a repeat, which it found only after training."""
+    import ray.data
+
+    ids = [i for column in _column_batches(items, "id") for i in column.to_pylist()]
+    if len(set(ids)) == len(ids):
+        return items, 0
+    taken, seen, unique = set(ids), Counter(), []
+    for item_id in ids:
+        seen[item_id] += 1
+        new, count = item_id, seen[item_id]
+        while count > 1 and new in taken:
+            new, count = f"{item_id}#{count}", count + 1
+        taken.add(new)
+        unique.append(new)
+    renamed = sum(a != b for a, b in zip(ids, unique))
+    log.warning("data %s: %d benchmark item(s) repeated an earlier item's id; renamed <id>#2, #3, ...", name, renamed)
+    table = pa.concat_tables([batch for batch in items.iter_batches(batch_size=None, batch_format="pyarrow")])
+    table = table.set_column(table.schema.get_field_index("id"), "id", pa.array(unique, pa.string()))
+    return ray.data.from_arrow(table), renamed
 
 
 def _chat_renderer(config: RunConfig):
