@@ -471,6 +471,25 @@ def test_what_changes_a_search_result_changes_its_fingerprint(prepared):
     raw["evaluate"]["seed"] = 5
     reseeded = load_config(_write(root, raw, "fp-seed.yaml"))
     assert merge_stage(reseeded, "fp-merged")["fingerprint"] != first["fingerprint"]
+    # The same run moved to another folder (or from local storage to S3) is the same search: the
+    # objective's data are known by their content, not where they are (they reran every search).
+    from alloylm.merge.stage import _objective, _parents, _search_inputs
+
+    moved_root = root / "moved"
+    shutil.copytree(root / "runs" / "ms", moved_root / "ms")
+    raw = _config(root, {"fp-merged": grid}, storage=str(moved_root))
+    raw["evaluate"]["seed"] = 5
+    moved = load_config(_write(root, raw, "fp-moved.yaml"))
+    done = storage.read_manifest(os.path.join(moved.run_uri, "stages", "fp-merged"))
+    assert merge_stage(moved, "fp-merged") == done
+    # Searched before that (the data known by location): still up to date where it was made.
+    inputs = _search_inputs(reseeded, "fp-merged")
+    before = merge_fingerprint(reseeded, "fp-merged", _parents(reseeded, reseeded.stages["fp-merged"])[1], _objective(inputs, by_location=True))
+    assert before != done["fingerprint"]
+    manifest = os.path.join(reseeded.run_uri, "stages", "fp-merged", storage.MANIFEST_NAME)
+    made_before = {**storage.read_manifest(os.path.dirname(manifest)), "fingerprint": before}
+    storage.write_text(manifest, json.dumps(made_before))
+    assert merge_stage(reseeded, "fp-merged") == made_before
 
     def fp(stage: dict) -> str:
         return merge_fingerprint(_load(root, {"merged": stage}, name="fp-only.yaml"), "merged", ["a", "b"])

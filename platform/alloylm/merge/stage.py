@@ -293,17 +293,13 @@ def merge_stage(config: RunConfig, name: str) -> dict:
     uri = RunLayout.of(config).stage(name)
     parent_uris, parent_ids = _parents(config, stage)
     search_inputs = _search_inputs(config, name) if isinstance(stage, MergeSearchStageConfig) else None
-    # A search's result also follows its objective: the evaluation settings it scores with (suites,
-    # weights, evaluate.seed, max_length) and the data's fingerprints. Not evaluate.dtype: a trial
-    # scores the merged model in memory, in the stage's own dtype (search.run_trial).
-    objective = (
-        [SCORING_VERSION, search_inputs[0].model_dump(mode="json", exclude={"resources", "batch_size", "dtype"}), search_inputs[1].fingerprints]
-        if search_inputs
-        else None
-    )
-    fp = merge_fingerprint(config, name, parent_ids, objective)
+    fp = merge_fingerprint(config, name, parent_ids, _objective(search_inputs))
     inputs = lifecycle.input_versions({p: u for p, u in zip(stage.parents, parent_uris) if p in config.stages})
     manifest = lifecycle.up_to_date(uri, fp, inputs)
+    if manifest is None and search_inputs:
+        # Searched before 2026-12-05, when the objective's data were known by where they were: the
+        # same data where they were then is the same search.
+        manifest = lifecycle.up_to_date(uri, merge_fingerprint(config, name, parent_ids, _objective(search_inputs, by_location=True)), inputs)
     if manifest:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
         return manifest
@@ -369,6 +365,19 @@ def merge_stage(config: RunConfig, name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ the search
+
+
+def _objective(search_inputs, *, by_location: bool = False) -> list | None:
+    """What a search's result follows besides the stage's own settings: the evaluation settings it
+    scores with (suites, weights, evaluate.seed, max_length) and the content of each suite's data.
+    Not evaluate.dtype: a trial scores the merged model in memory, in the stage's own dtype
+    (search.run_trial). The data by suite, not by location: a run moved to another folder or from
+    local storage to S3 holds the same data (`by_location`: as fingerprints made before 2026-12-05)."""
+    if not search_inputs:
+        return None
+    eval_config, eval_data = search_inputs
+    data = eval_data.fingerprints if by_location else {suite: eval_data.fingerprints[uri] for suite, uri in sorted(eval_data.sources.items())}
+    return [SCORING_VERSION, eval_config.model_dump(mode="json", exclude={"resources", "batch_size", "dtype"}), data]
 
 
 def _search_inputs(config: RunConfig, name: str):
