@@ -301,7 +301,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         # same data where they were then is the same search.
         manifest = lifecycle.up_to_date(uri, merge_fingerprint(config, name, parent_ids, _objective(search_inputs, by_location=True)), inputs)
     if manifest:
-        log.info("stage %s: up to date (fingerprint %s), skipped", name, fp)
+        log.info("stage %s: up to date (fingerprint %s), skipped", name, manifest["fingerprint"])
         return manifest
     check_stage_resources(config, [name])
     mergekit_yaml = None
