@@ -112,6 +112,14 @@ def test_on_s3_a_heartbeats_age_is_the_servers_not_the_readers_clock(s3_bucket, 
             monkeypatch.undo()
 
 
+def test_a_lease_file_that_is_json_but_no_object_is_unreadable_and_taken_over(tmp_path):
+    lease = RunLease(str(tmp_path / "exp"), "run", ttl=60)
+    os.makedirs(tmp_path / "exp")
+    (tmp_path / "exp" / ".lease").write_text("[]")
+    assert lease.try_acquire() is None and lease.holder().owner == lease._owner
+    lease.release()
+
+
 def test_wait_starts_when_the_holder_finishes(tmp_path):
     uri = str(tmp_path / "exp")
     holder = RunLease(uri, "run", ttl=60)

@@ -76,7 +76,7 @@ def _encode(info: LeaseInfo) -> bytes:
 def _decode(data: bytes, where: str, age: float | None = None) -> LeaseInfo | None:
     try:
         return LeaseInfo(**{k: v for k, v in json.loads(data.decode("utf-8")).items() if k != "age"}, age=age)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):  # AttributeError: JSON that is not an object
         log.warning("lease %s is unreadable; treating it as stale", where)
         return None
 

@@ -388,7 +388,8 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     # from_uri finds the bucket's region (or takes it from the environment when an endpoint is
     # set); the filesystem is then rebuilt with bounded timeouts and retries, which from_uri
     # cannot set. The retry strategy is not pickled with the filesystem: in another process
-    # (Ray tasks, Ray Train) pyarrow's default applies; Ray Data retries reads on its own.
+    # (Ray tasks, Ray Train) pyarrow's default applies; Ray Data retries its Parquet reads on its own,
+    # and a data set's own file reads retry through `retrying` (data/sources.py).
     found, path = retrying("open a pyarrow filesystem for", uri, lambda: pyarrow.fs.FileSystem.from_uri(s3_uri))
     endpoint = _s3_endpoint()
     fs = pyarrow.fs.S3FileSystem(

@@ -493,6 +493,25 @@ def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path
     assert dataset_fingerprint(one, "world", "tok") == before
 
 
+def test_the_earlier_fingerprint_formula_is_the_one_runs_were_made_with():
+    """Artifacts prepared before 2026-12-05 stay up to date only while the earlier formula gives
+    what that code gave: these values are AlloyLM 85ed9c2's own, for this config."""
+    from alloylm.data.prepare import dataset_fingerprint
+
+    raw = {"experiment": "golden", "storage": "/tmp/golden-runs",
+           "builtin": {"materials": 4, "documents_per_material": 2, "general_documents": 40, "general_chats": 40},
+           "tokenizer": {"train": {"vocab_size": 400}},
+           "datasets": {"text": {"source": "builtin:general-text"}, "chat": {"source": "builtin:general-chat"},
+                        "prefs": {"source": "builtin:biomaterials-preferences"}, "bench": {"source": "builtin:biomaterials-benchmark"}},
+           "data": {"block_size": 32, "tokenizer_actors": 1, "min_chars": 10}}
+    config = validate_config(raw)
+    then = {"text": "cc7fcfe32aced6f1", "chat": "d16614d6c4bb0937", "prefs": "2920d98480cb57c5", "bench": "d61bc9d64f7e5619"}
+    assert {name: dataset_fingerprint(config, name, "tok", legacy=True) for name in then} == then
+    assert _tokenizer_fingerprint_made_before(config) == "1ab99e2d5f74795a"
+    assert dataset_fingerprint(config, "text", "tok") == then["text"]  # text uses every setting: unchanged
+    assert all(dataset_fingerprint(config, name, "tok") != then[name] for name in ("chat", "prefs", "bench"))
+
+
 def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> str:
     """A data set's fingerprint as AlloyLM made it before 2026-12-05, written out: every `data:`
     setting (less the two that set only speed), whatever the format."""
@@ -511,7 +530,7 @@ def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> s
 def _tokenizer_fingerprint_made_before(config) -> str:
     from alloylm.artifact import fingerprint
 
-    names = config.tokenizer.train.datasets or sorted(config.datasets)
+    names = config.tokenizer.train.datasets or sorted(n for n, d in config.datasets.items() if d.format in ("text", "chat") and d.generate is None)
     inputs = [_fingerprint_made_before(config, n, "") for n in names]
     return fingerprint("tokenizer", config.tokenizer.model_dump(mode="json", by_alias=True), inputs)
 
@@ -622,6 +641,57 @@ def test_compressed_files_are_read_as_what_their_names_say(tmp_path):
     assert reason == "undecodable" and detail.startswith("/c/cut.jsonl.gz: not a whole gzip file ("), detail
 
 
+class _FlakyFiles:
+    """A pyarrow filesystem stand-in over local files whose reads fail with a connection error
+    (`failures` times in all; -1: always), counting the read requests."""
+
+    def __init__(self, failures: int) -> None:
+        import pyarrow.fs
+
+        self.local, self.failures, self.requests = pyarrow.fs.LocalFileSystem(), failures, 0
+
+    def open_input_file(self, path):
+        outer, inner = self, self.local.open_input_file(path)
+
+        class File:
+            def read_at(self, size, offset):
+                outer.requests += 1
+                if outer.failures != 0:
+                    outer.failures -= 1
+                    raise ConnectionError("connection reset by peer")
+                return inner.read_at(size, offset)
+
+            def close(self):
+                inner.close()
+
+        return File()
+
+
+def test_a_file_read_on_remote_storage_is_retried_in_large_requests_and_a_lasting_failure_is_not_a_corrupt_file(tmp_path, monkeypatch):
+    """Ray's read_binary_files retried reads; the data set's own tasks do now. A decompressor asks
+    for 64 KiB (Arrow) or 8 KiB (lzma) at a time: unbuffered, one S3 request each. A storage
+    failure that outlasts the retries fails the data set, naming the file: it is not a compressed
+    file that did not decompress (its rows silently cut)."""
+    import gzip
+    import lzma
+
+    from alloylm.config import ColumnMapping
+    from alloylm.data.sources import _files_rows
+
+    monkeypatch.setenv("ALLOYLM_STORAGE_RETRY_S", "10")
+    rng = np.random.default_rng(0)  # text that compresses little: over 1 MB either way, 16 of Arrow's 64 KiB reads
+    lines = b"".join(json.dumps({"text": f"Document {i}: {rng.bytes(48).hex()}"}).encode() + b"\n" for i in range(20000))
+    for name, data in (("a.jsonl.gz", gzip.compress(lines)), ("b.jsonl.xz", lzma.compress(lines))):
+        (tmp_path / name).write_bytes(data)
+        files = _FlakyFiles(failures=2)
+        rows = [r for batch in _files_rows({"path": [str(tmp_path / name)]}, files, "text", ColumnMapping(), scheme="s3://") for r in batch["id"]]
+        # the 2 failures, then the file in one request (and a few at its end)
+        assert len(rows) == 20000 and files.requests <= 2 + 4 and len(data) > 1_000_000, (name, files.requests, len(data))
+    monkeypatch.setenv("ALLOYLM_STORAGE_RETRY_S", "0.2")
+    with pytest.raises(storage.StorageError, match=r"cannot read s3://.*a.jsonl.gz"):
+        list(_files_rows({"path": [str(tmp_path / "a.jsonl.gz")]}, _FlakyFiles(failures=-1), "text", ColumnMapping(), scheme="s3://"))
+
+
 def test_a_json_file_holding_one_array_of_records_is_read_as_its_records(tmp_path):
     """Alpaca's `alpaca_data.json` and many exports are one pretty-printed JSON array: read as JSON
     lines, every line was dropped as malformed JSON, and nothing said why."""
@@ -631,17 +701,18 @@ def test_a_json_file_holding_one_array_of_records_is_read_as_its_records(tmp_pat
 
     records = [{"instruction": "What is nacre?", "output": "A composite."}, {"instruction": "What is silk?", "output": "A protein fibre."}, 3]
     files = {"alpaca.json": json.dumps(records, indent=2).encode(), "broken.json": b'[\n  {"instruction": "x",\n  oops\n]',
-             "lines.json": b'{"instruction": "What is bone?", "output": "A mineralised composite."}\n'}
+             "lines.json": b'{"instruction": "What is bone?", "output": "A mineralised composite."}\n', "none.json": b" []\n"}
     rows = _rows_of(files, tmp_path, "chat", ColumnMapping(user="instruction", assistant="output"))
     by_origin = dict(zip(rows["origin"], zip(rows["drop_reason"], rows["detail"], rows["record"])))
     assert [o for o, (reason, _, _) in by_origin.items() if not reason] == ["/alpaca.json#0", "/alpaca.json#1", "/lines.json:1"]
     assert json.loads(by_origin["/alpaca.json#1"][2])["messages"][1]["content"] == "A protein fibre."
     assert by_origin["/alpaca.json#2"][:2] == ("malformed_json", "/alpaca.json#2: not a JSON object")
+    assert by_origin["/none.json"][:2] == ("empty", "/none.json: an empty JSON array")
     reason, detail, _ = by_origin["/broken.json"]
     assert reason == "malformed_json" and detail.startswith("/broken.json:3: ") and "JSON array" in detail
 
 
-def test_a_large_json_lines_file_is_read_a_chunk_at_a_time_and_its_rows_leave_in_batches(tmp_path):
+def test_a_large_json_lines_file_is_read_a_chunk_at_a_time_and_its_rows_leave_in_batches(tmp_path, monkeypatch):
     """A JSON-lines file was read whole, and all its rows made, in one task: a shard of a few GB
     took several times that in memory. Read in chunks (a line may span two), the rows come out the
     same and in batches, and the task never holds the file."""
@@ -649,6 +720,9 @@ def test_a_large_json_lines_file_is_read_a_chunk_at_a_time_and_its_rows_leave_in
     import json
     import tracemalloc
 
+    from alloylm.data import sources
+
+    monkeypatch.setattr(sources, "READ_BUFFER_BYTES", 256 << 10)  # storage requests of 256 KiB, not 8 MiB
     lines = [json.dumps({"text": f"Document {i}: " + "nacre tablets and protein " * 40}) for i in range(4000)]
     data = ("\n".join(lines) + "\n").encode()  # ~4.3 MB
     files = {"big.jsonl": data, "big.jsonl.gz": gzip.compress(data)}

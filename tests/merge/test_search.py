@@ -280,6 +280,9 @@ def test_a_tensor_filter_that_would_set_nothing_is_refused_naming_its_key(prepar
              "parameters": {"t": {"self_attn": [0, 1], "mlps": [1, 0], "default": 0.5}}}
     with pytest.raises(StageError, match=r"stages.fixed.parameters.t: filter 'mlps' would set nothing"):
         merge_stage(_load(root, {"fixed": fixed}, name="fixed.yaml"), "fixed")
+    fixed["parameters"] = {"t": {"*": [0, 1], "mlp": [1, 0], "default": 0.5}}  # mergekit's "*" takes every tensor
+    with pytest.raises(StageError, match=r"stages.fixed.parameters.t: filter 'mlp' would set nothing: every tensor it matches is matched first by '\*'"):
+        merge_stage(_load(root, {"fixed": fixed}, name="fixed.yaml"), "fixed")
     stage = _search_stage(root)
     stage["search"]["space"]["t"]["filters"] = ["self_attn", "default"]
     with pytest.raises(ConfigError, match="not `default`"):

@@ -41,6 +41,12 @@ def test_assistant_only_loss_with_a_template_that_marks_no_assistant_tokens_is_r
         _check_parent_and_tokenizer(config, "sft", "preset", "pico-llama")
 
 
+def test_named_templates_without_a_default_are_refused_naming_the_key_not_a_key_error(tmp_path, tokenizer):
+    config = _config(tmp_path, tokenizer, {"tool_use": UNMARKED}, assistant_only_loss=True)
+    with pytest.raises(StageError, match=r"stages\.sft\.assistant_only_loss is true, but the run's tokenizer has no chat template"):
+        _check_parent_and_tokenizer(config, "sft", "preset", "pico-llama")
+
+
 def test_assistant_only_loss_takes_a_template_trl_can_mark_or_one_marked_already(tmp_path, tokenizer):
     from trl.chat_template_utils import llama3_chat_template
 

@@ -96,7 +96,7 @@ def dataset_uri(config: RunConfig, name: str) -> str:
 
 # Signatures already taken in this call (`_signatures_once`): the current and the earlier formula
 # of a fingerprint list every source once, not once each (an S3 source of many objects is slow to list).
-_SIGNATURES: contextvars.ContextVar[dict[tuple[str, bool], Any] | None] = contextvars.ContextVar("alloylm_source_signatures", default=None)
+_SIGNATURES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("alloylm_source_signatures", default=None)
 
 
 @contextlib.contextmanager
@@ -113,13 +113,24 @@ def _source_signature(source: str, every_file: bool = False) -> Any:
     (`every_file`: all of them, hidden ones too, as fingerprints made before 2026-12-05 took)."""
     cache = _SIGNATURES.get()
     if cache is None:
-        return _take_signature(source, every_file)
-    if (source, every_file) not in cache:
-        cache[(source, every_file)] = _take_signature(source, every_file)
-    return cache[(source, every_file)]
+        signature = _take_signature(source)
+    else:
+        if source not in cache:
+            cache[source] = _take_signature(source)
+        signature = cache[source]
+    if every_file or source.startswith(("builtin:", "hf:")):
+        return signature
+    # What is read, not what is there: a git checkout's .git/ or a notebook's checkpoints change
+    # without any document changing.
+    shown = set(visible_files(source, [entry[0] for entry in signature]))
+    return [entry for entry in signature if entry[0] in shown] or _nothing_there(source)
 
 
-def _take_signature(source: str, every_file: bool) -> Any:
+def _nothing_there(source: str):
+    raise SourceError(f"no such file or folder, or nothing in it: {source}")
+
+
+def _take_signature(source: str) -> Any:
     if source.startswith("builtin:"):
         return source
     if source.startswith("hf:"):
@@ -141,14 +152,7 @@ def _take_signature(source: str, every_file: bool) -> Any:
         listing = storage.file_signatures(source)
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from None
-    # What is read, not what is there: a git checkout's .git/ or a notebook's checkpoints change
-    # without any document changing.
-    if not every_file:
-        shown = set(visible_files(source, [entry[0] for entry in listing]))
-        listing = [entry for entry in listing if entry[0] in shown]
-    if not listing:
-        raise SourceError(f"no such file or folder, or nothing in it: {source}")
-    return listing
+    return listing or _nothing_there(source)
 
 
 def check_sources(config: RunConfig, names: list[str] | None = None) -> None:
@@ -219,16 +223,16 @@ def _tokenizer_input(config: RunConfig, name: str) -> str:
     return fingerprint("tokenizer-input", _dataset_fields(dataset), *_source_parts(config, dataset))
 
 
-def _reusable(uri: str, config: RunConfig, fingerprints: Callable[[RunConfig], tuple[str, str]]) -> tuple[str, dict | None]:
+def _reusable(uri: str, config: RunConfig, fingerprints: Callable[[RunConfig, bool], str]) -> tuple[str, dict | None]:
     """The artifact's fingerprint, and the manifest of the one at `uri` if it is up to date: under
     its fingerprint by the current formula, or made before that formula (2026-12-05) and unchanged
-    since in anything the current formula takes. `fingerprints(config)` gives (current, earlier
-    formula). An artifact made before keeps its fingerprint (so do the fingerprints of everything
+    since in anything the current formula takes. `fingerprints(config, earlier)` gives the one by
+    the current formula, or (`earlier`) by the one before. An artifact made before keeps its fingerprint (so do the fingerprints of everything
     made from it): its earlier-formula fingerprint is taken with the `data:` settings it was made
     with (its `resolved_config.yaml`), so that a `data:` setting its format does not use may have
     changed since."""
     with _signatures_once():
-        fp, _ = fingerprints(config)
+        fp = fingerprints(config, False)
         manifest = lifecycle.up_to_date(uri, fp)
         if manifest is not None:
             return fp, manifest
@@ -236,8 +240,8 @@ def _reusable(uri: str, config: RunConfig, fingerprints: Callable[[RunConfig], t
         if manifest is None:
             return fp, None
         then = config.model_copy(update={"data": _data_settings_made_with(uri) or config.data})
-        fp_then, legacy_then = fingerprints(then)
-    return fp, (manifest if manifest.get("fingerprint") == legacy_then and fp_then == fp else None)
+        same = fingerprints(then, False) == fp and manifest.get("fingerprint") == fingerprints(then, True)
+    return fp, (manifest if same else None)
 
 
 def _data_settings_made_with(uri: str) -> DataPrepConfig | None:
@@ -245,9 +249,12 @@ def _data_settings_made_with(uri: str) -> DataPrepConfig | None:
     import yaml
 
     try:
-        recorded = yaml.safe_load(storage.read_text(storage.join(uri, "resolved_config.yaml")))
-        return DataPrepConfig.model_validate(recorded["data"])
-    except Exception:  # missing, unreadable or of another version: judged by the current settings
+        text = storage.read_text(storage.join(uri, "resolved_config.yaml"))  # a storage outage is raised
+    except storage.StorageNotFoundError:
+        return None
+    try:
+        return DataPrepConfig.model_validate(yaml.safe_load(text)["data"])
+    except Exception:  # unreadable or of another version: judged by the current settings
         return None
 
 
@@ -322,12 +329,12 @@ def prepare_tokenizer(config: RunConfig) -> dict:
             raise DataPreparationError("tokenizer.train: the run has no text or chat data set to train a tokenizer on")
     settings = spec.model_dump(mode="json", by_alias=True)
 
-    def fingerprints(config: RunConfig) -> tuple[str, str]:
+    def fingerprints(config: RunConfig, earlier: bool) -> str:
         if not spec.train:
-            fp = fingerprint("tokenizer", settings, [model_source_id(spec.from_)])
-            return fp, fp
-        inputs = [_tokenizer_input(config, n) for n in names]
-        return fingerprint("tokenizer", settings, inputs), fingerprint("tokenizer", settings, [dataset_fingerprint(config, n, "", legacy=True) for n in names])
+            return fingerprint("tokenizer", settings, [model_source_id(spec.from_)])
+        if earlier:
+            return fingerprint("tokenizer", settings, [dataset_fingerprint(config, n, "", legacy=True) for n in names])
+        return fingerprint("tokenizer", settings, [_tokenizer_input(config, n) for n in names])
 
     fp, manifest = _reusable(uri, config, fingerprints)
     if manifest:
@@ -699,7 +706,7 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             raise DataPreparationError("; ".join(problems))
     uri = dataset_uri(config, name)
     tokenizer_fp = tokenizer_manifest["fingerprint"]
-    fp, manifest = _reusable(uri, config, lambda c: (dataset_fingerprint(c, name, tokenizer_fp), dataset_fingerprint(c, name, tokenizer_fp, legacy=True)))
+    fp, manifest = _reusable(uri, config, lambda c, earlier: dataset_fingerprint(c, name, tokenizer_fp, legacy=earlier))
     if manifest:
         log.info("data %s: up to date (%s)", name, uri)
         return manifest

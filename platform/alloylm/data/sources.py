@@ -13,6 +13,7 @@ A `generate` data set has no sources of its own: it reads the items its teacher 
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import math
 import os
@@ -80,23 +81,63 @@ def _decode_file(path: str, data: bytes) -> tuple[str | None, str, str]:
         return None, "undecodable", f"{path}: not UTF-8 at byte {exc.start}"
 
 
-def _open_stream(fs, path: str, compression: str | None):
+class _RangeReader(io.RawIOBase):
+    """A file read by offset, each read retried while remote storage fails transiently
+    (`storage.retrying`, reopening the file): Ray's read_binary_files retried its reads, which a
+    data set's tasks now do themselves. Wrapped in a BufferedReader of READ_BUFFER_BYTES, so
+    that a decompressor's small reads (64 KiB for Arrow's, 8 KiB for lzma) are not one S3 request
+    each."""
+
+    def __init__(self, fs, path: str, uri: str) -> None:
+        super().__init__()
+        self._fs, self._path, self._uri = fs, path, uri
+        self._file = None
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _read_at(self, size: int) -> bytes:
+        try:
+            if self._file is None:
+                self._file = self._fs.open_input_file(self._path)
+            return self._file.read_at(size, self._offset)
+        except Exception:
+            self._file = None  # opened again on the next attempt
+            raise
+
+    def readinto(self, buffer) -> int:
+        data = storage.retrying("read", self._uri, lambda: self._read_at(len(buffer)))
+        buffer[: len(data)] = data
+        self._offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
+def _open_stream(fs, path: str, uri: str, compression: str | None):
     """A file as a stream of its (decompressed) bytes: the standard library's xz, Arrow's codecs
-    for the others (zstd is not in Python 3.11's standard library)."""
-    raw = fs.open_input_stream(path, compression=None)  # None: no codec guessed from the name here
+    for the others (zstd is not in Python 3.11's standard library). A read that fails on storage
+    (after its retries) raises StorageError; one the codec refuses raises the codec's own error."""
+    raw = io.BufferedReader(_RangeReader(fs, path, uri), buffer_size=READ_BUFFER_BYTES)
     if compression is None:
         return raw
     if compression == "xz":
         import lzma
 
         return lzma.LZMAFile(raw)
-    return pa.CompressedInputStream(raw, compression)
+    return pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
 
 
 # A JSON-lines file is read in chunks of this many bytes and its rows leave the task in batches of
 # this many rows, so that neither a large file nor its rows are ever held whole (a 10 GB shard was).
 JSON_LINES_CHUNK_BYTES = 8 << 20
 ROWS_PER_BATCH = 8192
+READ_BUFFER_BYTES = 8 << 20  # one storage request per this many bytes of a file
 
 
 def _json_line_row(path: str, number: int, chunk: bytes, fmt: str, columns: ColumnMapping) -> dict[str, str] | None:
@@ -113,6 +154,8 @@ def _json_line_row(path: str, number: int, chunk: bytes, fmt: str, columns: Colu
         parsed = json.loads(line)
     except json.JSONDecodeError as exc:
         return _row(f"{path}:{number}", origin, None, "malformed_json", f"{origin}: {exc.msg} (column {exc.colno})")
+    except (ValueError, RecursionError) as exc:  # an integer of too many digits; nesting too deep
+        return _row(f"{path}:{number}", origin, None, "malformed_json", f"{origin}: {type(exc).__name__}: {exc}")
     if not isinstance(parsed, dict):
         return _row(f"{path}:{number}", origin, None, "malformed_json", f"{origin}: not a JSON object")
     return convert_row(parsed, fmt, columns, origin, f"{path}:{number}")
@@ -130,20 +173,27 @@ def _json_lines_rows(path: str, stream, fmt: str, columns: ColumnMapping, chunk_
     if may_be_array and head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         yield from _json_array_rows(path, head + stream.read(), fmt, columns)
         return
-    rest, number, text_seen, block = b"", 0, False, head.removeprefix(codecs.BOM_UTF8)
+    # The line being read, in pieces: a line longer than a chunk is joined once, when it ends.
+    pieces, number, text_seen, block = [], 0, False, head.removeprefix(codecs.BOM_UTF8)
     while block:
         text_seen = text_seen or bool(block.strip())
-        *lines, rest = (rest + block).split(b"\n")
-        for line in lines:
-            number += 1
-            row = _json_line_row(path, number, line, fmt, columns)
-            if row is not None:
-                yield row
+        end = block.find(b"\n")
+        if end < 0:
+            pieces.append(block)
+        else:
+            *lines, last = block.split(b"\n")
+            lines[0] = b"".join([*pieces, lines[0]])
+            pieces = [last]
+            for line in lines:
+                number += 1
+                row = _json_line_row(path, number, line, fmt, columns)
+                if row is not None:
+                    yield row
         block = stream.read(chunk_bytes)
     if not text_seen:
         yield _row(path, path, None, "empty", f"{path}: empty file")
         return
-    row = _json_line_row(path, number + 1, rest, fmt, columns)  # the last line, without its "\n"
+    row = _json_line_row(path, number + 1, b"".join(pieces), fmt, columns)  # the last line, without its "\n"
     if row is not None:
         yield row
 
@@ -160,6 +210,12 @@ def _json_array_rows(path: str, data: bytes, fmt: str, columns: ColumnMapping):
     except json.JSONDecodeError as exc:
         yield _row(path, path, None, "malformed_json", f"{path}:{exc.lineno}: {exc.msg} (column {exc.colno}; the file starts a JSON array)")
         return
+    except (ValueError, RecursionError) as exc:
+        yield _row(path, path, None, "malformed_json", f"{path}: {type(exc).__name__}: {exc} (the file starts a JSON array)")
+        return
+    if not records:
+        yield _row(path, path, None, "empty", f"{path}: an empty JSON array")
+        return
     for index, record in enumerate(records):
         origin = f"{path}#{index}"
         if isinstance(record, dict):
@@ -168,19 +224,23 @@ def _json_array_rows(path: str, data: bytes, fmt: str, columns: ColumnMapping):
             yield _row(origin, origin, None, "malformed_json", f"{origin}: not a JSON object")
 
 
-def _file_rows(path: str, fs, fmt: str, columns: ColumnMapping, chunk_bytes: int = JSON_LINES_CHUNK_BYTES):
-    """The uniform rows of one file: a JSON-lines file's lines (streamed), or one document."""
+def _file_rows(path: str, fs, fmt: str, columns: ColumnMapping, chunk_bytes: int = JSON_LINES_CHUNK_BYTES, scheme: str = ""):
+    """The uniform rows of one file (`path` on `fs`; `scheme`: its URI's, `s3://`, for storage's
+    retries and messages): a JSON-lines file's lines (streamed), or one document. A storage
+    failure raises StorageError; a compressed file the codec refuses is one dropped row (after the
+    rows read before the break)."""
     kind = path.lower()
     suffix = next((s for s in COMPRESSION_SUFFIXES if kind.endswith(s)), None)
     codec = COMPRESSION_SUFFIXES[suffix] if suffix is not None else None
     kind = kind.removesuffix(suffix) if suffix is not None else kind
     try:
-        if kind.endswith(JSON_LINES_SUFFIXES):
-            with _open_stream(fs, path, codec) as stream:
+        with _open_stream(fs, path, scheme + path, codec) as stream:
+            if kind.endswith(JSON_LINES_SUFFIXES):
                 yield from _json_lines_rows(path, stream, fmt, columns, chunk_bytes, may_be_array=kind.endswith(".json"))
-            return
-        with _open_stream(fs, path, codec) as stream:
+                return
             data = stream.read()
+    except storage.StorageError:
+        raise
     except Exception as exc:  # each codec raises its own types (OSError, LZMAError, EOFError, ArrowInvalid, ...)
         if codec is None:
             raise
@@ -199,13 +259,13 @@ def _file_rows(path: str, fs, fmt: str, columns: ColumnMapping, chunk_bytes: int
 
 
 def _files_rows(batch: dict[str, Any], fs, fmt: str, columns: ColumnMapping, rows_per_batch: int = ROWS_PER_BATCH,
-                chunk_bytes: int = JSON_LINES_CHUNK_BYTES):
+                chunk_bytes: int = JSON_LINES_CHUNK_BYTES, scheme: str = ""):
     """Ray Data UDF (a generator): a batch of file paths -> uniform rows, in batches of at most
     `rows_per_batch`. The path is the full one: two files may share a base name in different folders."""
     out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
     yielded = False
     for path in batch["path"]:
-        for row in _file_rows(str(path), fs, fmt, columns, chunk_bytes):
+        for row in _file_rows(str(path), fs, fmt, columns, chunk_bytes, scheme):
             for key, value in row.items():
                 out[key].append(value)
             if len(out["id"]) >= rows_per_batch:
@@ -297,7 +357,10 @@ def _read_files(source: str, dataset: DatasetConfig):
         # bytes and rows, and Ray's default of a few files per task spent more time scheduling
         # tasks than reading.
         paths = ray.data.from_items([{"path": strip(f)} for f in raw_files], override_num_blocks=math.ceil(len(raw_files) / FILES_PER_READ_TASK))
-        parts.append(paths.map_batches(_files_rows, fn_kwargs={"fs": fs, "fmt": fmt, "columns": columns}, batch_format="numpy", batch_size=None))
+        scheme = source.split("://", 1)[0] + "://" if storage.is_remote(source) else ""
+        parts.append(paths.map_batches(
+            _files_rows, fn_kwargs={"fs": fs, "fmt": fmt, "columns": columns, "scheme": scheme}, batch_format="numpy", batch_size=None
+        ))
     if parquet_files:
         table = ray.data.read_parquet([strip(f) for f in parquet_files], filesystem=fs, include_paths=True)
         parts.append(table.map_batches(_table_rows, fn_kwargs={"fmt": fmt, "columns": columns, "origin": source, "has_paths": True}, batch_format="pyarrow"))

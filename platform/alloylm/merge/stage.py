@@ -131,16 +131,18 @@ def check_filters(name: str, stage: MergeStageConfig, tensors: list[str]) -> Non
     takes the first filter that is part of a tensor's name, so a filter that matches none (a typo:
     `mlps`) or only tensors an earlier one took (`[attn, self_attn]`) would be searched or set in
     vain, its tensors given `default` without a word."""
+
+    def takes(name_part: str, tensor: str) -> bool:  # mergekit's own test; "*" takes every tensor
+        return name_part == "*" or name_part in tensor
+
     for key, filters in _layerwise_filters(stage):
         for index, name_part in enumerate(filters):
-            if name_part == "*":
-                continue
-            if any(name_part in tensor and not any(earlier in tensor for earlier in filters[:index]) for tensor in tensors):
+            if any(takes(name_part, tensor) and not any(takes(earlier, tensor) for earlier in filters[:index]) for tensor in tensors):
                 continue
             shown = ", ".join(t for t in tensors if ".0." in t or "layers" not in t)
             reason = (
                 f"every tensor it matches is matched first by {', '.join(repr(e) for e in filters[:index])}"
-                if any(name_part in tensor for tensor in tensors) else "it is part of no tensor's name"
+                if any(takes(name_part, tensor) for tensor in tensors) else "it is part of no tensor's name"
             )
             raise StageError(
                 f"stages.{name}.{key}: filter {name_part!r} would set nothing: {reason} (mergekit gives a tensor the "

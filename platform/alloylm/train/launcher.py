@@ -132,7 +132,9 @@ def _check_assistant_masks(name: str, tokenizer) -> None:
     own functions, before the stage starts. TRL (seconds to import) only for a template without
     the closing marker: most Hub templates, never the one AlloyLM trains."""
     template = tokenizer.chat_template
-    if template and "endgeneration" in (template if isinstance(template, str) else template.get("default", "")):
+    if isinstance(template, dict):  # named templates: chats are rendered with the default one
+        template = template.get("default")
+    if template and "endgeneration" in template:
         return
     if template:
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -142,7 +144,7 @@ def _check_assistant_masks(name: str, tokenizer) -> None:
         try:
             get_training_chat_template(tokenizer)
             return
-        except ValueError:
+        except (ValueError, KeyError):
             pass
     raise StageError(
         f"stage {name!r}: stages.{name}.assistant_only_loss is true, but the run's tokenizer has "
