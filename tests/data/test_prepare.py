@@ -687,6 +687,13 @@ def test_a_file_read_on_remote_storage_is_retried_in_large_requests_and_a_lastin
         rows = [r for batch in _files_rows({"path": [str(tmp_path / name)]}, files, "text", ColumnMapping(), scheme="s3://") for r in batch["id"]]
         # the 2 failures, then the file in one request (and a few at its end)
         assert len(rows) == 20000 and files.requests <= 2 + 4 and len(data) > 1_000_000, (name, files.requests, len(data))
+    # Read whole (a document, a JSON array): as few requests (Python's readall asked 8 KiB at a time).
+    (tmp_path / "doc.txt").write_bytes(lines)
+    (tmp_path / "array.json").write_bytes(b"[" + lines.replace(b"}\n{", b"},\n{").rstrip(b"\n") + b"]")
+    for name in ("doc.txt", "array.json"):
+        files = _FlakyFiles(failures=0)
+        list(_files_rows({"path": [str(tmp_path / name)]}, files, "text", ColumnMapping(), scheme="s3://"))
+        assert files.requests <= 4, (name, files.requests)
     monkeypatch.setenv("ALLOYLM_STORAGE_RETRY_S", "0.2")
     with pytest.raises(storage.StorageError, match=r"cannot read s3://.*a.jsonl.gz"):
         list(_files_rows({"path": [str(tmp_path / "a.jsonl.gz")]}, _FlakyFiles(failures=-1), "text", ColumnMapping(), scheme="s3://"))

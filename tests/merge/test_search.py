@@ -485,9 +485,14 @@ def test_what_changes_a_search_result_changes_its_fingerprint(prepared):
     moved = load_config(_write(root, raw, "fp-moved.yaml"))
     done = storage.read_manifest(os.path.join(moved.run_uri, "stages", "fp-merged"))
     assert merge_stage(moved, "fp-merged") == done
-    # Searched before that (the data known by location): still up to date where it was made.
-    inputs = _search_inputs(reseeded, "fp-merged")
-    before = merge_fingerprint(reseeded, "fp-merged", _parents(reseeded, reseeded.stages["fp-merged"])[1], _objective(inputs, by_location=True))
+    # Searched before that (the data known by location): still up to date where it was made. The
+    # earlier objective written out as the code before 2026-12-05 had it.
+    from alloylm.evaluate.config import SCORING_VERSION
+
+    eval_config, eval_data = _search_inputs(reseeded, "fp-merged")
+    earlier = [SCORING_VERSION, eval_config.model_dump(mode="json", exclude={"resources", "batch_size", "dtype"}), eval_data.fingerprints]
+    assert _objective((eval_config, eval_data), by_location=True) == earlier
+    before = merge_fingerprint(reseeded, "fp-merged", _parents(reseeded, reseeded.stages["fp-merged"])[1], earlier)
     assert before != done["fingerprint"]
     manifest = os.path.join(reseeded.run_uri, "stages", "fp-merged", storage.MANIFEST_NAME)
     made_before = {**storage.read_manifest(os.path.dirname(manifest)), "fingerprint": before}

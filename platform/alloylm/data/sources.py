@@ -13,6 +13,7 @@ A `generate` data set has no sources of its own: it reads the items its teacher 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import json
 import math
@@ -103,7 +104,10 @@ class _RangeReader(io.RawIOBase):
                 self._file = self._fs.open_input_file(self._path)
             return self._file.read_at(size, self._offset)
         except Exception:
-            self._file = None  # opened again on the next attempt
+            if self._file is not None:  # opened again on the next attempt
+                with contextlib.suppress(Exception):
+                    self._file.close()
+                self._file = None
             raise
 
     def readinto(self, buffer) -> int:
@@ -111,6 +115,13 @@ class _RangeReader(io.RawIOBase):
         buffer[: len(data)] = data
         self._offset += len(data)
         return len(data)
+
+    def readall(self) -> bytes:
+        """The rest of the file in READ_BUFFER_BYTES requests (io.RawIOBase's asks for 8 KiB at a time)."""
+        chunks = []
+        while chunk := self.read(READ_BUFFER_BYTES):
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def close(self) -> None:
         if self._file is not None:
