@@ -699,6 +699,17 @@ def test_a_file_read_on_remote_storage_is_retried_in_large_requests_and_a_lastin
         list(_files_rows({"path": [str(tmp_path / "a.jsonl.gz")]}, _FlakyFiles(failures=-1), "text", ColumnMapping(), scheme="s3://"))
 
 
+def test_a_json_line_nested_too_deep_or_with_an_overlong_integer_is_that_lines_problem(tmp_path):
+    """json.loads raises RecursionError and ValueError (not JSONDecodeError) for these: they ended
+    the read of the whole file."""
+    from alloylm.config import ColumnMapping
+
+    deep = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    long_int = b'{"text": "x", "n": ' + b"7" * 5000 + b"}"
+    rows = _rows_of({"odd.jsonl": b'{"text": "Nacre is tough."}\n' + deep + b"\n" + long_int + b"\n"}, tmp_path, "text", ColumnMapping())
+    assert list(zip(rows["origin"], rows["drop_reason"])) == [("/odd.jsonl:1", ""), ("/odd.jsonl:2", "malformed_json"), ("/odd.jsonl:3", "malformed_json")]
+
+
 def test_a_json_file_holding_one_array_of_records_is_read_as_its_records(tmp_path):
     """Alpaca's `alpaca_data.json` and many exports are one pretty-printed JSON array: read as JSON
     lines, every line was dropped as malformed JSON, and nothing said why."""
