@@ -1119,15 +1119,20 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
 
     from alloylm.serve.loadgen import run_load
 
-    def throughput(rounds_: int = 2) -> float:
+    def throughput(model: str) -> float:
         rounds = [
-            asyncio.run(run_load(api_url, model="dpo", concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
-            for _ in range(rounds_)
+            asyncio.run(run_load(api_url, model=model, concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
+            for _ in range(2)
         ]
         assert all(r.errors == 0 for r in rounds)
         return max(r.tokens_per_s for r in rounds)
 
-    before_rate = throughput()
+    def relative_rate() -> float:
+        """dpo's rate over that of `merged` (an equal model whose streams nobody leaves), measured
+        side by side: what else runs on the 2 shared cores slows both alike."""
+        return throughput("dpo") / throughput("merged")
+
+    before_rate = relative_rate()
     before = _stats("dpo")
     body = json.dumps({"model": "dpo", "prompt": "Leave", "max_tokens": 200, "min_tokens": 200, "stream": True})
 
@@ -1153,12 +1158,15 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
     assert started >= 90, f"only {started} of 100 streams started"  # a few may be refused as overload
     generated = after["tokens_generated"] - before["tokens_generated"]
     assert generated < started * 200 / 4, f"{generated} tokens for {started} abandoned streams: they kept generating"
-    # The best of up to 3 measurements: on 2 shared cores one 2-round measurement fell to 0.70x
-    # once in a full suite (1009 against 1451 tokens/s) with nothing left running in the engine;
-    # slots that stayed taken would keep every measurement low.
+    # Against the untouched replica, and the best of up to 3 measurements: dpo's own rate alone
+    # fell to 0.70x once and to 0.57-0.63x in all 3 measurements once in a full suite (965 against
+    # 1542 tokens/s) with nothing left running in the engine, and passed alone. Serve's request
+    # slots left taken keep dpo low against merged (32 streams held open beside the measurement:
+    # 0.32-0.54x); a few taken slots cost a batch this small nothing (24 held open: passed), and
+    # the engine's running/waiting counts above are what catch those.
     rates = []
     while len(rates) < 3 and (not rates or max(rates) < 0.8 * before_rate):
-        rates.append(throughput())
+        rates.append(relative_rate())
     assert max(rates) >= 0.8 * before_rate, (before_rate, rates)
 
 
