@@ -434,6 +434,22 @@ def test_minhash_finds_near_duplicates_only():
     assert minhash.near_duplicates(["d0", "d0", "d1"], same, threshold=0.8) == {"d1": "d0"}
 
 
+def test_two_near_duplicates_in_a_bucket_whose_first_member_is_neither_are_found():
+    """LSH puts a false positive in the one bucket two near-duplicates share: each member is checked
+    against every cluster already in the bucket, not only the bucket's first member (which missed
+    the pair: neither resembles it)."""
+    assert minhash.lsh_bands(8, 0.5) == (4, 2)
+    signatures = np.array(
+        [
+            [1, 1, 10, 11, 12, 13, 14, 15],  # a: shares only band 0 with b and c (2 of 8 values)
+            [1, 1, 2, 2, 3, 9, 20, 21],  # b and c: 4 of 8 values equal, one band in common
+            [1, 1, 2, 7, 3, 8, 30, 31],
+        ],
+        dtype=np.uint32,
+    )
+    assert minhash.near_duplicates(["a", "b", "c"], signatures, threshold=0.5) == {"c": "b"}
+
+
 def test_normalise_text():
     assert normalise_text("  a\r\nb \t\n\n\n\nc\x00\ufeff ") == "a\nb\n\nc"
     assert normalise_text("Cafe\u0301") == "Caf\u00e9"

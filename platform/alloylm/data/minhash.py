@@ -141,13 +141,18 @@ def near_duplicates(ids: list[str], signatures: np.ndarray, threshold: float) ->
         for start, end in zip(starts, ends):
             if end - start < 2:
                 continue
-            members = order[start:end]
-            first = members[0]
-            for other in members[1:]:
-                if find(first) == find(other):
-                    continue
-                if np.mean(signatures[first] == signatures[other]) >= threshold:
-                    parent[find(other)] = find(first)
+            # Each member against one member of every cluster met so far in this bucket: checked
+            # against the bucket's first member only, two near-duplicates sharing their one bucket
+            # with an LSH false positive were missed. Buckets of near-duplicates hold one cluster,
+            # so this stays one comparison per member there.
+            seen: list[int] = []
+            for member in order[start:end]:
+                for other in seen:
+                    if find(other) == find(member) or np.mean(signatures[other] == signatures[member]) >= threshold:
+                        parent[find(member)] = find(other)
+                        break
+                else:
+                    seen.append(member)
     clusters: dict[int, list[int]] = {}
     for i in range(count):
         clusters.setdefault(find(i), []).append(i)
