@@ -1119,20 +1119,18 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
 
     from alloylm.serve.loadgen import run_load
 
-    def throughput(model: str) -> float:
-        rounds = [
-            asyncio.run(run_load(api_url, model=model, concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
-            for _ in range(2)
-        ]
-        assert all(r.errors == 0 for r in rounds)
-        return max(r.tokens_per_s for r in rounds)
+    def rate(model: str) -> float:
+        result = asyncio.run(run_load(api_url, model=model, concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
+        assert result.errors == 0
+        return result.tokens_per_s
 
-    def relative_rate() -> float:
-        """dpo's rate over that of `merged` (an equal model whose streams nobody leaves), measured
-        side by side: what else runs on the 2 shared cores slows both alike."""
-        return throughput("dpo") / throughput("merged")
+    def rates() -> tuple[float, float]:
+        """(dpo's rate, that of `merged`, an equal model whose streams nobody leaves), each the best
+        of 2 rounds taken in turns: what else runs on the 2 shared cores slows both alike."""
+        dpo, merged = zip(*((rate("dpo"), rate("merged")) for _ in range(2)))
+        return max(dpo), max(merged)
 
-    before_rate = relative_rate()
+    before_dpo, before_merged = rates()
     before = _stats("dpo")
     body = json.dumps({"model": "dpo", "prompt": "Leave", "max_tokens": 200, "min_tokens": 200, "stream": True})
 
@@ -1158,16 +1156,19 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
     assert started >= 90, f"only {started} of 100 streams started"  # a few may be refused as overload
     generated = after["tokens_generated"] - before["tokens_generated"]
     assert generated < started * 200 / 4, f"{generated} tokens for {started} abandoned streams: they kept generating"
-    # Against the untouched replica, and the best of up to 3 measurements: dpo's own rate alone
-    # fell to 0.70x once and to 0.57-0.63x in all 3 measurements once in a full suite (965 against
-    # 1542 tokens/s) with nothing left running in the engine, and passed alone. Serve's request
-    # slots left taken keep dpo low against merged (32 streams held open beside the measurement:
-    # 0.32-0.54x); a few taken slots cost a batch this small nothing (24 held open: passed), and
-    # the engine's running/waiting counts above are what catch those.
-    rates = []
-    while len(rates) < 3 and (not rates or max(rates) < 0.8 * before_rate):
-        rates.append(relative_rate())
-    assert max(rates) >= 0.8 * before_rate, (before_rate, rates)
+    # dpo against the untouched replica, the best of up to 3 measurements: dpo's own rate fell to
+    # 0.70x once and to 0.57-0.63x in all 3 measurements once in a full suite (965 against 1542
+    # tokens/s) with nothing left running in the engine, and passed alone. Serve's request slots
+    # left taken keep dpo low against merged (32 streams held open beside the measurement: 0.36-0.52x);
+    # 24 of the 32 held open cost a batch of 8 nothing (passed), and nothing here counts Serve's
+    # slots themselves. The models are equal, so a lucky ratio before does not raise the bar past
+    # 1; and dpo's own rate must stay above half, for what would slow both (a spinning proxy).
+    bar = 0.8 * min(before_dpo / before_merged, 1.0)
+    measured = []
+    while len(measured) < 3 and (not measured or max(d / m for d, m in measured) < bar):
+        measured.append(rates())
+    assert max(d / m for d, m in measured) >= bar, (before_dpo, before_merged, measured)
+    assert max(d for d, _ in measured) >= 0.5 * before_dpo, (before_dpo, measured)
 
 
 @pytest.mark.slow
