@@ -437,17 +437,22 @@ def test_minhash_finds_near_duplicates_only():
 def test_two_near_duplicates_in_a_bucket_whose_first_member_is_neither_are_found():
     """LSH puts a false positive in the one bucket two near-duplicates share: each member is checked
     against every cluster already in the bucket, not only the bucket's first member (which missed
-    the pair: neither resembles it)."""
-    assert minhash.lsh_bands(8, 0.5) == (4, 2)
+    the pair: neither resembles it), and joins every cluster it resembles."""
+    assert minhash.lsh_bands(8, 0.5) == (4, 2)  # bands: columns 0-1, 2-3, 4-5, 6-7
     signatures = np.array(
         [
             [1, 1, 10, 11, 12, 13, 14, 15],  # a: shares only band 0 with b and c (2 of 8 values)
-            [1, 1, 2, 2, 3, 9, 20, 21],  # b and c: 4 of 8 values equal, one band in common
-            [1, 1, 2, 7, 3, 8, 30, 31],
+            [1, 1, 2, 2, 3, 9, 20, 21],  # b and c: 5 of 8 values equal, band 0 their only one in common
+            [1, 1, 2, 7, 3, 8, 20, 31],
         ],
         dtype=np.uint32,
     )
     assert minhash.near_duplicates(["a", "b", "c"], signatures, threshold=0.5) == {"c": "b"}
+    # d resembles x and y (4 of 8 each), which do not resemble each other; all share band 0 only.
+    signatures = np.array(
+        [[1, 1, 10, 11, 12, 13, 14, 15], [1, 1, 20, 21, 22, 23, 24, 25], [1, 1, 10, 21, 12, 23, 90, 91]], dtype=np.uint32
+    )
+    assert minhash.near_duplicates(["x", "y", "d"], signatures, threshold=0.5) == {"x": "d", "y": "d"}
 
 
 def test_normalise_text():

@@ -110,6 +110,10 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
+# Clusters of one LSH bucket that a new member is compared with (see near_duplicates).
+MAX_BUCKET_CLUSTERS = 256
+
+
 def near_duplicates(ids: list[str], signatures: np.ndarray, threshold: float) -> dict[str, str]:
     """Map each near-duplicate id to the id it duplicates (the smallest id of its cluster).
 
@@ -141,18 +145,22 @@ def near_duplicates(ids: list[str], signatures: np.ndarray, threshold: float) ->
         for start, end in zip(starts, ends):
             if end - start < 2:
                 continue
-            # Each member against one member of every cluster met so far in this bucket: checked
-            # against the bucket's first member only, two near-duplicates sharing their one bucket
-            # with an LSH false positive were missed. Buckets of near-duplicates hold one cluster,
-            # so this stays one comparison per member there.
-            seen: list[int] = []
+            # Each member against one member of every cluster met so far in this bucket (up to
+            # MAX_BUCKET_CLUSTERS of them), joining all it resembles: checked against the bucket's
+            # first member only, two near-duplicates sharing their one bucket with an LSH false
+            # positive were missed. A bucket of near-duplicates holds one cluster, so that is one
+            # comparison per member; the cap bounds a bucket of many look-alikes that are not
+            # (templated text) to members x MAX_BUCKET_CLUSTERS comparisons, in numpy.
+            reps: list[int] = []
             for member in order[start:end]:
-                for other in seen:
-                    if find(other) == find(member) or np.mean(signatures[other] == signatures[member]) >= threshold:
-                        parent[find(member)] = find(other)
-                        break
-                else:
-                    seen.append(member)
+                if reps:
+                    alike = np.count_nonzero(signatures[reps] == signatures[member], axis=1) / num_perm >= threshold
+                    for rep in np.asarray(reps)[alike]:
+                        parent[find(member)] = find(int(rep))
+                    if alike.any():
+                        continue
+                if len(reps) < MAX_BUCKET_CLUSTERS:
+                    reps.append(int(member))
     clusters: dict[int, list[int]] = {}
     for i in range(count):
         clusters.setdefault(find(i), []).append(i)
