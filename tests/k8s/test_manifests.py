@@ -1203,3 +1203,55 @@ def test_the_gpu_cluster_as_it_starts_fits_every_stage_of_the_paper_configs():
         have["GPU"] += group["minReplicas"] * float(limits.get("nvidia.com/gpu", 0))
     for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
         check_stage_resources(load_config(str(path)), have=have)
+
+
+def _gib(quantity: str) -> float:
+    """A Kubernetes quantity of bytes (100Gi, 200G, 1Ti) in GiB."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    text = str(quantity)
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * units[unit] / 2**30
+    return float(text) / 2**30
+
+
+def _worker_disk_gib(config, name: str) -> float:
+    """The most local disk one worker of a paper stage holds at once, on rank 0 (bf16 weights, 2
+    bytes a parameter; Adam's fp32 master weights and moments, 12 bytes a trainable parameter):
+    a training stage's parent weights, a checkpoint while it uploads (its ZeRO shards, and under
+    ZeRO-3 with gathering the whole 16-bit model; under ZeRO-1/2 rank 0 writes the whole model) and
+    the final model; a merge's parents and the merged model."""
+    from alloylm.plan import count_parameters, model_config_of
+
+    stage = config.stages[name]
+    if stage.kind in ("merge", "merge_search"):
+        count = count_parameters(model_config_of(config, stage.parents[0])[0])
+        return (len(stage.parents) + 1) * 2 * count.total / 2**30
+    count = count_parameters(model_config_of(config, name)[0], stage.lora)
+    world, zero = stage.resources.workers, stage.deepspeed.stage if stage.deepspeed else 0
+    shards = 12 * count.trainable / (world if zero >= 1 else 1) + (2 * count.total / world if zero == 3 else 0)
+    whole = 2 * count.total if zero != 3 or stage.deepspeed.gather_16bit_weights_on_save else 0
+    return (2 * count.total + shards + whole + 2 * count.total) / 2**30
+
+
+def test_gpu_pods_request_the_disk_a_paper_stage_needs_on_one_worker():
+    """Without an ephemeral-storage request a GPU pod could land on a node with too little free
+    disk and be evicted under disk pressure mid-stage; the request must hold the paper configs'
+    largest stage on one worker."""
+    from alloylm.config import load_config
+
+    spec = yaml.safe_load((K8S / "raycluster-gpu.yaml").read_text())["spec"]
+    needed = {
+        f"{path.name}:{name}": _worker_disk_gib(config, name)
+        for path in sorted((REPO / "configs" / "paper").glob("*.yaml"))
+        for config in [load_config(str(path))]
+        for name, stage in config.stages.items()
+        if getattr(stage, "resources", None) is not None and (getattr(stage.resources, "gpus_per_worker", 0) or getattr(stage.resources, "num_gpus", 0))
+    }
+    assert needed and max(needed.values()) > 40, needed  # 8B models: tens of GiB
+    for group in spec["workerGroupSpecs"]:
+        container = _ray_container(group)
+        if _resource(container, "nvidia.com/gpu") >= 1:
+            requested = (container["resources"].get("requests") or {}).get("ephemeral-storage")
+            assert requested is not None, f"{group['groupName']}: no ephemeral-storage request"
+            assert _gib(requested) >= max(needed.values()), (group["groupName"], requested, max(needed.items(), key=lambda kv: kv[1]))
