@@ -79,11 +79,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _data(config: RunConfig, only: list[str] | None) -> dict[str, Any]:
-    from alloylm.cluster import connect_ray
-    from alloylm.data.prepare import check_sources, prepare_all
+    from alloylm.data.prepare import prepare_all
 
-    check_sources(config, only)  # a missing path fails before the cluster starts
-    connect_ray()
     return {name: m["counts"] for name, m in prepare_all(config, only).items()}
 
 
@@ -213,6 +210,21 @@ def _print_summary(summary) -> None:
         print(f"alloylm: {key}: {error}", file=sys.stderr)
 
 
+def _before_the_lease(config: RunConfig, args: argparse.Namespace) -> None:
+    """What a writing command (but `run`, which does its own) checks before it takes the lease,
+    the run's first write: the input it names, then that every node sees a local run folder."""
+    from alloylm.cluster import check_storage_shared, connect_ray
+
+    if args.command == "data":
+        from alloylm.data.prepare import check_sources
+
+        check_sources(config, args.only)  # a missing path fails before the cluster starts
+    if args.command == "eval" and config.evaluate is None:
+        raise UsageError("the config has no `evaluate:` section: nothing to evaluate")
+    connect_ray()
+    check_storage_shared(config.storage)
+
+
 def _command(args: argparse.Namespace, config: RunConfig) -> int:
     from alloylm.pipeline import run_pipeline, serve_variants
 
@@ -254,6 +266,9 @@ def _command(args: argparse.Namespace, config: RunConfig) -> int:
 
             kind_of(config, args.stage, command=args.command)  # a usage error before waiting for a lease
         lease = RunLease(config.run_uri, args.command, ttl=config.run.lease_ttl_seconds)
+        if not args.wait:
+            lease.refuse_if_held()  # another writer: fail at once, not after starting a Ray cluster
+        _before_the_lease(config, args)
         with lease.held(wait=args.wait):
             result = commands[args.command]()
         if lease.lost:  # `alloylm run` stops starting steps; one step can only fail at its end

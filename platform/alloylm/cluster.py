@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import threading
 
 log = logging.getLogger("alloylm")
 
@@ -68,3 +70,157 @@ def shipped_library() -> list[str]:
         return []
     package = os.path.dirname(os.path.abspath(alloylm.__file__))
     return [package] if package.startswith(os.path.join(os.path.abspath(os.getcwd()), "")) else []
+
+
+# ------------------------------------------------------------------------------ shared storage
+
+# (folder, node id) pairs this process has seen a node reach: a check costs one task per new node,
+# so each stage's runner may repeat it for nodes that joined since (an autoscaling cluster).
+_nodes_reaching: set[tuple[str, str]] = set()
+_nodes_lock = threading.Lock()
+# How long a node may take to answer (it may have to start a worker process first). A node that
+# does not answer in time is reported in the log and checked again next time; the run goes on.
+NODE_CHECK_TIMEOUT_S = 120.0
+
+
+def _missing_on_this_node(probes: list[tuple[str, str | None]]) -> list[str]:
+    """Runs on one node: the paths of `probes` it cannot see (a file with `expected` text, or any
+    file or folder where `expected` is None). Only `os`: nothing to import on a fresh node."""
+    missing = []
+    for path, expected in probes:
+        try:
+            if expected is None:
+                seen = os.path.exists(path)
+            else:
+                with open(path, encoding="utf-8") as handle:
+                    seen = handle.read() == expected
+        except OSError:
+            seen = False
+        if not seen:
+            missing.append(path)
+    return missing
+
+
+def _worker_nodes() -> list[dict]:
+    """The alive nodes, other than the driver's, that can run work (any CPU or GPU)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [
+        node for node in ray.nodes()
+        if node.get("Alive") and node["NodeID"] != here
+        and (node.get("Resources", {}).get("CPU", 0) > 0 or node.get("Resources", {}).get("GPU", 0) > 0)
+    ]
+
+
+def _nodes_missing(folder: str, probes: list[tuple[str, str | None]]) -> dict[str, list[str]]:
+    """Run `probes` on every worker node not yet seen reaching `folder`: "address (node id)" -> the
+    paths that node cannot see. Nodes that see them all are remembered."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    with _nodes_lock:
+        nodes = [node for node in _worker_nodes() if (folder, node["NodeID"]) not in _nodes_reaching]
+    if not nodes:
+        return {}
+    probe = ray.remote(num_cpus=0, max_retries=0)(_missing_on_this_node)
+    refs = {
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(probes): node
+        for node in nodes
+    }
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=NODE_CHECK_TIMEOUT_S)
+    if late:
+        log.warning(
+            "could not check within %.0f s that node(s) %s see %s; going on without it",
+            NODE_CHECK_TIMEOUT_S, ", ".join(refs[ref]["NodeID"] for ref in late), folder,
+        )
+        for ref in late:
+            ray.cancel(ref, force=True)
+    missing = {}
+    for ref in ready:
+        node = refs[ref]
+        try:
+            paths = ray.get(ref)
+        except Exception as exc:  # the node died, or its task could not run there: not the storage's fault
+            log.warning("could not check that node %s sees %s: %s", node["NodeID"], folder, exc)
+            continue
+        if paths:
+            missing[f"{node.get('NodeManagerAddress', '?')} (node {node['NodeID']})"] = paths
+        else:
+            with _nodes_lock:
+                _nodes_reaching.add((folder, node["NodeID"]))
+    return missing
+
+
+SHARED_STORAGE_HINT = (
+    "every node of the Ray cluster must reach the same storage: use an s3:// URI, or a shared "
+    "filesystem (NFS, a PersistentVolume with ReadWriteMany) mounted at the same path on every node"
+)
+
+
+def check_storage_shared(storage_root: str) -> None:
+    """Refuse (ConfigError, exit 2) a local `storage` folder that a worker node of the cluster does
+    not see, before anything is written there.
+
+    A run on several nodes writes and reads its artifacts from every node (Ray Data tasks, Ray
+    Train workers and checkpoints, merge trials, evaluation tasks). A folder on the driver's own
+    disk (the default `./runs`, or any path not on a shared filesystem) would have each node
+    write its part into its own disk, and the run would fail late, with a missing-file error.
+    The driver writes a marker file with a random token in the folder; a task pinned to each
+    node reads it back. Remote storage (s3://) and single-node clusters cost nothing.
+    """
+    from alloylm import storage
+    from alloylm.errors import ConfigError
+
+    if storage.is_remote(storage_root):
+        return
+    folder = storage.resolve(storage_root)
+    with _nodes_lock:
+        pending = any((folder, node["NodeID"]) not in _nodes_reaching for node in _worker_nodes())
+    if not pending:
+        return
+    import uuid
+
+    created = folder  # the first folder of the path that is not there yet, removed again on refusal
+    while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
+        created = os.path.dirname(created)
+    created = None if os.path.exists(folder) else created
+    os.makedirs(folder, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = os.path.join(folder, f".alloylm-node-check-{token}")
+    with open(marker, "w", encoding="utf-8") as handle:
+        handle.write(token)
+    try:
+        missing = _nodes_missing(folder, [(marker, token)])
+    finally:
+        try:
+            os.remove(marker)
+        except OSError:
+            pass
+    if missing:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        nodes = "; ".join(missing)
+        raise ConfigError(
+            f"storage: {storage_root!r} is a folder on this machine ({folder}) that {len(missing)} node(s) of the "
+            f"Ray cluster do not see: {nodes}. Nothing was run: {SHARED_STORAGE_HINT}"
+        )
+
+
+def check_models_on_every_node(sources: dict[str, str]) -> None:
+    """Refuse (ServeError) local model folders a worker node of the cluster does not see: a replica
+    placed there could not load its model. Remote sources (s3://, Hub ids) are not checked."""
+    from alloylm import storage
+    from alloylm.errors import ServeError
+
+    local = {}
+    for name, path in sources.items():
+        if not storage.is_remote(path) and os.path.exists(storage.resolve(path)):  # not a Hub id
+            local[name] = storage.resolve(path)
+    if not local:
+        return
+    missing = _nodes_missing("\0".join(sorted(local.values())), [(path, None) for path in local.values()])
+    if missing:
+        names = {path: name for name, path in local.items()}
+        detail = "; ".join(f"{node}: {', '.join(names[p] for p in paths)}" for node, paths in missing.items())
+        raise ServeError(f"variant model folders on this machine that node(s) of the Ray cluster do not see ({detail}); {SHARED_STORAGE_HINT}")

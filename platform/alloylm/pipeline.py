@@ -573,7 +573,7 @@ def run_pipeline(
     """
     import ray
 
-    from alloylm.cluster import connect_ray
+    from alloylm.cluster import check_storage_shared, connect_ray
     from alloylm.lease import RunLease
 
     lease = RunLease(config.run_uri, "run", ttl=config.run.lease_ttl_seconds)
@@ -583,6 +583,7 @@ def run_pipeline(
     check_merge_stages(config, names)  # not after hours of training the parents
     # A stage the cluster can never hold fails the run before anything is written, the lease included.
     connect_ray()
+    check_storage_shared(config.storage)  # a folder some node does not see: before anything is written there
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     check_stage_resources(config, names, have=capacity)
     check_stage_memory(config, names, capacity.get("GPU", 0))
@@ -619,7 +620,7 @@ def _run(config: RunConfig, only: list[str] | None, capacity: dict[str, float], 
 
 def serve_variants(config: RunConfig) -> None:
     """Deploy the run's `serve:` variants on the current Ray cluster and block until Ctrl-C."""
-    from alloylm.cluster import connect_ray
+    from alloylm.cluster import check_models_on_every_node, connect_ray
     from alloylm.serve import ServeConfig, serve_run, variant_sources
 
     serve_config = resolve_best(config, config.serve or ServeConfig())
@@ -629,6 +630,7 @@ def serve_variants(config: RunConfig) -> None:
         raise ServeError(str(exc)) from None
     connect_ray()
     check_serve_resources(serve_config)
+    check_models_on_every_node(sources)
     serve_run(serve_config, sources, blocking=True)
 
 

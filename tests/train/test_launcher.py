@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -628,3 +629,78 @@ def test_lost_node_fails_in_bounded_time_naming_it_and_a_rerun_resumes(tmp_path,
         assert metrics["world_size"] == 2 and len(metrics["nodes"]) == 2
     finally:
         ray_processes.stop(marker=temp_dir)
+
+
+def _exit_and_stderr(proc, timeout: float = 300) -> tuple[int | None, str]:
+    """A command's exit code and stderr; None for one still running after `timeout` (killed)."""
+    import subprocess
+
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None, proc.communicate()[1]
+
+
+def test_a_run_folder_or_model_a_node_does_not_see_is_refused_before_anything_is_written(tmp_path, ray_processes):
+    """Two nodes on this machine; the worker node runs in a mount namespace of its own where
+    tmp_path/hidden is an empty tmpfs: a folder on the driver's disk that node does not see, as a
+    node-local run folder on a real cluster. `alloylm run` and `alloylm train` with that folder as
+    `storage` exit 2 naming the key and that node, and write nothing there (no run folder, no
+    lease, no marker); `alloylm serve` of a model folder there exits 1 naming the variant. The
+    other direction, a folder every node sees, is the lost-node test's run above (two nodes, each
+    checked). Before the check, the same run failed late: a Ray Data task on that node found no
+    shards."""
+    import shlex
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+    import yaml
+
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a mount namespace for a node that does not see a folder (needs root or CAP_SYS_ADMIN)")
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="alloylm-hid-", dir="/tmp")
+    (port,) = ray_processes.free_ports(1)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    hidden = tmp_path / "hidden"
+    (hidden / "model").mkdir(parents=True)
+    storage_root = hidden / "new" / "runs"  # not there yet: the folders the check makes go again
+    raw = run_config(str(storage_root), {"lost": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": 2}}})
+    raw["serve"] = {"model": "copy", "sources": {"copy": str(hidden / "model")}, "deployment": {"num_cpus": 0.1}}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    cli_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       check=True, env=env, capture_output=True, timeout=300)
+        head = {p.pid for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])}
+        start = shlex.join([ray, "start", f"--address=127.0.0.1:{port}", *common])
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none {shlex.quote(str(hidden))} && exec {start}"],
+                       check=True, env=env, capture_output=True, timeout=300)
+        [worker_node] = [
+            arg.split("=", 1)[1] for p in psutil.process_iter(["name", "cmdline"])
+            if temp_dir in " ".join(p.info["cmdline"] or []) and "raylet" in (p.info["name"] or "") and p.pid not in head
+            for arg in p.info["cmdline"] if arg.startswith("--node_id=")
+        ]
+        cli = [sys.executable, "-m", "alloylm.cli"]
+        commands = {"run": [*cli, "run", str(cfg)], "train": [*cli, "train", str(cfg), "lost"], "serve": [*cli, "serve", str(cfg)]}
+        start_one = lambda name: subprocess.Popen(commands[name], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: E731
+        serving = start_one("serve")  # beside the others: it writes nothing
+        done = {"run": _exit_and_stderr(start_one("run"))}
+        done["train"] = _exit_and_stderr(start_one("train"))  # after `run`: both would make and remove storage_root's folders
+        done["serve"] = _exit_and_stderr(serving)
+    finally:
+        ray_processes.stop(marker=temp_dir)
+    for name in ("run", "train"):
+        code, err = done[name]
+        assert code == 2 and f"storage: {str(storage_root)!r}" in err and "do not see" in err, (name, err[-3000:])
+        assert re.findall(r"\(node ([0-9a-f]+)\)", err) == [worker_node], (name, err[-3000:])  # that node, not the driver's
+    code, err = done["serve"]
+    assert code == 1 and "do not see" in err and "copy" in err, err[-3000:]
+    assert os.listdir(hidden) == ["model"]  # no storage folder made, no run folder, no lease, no marker

@@ -284,6 +284,7 @@ def merge_fingerprint(config: RunConfig, name: str, parent_ids: list[Any], extra
 
 def merge_stage(config: RunConfig, name: str) -> dict:
     """Run merge stage `name` (fixed merge or merge search); returns its manifest."""
+    from alloylm.cluster import check_storage_shared
     from alloylm.pipeline import check_stage_resources
     from alloylm.stages import kind_of
 
@@ -306,6 +307,7 @@ def merge_stage(config: RunConfig, name: str) -> dict:
         log.info("stage %s: up to date (fingerprint %s), skipped", name, manifest["fingerprint"])
         return manifest
     check_stage_resources(config, [name])
+    check_storage_shared(config.storage)  # again for nodes that joined since the run started (autoscaling)
     mergekit_yaml = None
     if stage.mergekit_config:  # read here, where its path is seen (a task may run on another node)
         try:

@@ -381,6 +381,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     from alloylm.data.prepare import content_fingerprint, dataset_uri, prepare_dataset, prepare_tokenizer
     from alloylm.train.worker import SUMMARY_NAME, StageJob, train_loop_per_worker
 
+    from alloylm.cluster import check_storage_shared
     from alloylm.pipeline import check_stage_resources
     from alloylm.stages import kind_of
     from alloylm.tracking import ensure_experiment, mlflow_target
@@ -406,6 +407,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     _check_data(stage, name, data_uri, rows)
     check_stage_resources(config, [name])
+    check_storage_shared(config.storage)  # again for nodes that joined since the run started (autoscaling)
     _check_parent_and_tokenizer(config, name, parent_kind, parent)
     mlflow = mlflow_target(config, step=f"stage:{name}")
     if mlflow is not None:
