@@ -30,6 +30,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed-length", action="store_true", help="also send min_tokens = max_tokens (vLLM/AlloyLM extension)")
     parser.add_argument("--chat", action="store_true", help="use /chat/completions instead of /completions")
     parser.add_argument("--prompt", default="The toughness of nacre comes from", help="prompt (or user message)")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="a request unanswered this long counts as an error (default 600)")
     return parser
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt=args.prompt,
                 chat=args.chat,
                 api_key=os.environ.get("ALLOYLM_API_KEY"),
+                timeout_s=args.timeout_s,
             )
         )
         figures[str(concurrency)] = result.as_dict()

@@ -1120,7 +1120,8 @@ def test_a_hundred_clients_that_leave_free_their_batch_slots(api_url):
     from alloylm.serve.loadgen import run_load
 
     def rate(model: str) -> float:
-        result = asyncio.run(run_load(api_url, model=model, concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY))
+        # a request left waiting (a leak that holds every slot) fails the test instead of hanging it
+        result = asyncio.run(run_load(api_url, model=model, concurrency=8, requests=24, max_tokens=16, min_tokens=16, api_key=KEY, timeout_s=120))
         assert result.errors == 0
         return result.tokens_per_s
 

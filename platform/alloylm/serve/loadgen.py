@@ -60,11 +60,15 @@ async def run_load(
     temperature: float = 1.0,
     min_tokens: int | None = None,
     scoring: bool = False,
+    timeout_s: float | None = 600.0,
 ) -> LoadResult:
     """Send `requests` requests, `concurrency` at a time, and measure them.
 
     `min_tokens` (vLLM's extension, which AlloyLM honours) makes every answer equally long, so
-    levels and deployments compare like with like.
+    levels and deployments compare like with like. A request unanswered after `timeout_s` seconds
+    (None: no limit), a refused or dropped connection, and an answer other than 200 count as
+    `errors` and leave the latencies alone: a server that hangs ends the load with errors, not
+    never.
     """
     import aiohttp
 
@@ -99,8 +103,12 @@ async def run_load(
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
-            async with session.post(base_url.rstrip("/") + path, data=payload, headers=headers) as response:
-                answer = await response.read()
+            try:
+                async with session.post(base_url.rstrip("/") + path, data=payload, headers=headers) as response:
+                    answer = await response.read()
+            except (TimeoutError, aiohttp.ClientError):
+                errors += 1
+                continue
             if response.status != 200:
                 errors += 1
                 continue
@@ -110,7 +118,7 @@ async def run_load(
             prompt_tokens += counts["prompt_tokens"]
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - started
