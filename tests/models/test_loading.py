@@ -587,3 +587,55 @@ def test_s3_artifact_rewritten_at_the_same_uri_is_downloaded_again(tokenizer, s3
     storage.write_json(storage.join(uri, storage.MANIFEST_NAME), {"fingerprint": "second"})
     loaded = load_model(uri, cache_dir=cache)
     assert torch.equal(_logits(loaded, tokenizer), _logits(second, tokenizer))
+
+
+@pytest.mark.s3
+def test_the_model_cache_keeps_to_its_budget_by_removing_the_least_recently_used(saved_model, s3_bucket, tmp_path, monkeypatch):
+    """ALLOYLM_MODEL_CACHE_GB bounds a node's model cache: past it, the copies used longest ago go,
+    never the one just asked for, one used within the grace period, or one another process holds
+    the lock of (it is being downloaded or looked up)."""
+    import fcntl
+    import time
+    from pathlib import Path
+
+    _, folder = saved_model
+    uris = {name: f"s3://{s3_bucket}/runs/exp/{name}" for name in "abcd"}
+    for uri in uris.values():
+        storage.upload_dir(str(folder), uri)
+    cache = tmp_path / "cache"
+    local: dict[str, Path] = {}
+
+    def get(name: str) -> set[str]:
+        local[name] = Path(loading._download_cached(uris[name], cache_dir=str(cache)))
+        return {n for n, path in local.items() if (path / loading._COMPLETE_MARKER).is_file()}
+
+    def used(name: str, seconds_ago: float) -> None:
+        at = time.time() - seconds_ago
+        os.utime(local[name] / loading._COMPLETE_MARKER, (at, at))
+
+    assert get("a") == {"a"}
+    size = loading._folder_bytes(local["a"])
+    monkeypatch.setenv(loading.CACHE_BUDGET_ENV, str(2.5 * size / 1e9))  # room for two copies
+    monkeypatch.setattr(loading, "CACHE_GRACE_S", 0.0)
+    assert get("b") == {"a", "b"}
+    used("a", 300)
+    used("b", 200)
+    assert get("a") == {"a", "b"}  # a cached copy: used now, not downloaded again
+    assert get("c") == {"a", "c"}  # b was used longest ago
+    assert not any(".evicting-" in p.name for p in cache.iterdir())
+
+    monkeypatch.setattr(loading, "CACHE_GRACE_S", 3600.0)
+    assert get("d") == {"a", "c", "d"}  # over the budget, but each was used within the hour
+
+    monkeypatch.setattr(loading, "CACHE_GRACE_S", 0.0)
+    used("a", 500)
+    used("c", 100)
+    used("d", 50)
+    with open(cache / f".{local['a'].name}.lock", "a") as held:  # another process's lock on a
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert get("b") == {"a", "b"}  # a, the oldest, is in use: c and d go
+        fcntl.flock(held, fcntl.LOCK_UN)
+
+    monkeypatch.setenv(loading.CACHE_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="ALLOYLM_MODEL_CACHE_GB='lots' is not a number of GB"):
+        get("c")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +34,8 @@ from transformers import (
 from alloylm import storage
 from alloylm.storage import CorruptFileError
 
+log = logging.getLogger("alloylm")
+
 SourceKind = Literal["local", "s3", "hub"]
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "alloylm", "models")
@@ -44,6 +48,15 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _COMPLETE_MARKER = ".alloylm-download-complete"
+# The model cache's size budget on a node, in GB (1e9 bytes): past it, the least recently used
+# copies are removed (never the one just asked for, one in use within CACHE_GRACE_S, or one being
+# downloaded). Unset or 0: no limit. A long-lived GPU pod otherwise keeps every parent it has ever
+# loaded, some 16 GB per 8B model.
+CACHE_BUDGET_ENV = "ALLOYLM_MODEL_CACHE_GB"
+# How long after its last use a copy is never removed: the time a process takes to load it after
+# `_download_cached` returned its folder (the files are then mapped or in memory, and removing
+# them harms nobody on Linux).
+CACHE_GRACE_S = 600.0
 # Files a tokenizer is built from: the fast tokenizer's own, or a slow tokenizer's vocabulary.
 _TOKENIZER_FILE = "tokenizer.json"
 _SLOW_VOCABULARIES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
@@ -165,7 +178,8 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
     key = hashlib.sha256(key_material.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "model"
     final = cache / f"{name}-{key}"
-    if (final / _COMPLETE_MARKER).is_file():
+    if _use_if_complete(cache, final):
+        _evict_over_budget(cache, keep=final)
         return str(final)
     cache.mkdir(parents=True, exist_ok=True)
     # One download per node: the workers of a node (8 ranks on an 8-GPU node) wait for the first,
@@ -179,9 +193,105 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
         try:
             if not (final / _COMPLETE_MARKER).is_file():
                 _download_into(uri, cache, final)
+            os.utime(final / _COMPLETE_MARKER)  # its last use, for the budget's order
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    _evict_over_budget(cache, keep=final)
     return str(final)
+
+
+def _use_if_complete(cache: Path, final: Path) -> bool:
+    """True when `final` is a complete copy, its use recorded (the marker's mtime). Under the entry's
+    lock, shared: a removal (`_evict_over_budget`, exclusive) is either done, and the copy is not
+    complete, or not begun, and the fresh use keeps it from beginning."""
+    marker = final / _COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        with open(cache / f".{final.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                os.utime(marker)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:  # removed meanwhile, or a file system without locks
+        return marker.is_file()
+
+
+def _cache_budget_bytes() -> float | None:
+    value = os.environ.get(CACHE_BUDGET_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        raise ValueError(f"{CACHE_BUDGET_ENV}={value!r} is not a number of GB") from None
+    if budget < 0:
+        raise ValueError(f"{CACHE_BUDGET_ENV}={value!r} is negative; 0 or unset means no limit")
+    return budget * 1e9 if budget > 0 else None
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _evict_over_budget(cache: Path, *, keep: Path) -> list[str]:
+    """Remove the least recently used complete copies until the cache fits its budget; returns
+    their names. A copy used within CACHE_GRACE_S, or whose lock another process holds (it is
+    being downloaded or looked up), stays, even when the cache is then over its budget."""
+    budget = _cache_budget_bytes()
+    if budget is None:
+        return []
+    entries = []
+    for entry in cache.iterdir():
+        if ".evicting-" in entry.name:
+            shutil.rmtree(entry, ignore_errors=True)  # left by a removal cut short: no one can reach it
+            continue
+        marker = entry / _COMPLETE_MARKER
+        if entry.name.startswith(".") or not marker.is_file():
+            continue
+        try:
+            entries.append((marker.stat().st_mtime, entry, _folder_bytes(entry)))
+        except OSError:
+            continue  # removed meanwhile
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for used, entry, size in sorted(entries, key=lambda e: e[0]):
+        if total <= budget:
+            break
+        if entry == keep or time.time() - used < CACHE_GRACE_S:
+            continue
+        try:
+            with open(cache / f".{entry.name}.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # in use by another process (or no locks here: never remove then)
+                try:
+                    marker = entry / _COMPLETE_MARKER
+                    if not marker.is_file() or time.time() - marker.stat().st_mtime < CACHE_GRACE_S:
+                        continue  # used since it was listed
+                    doomed = cache / f".{entry.name}.evicting-{os.getpid()}"
+                    os.rename(entry, doomed)  # no longer complete to anyone, at once
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as exc:
+            log.warning("model cache: could not remove %s: %s", entry, exc)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        total -= size
+        removed.append(entry.name)
+        log.info("model cache %s: removed %s (%.1f GB, last used %s) to stay under %s=%s", cache, entry.name, size / 1e9,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(used)), CACHE_BUDGET_ENV, os.environ.get(CACHE_BUDGET_ENV))
+    return removed
 
 
 def _download_into(uri: str, cache: Path, final: Path) -> None:
