@@ -221,6 +221,10 @@ def _before_the_lease(config: RunConfig, args: argparse.Namespace) -> None:
         check_sources(config, args.only)  # a missing path fails before the cluster starts
     if args.command == "eval" and config.evaluate is None:
         raise UsageError("the config has no `evaluate:` section: nothing to evaluate")
+    if args.command in ("merge", "search"):
+        from alloylm.pipeline import check_merge_stages
+
+        check_merge_stages(config, [args.stage])  # settings mergekit would refuse: before a cluster starts
     connect_ray()
     check_storage_shared(config.storage)
 

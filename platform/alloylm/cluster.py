@@ -1,10 +1,10 @@
-"""Connecting to the Ray cluster a command runs on: `RAY_ADDRESS` if set, else a local one."""
+"""Connecting to the Ray cluster a command runs on (`RAY_ADDRESS` if set, else a local one), and
+checking that every node sees a local storage or model folder."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 
 log = logging.getLogger("alloylm")
@@ -85,7 +85,7 @@ NODE_CHECK_TIMEOUT_S = 120.0
 
 def _missing_on_this_node(probes: list[tuple[str, str | None]]) -> list[str]:
     """Runs on one node: the paths of `probes` it cannot see (a file with `expected` text, or any
-    file or folder where `expected` is None). Only `os`: nothing to import on a fresh node."""
+    file or folder where `expected` is None)."""
     missing = []
     for path, expected in probes:
         try:
@@ -101,26 +101,27 @@ def _missing_on_this_node(probes: list[tuple[str, str | None]]) -> list[str]:
     return missing
 
 
-def _worker_nodes() -> list[dict]:
-    """The alive nodes, other than the driver's, that can run work (any CPU or GPU)."""
+def _worker_nodes(needs_gpu: bool = False) -> list[dict]:
+    """The alive nodes, other than the driver's, that can run work (any CPU or GPU; a GPU if
+    `needs_gpu`)."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
     return [
         node for node in ray.nodes()
         if node.get("Alive") and node["NodeID"] != here
-        and (node.get("Resources", {}).get("CPU", 0) > 0 or node.get("Resources", {}).get("GPU", 0) > 0)
+        and (node.get("Resources", {}).get("GPU", 0) > 0 or (not needs_gpu and node.get("Resources", {}).get("CPU", 0) > 0))
     ]
 
 
-def _nodes_missing(folder: str, probes: list[tuple[str, str | None]]) -> dict[str, list[str]]:
+def _nodes_missing(folder: str, probes: list[tuple[str, str | None]], needs_gpu: bool = False) -> dict[str, list[str]]:
     """Run `probes` on every worker node not yet seen reaching `folder`: "address (node id)" -> the
     paths that node cannot see. Nodes that see them all are remembered."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     with _nodes_lock:
-        nodes = [node for node in _worker_nodes() if (folder, node["NodeID"]) not in _nodes_reaching]
+        nodes = [node for node in _worker_nodes(needs_gpu) if (folder, node["NodeID"]) not in _nodes_reaching]
     if not nodes:
         return {}
     probe = ray.remote(num_cpus=0, max_retries=0)(_missing_on_this_node)
@@ -181,10 +182,11 @@ def check_storage_shared(storage_root: str) -> None:
         return
     import uuid
 
-    created = folder  # the first folder of the path that is not there yet, removed again on refusal
-    while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
-        created = os.path.dirname(created)
-    created = None if os.path.exists(folder) else created
+    made = []  # the folders of the path made here, deepest first: removed again on refusal, while empty
+    parent = folder
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        made.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(folder, exist_ok=True)
     token = uuid.uuid4().hex
     marker = os.path.join(folder, f".alloylm-node-check-{token}")
@@ -198,28 +200,33 @@ def check_storage_shared(storage_root: str) -> None:
         except OSError:
             pass
     if missing:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        for path in made:
+            try:
+                os.rmdir(path)  # only while empty: another process may have begun writing there meanwhile
+            except OSError:
+                break
         nodes = "; ".join(missing)
         raise ConfigError(
             f"storage: {storage_root!r} is a folder on this machine ({folder}) that {len(missing)} node(s) of the "
-            f"Ray cluster do not see: {nodes}. Nothing was run: {SHARED_STORAGE_HINT}"
+            f"Ray cluster do not see: {nodes}. Refused before this step wrote anything there: {SHARED_STORAGE_HINT}"
         )
 
 
-def check_models_on_every_node(sources: dict[str, str]) -> None:
+def check_models_on_every_node(sources: dict[str, str], *, needs_gpu: bool = False) -> None:
     """Refuse (ServeError) local model folders a worker node of the cluster does not see: a replica
-    placed there could not load its model. Remote sources (s3://, Hub ids) are not checked."""
+    placed there could not load its model. Only nodes that could hold a replica (with a GPU, for
+    replicas that need one) and absolute paths (a relative one reaches the replicas as it is); remote
+    sources (s3://, Hub ids) are not checked."""
     from alloylm import storage
     from alloylm.errors import ServeError
 
     local = {}
     for name, path in sources.items():
-        if not storage.is_remote(path) and os.path.exists(storage.resolve(path)):  # not a Hub id
+        if not storage.is_remote(path) and os.path.isabs(path.removeprefix("file://")) and os.path.exists(storage.resolve(path)):
             local[name] = storage.resolve(path)
     if not local:
         return
-    missing = _nodes_missing("\0".join(sorted(local.values())), [(path, None) for path in local.values()])
+    missing = _nodes_missing("\0".join(sorted(local.values())), [(path, None) for path in local.values()], needs_gpu)
     if missing:
         names = {path: name for name, path in local.items()}
         detail = "; ".join(f"{node}: {', '.join(names[p] for p in paths)}" for node, paths in missing.items())

@@ -583,7 +583,6 @@ def run_pipeline(
     check_merge_stages(config, names)  # not after hours of training the parents
     # A stage the cluster can never hold fails the run before anything is written, the lease included.
     connect_ray()
-    check_storage_shared(config.storage)  # a folder some node does not see: before anything is written there
     capacity = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     check_stage_resources(config, names, have=capacity)
     check_stage_memory(config, names, capacity.get("GPU", 0))
@@ -591,6 +590,7 @@ def run_pipeline(
         from alloylm.evaluate.runner import check_eval_resources
 
         check_eval_resources(config.evaluate, ray.cluster_resources())  # not after every stage has trained
+    check_storage_shared(config.storage)  # a folder some node does not see: before anything is written there
     with lease.held(wait=wait_for_lease):
         summary = _run(config, only, capacity, halt=lambda: LEASE_LOST if lease.lost else None)
         if lease.lost:  # also when it was lost while the last steps ran
@@ -630,7 +630,7 @@ def serve_variants(config: RunConfig) -> None:
         raise ServeError(str(exc)) from None
     connect_ray()
     check_serve_resources(serve_config)
-    check_models_on_every_node(sources)
+    check_models_on_every_node(sources, needs_gpu=serve_config.deployment.num_gpus > 0)
     serve_run(serve_config, sources, blocking=True)
 
 

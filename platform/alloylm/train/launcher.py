@@ -387,6 +387,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
     from alloylm.tracking import ensure_experiment, mlflow_target
 
     kind_of(config, name, command="train")  # UsageError (exit 2): no such stage, or not a training stage
+    check_storage_shared(config.storage)  # again for nodes that joined since the run started (autoscaling)
     stage = config.stages[name]
     layout = RunLayout.of(config)
     parent_kind, parent, parent_id = _parent(config, stage)
@@ -407,7 +408,6 @@ def train_stage(config: RunConfig, name: str) -> dict:
     rows = data_manifest["counts"].get("blocks") or data_manifest["counts"].get("records_out") or 0
     _check_data(stage, name, data_uri, rows)
     check_stage_resources(config, [name])
-    check_storage_shared(config.storage)  # again for nodes that joined since the run started (autoscaling)
     _check_parent_and_tokenizer(config, name, parent_kind, parent)
     mlflow = mlflow_target(config, step=f"stage:{name}")
     if mlflow is not None:
