@@ -590,23 +590,31 @@ def test_s3_artifact_rewritten_at_the_same_uri_is_downloaded_again(tokenizer, s3
 
 
 @pytest.mark.s3
-def test_the_model_cache_keeps_to_its_budget_by_removing_the_least_recently_used(saved_model, s3_bucket, tmp_path, monkeypatch):
+def test_the_model_cache_keeps_to_its_budget_by_removing_the_least_recently_used(saved_model, s3_bucket, tmp_path, monkeypatch, caplog):
     """ALLOYLM_MODEL_CACHE_GB bounds a node's model cache: past it, the copies used longest ago go,
-    never the one just asked for, one used within the grace period, or one another process holds
-    the lock of (it is being downloaded or looked up)."""
+    never the one just asked for, one a live process still holds (it may read its files for
+    minutes: a merge reads its parents as it goes), one used within the grace period, or one being
+    downloaded; what a killed download left goes too. This process holds every copy it got until
+    `release_cached`, as a worker does until it ends."""
     import fcntl
     import time
     from pathlib import Path
 
+    caplog.set_level("INFO", logger="alloylm")
     _, folder = saved_model
     uris = {name: f"s3://{s3_bucket}/runs/exp/{name}" for name in "abcd"}
     for uri in uris.values():
         storage.upload_dir(str(folder), uri)
     cache = tmp_path / "cache"
     local: dict[str, Path] = {}
+    downloads = []
+    download = loading.storage.download_dir
+    monkeypatch.setattr(loading.storage, "download_dir", lambda *args, **kwargs: (downloads.append(args[0]), download(*args, **kwargs))[1])
 
-    def get(name: str) -> set[str]:
+    def get(name: str, release: bool = True) -> set[str]:
         local[name] = Path(loading._download_cached(uris[name], cache_dir=str(cache)))
+        if release:
+            loading.release_cached(str(local[name]))
         return {n for n, path in local.items() if (path / loading._COMPLETE_MARKER).is_file()}
 
     def used(name: str, seconds_ago: float) -> None:
@@ -620,22 +628,32 @@ def test_the_model_cache_keeps_to_its_budget_by_removing_the_least_recently_used
     assert get("b") == {"a", "b"}
     used("a", 300)
     used("b", 200)
-    assert get("a") == {"a", "b"}  # a cached copy: used now, not downloaded again
+    assert get("a") == {"a", "b"} and downloads.count(uris["a"]) == 1  # a cached copy, used now
     assert get("c") == {"a", "c"}  # b was used longest ago
-    assert not any(".evicting-" in p.name for p in cache.iterdir())
+    assert any("removed" in r.message and local["b"].name in r.message for r in caplog.records)
 
     monkeypatch.setattr(loading, "CACHE_GRACE_S", 3600.0)
     assert get("d") == {"a", "c", "d"}  # over the budget, but each was used within the hour
 
     monkeypatch.setattr(loading, "CACHE_GRACE_S", 0.0)
+    monkeypatch.setenv(loading.CACHE_BUDGET_ENV, "0")  # no limit for a moment: nothing is removed here
+    get("a", release=False)  # held by this process: still read
+    monkeypatch.setenv(loading.CACHE_BUDGET_ENV, str(2.5 * size / 1e9))
     used("a", 500)
     used("c", 100)
     used("d", 50)
-    with open(cache / f".{local['a'].name}.lock", "a") as held:  # another process's lock on a
-        fcntl.flock(held, fcntl.LOCK_EX)
-        assert get("b") == {"a", "b"}  # a, the oldest, is in use: c and d go
-        fcntl.flock(held, fcntl.LOCK_UN)
+    left = cache / f".{local['c'].name}.partial-x1"  # a download killed midway, nobody downloading c now
+    downloading = cache / f".{local['d'].name}.partial-x2"  # one under way: d's lock is held
+    for partial in (left, downloading):
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"0" * 10)
+    with open(cache / f".{local['d'].name}.lock", "a") as d_lock:
+        fcntl.flock(d_lock, fcntl.LOCK_EX)
+        assert get("b") == {"a", "b", "d"}  # a is held and d locked: c goes, over the budget still
+        assert not left.exists() and downloading.exists()
+    assert get("c") == {"a", "c"}  # d's lock free again: d, then b go; a stays held
+    loading.release_cached(str(local["a"]))
 
-    monkeypatch.setenv(loading.CACHE_BUDGET_ENV, "lots")
-    with pytest.raises(ValueError, match="ALLOYLM_MODEL_CACHE_GB='lots' is not a number of GB"):
-        get("c")
+    monkeypatch.setenv(loading.CACHE_BUDGET_ENV, "lots")  # reported, and no limit: loads go on
+    assert get("b") == {"a", "b", "c"}
+    assert any("ALLOYLM_MODEL_CACHE_GB='lots' is not a number of GB" in r.message for r in caplog.records)

@@ -13,13 +13,15 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -49,14 +51,13 @@ _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _COMPLETE_MARKER = ".alloylm-download-complete"
 # The model cache's size budget on a node, in GB (1e9 bytes): past it, the least recently used
-# copies are removed (never the one just asked for, one in use within CACHE_GRACE_S, or one being
-# downloaded). Unset or 0: no limit. A long-lived GPU pod otherwise keeps every parent it has ever
+# copies are removed (never the one just asked for, one a live process holds, one used within
+# CACHE_GRACE_S, or one being downloaded). Unset or 0: no limit. A long-lived GPU pod otherwise keeps every parent it has ever
 # loaded, some 16 GB per 8B model.
 CACHE_BUDGET_ENV = "ALLOYLM_MODEL_CACHE_GB"
-# How long after its last use a copy is never removed: the time a process takes to load it after
-# `_download_cached` returned its folder (the files are then mapped or in memory, and removing
-# them harms nobody on Linux).
-CACHE_GRACE_S = 600.0
+# How long after its last use a copy is not removed even when no process holds it: the moment
+# between a download and its process taking the copy (`_hold`), and a clock that jumps.
+CACHE_GRACE_S = 60.0
 # Files a tokenizer is built from: the fast tokenizer's own, or a slow tokenizer's vocabulary.
 _TOKENIZER_FILE = "tokenizer.json"
 _SLOW_VOCABULARIES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
@@ -165,7 +166,8 @@ def _require_file(folder: str, name: str, *, shown_as: str) -> None:
 
 
 def _download_cached(uri: str, *, cache_dir: str | None) -> str:
-    """The local copy of the S3 folder ``uri``, downloaded unless a complete copy is cached."""
+    """The local copy of the S3 folder ``uri``, downloaded unless a complete copy is cached; this
+    process holds it (`_hold`) until it ends or calls `release_cached`."""
     cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser().absolute()
     # An artifact rewritten at the same URI gets a new manifest (its created_at changes), hence a
     # new cache entry; a folder without a manifest (a model from outside the run) by its files'
@@ -178,57 +180,98 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
     key = hashlib.sha256(key_material.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "model"
     final = cache / f"{name}-{key}"
-    if _use_if_complete(cache, final):
-        _evict_over_budget(cache, keep=final)
-        return str(final)
-    cache.mkdir(parents=True, exist_ok=True)
-    # One download per node: the workers of a node (8 ranks on an 8-GPU node) wait for the first,
-    # then find its copy complete. Without the lock each downloaded the whole model.
-    with open(cache / f".{final.name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (NFS without lockd, some FUSE mounts)
-            _download_into(uri, cache, final)  # each worker downloads; the first rename wins
+    for _ in range(3):
+        if _hold(cache, final):
+            _evict_over_budget(cache, keep=final)
             return str(final)
-        try:
-            if not (final / _COMPLETE_MARKER).is_file():
-                _download_into(uri, cache, final)
-            os.utime(final / _COMPLETE_MARKER)  # its last use, for the budget's order
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    _evict_over_budget(cache, keep=final)
-    return str(final)
-
-
-def _use_if_complete(cache: Path, final: Path) -> bool:
-    """True when `final` is a complete copy, its use recorded (the marker's mtime). Under the entry's
-    lock, shared: a removal (`_evict_over_budget`, exclusive) is either done, and the copy is not
-    complete, or not begun, and the fresh use keeps it from beginning."""
-    marker = final / _COMPLETE_MARKER
-    if not marker.is_file():
-        return False
-    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        # One download per node: the workers of a node (8 ranks on an 8-GPU node) wait for the first,
+        # then find its copy complete. Without the lock each downloaded the whole model.
         with open(cache / f".{final.name}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_SH)
             try:
-                os.utime(marker)
-                return True
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (NFS without lockd, some FUSE mounts)
+                _download_into(uri, cache, final)  # each worker downloads; the first rename wins
+                return str(final)
+            try:
+                if not (final / _COMPLETE_MARKER).is_file():
+                    _download_into(uri, cache, final)
+                _record_use(final)  # within CACHE_GRACE_S: not removed before `_hold` above takes it
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-    except OSError:  # removed meanwhile, or a file system without locks
-        return marker.is_file()
+    if _hold(cache, final):
+        _evict_over_budget(cache, keep=final)
+        return str(final)
+    raise OSError(f"the copy of {uri} in the model cache {cache} was removed each time it was downloaded (see {CACHE_BUDGET_ENV})")
+
+
+# The cached copies this process uses: each entry's lock file, held open with a shared lock until the
+# process ends or calls `release_cached`. A removal takes the lock exclusively without waiting, so it
+# passes over every copy a live process holds: a merge reads its parents' files for many minutes
+# after `_download_cached` returned, and a Serve replica may read its model again.
+_held: dict[str, Any] = {}
+_held_lock = threading.Lock()
+
+
+def _hold(cache: Path, final: Path) -> bool:
+    """True when `final` is a complete copy, now held by this process and its use recorded."""
+    marker = final / _COMPLETE_MARKER
+    with _held_lock:
+        if str(final) in _held:
+            _record_use(final)
+            return True
+        if not marker.is_file():
+            return False
+        try:
+            handle = open(cache / f".{final.name}.lock", "a")  # noqa: SIM115 - held until release_cached
+        except OSError:
+            return marker.is_file()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)  # waits while a removal (exclusive) is under way
+        except OSError:  # a file system without locks: nothing is ever removed there
+            handle.close()
+            return marker.is_file()
+        if not marker.is_file():  # removed before the lock was ours
+            handle.close()
+            return False
+        _held[str(final)] = handle
+        _record_use(final)
+        return True
+
+
+def release_cached(path: str) -> None:
+    """This process no longer reads the cached copy at `path`: other processes may remove it again."""
+    with _held_lock:
+        handle = _held.pop(str(Path(path)), None)
+    if handle is not None:
+        handle.close()  # closing the file releases its lock
+
+
+def _record_use(final: Path) -> None:
+    try:
+        os.utime(final / _COMPLETE_MARKER)  # the marker's mtime orders the budget's removals
+    except OSError:
+        pass  # a file system that refuses it: the copy is used all the same
+
+
+_budget_warned: set[str] = set()
 
 
 def _cache_budget_bytes() -> float | None:
+    """ALLOYLM_MODEL_CACHE_GB in bytes; None for no limit. A value that is not a number >= 0 is
+    reported once and means no limit: it must not fail the loads it would only have bounded."""
     value = os.environ.get(CACHE_BUDGET_ENV, "").strip()
     if not value:
         return None
     try:
         budget = float(value)
     except ValueError:
-        raise ValueError(f"{CACHE_BUDGET_ENV}={value!r} is not a number of GB") from None
-    if budget < 0:
-        raise ValueError(f"{CACHE_BUDGET_ENV}={value!r} is negative; 0 or unset means no limit")
+        budget = -1.0
+    if budget < 0 or math.isnan(budget):
+        if value not in _budget_warned:
+            _budget_warned.add(value)
+            log.warning("%s=%r is not a number of GB >= 0; the model cache is not bounded", CACHE_BUDGET_ENV, value)
+        return None
     return budget * 1e9 if budget > 0 else None
 
 
@@ -243,10 +286,26 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
+def _try_exclusive(cache: Path, entry_name: str) -> Any:
+    """The entry's lock file, locked exclusively, or None when a process holds or downloads it (or
+    the file system has no locks)."""
+    try:
+        handle = open(cache / f".{entry_name}.lock", "a")  # noqa: SIM115 - closed by the caller
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def _evict_over_budget(cache: Path, *, keep: Path) -> list[str]:
     """Remove the least recently used complete copies until the cache fits its budget; returns
-    their names. A copy used within CACHE_GRACE_S, or whose lock another process holds (it is
-    being downloaded or looked up), stays, even when the cache is then over its budget."""
+    their names. A copy a live process holds (`_hold`), is downloading, or used within
+    CACHE_GRACE_S stays, even when the cache is then over its budget. Also removes what a
+    download or a removal cut short left behind."""
     budget = _cache_budget_bytes()
     if budget is None:
         return []
@@ -254,6 +313,12 @@ def _evict_over_budget(cache: Path, *, keep: Path) -> list[str]:
     for entry in cache.iterdir():
         if ".evicting-" in entry.name:
             shutil.rmtree(entry, ignore_errors=True)  # left by a removal cut short: no one can reach it
+            continue
+        if ".partial-" in entry.name:  # a download's; left behind when its process died
+            handle = _try_exclusive(cache, entry.name[1:].split(".partial-", 1)[0])
+            if handle is not None:  # no download of that entry under way
+                with handle:
+                    shutil.rmtree(entry, ignore_errors=True)
             continue
         marker = entry / _COMPLETE_MARKER
         if entry.name.startswith(".") or not marker.is_file():
@@ -269,23 +334,22 @@ def _evict_over_budget(cache: Path, *, keep: Path) -> list[str]:
             break
         if entry == keep or time.time() - used < CACHE_GRACE_S:
             continue
-        try:
-            with open(cache / f".{entry.name}.lock", "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # in use by another process (or no locks here: never remove then)
-                try:
-                    marker = entry / _COMPLETE_MARKER
-                    if not marker.is_file() or time.time() - marker.stat().st_mtime < CACHE_GRACE_S:
-                        continue  # used since it was listed
-                    doomed = cache / f".{entry.name}.evicting-{os.getpid()}"
-                    os.rename(entry, doomed)  # no longer complete to anyone, at once
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
-        except OSError as exc:
-            log.warning("model cache: could not remove %s: %s", entry, exc)
-            continue
+        handle = _try_exclusive(cache, entry.name)
+        if handle is None:
+            continue  # held by a process that reads it, or being downloaded again
+        with handle:
+            marker = entry / _COMPLETE_MARKER
+            if not marker.is_file():
+                total -= size  # another process removed it meanwhile
+                continue
+            if time.time() - marker.stat().st_mtime < CACHE_GRACE_S:
+                continue  # used since it was listed
+            doomed = cache / f".{entry.name}.evicting-{os.getpid()}-{threading.get_ident()}"
+            try:
+                os.rename(entry, doomed)  # no longer complete to anyone, at once
+            except OSError as exc:
+                log.warning("model cache: could not remove %s: %s", entry, exc)
+                continue
         shutil.rmtree(doomed, ignore_errors=True)
         total -= size
         removed.append(entry.name)
@@ -476,6 +540,9 @@ def load_model(
         if kind == "hub":
             raise _hub_error("model", source, err) from err
         raise
+    finally:
+        if kind == "s3":
+            release_cached(location)  # loaded (or failed): its files may go once the cache is over budget
 
 
 def _save_pretrained(

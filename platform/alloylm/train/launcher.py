@@ -78,7 +78,7 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
     tokenizer fits the parent's embeddings (its data was tokenized with it)."""
     from transformers import AutoConfig
 
-    from alloylm.models.loading import check_safetensors, load_tokenizer, materialize_model_dir
+    from alloylm.models.loading import check_safetensors, load_tokenizer, materialize_model_dir, release_cached
 
     tokenizer_uri = RunLayout.of(config).tokenizer
     try:
@@ -91,6 +91,7 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
     if parent_kind != "model":
         return
     parent_stage = config.stages[name].from_
+    local = None
     try:
         local = materialize_model_dir(parent)
         model_config = AutoConfig.from_pretrained(local, trust_remote_code=config.trust_remote_code)
@@ -105,6 +106,9 @@ def _check_parent_and_tokenizer(config: RunConfig, name: str, parent_kind: str, 
         raise StageError(f"stage {name!r}: its parent {parent_stage!r}: {exc}; {fix}") from None
     except (OSError, ValueError) as exc:
         raise StageError(f"cannot read the parent model {parent}: {exc}") from None
+    finally:
+        if local is not None:
+            release_cached(local)  # checked: the driver does not read it again
     embeddings = getattr(model_config, "vocab_size", None) or getattr(model_config.get_text_config(), "vocab_size", None)
     if embeddings is not None and tokens > embeddings:
         raise StageError(
