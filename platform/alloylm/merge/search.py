@@ -102,6 +102,10 @@ def _worker_state(job: TrialJob):
 
     key = repr((job.parent_uris, job.stage.dtype))
     if _WORKER.get("key") != key:
+        from alloylm.models.loading import release_cached
+
+        for folder in _WORKER.get("dirs") or []:
+            release_cached(folder)  # another search's parents: their cached copies may go (ignored for local ones)
         _WORKER.clear()
         dirs = [local_model_dir(uri) for uri in job.parent_uris]
         device = "cuda" if job.stage.resources.num_gpus > 0 and _cuda() else "cpu"

@@ -143,7 +143,11 @@ def _materialize(source: str, *, cache_dir: str | None, required_file: str) -> s
         return source
     if kind == "s3":
         local = _download_cached(source, cache_dir=cache_dir)
-        _require_file(local, required_file, shown_as=source)
+        try:
+            _require_file(local, required_file, shown_as=source)
+        except BaseException:
+            release_cached(local)
+            raise
         return local
     path = Path(source.removeprefix("file://")).expanduser().absolute()
     if not path.exists():
@@ -180,6 +184,11 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
     key = hashlib.sha256(key_material.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "model"
     final = cache / f"{name}-{key}"
+    with _entry_lock(final):  # one thread of this process at a time: another's hold would block our download lock
+        return _hold_or_download(uri, cache, final)
+
+
+def _hold_or_download(uri: str, cache: Path, final: Path) -> str:
     for _ in range(3):
         if _hold(cache, final):
             _evict_over_budget(cache, keep=final)
@@ -209,42 +218,66 @@ def _download_cached(uri: str, *, cache_dir: str | None) -> str:
 # process ends or calls `release_cached`. A removal takes the lock exclusively without waiting, so it
 # passes over every copy a live process holds: a merge reads its parents' files for many minutes
 # after `_download_cached` returned, and a Serve replica may read its model again.
-_held: dict[str, Any] = {}
-_held_lock = threading.Lock()
+# Counted: each `_download_cached` call adds one hold, each `release_cached` takes one away, and the
+# lock file is closed (its lock released) at zero. On NFS, Linux emulates flock with per-process
+# POSIX locks, so this process never opens the lock file of a copy it holds for anything else
+# (closing it would drop the hold) and never removes a copy it holds (`_evict_over_budget`).
+_held: dict[str, list] = {}  # str(final) -> [open lock file, holds]
+_held_lock = threading.Lock()  # guards _held and _entry_locks; never held while waiting on a file lock
+_entry_locks: dict[str, threading.Lock] = {}
+
+
+def _entry_lock(final: Path) -> threading.Lock:
+    with _held_lock:
+        return _entry_locks.setdefault(str(final), threading.Lock())
 
 
 def _hold(cache: Path, final: Path) -> bool:
-    """True when `final` is a complete copy, now held by this process and its use recorded."""
+    """True when `final` is a complete copy, now held by this process once more and its use recorded.
+    Called under the entry's thread lock (`_download_cached`)."""
     marker = final / _COMPLETE_MARKER
     with _held_lock:
         if str(final) in _held:
+            _held[str(final)][1] += 1
             _record_use(final)
             return True
-        if not marker.is_file():
-            return False
-        try:
-            handle = open(cache / f".{final.name}.lock", "a")  # noqa: SIM115 - held until release_cached
-        except OSError:
-            return marker.is_file()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH)  # waits while a removal (exclusive) is under way
-        except OSError:  # a file system without locks: nothing is ever removed there
-            handle.close()
-            return marker.is_file()
-        if not marker.is_file():  # removed before the lock was ours
-            handle.close()
-            return False
-        _held[str(final)] = handle
-        _record_use(final)
-        return True
+    if not marker.is_file():
+        return False
+    try:
+        handle = open(cache / f".{final.name}.lock", "a")  # noqa: SIM115 - held until release_cached
+    except OSError:
+        return marker.is_file()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # waits while a removal (exclusive) is under way
+    except OSError:  # a file system without locks: nothing is ever removed there
+        handle.close()
+        return marker.is_file()
+    if not marker.is_file():  # removed before the lock was ours
+        handle.close()
+        return False
+    with _held_lock:
+        _held[str(final)] = [handle, 1]
+    _record_use(final)
+    return True
 
 
 def release_cached(path: str) -> None:
-    """This process no longer reads the cached copy at `path`: other processes may remove it again."""
+    """One user of the cached copy at `path` in this process is done with it; when none is left,
+    other processes may remove it again. A path that is not a held copy is ignored."""
     with _held_lock:
-        handle = _held.pop(str(Path(path)), None)
-    if handle is not None:
-        handle.close()  # closing the file releases its lock
+        entry = _held.get(str(Path(path)))
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _held[str(Path(path))]
+    entry[0].close()  # closing the file releases its lock
+
+
+def _held_here(entry_name: str, cache: Path) -> bool:
+    with _held_lock:
+        return str(cache / entry_name) in _held
 
 
 def _record_use(final: Path) -> None:
@@ -315,7 +348,8 @@ def _evict_over_budget(cache: Path, *, keep: Path) -> list[str]:
             shutil.rmtree(entry, ignore_errors=True)  # left by a removal cut short: no one can reach it
             continue
         if ".partial-" in entry.name:  # a download's; left behind when its process died
-            handle = _try_exclusive(cache, entry.name[1:].split(".partial-", 1)[0])
+            owner = entry.name[1:].split(".partial-", 1)[0]
+            handle = None if _held_here(owner, cache) else _try_exclusive(cache, owner)
             if handle is not None:  # no download of that entry under way
                 with handle:
                     shutil.rmtree(entry, ignore_errors=True)
@@ -332,7 +366,7 @@ def _evict_over_budget(cache: Path, *, keep: Path) -> list[str]:
     for used, entry, size in sorted(entries, key=lambda e: e[0]):
         if total <= budget:
             break
-        if entry == keep or time.time() - used < CACHE_GRACE_S:
+        if entry == keep or time.time() - used < CACHE_GRACE_S or _held_here(entry.name, cache):
             continue
         handle = _try_exclusive(cache, entry.name)
         if handle is None:
@@ -397,9 +431,9 @@ def load_tokenizer(
     kind = classify_source(source)
     location = _materialize(source, cache_dir=cache_dir, required_file="tokenizer_config.json")
     shown_as = source if kind == "s3" else location
-    if kind != "hub":
-        check_tokenizer_folder(location, shown_as=shown_as)
     try:
+        if kind != "hub":
+            check_tokenizer_folder(location, shown_as=shown_as)
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as err:
         if kind == "hub":
@@ -409,6 +443,9 @@ def load_tokenizer(
         if kind != "hub":
             _check_tokenizer_json(location, shown_as)  # a truncated tokenizer.json, named
         raise
+    finally:
+        if kind == "s3":
+            release_cached(location)  # loaded (or failed): the copy may go once the cache is over budget
 
 
 def check_tokenizer_folder(uri: str, *, shown_as: str | None = None) -> None:
@@ -528,11 +565,11 @@ def load_model(
     kind = classify_source(source)
     torch_dtype = _resolve_dtype(dtype)
     location = materialize_model_dir(source, cache_dir=cache_dir)
-    if kind != "hub":
-        _require_safetensors(location, shown_as=source if kind == "s3" else location)
-        check_safetensors(location, shown_as=source if kind == "s3" else location)
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     try:
+        if kind != "hub":
+            _require_safetensors(location, shown_as=source if kind == "s3" else location)
+            check_safetensors(location, shown_as=source if kind == "s3" else location)
         return AutoModelForCausalLM.from_pretrained(
             location, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
         )
