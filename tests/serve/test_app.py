@@ -996,8 +996,6 @@ def test_streamed_n_choices_arrive_by_index(client):
 
 
 def test_sixteen_scoring_requests_share_prefills(api_url, tokenizer):
-    before = _stats("merged")
-
     async def run():
         client = openai.AsyncOpenAI(base_url=api_url, api_key=KEY, max_retries=0)
         try:
@@ -1010,12 +1008,18 @@ def test_sixteen_scoring_requests_share_prefills(api_url, tokenizer):
         finally:
             await client.close()
 
-    answers = asyncio.run(run())
-    after = _stats("merged")
-    assert [len(a.choices[0].logprobs.tokens) for a in answers] == [len(tokenizer(_SENTENCES[i])["input_ids"]) for i in range(16)]
-    prefills = after["prefills"] - before["prefills"]
-    assert after["sequences_started"] - before["sequences_started"] == 16
-    assert prefills < 16 / 2, f"{prefills} prefills for 16 scoring requests: they were not batched"
+    # The fewest prefills of up to 3 rounds: how many requests reach the idle replica within its
+    # 5 ms batch wait depends on the 2 shared cores (8 prefills once in a full suite, from another
+    # test's load); requests prefilled one by one give 16 in every round.
+    counts = []
+    while len(counts) < 3 and (not counts or min(counts) >= 16 / 2):
+        before = _stats("merged")
+        answers = asyncio.run(run())
+        after = _stats("merged")
+        assert [len(a.choices[0].logprobs.tokens) for a in answers] == [len(tokenizer(_SENTENCES[i])["input_ids"]) for i in range(16)]
+        assert after["sequences_started"] - before["sequences_started"] == 16
+        counts.append(after["prefills"] - before["prefills"])
+    assert min(counts) < 16 / 2, f"{counts} prefills for 16 scoring requests in each round: they were not batched"
 
 
 # ----------------------------------------------------------------------------- lm-evaluation-harness
