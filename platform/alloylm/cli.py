@@ -90,11 +90,7 @@ def _stage(config: RunConfig, name: str, command: str) -> dict[str, Any]:
     from alloylm.stages import kind_of
 
     kind = kind_of(config, name, command=command)  # a stage this command does not run: exit 2
-    if command in ("merge", "search"):
-        from alloylm.pipeline import check_merge_stages
-
-        check_merge_stages(config, [name])
-    connect_ray()
+    connect_ray()  # connected already by `_before_the_lease`, which also checked the merge settings
     manifest = kind.run(config, name)
     return {"stage": name, "model": RunLayout.of(config).stage(name), **(manifest.get("metrics") or {})}
 
@@ -104,9 +100,7 @@ def _eval(config: RunConfig) -> dict[str, Any]:
     from alloylm.evaluate import data_uris, evaluate_variants, resolve_variants
     from alloylm.layout import RunLayout
 
-    if config.evaluate is None:
-        raise UsageError("the config has no `evaluate:` section: nothing to evaluate")
-    connect_ray()
+    connect_ray()  # `_before_the_lease` refused a config without `evaluate:` and connected
     layout = RunLayout.of(config)
     summary = evaluate_variants(
         config.evaluate,
