@@ -72,6 +72,20 @@ def shipped_library() -> list[str]:
     return [package] if package.startswith(os.path.join(os.path.abspath(os.getcwd()), "")) else []
 
 
+def model_task(fn, *, num_gpus: float = 0.0):
+    """`ray.remote(fn)` for a task that loads a whole model, with GPUs given later by `.options()`
+    (a stage's or the evaluation's resources). A task given a GPU runs in a worker process that
+    exits after it (`max_calls=1`), as Ray does by default only for `@ray.remote(num_gpus=...)`,
+    not for GPUs that come through `.options()`. A worker process kept for reuse keeps its CUDA
+    context and the memory PyTorch's caching allocator holds after the model is gone
+    (ray-project/ray#29624): the next merge or evaluation on that GPU would find it taken, and a
+    reused process may be handed another GPU while still holding the first. On the CPU the process
+    is reused as before: its imports stay paid for."""
+    import ray
+
+    return ray.remote(max_calls=1)(fn) if num_gpus else ray.remote(fn)
+
+
 # ------------------------------------------------------------------------------ shared storage
 
 # (folder, node id) pairs this process has seen a node reach: a check costs one task per new node,

@@ -442,7 +442,7 @@ def evaluate_variants(
     """
     import ray
 
-    from alloylm.cluster import connect_ray
+    from alloylm.cluster import connect_ray, model_task
 
     if not variants:
         raise EvaluationInputError("no variants to evaluate")
@@ -456,7 +456,7 @@ def evaluate_variants(
     options: dict = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 0}
     if resources.memory_gb:
         options["memory"] = int(resources.memory_gb * 1024**3)
-    task = ray.remote(_evaluate_variant_task)
+    task = model_task(_evaluate_variant_task, num_gpus=resources.num_gpus)  # a GPU task's process exits after it
     pending = {
         task.options(name=f"evaluate:{name}", **options).remote(eval_config, name, uri, data_ref, out_uri, trust_remote_code, reuse): name
         for name, uri in variants.items()

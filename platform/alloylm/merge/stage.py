@@ -247,8 +247,10 @@ def _on_cluster(task, stage: MergeStageConfig, *args, num_gpus: float = 0.0):
     raised as is."""
     import ray
 
+    from alloylm.cluster import model_task
+
     try:
-        return ray.get(ray.remote(task).options(num_cpus=stage.resources.num_cpus, num_gpus=num_gpus).remote(*args))
+        return ray.get(model_task(task, num_gpus=num_gpus).options(num_cpus=stage.resources.num_cpus, num_gpus=num_gpus).remote(*args))
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, (StageError, storage.StorageError)):
