@@ -688,6 +688,22 @@ def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, ru
     assert "reused" not in fourth["variants"]["stage"]
 
 
+def test_an_evaluation_task_given_no_gpu_scores_on_the_cpu_though_a_gpu_is_visible(ray_cluster, run_dir, models, tmp_path, monkeypatch):
+    """On a GPU node Ray 2.60 hides no GPU from a task given none (`num_gpus: 0`, the default): the
+    scorer's "cuda if available" put every such evaluation on GPU 0, beside the training worker or
+    replica that holds it. The task scores on the device Ray gave it. (Run here in-process, where
+    Ray gave nothing, with CUDA made to look available.)"""
+    import torch
+
+    from alloylm.evaluate.runner import _evaluate_variant_task
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = _quick_config(max_items=1)
+    data = load_eval_data(config, _data(run_dir), tokenizer_uri=str(run_dir / "tokenizer"))
+    results = _evaluate_variant_task(config, "trained", models["trained"], data, str(tmp_path / "eval"), False, False)
+    assert results["status"] == "ok", results.get("error")
+
+
 def test_a_model_that_cannot_load_fails_its_variant_only(run_dir):
     config = _quick_config(max_items=1)
     results, details = score_model(config, "org/not-in-any-cache", load_eval_data(config, _data(run_dir)))

@@ -391,7 +391,13 @@ def _evaluate_variant_task(
         manifest = artifact.up_to_date(previous_uri, fp)
         if manifest and manifest.get("status") == "ok":
             return {**storage.read_json(storage.join(previous_uri, RESULTS_NAME)), "reused": True}
-    results, details = score_model(eval_config, model_uri, eval_data, variant=name, trust_remote_code=trust_remote_code)
+    # The GPU Ray gave this task, or the CPU. Not "a GPU if one is visible": Ray 2.60 leaves
+    # CUDA_VISIBLE_DEVICES alone for a task with no GPUs (ray-project/ray#54868), so an evaluation at
+    # `num_gpus: 0` on a GPU node would load its model onto GPU 0 beside whatever holds it.
+    import ray
+
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    results, details = score_model(eval_config, model_uri, eval_data, variant=name, trust_remote_code=trust_remote_code, device=device)
     results["model_fingerprint"] = scored  # the report leaves the results out once the model changes
     write_variant_results(out_uri, results, details, fingerprint=fp if results["status"] == "ok" else None)
     return results
