@@ -384,6 +384,49 @@ def test_what_trains_on_a_generated_data_set_follows_its_answers(generated):
     assert "generated_digest" not in plain and content_fingerprint(plain) == plain["fingerprint"]
 
 
+@pytest.mark.slow
+def test_chunks_answered_in_another_grouping_are_not_sent_again(ray_cluster, fake_teacher, tokenizer_dir, tmp_path):
+    """A `max_chunks` trial, then the whole run, then another `batch_chunks`: each chunk is asked
+    once. The batches regroup the chunks (a batch id hashes its chunks), so before, the whole run
+    sent every chunk again and a new `batch_chunks` sent the whole corpus again. The items are
+    those of a run from scratch, in the same order."""
+    from alloylm.data.prepare import prepare_all
+    from alloylm.generate.run import generate_items
+
+    teacher, url = fake_teacher
+    corpus = tmp_path / "papers"
+    corpus.mkdir()
+    for d in range(4):  # three paragraphs a document, one chunk each; no marked (failing) paragraph
+        (corpus / f"paper{d}.md").write_text("\n\n".join(_paragraph(f"S{d}{p}") for p in range(3)) + "\n")
+
+    def generate(storage_uri: str, **settings) -> tuple[int, dict, str]:
+        config = generation_config(storage_uri, corpus, tokenizer_dir, url)
+        spec = config.datasets["papers-qa"].generate.model_copy(update=settings)
+        config.datasets["papers-qa"] = config.datasets["papers-qa"].model_copy(update={"generate": spec})
+        (papers,) = prepare_all(config, ["papers"]).values()
+        before = len(teacher.requests(0, "qa"))
+        report = generate_items(config, "papers-qa", storage.join(config.run_uri, "data", "papers"), papers)
+        return len(teacher.requests(0, "qa")) - before, report.counts, storage.read_text(report.items_uri)
+
+    os.environ[KEY_ENV] = API_KEY
+    try:
+        runs = str(tmp_path / "runs")
+        trial, trial_counts, _ = generate(runs, max_chunks=4)
+        whole, whole_counts, _ = generate(runs)
+        regrouped, regrouped_counts, items = generate(runs, batch_chunks=3)
+        scratch, scratch_counts, scratch_items = generate(str(tmp_path / "scratch"), batch_chunks=3)
+    finally:
+        del os.environ[KEY_ENV]
+    chunks = whole_counts["chunks_sent"]
+    assert (trial, trial_counts["chunks_sent"], trial_counts["chunks_reused"]) == (4, 4, 0)
+    # The trial's 4 answers: in batches the whole run forms again (reused whole) or in its other ones.
+    assert whole == chunks - 4 and 0 < whole_counts["chunks_reused"] <= 4 and chunks == scratch == 9
+    assert (regrouped, regrouped_counts["chunks_reused"]) == (0, chunks)
+    assert items == scratch_items and items.count("\n") == 2 * chunks
+    keys = ("requests", "answers", "items", "items_generated", "prompt_tokens", "completion_tokens")
+    assert {k: regrouped_counts[k] for k in keys if k in regrouped_counts} == {k: scratch_counts[k] for k in keys if k in scratch_counts}
+
+
 def test_rejected_request_is_not_retried(fake_teacher):
     _, url = fake_teacher
     from alloylm.config import TeacherConfig

@@ -4,7 +4,9 @@ teacher on Ray Data, then merge every finished batch into deduplicated, checked 
 Progress lives in `<run>/data/<name>.generation/batches/<batch id>.json`, one file per finished
 batch. A batch id is a hash of everything its answers depend on (its chunks' ids and text, the
 prompt, the teacher's model and sampling settings), so a rerun after a failure sends only the
-batches without a file, and a changed prompt or corpus sends only what changed. The merged items
+batches without a file, and a changed prompt or corpus sends only what changed. Each chunk has
+such a key too: a chunk answered in a batch of another grouping (another `batch_chunks`, a
+`max_chunks` trial before the whole run) is taken from there, not sent again. The merged items
 go to `<run>/data/<name>.generation/items.jsonl`, which data preparation then reads as the data
 set's source.
 """
@@ -29,7 +31,7 @@ from alloylm.errors import DataPreparationError
 from alloylm.generate.chunks import Chunk, benchmark_split, document_chunks, heldout_documents, sample_chunks
 from alloylm.generate.parse import dedup_key
 from alloylm.generate.prompts import SYSTEM_PROMPT, builtin_prompt, render_prompt
-from alloylm.generate.teacher import SendBatches, threads_per_actor
+from alloylm.generate.teacher import SendBatches, batch_counts, threads_per_actor
 
 log = logging.getLogger("alloylm.generate")
 MAX_FAILURES_SHOWN = 3
@@ -53,6 +55,10 @@ class _Batch:
     id: str
     chunks: list[Chunk]
     splits: list[str]
+    # Per chunk: a hash of everything its answer depends on (as the batch id is for the batch), so
+    # that a chunk answered in a batch of another grouping (another `batch_chunks`, or a `max_chunks`
+    # trial before the whole run) is not sent again.
+    keys: list[str] = field(default_factory=list)
 
 
 def generation_uri(config: RunConfig, name: str) -> str:
@@ -126,7 +132,8 @@ def _plan(spec: GenerateConfig, documents: list[tuple[str, str]], template: str)
         for start in range(0, len(doc_chunks), spec.batch_chunks):
             group = doc_chunks[start : start + spec.batch_chunks]
             digest = hashlib.sha256(json.dumps([answer_inputs, split, [[c.id, c.text] for c in group]]).encode("utf-8"))
-            batches.append(_Batch(digest.hexdigest()[:24], group, [split] * len(group)))
+            keys = [hashlib.sha256(json.dumps([answer_inputs, split, c.id, c.text]).encode("utf-8")).hexdigest()[:24] for c in group]
+            batches.append(_Batch(digest.hexdigest()[:24], group, [split] * len(group), keys))
     counts = {
         "documents": len(documents),
         "heldout_documents": len(heldout),
@@ -141,11 +148,12 @@ def _plan(spec: GenerateConfig, documents: list[tuple[str, str]], template: str)
 def _requests_json(spec: GenerateConfig, batch: _Batch, template: str) -> str:
     system = spec.system_prompt or SYSTEM_PROMPT
     requests = []
-    for chunk, split in zip(batch.chunks, batch.splits):
+    for chunk, split, key in zip(batch.chunks, batch.splits, batch.keys):
         prompt = render_prompt(template, chunk=chunk.text, n=spec.items_per_chunk, choices=spec.num_choices)
         requests.append(
             {
                 "chunk_id": chunk.id,
+                "chunk_key": key,
                 "document_id": chunk.document_id,
                 "split": split,
                 "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
@@ -187,6 +195,58 @@ def _send(spec: GenerateConfig, pending: list[_Batch], template: str, batches_ur
         num_cpus=teacher.cpus_per_actor,
     )
     return statuses.take_all()
+
+
+def _answered_chunks(batches_uri: str, files: list[str], skip: set[str], wanted: set[str]) -> dict[str, dict]:
+    """chunk key -> its answer ({"items", "malformed", "counts"}), for the chunks in `wanted` found in
+    the finished batch files other than `skip` (another grouping of the same chunks). Files written
+    before chunks were keyed have no `chunk_keys` and are passed over."""
+    found: dict[str, dict] = {}
+    for uri in files:
+        batch_id = os.path.basename(uri).removesuffix(".json")
+        if batch_id in skip or not uri.endswith(".json") or len(found) == len(wanted):
+            continue
+        document = storage.read_json(storage.join(batches_uri, f"{batch_id}.json"))
+        keys, per_chunk = document.get("chunk_keys") or [], document.get("per_chunk") or []
+        for chunk_id, key, counts in zip(document["chunks"], keys, per_chunk):
+            if key in wanted and key not in found:
+                found[key] = {
+                    "items": [item for item in document["items"] if item.get("source_chunk") == chunk_id],
+                    "malformed": [entry for entry in document["malformed"] if entry["chunk_id"] == chunk_id],
+                    "counts": counts,
+                }
+    return found
+
+
+def _assembled(batch: _Batch, answers: dict[str, dict]) -> dict:
+    """The finished-batch file of `batch`, from answers its chunks got in other batches."""
+    parts = [answers[key] for key in batch.keys]
+    per_chunk = [part["counts"] for part in parts]
+    return {
+        "batch_id": batch.id, "chunks": [chunk.id for chunk in batch.chunks], "chunk_keys": list(batch.keys),
+        "per_chunk": per_chunk, "counts": batch_counts(per_chunk),
+        "items": [item for part in parts for item in part["items"]],
+        "malformed": [entry for part in parts for entry in part["malformed"]],
+    }
+
+
+def _with_earlier_answers(pending: list[_Batch], batches: list[_Batch], batches_uri: str, files: list[str]) -> tuple[list[_Batch], dict, list[_Batch]]:
+    """What is left to send of the unfinished batches once chunks answered in an earlier grouping
+    are taken out: (batches to send, the earlier answers, the unfinished batches that need them).
+    A batch some of whose chunks were answered is sent as a batch of the rest, under an id of its own."""
+    wanted = {key for batch in pending for key in batch.keys}
+    answers = _answered_chunks(batches_uri, files, {batch.id for batch in batches}, wanted) if wanted else {}
+    to_send, assembled = [], []
+    for batch in pending:
+        rest = [i for i, key in enumerate(batch.keys) if key not in answers]
+        if len(rest) == len(batch.chunks):
+            to_send.append(batch)
+            continue
+        assembled.append(batch)
+        if rest:
+            digest = hashlib.sha256(json.dumps([batch.id, [batch.keys[i] for i in rest]]).encode("utf-8")).hexdigest()[:24]
+            to_send.append(_Batch(digest, [batch.chunks[i] for i in rest], [batch.splits[i] for i in rest], [batch.keys[i] for i in rest]))
+    return to_send, answers, assembled
 
 
 def _merge(batches: list[_Batch], batches_uri: str) -> tuple[list[dict], dict[str, Any], list[dict]]:
@@ -235,14 +295,19 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
             f"{spec.min_chunk_chars} characters to send ({counts['documents']} documents, {counts['heldout_documents']} held out)"
         )
     batches_uri = storage.join(generation_uri(config, name), "batches")
-    finished = {os.path.basename(uri).removesuffix(".json") for uri in storage.list_files(batches_uri)}
+    files = storage.list_files(batches_uri)
+    finished = {os.path.basename(uri).removesuffix(".json") for uri in files}
     pending = [batch for batch in batches if batch.id not in finished]
+    to_send, answers, assembled = _with_earlier_answers(pending, batches, batches_uri, files)
+    chunks_reused = len(answers)
     log.info(
-        "generate %s: %d chunks in %d batches, %d already finished; sending %d to %s (%s)",
-        name, counts["chunks_sent"], len(batches), len(batches) - len(pending), len(pending), spec.teacher.model, spec.teacher.base_url,
+        "generate %s: %d chunks in %d batches, %d already finished, %d chunk(s) answered in batches of another grouping; "
+        "sending %d batch(es) to %s (%s)",
+        name, counts["chunks_sent"], len(batches), len(batches) - len(pending), len(answers), len(to_send),
+        spec.teacher.model, spec.teacher.base_url,
     )
-    if pending:
-        failed = [status for status in _send(spec, pending, template, batches_uri) if status["error"]]
+    if to_send:
+        failed = [status for status in _send(spec, to_send, template, batches_uri) if status["error"]]
         if failed:
             shown = "; ".join(f"batch {s['batch_id']}: {s['error']}" for s in failed[:MAX_FAILURES_SHOWN])
             raise TeacherGenerationError(
@@ -250,8 +315,15 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
                 f"{len(batches) - len(failed)} finished ones are kept in {batches_uri} and are not sent again: "
                 "run again to resume"
             )
+    if assembled:
+        sent = {batch.id for batch in to_send} - {batch.id for batch in pending}  # the batches of the rest
+        wanted = {key for batch in assembled for key in batch.keys if key not in answers}
+        answers.update(_answered_chunks(batches_uri, [f"{batch_id}.json" for batch_id in sent], set(), wanted))
+        for batch in assembled:  # every chunk answered now: written as the batch, as the teacher's actors write one
+            storage.write_json(storage.join(batches_uri, f"{batch.id}.json"), _assembled(batch, answers))
     items, merged, problems = _merge(batches, batches_uri)
-    counts.update(merged, batches=len(batches), batches_reused=len(batches) - len(pending), seconds=round(time.monotonic() - started, 3))
+    counts.update(merged, batches=len(batches), batches_reused=len(batches) - len(pending), chunks_reused=chunks_reused,
+                  seconds=round(time.monotonic() - started, 3))
     if not items:
         first = "; ".join(f"{p['reason']}: {p['detail']}" for p in problems[:MAX_FAILURES_SHOWN])
         raise TeacherGenerationError(

@@ -226,28 +226,33 @@ class SendBatches:
             # every request of several refused: the endpoint or the settings, not a chunk; fail the
             # batch (sent again next run). A batch of one chunk cannot tell: that chunk is recorded.
             return f"every request of the batch was refused; the first: {replies[0].problem}"
-        items, malformed = [], []
-        counts = {"requests": len(requests), "answers": 0, "items": 0, "extra_items": 0, "retries": 0,
-                  "prompt_tokens": 0, "completion_tokens": 0}
+        items, malformed, per_chunk = [], [], []
         for request, reply in zip(requests, replies):
-            counts["retries"] += reply.retries
-            counts["prompt_tokens"] += reply.prompt_tokens
-            counts["completion_tokens"] += reply.completion_tokens
+            # Counted per chunk, so that a later run grouping the chunks otherwise reuses this answer.
+            counts = {"requests": 1, "answers": 0, "items": 0, "extra_items": 0, "retries": reply.retries,
+                      "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+            per_chunk.append(counts)
             chunk = ChunkRequest(request["chunk_id"], request["document_id"], request.get("split", ""))
             if reply.problem:
                 malformed.append({"chunk_id": chunk.chunk_id, "reason": reply.problem_reason, "detail": reply.problem})
                 continue
-            counts["answers"] += 1
+            counts["answers"] = 1
             records, problems, extra = parse_answer(reply.content, reply.finish_reason, request=chunk, **self.options)
             items += records
-            counts["extra_items"] += extra
+            counts["items"], counts["extra_items"] = len(records), extra
             malformed += [{"chunk_id": chunk.chunk_id, "reason": p.reason, "detail": p.detail} for p in problems]
-        counts["items"] = len(items)
-        document = {"batch_id": batch_id, "chunks": [r["chunk_id"] for r in requests], "counts": counts,
-                    "items": items, "malformed": malformed}
+        document = {"batch_id": batch_id, "chunks": [r["chunk_id"] for r in requests],
+                    "chunk_keys": [r.get("chunk_key") for r in requests], "per_chunk": per_chunk,
+                    "counts": batch_counts(per_chunk), "items": items, "malformed": malformed}
         # One atomic write per batch: the file exists exactly when the batch is finished.
         storage.write_json(storage.join(self.batches_uri, f"{batch_id}.json"), document)
         return ""
+
+
+def batch_counts(per_chunk: list[dict]) -> dict[str, int]:
+    """A batch's counts: the sums of its chunks'."""
+    keys = ("requests", "answers", "items", "extra_items", "retries", "prompt_tokens", "completion_tokens")
+    return {key: sum(int(counts.get(key, 0)) for counts in per_chunk) for key in keys}
 
 
 def threads_per_actor(max_concurrency: int, actors: int) -> int:
