@@ -387,17 +387,21 @@ def test_what_trains_on_a_generated_data_set_follows_its_answers(generated):
 @pytest.mark.slow
 def test_chunks_answered_in_another_grouping_are_not_sent_again(ray_cluster, fake_teacher, tokenizer_dir, tmp_path):
     """A `max_chunks` trial, then the whole run, then another `batch_chunks`: each chunk is asked
-    once. The batches regroup the chunks (a batch id hashes its chunks), so before, the whole run
-    sent every chunk again and a new `batch_chunks` sent the whole corpus again. The items are
-    those of a run from scratch, in the same order."""
+    once, but for one the endpoint refused (too long for it), which is asked again in another
+    grouping. The batches regroup the chunks (a batch id hashes its chunks), so before, the whole
+    run sent every chunk again and a new `batch_chunks` sent the whole corpus again. The items are
+    those of a run from scratch, in the same order; a stray file among the batches is no batch."""
     from alloylm.data.prepare import prepare_all
     from alloylm.generate.run import generate_items
 
     teacher, url = fake_teacher
     corpus = tmp_path / "papers"
     corpus.mkdir()
-    for d in range(4):  # three paragraphs a document, one chunk each; no marked (failing) paragraph
-        (corpus / f"paper{d}.md").write_text("\n\n".join(_paragraph(f"S{d}{p}") for p in range(3)) + "\n")
+    paths = [str(corpus / f"paper{d}.md") for d in range(4)]
+    training = [p for p in paths if p not in heldout_documents(paths, HELDOUT["fraction"], HELDOUT["seed"])]
+    for d, path in enumerate(paths):  # three paragraphs a document, one chunk each; one the endpoint refuses
+        marks = ["TOOLONG" if path == training[0] and p == 1 else "" for p in range(3)]
+        Path(path).write_text("\n\n".join(_paragraph(f"S{d}{p}", marks[p]) for p in range(3)) + "\n")
 
     def generate(storage_uri: str, **settings) -> tuple[int, dict, str]:
         config = generation_config(storage_uri, corpus, tokenizer_dir, url)
@@ -413,16 +417,25 @@ def test_chunks_answered_in_another_grouping_are_not_sent_again(ray_cluster, fak
         runs = str(tmp_path / "runs")
         trial, trial_counts, _ = generate(runs, max_chunks=4)
         whole, whole_counts, _ = generate(runs)
+        batches = storage.join(generation_uri(generation_config(runs, corpus, tokenizer_dir, url), "papers-qa"), "batches")
+        storage.write_json(storage.join(batches, "0-notes.json"), {"by": "a user"})
         regrouped, regrouped_counts, items = generate(runs, batch_chunks=3)
         scratch, scratch_counts, scratch_items = generate(str(tmp_path / "scratch"), batch_chunks=3)
+        storage.remove(batches)  # to ask again (docs/generation.md); the chunk index stays behind
+        asked_again, _, _ = generate(runs, batch_chunks=2)
     finally:
         del os.environ[KEY_ENV]
     chunks = whole_counts["chunks_sent"]
+    refused_in_trial = trial_counts["malformed"].get("rejected_request", 0)
     assert (trial, trial_counts["chunks_sent"], trial_counts["chunks_reused"]) == (4, 4, 0)
-    # The trial's 4 answers: in batches the whole run forms again (reused whole) or in its other ones.
-    assert whole == chunks - 4 and 0 < whole_counts["chunks_reused"] <= 4 and chunks == scratch == 9
-    assert (regrouped, regrouped_counts["chunks_reused"]) == (0, chunks)
-    assert items == scratch_items and items.count("\n") == 2 * chunks
+    # The trial's answers: in batches the whole run forms again (reused whole, a refusal too) or in
+    # its other ones (a refusal asked again). Which, depends on the sample: it hashes the paths.
+    assert chunks - 4 <= whole <= chunks - 4 + refused_in_trial and whole_counts["chunks_reused"] <= 4
+    assert chunks == scratch == 9
+    assert whole_counts["malformed"] == scratch_counts["malformed"] == {"rejected_request": 1}
+    assert (regrouped, regrouped_counts["chunks_reused"]) == (1, chunks - 1)  # the refused chunk, asked again
+    assert asked_again == chunks  # the index names no batch file that is gone
+    assert items == scratch_items and items.count("\n") == 2 * (chunks - 1)  # 2 items a chunk; none for the refused one
     keys = ("requests", "answers", "items", "items_generated", "prompt_tokens", "completion_tokens")
     assert {k: regrouped_counts[k] for k in keys if k in regrouped_counts} == {k: scratch_counts[k] for k in keys if k in scratch_counts}
 

@@ -31,7 +31,7 @@ from alloylm.errors import DataPreparationError
 from alloylm.generate.chunks import Chunk, benchmark_split, document_chunks, heldout_documents, sample_chunks
 from alloylm.generate.parse import dedup_key
 from alloylm.generate.prompts import SYSTEM_PROMPT, builtin_prompt, render_prompt
-from alloylm.generate.teacher import SendBatches, batch_counts, threads_per_actor
+from alloylm.generate.teacher import SendBatches, batch_counts, index_chunks, threads_per_actor
 
 log = logging.getLogger("alloylm.generate")
 MAX_FAILURES_SHOWN = 3
@@ -58,7 +58,7 @@ class _Batch:
     # Per chunk: a hash of everything its answer depends on (as the batch id is for the batch), so
     # that a chunk answered in a batch of another grouping (another `batch_chunks`, or a `max_chunks`
     # trial before the whole run) is not sent again.
-    keys: list[str] = field(default_factory=list)
+    keys: list[str]
 
 
 def generation_uri(config: RunConfig, name: str) -> str:
@@ -188,6 +188,7 @@ def _send(spec: GenerateConfig, pending: list[_Batch], template: str, batches_ur
             "question_type": spec.question_type,
             "num_choices": spec.num_choices,
             "batches_uri": batches_uri,
+            "chunks_uri": chunks_uri(batches_uri),
         },
         batch_size=1,
         batch_format="numpy",
@@ -197,24 +198,37 @@ def _send(spec: GenerateConfig, pending: list[_Batch], template: str, batches_ur
     return statuses.take_all()
 
 
-def _answered_chunks(batches_uri: str, files: list[str], skip: set[str], wanted: set[str]) -> dict[str, dict]:
-    """chunk key -> its answer ({"items", "malformed", "counts"}), for the chunks in `wanted` found in
-    the finished batch files other than `skip` (another grouping of the same chunks). Files written
-    before chunks were keyed have no `chunk_keys` and are passed over."""
+def chunks_uri(batches_uri: str) -> str:
+    """The chunk index beside the batch files: `<name>.generation/chunks/<chunk key>.<batch id>`."""
+    return batches_uri.rstrip("/").removesuffix("batches") + "chunks"
+
+
+def _answered_chunks(batches_uri: str, wanted: set[str], finished: set[str], *, skip: set[str] = frozenset(),
+                     only: set[str] | None = None, ask_refused_again: bool = True) -> dict[str, dict]:
+    """chunk key -> its answer ({"items", "malformed", "counts"}), for the chunks in `wanted` that
+    the chunk index finds in a batch of `finished` (whose file is there: the index outlives a
+    deleted `batches/`) not in `skip` (and in `only`, if given). One listing of the index, then
+    only the batch files that hold a wanted chunk are read. A chunk the endpoint refused
+    (`rejected_request`) in another grouping is asked again: the endpoint may have changed."""
+    holders: dict[str, str] = {}
+    for uri in storage.list_files(chunks_uri(batches_uri)) if wanted else []:
+        key, _, batch_id = os.path.basename(uri).partition(".")
+        if key in wanted and batch_id in finished and batch_id not in skip and (only is None or batch_id in only):
+            holders.setdefault(key, batch_id)
     found: dict[str, dict] = {}
-    for uri in files:
-        batch_id = os.path.basename(uri).removesuffix(".json")
-        if batch_id in skip or not uri.endswith(".json") or len(found) == len(wanted):
-            continue
+    for batch_id in sorted(set(holders.values())):
         document = storage.read_json(storage.join(batches_uri, f"{batch_id}.json"))
-        keys, per_chunk = document.get("chunk_keys") or [], document.get("per_chunk") or []
-        for chunk_id, key, counts in zip(document["chunks"], keys, per_chunk):
-            if key in wanted and key not in found:
-                found[key] = {
-                    "items": [item for item in document["items"] if item.get("source_chunk") == chunk_id],
-                    "malformed": [entry for entry in document["malformed"] if entry["chunk_id"] == chunk_id],
-                    "counts": counts,
-                }
+        for chunk_id, key, counts in zip(document["chunks"], document.get("chunk_keys") or [], document.get("per_chunk") or []):
+            if holders.get(key) != batch_id or key in found:
+                continue
+            malformed = [entry for entry in document["malformed"] if entry["chunk_id"] == chunk_id]
+            if ask_refused_again and any(entry["reason"] == "rejected_request" for entry in malformed):
+                continue
+            found[key] = {
+                "items": [item for item in document["items"] if item.get("source_chunk") == chunk_id],
+                "malformed": malformed,
+                "counts": counts,
+            }
     return found
 
 
@@ -230,12 +244,14 @@ def _assembled(batch: _Batch, answers: dict[str, dict]) -> dict:
     }
 
 
-def _with_earlier_answers(pending: list[_Batch], batches: list[_Batch], batches_uri: str, files: list[str]) -> tuple[list[_Batch], dict, list[_Batch]]:
+def _with_earlier_answers(
+    pending: list[_Batch], batches: list[_Batch], batches_uri: str, finished: set[str]
+) -> tuple[list[_Batch], dict, list[_Batch]]:
     """What is left to send of the unfinished batches once chunks answered in an earlier grouping
     are taken out: (batches to send, the earlier answers, the unfinished batches that need them).
     A batch some of whose chunks were answered is sent as a batch of the rest, under an id of its own."""
     wanted = {key for batch in pending for key in batch.keys}
-    answers = _answered_chunks(batches_uri, files, {batch.id for batch in batches}, wanted) if wanted else {}
+    answers = _answered_chunks(batches_uri, wanted, finished, skip={batch.id for batch in batches})
     to_send, assembled = [], []
     for batch in pending:
         rest = [i for i, key in enumerate(batch.keys) if key not in answers]
@@ -295,10 +311,9 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
             f"{spec.min_chunk_chars} characters to send ({counts['documents']} documents, {counts['heldout_documents']} held out)"
         )
     batches_uri = storage.join(generation_uri(config, name), "batches")
-    files = storage.list_files(batches_uri)
-    finished = {os.path.basename(uri).removesuffix(".json") for uri in files}
+    finished = {os.path.basename(uri).removesuffix(".json") for uri in storage.list_files(batches_uri)}
     pending = [batch for batch in batches if batch.id not in finished]
-    to_send, answers, assembled = _with_earlier_answers(pending, batches, batches_uri, files)
+    to_send, answers, assembled = _with_earlier_answers(pending, batches, batches_uri, finished)
     chunks_reused = len(answers)
     log.info(
         "generate %s: %d chunks in %d batches, %d already finished, %d chunk(s) answered in batches of another grouping; "
@@ -310,17 +325,19 @@ def generate_items(config: RunConfig, name: str, from_uri: str, from_manifest: d
         failed = [status for status in _send(spec, to_send, template, batches_uri) if status["error"]]
         if failed:
             shown = "; ".join(f"batch {s['batch_id']}: {s['error']}" for s in failed[:MAX_FAILURES_SHOWN])
+            done = {os.path.basename(uri).removesuffix(".json") for uri in storage.list_files(batches_uri)}
             raise TeacherGenerationError(
-                f"data set {name!r}: {len(failed)} of {len(batches)} batches failed ({shown}). The "
-                f"{len(batches) - len(failed)} finished ones are kept in {batches_uri} and are not sent again: "
-                "run again to resume"
+                f"data set {name!r}: {len(failed)} of {len(to_send)} batches failed ({shown}). The "
+                f"{sum(batch.id in done for batch in batches)} finished ones of its {len(batches)}, and every answer "
+                f"received, are kept in {batches_uri} and are not sent again: run again to resume"
             )
     if assembled:
         sent = {batch.id for batch in to_send} - {batch.id for batch in pending}  # the batches of the rest
         wanted = {key for batch in assembled for key in batch.keys if key not in answers}
-        answers.update(_answered_chunks(batches_uri, [f"{batch_id}.json" for batch_id in sent], set(), wanted))
+        answers.update(_answered_chunks(batches_uri, wanted, sent, ask_refused_again=False))  # what this run was sent
         for batch in assembled:  # every chunk answered now: written as the batch, as the teacher's actors write one
             storage.write_json(storage.join(batches_uri, f"{batch.id}.json"), _assembled(batch, answers))
+            index_chunks(chunks_uri(batches_uri), batch.id, batch.keys)
     items, merged, problems = _merge(batches, batches_uri)
     counts.update(merged, batches=len(batches), batches_reused=len(batches) - len(pending), chunks_reused=chunks_reused,
                   seconds=round(time.monotonic() - started, 3))

@@ -188,11 +188,13 @@ class SendBatches:
         question_type: str,
         num_choices: int,
         batches_uri: str,
+        chunks_uri: str | None = None,
     ):
         self.client = TeacherClient(teacher, api_key, RateLimiter(requests_per_second))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="teacher")
         self.options = {"task": task, "items_wanted": items_wanted, "question_type": question_type, "num_choices": num_choices}
         self.batches_uri = batches_uri
+        self.chunks_uri = chunks_uri
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"batch_id": [], "error": [], "seconds": []}
@@ -246,7 +248,21 @@ class SendBatches:
                     "counts": batch_counts(per_chunk), "items": items, "malformed": malformed}
         # One atomic write per batch: the file exists exactly when the batch is finished.
         storage.write_json(storage.join(self.batches_uri, f"{batch_id}.json"), document)
+        if self.chunks_uri is not None:
+            index_chunks(self.chunks_uri, batch_id, document["chunk_keys"])
         return ""
+
+
+def index_chunks(chunks_uri: str, batch_id: str, keys: list[str | None]) -> None:
+    """Name each chunk answered in batch `batch_id` in the chunk index, an empty file
+    `<chunk key>.<batch id>` per chunk: one listing of the folder tells a later run, grouping the
+    chunks otherwise, which batch file holds which answer. Written after the batch's file, so an
+    entry always names a finished batch."""
+    from alloylm import storage
+
+    for key in keys:
+        if key:
+            storage.write_text(storage.join(chunks_uri, f"{key}.{batch_id}"), "")
 
 
 def batch_counts(per_chunk: list[dict]) -> dict[str, int]:
