@@ -88,6 +88,14 @@ def _worker(rank: int, world: int, port: int, stage: int, preset: str, out: str)
             json.dump(held, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # `destroy_process_group` only drops torch's own reference: DeepSpeed's groups and ZeRO-3's
+    # gather handles keep the gloo process group alive into interpreter finalization, where its
+    # worker threads can be torn down joinable and abort the process (SIGABRT, "terminate called
+    # without an active exception"; pytorch/pytorch#179291). The result is written and both
+    # ranks are past the barrier, so leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def measure(stage: int | None, *, preset: str = "small-llama", workers: int = 2) -> dict[str, int]:
