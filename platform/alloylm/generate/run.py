@@ -31,7 +31,7 @@ from alloylm.errors import DataPreparationError
 from alloylm.generate.chunks import Chunk, benchmark_split, document_chunks, heldout_documents, sample_chunks
 from alloylm.generate.parse import dedup_key
 from alloylm.generate.prompts import SYSTEM_PROMPT, builtin_prompt, render_prompt
-from alloylm.generate.teacher import SendBatches, batch_counts, index_chunks, threads_per_actor
+from alloylm.generate.teacher import COUNTS, SendBatches, batch_counts, index_chunks, threads_per_actor
 
 log = logging.getLogger("alloylm.generate")
 MAX_FAILURES_SHOWN = 3
@@ -204,16 +204,16 @@ def chunks_uri(batches_uri: str) -> str:
 
 
 def _answered_chunks(batches_uri: str, wanted: set[str], finished: set[str], *, skip: set[str] = frozenset(),
-                     only: set[str] | None = None, ask_refused_again: bool = True) -> dict[str, dict]:
+                     ask_refused_again: bool = True) -> dict[str, dict]:
     """chunk key -> its answer ({"items", "malformed", "counts"}), for the chunks in `wanted` that
     the chunk index finds in a batch of `finished` (whose file is there: the index outlives a
-    deleted `batches/`) not in `skip` (and in `only`, if given). One listing of the index, then
+    deleted `batches/`) not in `skip`. One listing of the index, then
     only the batch files that hold a wanted chunk are read. A chunk the endpoint refused
     (`rejected_request`) in another grouping is asked again: the endpoint may have changed."""
     holders: dict[str, str] = {}
     for uri in storage.list_files(chunks_uri(batches_uri)) if wanted else []:
         key, _, batch_id = os.path.basename(uri).partition(".")
-        if key in wanted and batch_id in finished and batch_id not in skip and (only is None or batch_id in only):
+        if key in wanted and batch_id in finished and batch_id not in skip:
             holders.setdefault(key, batch_id)
     found: dict[str, dict] = {}
     for batch_id in sorted(set(holders.values())):
@@ -286,7 +286,7 @@ def _merge(batches: list[_Batch], batches_uri: str) -> tuple[list[dict], dict[st
                 continue
             seen[key] = item["id"]
             items.append(item)
-    counts = {key: int(totals[key]) for key in ("requests", "answers", "extra_items", "retries", "prompt_tokens", "completion_tokens")}
+    counts = {key: int(totals[key]) for key in COUNTS if key != "items"}
     counts.update(items_generated=int(totals["items"]), duplicates=int(totals["duplicates"]), items=len(items),
                   malformed=dict(sorted(malformed.items())))
     return items, counts, problems

@@ -265,10 +265,13 @@ def index_chunks(chunks_uri: str, batch_id: str, keys: list[str | None]) -> None
             storage.write_text(storage.join(chunks_uri, f"{key}.{batch_id}"), "")
 
 
+# What a chunk's answer counts, and a batch's the sums of its chunks'.
+COUNTS = ("requests", "answers", "items", "extra_items", "retries", "prompt_tokens", "completion_tokens")
+
+
 def batch_counts(per_chunk: list[dict]) -> dict[str, int]:
     """A batch's counts: the sums of its chunks'."""
-    keys = ("requests", "answers", "items", "extra_items", "retries", "prompt_tokens", "completion_tokens")
-    return {key: sum(int(counts.get(key, 0)) for counts in per_chunk) for key in keys}
+    return {key: sum(int(counts.get(key, 0)) for counts in per_chunk) for key in COUNTS}
 
 
 def threads_per_actor(max_concurrency: int, actors: int) -> int:
