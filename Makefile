@@ -43,7 +43,7 @@ science: setup
 	$(VENV)/bin/alloylm run configs/science.yaml
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Mutation score of the decision modules ([tool.mutmut] in pyproject.toml), per module; not part of
 # `make test`. MUTATION_ARGS: module path suffixes to limit it (e.g. merge/space.py), --max-children N.

@@ -33,12 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # `make test` runs the suite in 2 processes (pytest-xdist, `--dist loadfile`: each file in one
-# process, so its module fixtures are built once). With `--no-loadscope-reorder` (xdist's default
-# orders files by their number of tests, which put the longest last) it hands out files in
-# collection order, the next one to a process nearly done with its last. These files, the longest
-# by far (each minutes of one process, from `--durations` of the 2-process suite on 2 cores), go
-# first, longest first, so that no process starts one of them while the other is nearly done. The
-# order inside a file is kept; only the suite's time depends on this list.
+# process, so its module fixtures are built once), which hand out files in collection order as
+# each finishes the last. These files, the longest by far (each a few minutes of one process, from
+# `--durations` of the 2-process suite on 2 cores), go first, longest first, so that no process
+# starts one of them while the other is nearly done. The order inside a file is kept; only the
+# suite's time depends on this list.
 LONGEST_FIRST = (
     "tests/jobs/test_pipeline.py",
     "tests/train/test_launcher.py",
