@@ -16,10 +16,6 @@ TORCH_INDEX_URL ?=
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist; 0: one process). Each file runs whole in one of them, so its module
-# fixtures (a Ray cluster, a trained chain) are built once; on 2 cores, 2 fill the CPU time that
-# one process spends waiting on Ray, subprocesses and servers.
-PYTEST_WORKERS ?= 2
 
 .PHONY: setup warm quickstart science test bench mutation
 
@@ -43,7 +39,7 @@ science: setup
 	$(VENV)/bin/alloylm run configs/science.yaml
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Mutation score of the decision modules ([tool.mutmut] in pyproject.toml), per module; not part of
 # `make test`. MUTATION_ARGS: module path suffixes to limit it (e.g. merge/space.py), --max-children N.

@@ -32,28 +32,6 @@ os.environ.pop("AWS_PROFILE", None)
 REPO = Path(__file__).resolve().parents[1]
 
 
-# `make test` runs the suite in 2 processes (pytest-xdist, `--dist loadfile`: each file in one
-# process, so its module fixtures are built once), which hand out files in collection order as
-# each finishes the last. These files, the longest by far (each a few minutes of one process, from
-# `--durations` of the 2-process suite on 2 cores), go first, longest first, so that no process
-# starts one of them while the other is nearly done. The order inside a file is kept; only the
-# suite's time depends on this list.
-LONGEST_FIRST = (
-    "tests/jobs/test_pipeline.py",
-    "tests/train/test_launcher.py",
-    "tests/serve/test_app.py",
-    "tests/train/test_learning.py",
-    "tests/test_storage_outage.py",
-    "tests/merge/test_search.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {REPO / name: i for i, name in enumerate(LONGEST_FIRST)}  # tests/test_layout.py: each is a file
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(Path(str(item.path)).resolve(), len(rank)), order[id(item)]))
-
-
 def free_ports(count: int) -> list[int]:
     """`count` distinct free loopback ports (all bound at once, so the OS cannot hand one out twice)."""
     sockets = [socket.socket() for _ in range(count)]

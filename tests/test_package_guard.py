@@ -37,14 +37,3 @@ def test_lazy_package_names_are_the_objects_not_submodules_of_the_same_name():
             importlib.import_module(f"{package}.{info.name}")  # every submodule imported first
         for name in module._LAZY:
             assert not isinstance(getattr(module, name), types.ModuleType), f"{package}.{name} is a module"
-
-
-def test_the_files_the_suite_starts_with_exist():
-    """tests/conftest.py's LONGEST_FIRST orders the suite for its 2 processes; a renamed file there
-    would silently fall back to collection order (a slower suite, no failure)."""
-    import ast
-
-    tree = ast.parse((REPO / "tests" / "conftest.py").read_text(encoding="utf-8"))
-    [names] = [ast.literal_eval(node.value) for node in tree.body
-               if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["LONGEST_FIRST"]]
-    assert names and all((REPO / name).is_file() for name in names), [n for n in names if not (REPO / n).is_file()]
