@@ -16,6 +16,10 @@ TORCH_INDEX_URL ?=
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; 0: one process). Each file runs whole in one of them (--dist
+# loadfile), so its module fixtures (a Ray cluster, a trained chain) are built once; on 2 cores, a
+# second process uses the CPU time one process leaves idle waiting on Ray, subprocesses and servers.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup warm quickstart science test bench mutation
 
@@ -39,7 +43,7 @@ science: setup
 	$(VENV)/bin/alloylm run configs/science.yaml
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Mutation score of the decision modules ([tool.mutmut] in pyproject.toml), per module; not part of
 # `make test`. MUTATION_ARGS: module path suffixes to limit it (e.g. merge/space.py), --max-children N.
