@@ -16,10 +16,12 @@ TORCH_INDEX_URL ?=
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist; 0: one process). Each file runs whole in one of them (--dist
-# loadfile), so its module fixtures (a Ray cluster, a trained chain) are built once; on 2 cores, a
-# second process uses the CPU time one process leaves idle waiting on Ray, subprocesses and servers.
-PYTEST_WORKERS ?= 2
+# Test processes (pytest-xdist; 0, the default: one process). With 2, each file runs whole in one
+# of them (--dist loadfile), so its module fixtures are built once, and the second process uses the
+# CPU time one leaves idle: 24:31 and 29:11 against 37:35 for one, on 2 cores (README). Not the
+# default: two Ray-heavy files side by side load 2 cores past 14, and a test's fresh Ray node then
+# missed Ray's fixed 30 s start-up wait (1 failure in 2 runs, 1 in 3 the night before).
+PYTEST_WORKERS ?= 0
 
 .PHONY: setup warm quickstart science test bench mutation
 
