@@ -269,7 +269,7 @@ def pipeline(variant: str, corpus: Path, tokenizer_dir: Path, workdir: Path, arg
         "blocks": counts["blocks"],
         "tokens": counts["tokens_out"],
         "tokens_dropped_tail": counts["tokens_dropped_tail"],
-        # Shard names sort in the order Ray Data wrote them; tail.parquet (the tails' blocks) last.
+        # Shard names sort in write order (part-000000, part-000001, ...); tail.parquet (the tails' blocks) last.
         "blocks_sha256": _blocks_sha256(dataset_uri(config, DATASET), sorted(manifest["shards"])),
         "shards": len(manifest["shards"]),
         "seconds": round(seconds, 3),

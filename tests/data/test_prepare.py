@@ -601,6 +601,49 @@ def test_a_padded_tail_with_a_tokenizer_that_has_no_pad_token_pads_with_end_of_t
     assert len(padding) == counts["tail_padded_tokens"] and set(padding) == {load_tokenizer(str(tmp_path / "tok")).eos_token_id}
 
 
+def test_shards_hold_the_blocks_of_one_process_packing_in_input_order_every_shard_but_the_last_full(ray_cluster, tmp_path, tokenizer_dir):
+    """The shards are written as the packing's blocks arrive (`_stream_shards`): whatever the actors'
+    timing, they hold exactly the blocks one process gets by packing batches of `batch_size`
+    documents in input order, the per-batch tails packed together at the end (`tail.parquet`), and
+    every `part-*` shard but the last holds `rows_per_shard` blocks."""
+    from alloylm.corpus import BuiltinCorpusOptions, generate_builtin
+
+    texts = [normalise_text(row["text"]) for row in generate_builtin("general-text", BuiltinCorpusOptions(**SMALL_BUILTIN))]
+    texts = [t for t in texts if t] * 3  # repeats are kept: no dedup below
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for part in range(3):
+        with open(folder / f"part-{part}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": f"{part}-{i}", "text": t}) + "\n" for i, t in enumerate(texts[part::3]))
+    ordered = [t for part in range(3) for t in texts[part::3]]
+    batch, rows_per_shard, width = 8, 5, 16
+    config = make_config(
+        str(tmp_path / "runs"), {"d": {"source": str(folder), "format": "text"}}, tokenizer_dir,
+        data={"block_size": width, "batch_size": batch, "rows_per_shard": rows_per_shard, "tokenizer_actors": 2,
+              "exact_dedup": False, "near_dedup": {"enabled": False}},
+    )
+    manifest = prepare_all(config)["d"]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    expected, tails = [], []
+    for start in range(0, len(ordered), batch):
+        ids = tokenizer(ordered[start : start + batch], add_special_tokens=False)["input_ids"]
+        blocks, tail = pack_token_ids(ids, tokenizer.eos_token_id, width)
+        expected += blocks.tolist()
+        tails.append(tail)
+    flat = np.concatenate(tails)
+    expected += flat[: flat.size // width * width].reshape(-1, width).tolist()
+
+    shards = manifest["shards"]
+    parts = [s for s in shards if os.path.basename(s).startswith("part-")]
+    assert shards == sorted(shards) and shards[-1] == "shards/tail.parquet" and len(parts) == len(shards) - 1 >= 3, shards
+    folder_uri = storage.join(config.run_uri, "data", "d")
+    sizes = [pq.read_metadata(os.path.join(folder_uri, s)).num_rows for s in parts]
+    assert sizes[:-1] == [rows_per_shard] * (len(parts) - 1) and 0 < sizes[-1] <= rows_per_shard, sizes
+    written = [row for s in shards for row in pq.read_table(os.path.join(folder_uri, s)).column("input_ids").to_pylist()]
+    assert written == expected
+    assert manifest["counts"]["blocks"] == len(expected) and manifest["counts"]["tokens_dropped_tail"] == flat.size % width
+
+
 def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
     """`hf:/path` to a DatasetDict: only its splits have a state.json, so the fingerprint fell back
     to the path, and data saved again with other rows reused the old shards and stages."""

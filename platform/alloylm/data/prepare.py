@@ -67,8 +67,8 @@ DATA_PHASES = {
     "generate": "a generated data set: preparing its source and running the teacher (or resuming it)",
     "read_clean": "Ray Data pass 1: reading the sources, normalising, length filters, content hashes, MinHash signatures",
     "dedup": "on the driver: exact and near duplicates from the hashes and signatures",
-    "tokenize": "Ray Data pass 2: dropping the duplicates, tokenizing and packing (text) or rendering chats (actor pool)",
-    "write_shards": "the parquet shards, every one but the last full (text: and, at the same time, the kept documents, which generated data sets read)",
+    "tokenize": "Ray Data pass 2: dropping the duplicates, tokenizing and packing (text: each full shard written as its blocks arrive) or rendering chats (actor pool)",
+    "write_shards": "the parquet shards, every one but the last full (text: what is left of the kept documents' write, which runs beside pass 2; generated data sets read them)",
     "tails": "text: the per-batch leftovers packed together on the driver",
     "finish": "problems.jsonl, the generated items, listing the shards",
 }
@@ -394,9 +394,12 @@ def _clean_batch(
             records.append(record_json)
             hashes.append("")
         else:
-            record = clean.normalise_record(json.loads(record_json), fmt)
+            parsed = json.loads(record_json)
+            record = clean.normalise_record(parsed, fmt)
             reason = clean.drop_reason(record, fmt, min_chars=min_chars, max_chars=max_chars)
-            records.append(clean.record_json(record))
+            # The reader wrote `record_json` with clean.record_json: where normalising changed
+            # nothing (most records), it is already this record's JSON.
+            records.append(record_json if record == parsed else clean.record_json(record))
             hashes.append(clean.content_hash(record) if exact else "")
             if reason:
                 detail = f"{origin}: {reason.replace('_', ' ')} ({len(record.get('text', ''))} characters)"
@@ -525,11 +528,51 @@ def _write_table(table: pa.Table, uri: str) -> None:
     pq.write_table(table, path, filesystem=fs)
 
 
+def _stream_shards(packed, shards_uri: str, rows_per_shard: int) -> tuple[int, list[np.ndarray]]:
+    """Consume the packing's output as it comes, in order: its full blocks written as
+    `part-NNNNNN.parquet` shards of exactly `rows_per_shard` rows (the last one may be shorter);
+    returns (full blocks written, the per-batch tails in order).
+
+    Written here rather than with Ray Data's `write_parquet`: that is a second execution over
+    materialized blocks, started after the last block is tokenized (a filter, a repartition and
+    the write tasks: 2-3 s on the benchmark's 50 MB), where this writes each shard while the next
+    blocks are tokenized. A block is 4 bytes a token, little beside the tokenizing that made it;
+    the files are the same: full shards, then `tail.parquet`, in input order."""
+    fs, path = storage.arrow_filesystem(shards_uri)
+    if not storage.is_remote(shards_uri):
+        os.makedirs(path, exist_ok=True)
+    pending: list[pa.Table] = []
+    held = written = shard = 0
+    tails: list[np.ndarray] = []
+
+    def write(table: pa.Table) -> None:
+        nonlocal shard
+        name = storage.join(shards_uri, f"part-{shard:06d}.parquet")
+        storage.retrying("write", name, lambda: pq.write_table(table, f"{path}/part-{shard:06d}.parquet", filesystem=fs))
+        shard += 1
+
+    for batch in packed.iter_batches(batch_size=None, batch_format="pyarrow"):
+        is_tail = batch.column("is_tail")
+        tails += [np.asarray(ids, dtype=np.int32) for ids in batch.filter(is_tail).column("input_ids").to_pylist()]
+        full = batch.filter(pc.invert(is_tail)).select(["input_ids"])
+        pending.append(full)
+        held += full.num_rows
+        while held >= rows_per_shard:
+            table = pa.concat_tables(pending)
+            write(table.slice(0, rows_per_shard))
+            rest = table.slice(rows_per_shard)
+            pending, held, written = [rest], rest.num_rows, written + rows_per_shard
+    if held:
+        write(pa.concat_tables(pending))
+        written += held
+    return written, tails
+
+
 def _prepare_text(
     config: RunConfig, kept, kept_count: int, shards_uri: str, tok_uri: str, tokenizer, clock: PhaseClock, beside: Callable[[], None]
 ) -> dict[str, int]:
     """Tokenize and pack `kept` into `shards_uri`; `beside` (the documents/ write) runs in a driver
-    thread while the shards are written."""
+    thread meanwhile."""
     prep = config.data
     # Blocks of whole batches of batch_size consecutive kept documents, whatever blocks reading and
     # dedup produced, so the packing (and every block) depends only on the input. Several batches
@@ -547,25 +590,17 @@ def _prepare_text(
         batch_size=prep.batch_size,
         batch_format="numpy",
         **_tokenizer_pool(prep, math.ceil(kept_count / rows_per_task)),
-    ).materialize()
-    clock.lap("tokenize")
-    # Two Ray Data executions at once: each write is mostly its start-up and task scheduling, not
-    # CPU, so the second one's can overlap the first's. Measured on 2 cores (6 interleaved pairs, 50
-    # MB, a noisy machine) the concurrent form was faster in 5 and 4 of 6 pairs, by less than the
-    # spread between pairs: kept for the reasoning, not for a gain shown beyond noise. Both finish
-    # (or raise) before this returns.
+    )
+    # The documents/ write is a second Ray Data execution at once: its tasks fill the CPU the
+    # driver's shard writes and the actor pool's start leave idle. Both finish (or raise) before
+    # this returns.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloylm-data") as pool:
         other = pool.submit(beside)
-        _write_shards(packed.filter(expr="is_tail == False").select_columns(["input_ids"]), shards_uri, prep.rows_per_shard)
+        full_blocks, tails = _stream_shards(packed, shards_uri, prep.rows_per_shard)
+        clock.lap("tokenize")  # the shards written as they came
         other.result()
-    clock.lap("write_shards")  # the documents/ write included
+    clock.lap("write_shards")  # what was left of the documents/ write
     # Per-batch tails are packed together here, so only the run's final partial block is left over.
-    tails = [
-        np.asarray(ids, dtype=np.int32)
-        for batch in packed.filter(expr="is_tail == True").iter_batches(batch_size=None, batch_format="pyarrow")
-        for ids in batch.column("input_ids").to_pylist()
-    ]
-    full_blocks = packed.count() - len(tails)  # a materialized count: no execution
     flat = np.concatenate(tails) if tails else np.zeros(0, np.int32)
     width = prep.block_size
     tail_blocks = flat[: (flat.size // width) * width].reshape(-1, width)
@@ -691,6 +726,29 @@ def _load_run_tokenizer(tok_uri: str, trust_remote_code: bool):
     return load_tokenizer(tok_uri, trust_remote_code=trust_remote_code)
 
 
+@contextlib.contextmanager
+def _without_op_reservation() -> Iterator[None]:
+    """Datasets created inside run without Ray Data's per-operator resource reservation (a Dataset
+    keeps the DataContext it was created under; what derives from it shares it).
+
+    A file source is a path list (`from_items`) then one fused read-and-clean map: the reservation
+    splits the CPUs between the two, the list holds its half until the map has taken every path,
+    and the map runs one task at a time on 2 CPUs. Measured with the benchmark's 50 MB on 2 cores
+    (`benchmarks/data_prep.py`, same cluster, alternating): pass 1 took 1.1 s without against
+    1.8-2.9 s with it; with MinHash 4.3-4.5 s against 5.8-6.3 s. Pass 2 (its map and the actor
+    pool) runs under the same context: measured 0.3-1 s faster too. Ray's other backpressure
+    (object-store limits, the actors' fixed CPUs) still applies."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        context.op_resource_reservation_enabled = before
+
+
 def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> dict:
     """Prepare data set `name` into `<run>/data/<name>/`; returns its manifest (reused if up to date).
 
@@ -724,7 +782,8 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
         reads_chats = fmt == "text" and any(
             BUILTIN_FORMATS.get(source.removeprefix("builtin:")) == "chat" for source in dataset.sources if source.startswith("builtin:")
         )
-        raw = read_dataset(config, name, _chat_renderer(config) if reads_chats else None)
+        with _without_op_reservation():
+            raw = read_dataset(config, name, _chat_renderer(config) if reads_chats else None)
     with lifecycle.begin(uri, fp, config) as artifact:
         if dataset.generate is not None:
             from alloylm.generate.run import generate_items
@@ -732,7 +791,8 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
             source = dataset.generate.from_
             source_manifest = prepare_dataset(config, source, tokenizer_manifest)
             generation = generate_items(config, name, dataset_uri(config, source), source_manifest)
-            raw = read_dataset(config, name)
+            with _without_op_reservation():
+                raw = read_dataset(config, name)
             clock.lap("generate")
         # batch_size=None: one task per block the source produced. A row count here would make
         # Ray bundle that many *source* rows (files, for file sources) into one task.
