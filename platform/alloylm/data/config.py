@@ -175,7 +175,7 @@ class DataPrepConfig(_Frozen):
     max_chars: int = Field(2_000_000, gt=0, description="Drop text documents longer than this after normalisation.")
     exact_dedup: bool = Field(True, description="Drop records whose normalised content was already seen.")
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig, description="Near-duplicate removal.")
-    tokenizer_actors: int = Field(2, ge=1, description="At most this many tokenizer actors in the Ray Data actor pool (fewer for small data sets).")
+    tokenizer_actors: int = Field(2, ge=1, description="At most this many tokenizer actors in the Ray Data actor pool (fewer for small data sets, and no more than leave the pipeline's map tasks one CPU of the cluster).")
     cpus_per_tokenizer_actor: float = Field(
         0.5,
         gt=0,

@@ -503,9 +503,21 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
 def _tokenizer_pool(prep: DataPrepConfig, tasks: int) -> dict[str, Any]:
     """map_batches arguments for the tokenizer actor pool: fractional CPUs, and no more actors
     than the step has tasks to give them, since each actor costs a process start."""
+    import ray
     import ray.data
 
     size = max(1, min(prep.tokenizer_actors, tasks))
+    # The pool's actors hold their CPUs for the whole pass, and the map tasks that feed them need a
+    # whole CPU: actors that leave less than one free stall the pass forever (3 actors of 0.5 CPU on
+    # 2 CPUs did). Capped to what the cluster has now; at least one actor.
+    room = int((ray.cluster_resources().get("CPU", 0) - 1) // prep.cpus_per_tokenizer_actor)
+    if size > max(room, 1):
+        log.warning(
+            "data.tokenizer_actors: %d actors of %g CPU (data.cpus_per_tokenizer_actor) would leave the pipeline's tasks "
+            "less than one CPU of this cluster's %g; using %d",
+            size, prep.cpus_per_tokenizer_actor, ray.cluster_resources().get("CPU", 0), max(room, 1),
+        )
+        size = max(room, 1)
     return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": prep.cpus_per_tokenizer_actor}
 
 
