@@ -510,14 +510,15 @@ def _tokenizer_pool(prep: DataPrepConfig, tasks: int) -> dict[str, Any]:
     # The pool's actors hold their CPUs for the whole pass, and the map tasks that feed them need a
     # whole CPU: actors that leave less than one free stall the pass forever (3 actors of 0.5 CPU on
     # 2 CPUs did). Capped to what the cluster has now; at least one actor.
-    room = int((ray.cluster_resources().get("CPU", 0) - 1) // prep.cpus_per_tokenizer_actor)
-    if size > max(room, 1):
+    cpus = ray.cluster_resources().get("CPU", 0)
+    room = max(1, int((cpus - 1) // prep.cpus_per_tokenizer_actor))
+    if size > room:
         log.warning(
             "data.tokenizer_actors: %d actors of %g CPU (data.cpus_per_tokenizer_actor) would leave the pipeline's tasks "
             "less than one CPU of this cluster's %g; using %d",
-            size, prep.cpus_per_tokenizer_actor, ray.cluster_resources().get("CPU", 0), max(room, 1),
+            size, prep.cpus_per_tokenizer_actor, cpus, room,
         )
-        size = max(room, 1)
+        size = room
     return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": prep.cpus_per_tokenizer_actor}
 
 
@@ -559,8 +560,8 @@ def _stream_shards(packed, shards_uri: str, rows_per_shard: int) -> tuple[int, l
 
     def write(table: pa.Table) -> None:
         nonlocal shard
-        name = storage.join(shards_uri, f"part-{shard:06d}.parquet")
-        storage.retrying("write", name, lambda: pq.write_table(table, f"{path}/part-{shard:06d}.parquet", filesystem=fs))
+        name = f"part-{shard:06d}.parquet"
+        storage.retrying("write", storage.join(shards_uri, name), lambda: pq.write_table(table, f"{path}/{name}", filesystem=fs))
         shard += 1
 
     for batch in packed.iter_batches(batch_size=None, batch_format="pyarrow"):
