@@ -58,3 +58,4 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/merge_search.py
+	$(PY) benchmarks/stage_startup.py

@@ -30,24 +30,28 @@ def test_breakdown_adds_up_and_clamps_a_skewed_worker_clock():
     assert stage_breakdown(prepare=0.5, fit_seconds=8.0, fit_started_at=0.0, worker=None, finish=0.1)["worker_start"] == 8.0
 
 
-def _callback_names(trainer_cls) -> set[str]:
+def _callback_names(trainer_cls, **kwargs) -> set[str]:
     import ray.train
 
-    trainer = trainer_cls(train_loop_per_worker=lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    trainer = trainer_cls(train_loop_per_worker=lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kwargs)
     return {type(callback).__name__ for callback in trainer._create_default_callbacks()}
 
 
-def test_ray_trains_placement_group_cleaner_is_left_out_only_where_the_cluster_has_no_state_api(ray_cluster, monkeypatch):
-    """The session's cluster has no dashboard, so no State API: the cleaner could only warn, every
-    second, that it cannot see the controller. Where the State API answers, Ray Train is as it is."""
+def test_ray_trains_idle_helpers_are_left_out_and_only_those(ray_cluster, monkeypatch):
+    """The session's cluster has no dashboard, so no State API: the placement group cleaner could
+    only warn, every second, that it cannot see the controller. A stage that passes no data set
+    (all but CPT) gets no DatasetManager actor. Everything else is as Ray Train sets it up."""
+    import ray.data
     from ray.train.torch import TorchTrainer
 
     from alloylm.train import launcher
 
+    everything = _callback_names(TorchTrainer)
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback", "BackendSetupCallback"} <= everything
     assert launcher.state_api_answers() is False  # asked for real: ray.init(include_dashboard=False)
-    names = _callback_names(launcher.trainer_class())
-    assert "PlacementGroupCleanerCallback" not in names
-    assert {"BackendSetupCallback", "DatasetsCallback"} <= names  # everything else Ray Train sets up
+    data = {"datasets": {"train": ray.data.range(4)}}
+    assert _callback_names(launcher.trainer_class()) == everything - {"PlacementGroupCleanerCallback", "DatasetsCallback"}
+    assert _callback_names(launcher.trainer_class(), **data) == everything - {"PlacementGroupCleanerCallback"}
     monkeypatch.setattr(launcher, "state_api_answers", lambda: True)
-    assert launcher.trainer_class() is TorchTrainer
-    assert "PlacementGroupCleanerCallback" in _callback_names(TorchTrainer)
+    assert _callback_names(launcher.trainer_class()) == everything - {"DatasetsCallback"}
+    assert _callback_names(launcher.trainer_class(), **data) == everything
