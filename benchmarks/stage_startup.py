@@ -7,7 +7,7 @@ helpers that have nothing to do: the `DatasetManager` of a stage that passes no 
 kind but CPT) and, on a cluster without a State API (as here, and as `alloylm` starts a local one),
 the `PlacementGroupCleaner`. This measures what that saves, and the floor that stays: a `fit` of
 an empty train loop, both sides in interleaved pairs on one local cluster, wall time and the CPU
-time of the whole machine (`/proc/stat`) over each `fit`.
+time of the whole machine (psutil's `cpu_times`) over each `fit`.
 
     .venv/bin/python benchmarks/stage_startup.py [--pairs 6] [--workers 1]
 
@@ -34,11 +34,12 @@ RESULTS = REPO / "benchmarks" / "results" / "stage_startup.json"
 QUIET_LOAD = 1.5
 
 
-def _busy_and_total() -> tuple[int, int]:
-    """Jiffies the machine's CPUs were busy, and in all, since boot (Linux `/proc/stat`)."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return sum(fields) - idle, sum(fields)
+def _busy_seconds() -> float:
+    """CPU-seconds the machine's CPUs have been busy since boot, all CPUs together (psutil)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def _empty_loop(config: dict) -> dict:
@@ -68,7 +69,7 @@ def main() -> None:
         for pair in range(args.pairs + 1):
             order = list(sides) if pair % 2 else list(reversed(sides))
             for name in order:
-                busy0, total0 = _busy_and_total()
+                busy0 = _busy_seconds()
                 started = time.monotonic()
                 sides[name](
                     _empty_loop,
@@ -76,8 +77,7 @@ def main() -> None:
                     run_config=ray.train.RunConfig(name=f"{name}-{pair}", storage_path=storage),
                 ).fit()
                 seconds = time.monotonic() - started
-                busy1, total1 = _busy_and_total()
-                cpu_seconds = (busy1 - busy0) / max(total1 - total0, 1) * cpus * seconds
+                cpu_seconds = _busy_seconds() - busy0
                 if pair:  # the first pair starts Ray's own worker pool: not counted
                     runs[name].append({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 1)})
                 print(f"pair {pair} {name}: {seconds:.2f} s, {cpu_seconds:.1f} CPU-s{'' if pair else ' (warm-up)'}", flush=True)

@@ -342,8 +342,10 @@ def trainer_class():
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            idle = (PlacementGroupCleanerCallback,) * cleaner_useless + (DatasetsCallback,) * (not getattr(self, "datasets", True))
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, idle)]
+            idle = [PlacementGroupCleanerCallback] if cleaner_useless else []
+            if not getattr(self, "datasets", True):
+                idle.append(DatasetsCallback)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, tuple(idle))]
 
     return Trainer
 
