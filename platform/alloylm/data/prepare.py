@@ -500,6 +500,32 @@ def _find_duplicates(annotated, exact: bool, near: dict | None) -> tuple[dict[st
     return duplicates, reasons, problems
 
 
+def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], tasks: int) -> dict[str, Any]:
+    """map_batches arguments that run the tokenizer UDF `cls(**arguments)` over `tasks` tasks.
+
+    More tasks than `data.tokenizer_actors`: an actor pool of fractional CPUs, no more actors than
+    leave the pipeline's map tasks one CPU. As many tasks as actors or fewer (a small data set,
+    every one of the quickstart's): plain tasks of `cpus_per_tokenizer_actor` CPUs, as many at once,
+    which build `cls` once per worker process (`tokenize.run_built`) instead of starting an actor
+    process for one or two batches. The same UDF over the same batches: the same blocks either way.
+    """
+    import ray
+    from ray import cloudpickle
+
+    from alloylm.data.tokenize import run_built
+
+    if tasks > prep.tokenizer_actors:
+        return {"fn": cls, "fn_constructor_kwargs": arguments, **_tokenizer_pool(prep, tasks)}
+    pickled = cloudpickle.dumps(arguments)  # once: hashed for the key, and what the tasks fetch
+    key = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode() + pickled).hexdigest()
+    return {
+        "fn": run_built,
+        "fn_kwargs": {"cls": cls, "key": key, "arguments": ray.put(pickled)},
+        "num_cpus": prep.cpus_per_tokenizer_actor,
+        "concurrency": max(1, tasks),
+    }
+
+
 def _tokenizer_pool(prep: DataPrepConfig, tasks: int) -> dict[str, Any]:
     """map_batches arguments for the tokenizer actor pool: fractional CPUs, and no more actors
     than the step has tasks to give them, since each actor costs a process start."""
@@ -592,17 +618,16 @@ def _prepare_text(
     # per block (one actor task each) keep the number of tasks, and of blocks after, small.
     rows_per_task = prep.batch_size * BATCHES_PER_TOKENIZER_TASK
     groups = kept.repartition(target_num_rows_per_block=rows_per_task, strict=True)
+    arguments = {
+        "tokenizer_uri": tok_uri,
+        "block_size": prep.block_size,
+        "trust_remote_code": config.trust_remote_code,
+        "backend": BackendTokenizerState.of(tokenizer),
+    }
     packed = groups.map_batches(
-        PackTokenBlocks,
-        fn_constructor_kwargs={
-            "tokenizer_uri": tok_uri,
-            "block_size": prep.block_size,
-            "trust_remote_code": config.trust_remote_code,
-            "backend": BackendTokenizerState.of(tokenizer),
-        },
         batch_size=prep.batch_size,
         batch_format="numpy",
-        **_tokenizer_pool(prep, math.ceil(kept_count / rows_per_task)),
+        **_tokenizer_udf(prep, PackTokenBlocks, arguments, math.ceil(kept_count / rows_per_task)),
     )
     # The documents/ write is a second Ray Data execution at once: its tasks fill the CPU the
     # driver's shard writes and the actor pool's start leave idle. Both finish (or raise) before
@@ -658,13 +683,12 @@ def _prepare_rendered(
     if fmt == "benchmark":
         rendered = kept.map_batches(benchmark_rows, batch_format="numpy", batch_size=prep.batch_size)
     else:
+        arguments = {"tokenizer_uri": tok_uri, "trust_remote_code": config.trust_remote_code, "tokenizer": tokenizer}
         rendered = kept.map_batches(
-            RenderChats if fmt == "chat" else RenderPreferences,
-            fn_constructor_kwargs={"tokenizer_uri": tok_uri, "trust_remote_code": config.trust_remote_code, "tokenizer": tokenizer},
             batch_size=prep.batch_size,
             batch_format="numpy",
             # An input block is never split across actors: at most one task per block.
-            **_tokenizer_pool(prep, min(math.ceil(kept_count / prep.batch_size), kept_blocks)),
+            **_tokenizer_udf(prep, RenderChats if fmt == "chat" else RenderPreferences, arguments, min(math.ceil(kept_count / prep.batch_size), kept_blocks)),
         )
     rendered = rendered.materialize()
     renamed = 0
