@@ -666,7 +666,9 @@ def test_results_and_report_on_s3(evaluated, s3_bucket):
     assert "| trained |" in storage.read_text(f"{report_uri}/report.md")
 
 
-def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, run_dir, models, tmp_path):
+def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, run_dir, models, tmp_path, caplog):
+    """Results up to date are read on the driver: no Ray task (a worker process to start, its
+    imports) only to find them, as the pipeline's comparison and selection of scored variants do."""
     import shutil
 
     model = tmp_path / "stage-model"
@@ -675,7 +677,9 @@ def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, ru
     config = _quick_config(max_items=1, suites={name: {"enabled": False} for name in ("short_answer", "domain_perplexity", "general_perplexity")})
     out = str(tmp_path / "eval")
     first = evaluate_variants(config, {"stage": str(model)}, _data(run_dir), out)
-    second = evaluate_variants(config, {"stage": str(model)}, _data(run_dir), out)
+    with caplog.at_level("INFO", logger="alloylm.evaluate"):
+        second = evaluate_variants(config, {"stage": str(model)}, _data(run_dir), out)
+    assert "up to date, not scored again" in caplog.text and "evaluating 1 variant" not in caplog.text, caplog.text
     third = evaluate_variants(config.model_copy(update={"seed": 1}), {"stage": str(model)}, _data(run_dir), out)
     assert "reused" not in first["variants"]["stage"]
     assert second["variants"]["stage"]["reused"] is True
