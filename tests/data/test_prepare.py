@@ -702,6 +702,29 @@ def test_a_small_data_set_tokenizes_without_starting_actors_into_the_same_blocks
     assert rendered["tasks"][0]["text"].count("<|im_start|>") == 2
 
 
+def test_a_task_built_tokenizer_is_known_by_its_artifacts_version_when_it_is_loaded_from_its_uri(ray_cluster, tmp_path):
+    """Tasks keep what they built per worker process, by a key of its arguments. A packer handed no
+    tokenizer (one whose Rust backend alone encodes otherwise) loads it from `tokenizer_uri`: a
+    tokenizer rebuilt there, same arguments, must not be taken for the one built before."""
+    from alloylm.config import DataPrepConfig
+    from alloylm.data.prepare import _tokenizer_udf
+    from alloylm.data.tokenize import PackTokenBlocks
+
+    uri = str(tmp_path / "tokenizer")
+    arguments = {"tokenizer_uri": uri, "block_size": 16, "trust_remote_code": False, "backend": None}
+
+    def key() -> str:
+        udf = _tokenizer_udf(DataPrepConfig(), PackTokenBlocks, arguments, tasks=1)
+        assert "compute" not in udf  # plain tasks
+        return udf["fn_kwargs"]["key"]
+
+    storage.write_json(os.path.join(uri, "manifest.json"), {"fingerprint": "f", "created_at": "2026-12-06T10:00:00Z"})
+    first = key()
+    assert key() == first
+    storage.write_json(os.path.join(uri, "manifest.json"), {"fingerprint": "f", "created_at": "2026-12-06T11:00:00Z"})
+    assert key() != first
+
+
 def test_a_saved_dataset_dict_edited_in_place_changes_the_fingerprint(tmp_path):
     """`hf:/path` to a DatasetDict: only its splits have a state.json, so the fingerprint fell back
     to the path, and data saved again with other rows reused the old shards and stages."""

@@ -690,6 +690,10 @@ def test_unchanged_variant_is_reused_and_a_changed_config_is_not(ray_cluster, ru
     storage.write_json(str(model / "manifest.json"), {"kind": "stage", "fingerprint": "abc", "created_at": "2026-12-05T01:00:00Z"})
     fourth = evaluate_variants(config.model_copy(update={"seed": 1}), {"stage": str(model)}, _data(run_dir), out)
     assert "reused" not in fourth["variants"]["stage"]
+    # Results cut short (their manifest says complete): scored again, not a failed variant.
+    (tmp_path / "eval" / "stage" / "results.json").write_text('{"variant": "st', encoding="utf-8")
+    fifth = evaluate_variants(config.model_copy(update={"seed": 1}), {"stage": str(model)}, _data(run_dir), out)
+    assert fifth["variants"]["stage"]["status"] == "ok" and "reused" not in fifth["variants"]["stage"], fifth["variants"]["stage"]
 
 
 def test_an_evaluation_task_given_no_gpu_scores_on_the_cpu_though_a_gpu_is_visible(ray_cluster, run_dir, models, tmp_path, monkeypatch):

@@ -517,7 +517,11 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
     if tasks > prep.tokenizer_actors:
         return {"fn": cls, "fn_constructor_kwargs": arguments, **_tokenizer_pool(prep, tasks)}
     pickled = cloudpickle.dumps(arguments)  # once: hashed for the key, and what the tasks fetch
-    key = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode() + pickled).hexdigest()
+    # A UDF handed no tokenizer loads it from `tokenizer_uri`: the tokenizer artifact's version
+    # (fingerprint, creation time) goes into the key too, so one rebuilt there is built again.
+    version = storage.read_manifest(arguments["tokenizer_uri"]) or {} if "tokenizer_uri" in arguments else {}
+    stamp = json.dumps([cls.__module__, cls.__qualname__, version.get("fingerprint"), version.get("created_at")]).encode()
+    key = hashlib.sha256(stamp + pickled).hexdigest()
     return {
         "fn": run_built,
         "fn_kwargs": {"cls": cls, "key": key, "arguments": ray.put(pickled)},

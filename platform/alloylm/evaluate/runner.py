@@ -371,9 +371,14 @@ def _reusable_results(name: str, fp: str | None, out_uri: str) -> dict | None:
     from alloylm import artifact
 
     previous_uri = storage.join(out_uri, name)
-    manifest = artifact.up_to_date(previous_uri, fp)
-    if manifest and manifest.get("status") == "ok":
-        return {**storage.read_json(storage.join(previous_uri, RESULTS_NAME)), "reused": True}
+    try:
+        manifest = artifact.up_to_date(previous_uri, fp)
+        if manifest and manifest.get("status") == "ok":
+            return {**storage.read_json(storage.join(previous_uri, RESULTS_NAME)), "reused": True}
+    except storage.StorageError as exc:
+        if isinstance(exc, storage.CorruptFileError) or isinstance(exc.__cause__, ValueError):
+            return None  # a file cut short or edited: results are not precious, score again
+        raise
     return None
 
 
@@ -473,7 +478,10 @@ def evaluate_variants(
     results: dict[str, dict] = {}
     if reuse:
         for name, uri in variants.items():
-            previous = _reusable_results(name, _fingerprint(eval_config, uri, model_id(uri), eval_data), out_uri)
+            try:
+                previous = _reusable_results(name, _fingerprint(eval_config, uri, model_id(uri), eval_data), out_uri)
+            except (storage.StorageError, OSError):  # unreachable from here: the variant's task tries, and fails it if it must
+                previous = None
             if previous is not None:
                 results[name] = previous
                 log.info("variant %s: %s, score %s (up to date, not scored again)", name, previous["status"], previous.get("score"))
