@@ -114,3 +114,96 @@ def test_every_rotation_column_is_shown_only_where_the_order_was_scored():
     keys = [c["key"] for c in comparison["columns"]]
     assert "multiple_choice.accuracy_circular" not in keys and "multiple_choice.accuracy" in keys
     assert "every rotation" not in comparison_markdown(comparison)
+
+
+# ----------------------------------------------------------------------------- merges between their parents
+
+MERGE_CONFIG = CONFIG.model_copy(update={"variants": ["instruct", "dpo", "merged", "same"]})
+
+
+def _merge_results() -> dict[str, dict]:
+    """instruct knows no answer, dpo 54 of 60, the merge 40 of those 54, `same` none (as instruct).
+    The fake picks option A when it does not know, and every 4th item's answer is A: instruct is
+    right on 15 items, dpo on 55 (its 54 and item 56), the merge on 45 (its 40 and 40, 44, ..., 56)."""
+    items = _items(60)
+    data = EvalData(split="validation", multiple_choice=items)
+    known = {"instruct": set(), "dpo": {i.answer for i in items[:54]}, "merged": {i.answer for i in items[:40]}, "same": set()}
+    return {name: score_model(MERGE_CONFIG, name, data, variant=name, scorer=_Scorer(answers))[0] for name, answers in known.items()}
+
+
+def test_a_merge_is_placed_between_its_parents_with_an_interval():
+    """Issue 12's "the merge keeps >= 80% of dpo's gain over instruct" is this position, and whether
+    a miss is outside noise is its interval: (45 - 15) / (55 - 15) = 0.75 of dpo's gain here."""
+    results = _merge_results()
+    comparison = build_comparison(results, parents={"merged": ["dpo", "instruct"]})
+    merged = comparison["merges"]["merged"]
+    assert (merged["start"], merged["end"]) == ("instruct", "dpo")  # the reference is the 0 end
+    accuracy = merged["positions"]["multiple_choice.accuracy"]
+    assert accuracy["position"] == pytest.approx(30 / 40)
+    assert 0.5 < accuracy["low"] < 0.75 < accuracy["high"] < 1.0, accuracy
+    # Without the reference among its parents, the first-named parent is the 1 end (a merge names its domain model first).
+    other = build_comparison(results, reference="same", parents={"merged": ["instruct", "dpo"]})["merges"]["merged"]
+    assert (other["start"], other["end"]) == ("dpo", "instruct")
+    assert other["positions"]["multiple_choice.accuracy"]["position"] == pytest.approx(10 / 40)
+
+
+def test_no_position_between_parents_that_do_not_differ_outside_noise():
+    results = _merge_results()
+    comparison = build_comparison(results, parents={"merged": ["same", "instruct"]})
+    assert comparison["merges"]["merged"]["positions"]["multiple_choice.accuracy"] == {"position": None, "parents_within_noise": True}
+    assert build_comparison(results)["merges"] == {}  # no parents given: no merges section
+    assert build_comparison(results, parents={"merged": ["dpo", "gone"]})["merges"] == {}  # a parent not compared here
+
+
+def test_the_merges_table_is_printed_under_the_comparison():
+    comparison = build_comparison(_merge_results(), parents={"merged": ["dpo", "instruct"], "same": ["dpo", "instruct"]})
+    table = comparison_markdown(comparison)
+    lines = table.splitlines()
+    assert "Where each merge sits between its parents:" in lines
+    merged = next(line for line in lines if line.startswith("| merged | instruct → dpo | "))
+    assert " 0.75 [" in merged
+    assert next(line for line in lines if line.startswith("| same | instruct → dpo | 0.00 ["))  # at instruct
+    assert any("share of parent 1's gain over parent 0 that the merge keeps" in line for line in lines)
+    assert "Where each merge" not in comparison_markdown(build_comparison(_merge_results()))
+
+
+def test_merge_parents_come_from_the_merge_models_manifests(tmp_path):
+    from alloylm import storage
+    from alloylm.evaluate.comparison import merge_parents
+
+    models = {name: tmp_path / name for name in ("instruct", "dpo", "merged", "sft", "outside", "bare")}
+    manifests = {
+        "merged": {"stage_kind": "merge_search", "parents": [str(models["dpo"]), str(models["instruct"]) + "/"]},
+        "sft": {"stage_kind": "sft", "parents": [str(models["dpo"]), str(models["instruct"])]},  # not a merge
+        "outside": {"stage_kind": "merge", "parents": [str(models["dpo"]), str(tmp_path / "not-compared")]},
+        "dpo": {"stage_kind": "dpo"},
+    }
+    for name, manifest in manifests.items():
+        storage.write_json(str(models[name] / "manifest.json"), manifest)
+    results = {name: {"model": str(path)} for name, path in models.items()} | {"hub": {"model": "org/some-model"}}
+    assert merge_parents(results) == {"merged": ["dpo", "instruct"]}
+    # A run copied elsewhere (local to S3): its manifests name the parents where they were made.
+    copy = tmp_path / "copy" / "stages"
+    storage.write_json(str(copy / "merged" / "manifest.json"), {"stage_kind": "merge", "parents": ["s3://b/run/stages/dpo", "s3://b/run/stages/instruct"]})
+    moved = {name: {"model": str(copy / name)} for name in ("instruct", "dpo", "merged")}
+    assert merge_parents(moved) == {"merged": ["dpo", "instruct"]}
+
+
+def test_the_report_shows_where_each_merge_sits(tmp_path):
+    """The report's HTML and Markdown carry the merges table; the parents come from the merge's manifest."""
+    from alloylm import storage
+    from alloylm.evaluate.report import render_report
+    from alloylm.evaluate.runner import write_variant_results
+
+    eval_uri = str(tmp_path / "eval")
+    for name, result in _merge_results().items():
+        model = tmp_path / "stages" / name
+        manifest = {"stage_kind": "merge", "parents": [str(tmp_path / "stages" / "dpo"), str(tmp_path / "stages" / "instruct")]} if name == "merged" else {"stage_kind": "sft"}
+        storage.write_json(str(model / "manifest.json"), manifest)
+        write_variant_results(eval_uri, {**result, "split": "test", "model": str(model)}, {})
+    render_report(eval_uri, str(tmp_path / "report"))
+    page = storage.read_text(str(tmp_path / "report" / "report.html"))
+    assert "<th>Merge</th><th>Parents (0 → 1)</th>" in page and "<td>instruct → dpo</td><td>0.75 [" in page
+    assert "| merged | instruct → dpo | 0.75 [" in storage.read_text(str(tmp_path / "report" / "report.md"))
+    comparison = storage.read_json(str(tmp_path / "report" / "comparison.json"))
+    assert comparison["merges"]["merged"]["positions"]["multiple_choice.accuracy"]["position"] == pytest.approx(0.75)

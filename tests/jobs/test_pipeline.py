@@ -189,6 +189,9 @@ def test_quickstart_dag_as_a_ray_job_on_s3(first_run):
     assert not summary["evaluation"]["failed"]
     report = storage.read_text(storage.join(run, "report", "report.md"))
     assert "AlloyLM: qs" in report and all(v in report for v in ("instruct", "merged", "orpo"))
+    # Each merge placed between its parents (read from its manifest): instruct is 0, dpo 1.
+    merges = json.loads(storage.read_text(storage.join(run, "eval", "comparison.json")))["merges"]
+    assert {name: (m["start"], m["end"]) for name, m in merges.items()} == {n: ("instruct", "dpo") for n in ("merged-paper", "merged-head", "merged")}
     assert storage.exists(storage.join(run, "report", "report.html"))
     # "Best" is chosen on validation (every variant scored there too), never on the test split.
     best = summary["best"]

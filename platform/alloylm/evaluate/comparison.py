@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from alloylm.evaluate.config import OFF_BY_DEFAULT, SUITE_NAMES, EvalConfig
 from alloylm.evaluate.intervals import (
     CONFIDENCE,
@@ -23,6 +25,7 @@ from alloylm.evaluate.intervals import (
     paired_difference,
     percentile_interval,
     replicates,
+    same_units,
 )
 
 
@@ -301,12 +304,16 @@ def default_reference(names: Sequence[str]) -> str | None:
     return "instruct" if "instruct" in names else (names[0] if names else None)
 
 
-def build_comparison(results: Mapping[str, Mapping], *, reference: str | None = None) -> dict:
+def build_comparison(
+    results: Mapping[str, Mapping], *, reference: str | None = None, parents: Mapping[str, Sequence[str]] | None = None
+) -> dict:
     """The comparison table of variants' results (name -> results.json content); all on one split.
 
     Rows follow the evaluate config's variant order. Each value carries its 95% bootstrap interval
     (`intervals`), and each row its paired-bootstrap difference from the `reference` variant
     (default: `instruct`, else the first row) with `within_noise` when the interval holds 0.
+    `parents` (merge variant -> its two parent variants, `merge_parents`): where each merge sits
+    between its parents on every column (`merges`, see `merge_positions`).
     """
     splits = sorted({r.get("split") for r in results.values() if r.get("split")})
     if len(splits) > 1:
@@ -382,7 +389,120 @@ def build_comparison(results: Mapping[str, Mapping], *, reference: str | None = 
         "score_leader": _score_leader(rows, results),
         "lm_eval_splits": _lm_eval_splits(results),
         "own_tokens": own_tokens,
+        "merges": merge_positions(results, {n: (parents or {})[n] for n in order if n in (parents or {})}, columns, reference, own_tokens),
     }
+
+
+# ------------------------------------------------------------------------------ merges
+
+
+def merge_parents(results: Mapping[str, Mapping]) -> dict[str, list[str]]:
+    """Merge variant -> its two parent variants, for each variant among `results` whose model is a
+    merge (its stage manifest's `parents`) of two models that are variants here too."""
+    from alloylm import storage
+
+    def stage_tail(uri: str) -> str | None:
+        # `<run>/stages/<name>`: a run copied elsewhere (local to S3) keeps its merges' parents by name
+        parts = uri.rstrip("/").rsplit("/", 2)
+        return "/".join(parts[-2:]) if len(parts) == 3 and parts[-2] == "stages" else None
+
+    by_model = {str(r["model"]).rstrip("/"): name for name, r in results.items() if r.get("model")}
+    by_tail = {tail: name for uri, name in by_model.items() if (tail := stage_tail(uri))}
+    out: dict[str, list[str]] = {}
+    for name, result in results.items():
+        if not result.get("model"):
+            continue
+        try:
+            manifest = storage.read_manifest(str(result["model"])) or {}
+        except Exception:  # a model that is not an artifact of a run (a Hub id, a bare folder): no parents to name
+            continue
+        if manifest.get("stage_kind") not in ("merge", "merge_search"):
+            continue
+        uris = [str(uri).rstrip("/") for uri in manifest.get("parents") or []]
+        named = [by_model.get(uri) or by_tail.get(stage_tail(uri) or "") for uri in uris]
+        if len(named) == 2 and None not in named and name not in named:
+            out[name] = named
+    return out
+
+
+def _column_replicates(result: Mapping, column: Column) -> np.ndarray | None:
+    """The column's value on each bootstrap resample (the resamples paired differences use)."""
+    if column.suite is None:
+        return _score_replicates(result)
+    samples, metric = _suite_samples(result, column.suite), metric_for(column.suite, column.metric)
+    if samples is None or metric is None or not len(samples):
+        return None
+    return replicates(samples, metric, seed=_seed(result), stream=column.suite)
+
+
+def _pairable(results: Sequence[Mapping], column: Column) -> bool:
+    """Whether these results were scored on the same units with the same resamples (and, for the
+    score, on the same terms), so that their replicates pair up."""
+    if len({_seed(r) for r in results}) != 1:
+        return False
+    if column.suite is None:
+        terms = [(r.get("config") or {}).get("suites") for r in results]
+        return all(t == terms[0] for t in terms) and all(_scored_units(r) == _scored_units(results[0]) for r in results)
+    samples = [_suite_samples(r, column.suite) for r in results]
+    return None not in samples and all(same_units(s, samples[0]) for s in samples)
+
+
+def merge_positions(
+    results: Mapping[str, Mapping],
+    parents: Mapping[str, Sequence[str]],
+    columns: Sequence[Column],
+    reference: str | None,
+    own_tokens: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, dict]:
+    """Where each merge sits between its two parents, column by column, with a 95% interval.
+
+    The position is (merge - start) / (end - start): 0 is the start parent's value, 1 the end's.
+    The start is the `reference` variant (`instruct`) when it is a parent, else the second parent
+    (a merge config names the domain model first). So on a domain metric the position is the
+    share of the end parent's gain over the start that the merge keeps (issue: "keeps >= 80% of
+    dpo's gain"), and on general text below 0.5 means closer to the start. The interval is the
+    percentile interval of the same ratio on the paired bootstrap resamples of the three variants
+    (the ones the paired differences use). Where the parents do not differ outside noise there is
+    no position to give (`parents_within_noise`): the ratio would divide by noise.
+    """
+    out: dict[str, dict] = {}
+    for name, pair in parents.items():
+        if name not in results or len(pair) != 2 or any(p not in results for p in pair):
+            continue
+        end, start = pair
+        if reference == end:
+            start, end = end, start
+        trio = (results[name], results[start], results[end])
+        positions: dict[str, dict] = {}
+        for column in columns:
+            if any(v in (own_tokens or {}).get(column.key, ()) for v in (name, start, end)) or not _pairable(trio, column):
+                continue
+            values = [_column_value(r, column) for r in trio]
+            reps = [_column_replicates(r, column) for r in trio]
+            if any(v is None for v in values) or any(r is None for r in reps):
+                continue
+            merged, low_end, high_end = values
+            spread = reps[2] - reps[1]
+            between = difference_entry(high_end - low_end, spread)
+            if between is None or between["within_noise"]:
+                positions[column.key] = {"position": None, "parents_within_noise": True}
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(spread != 0, (reps[0] - reps[1]) / np.where(spread != 0, spread, 1.0), np.nan)
+            interval = percentile_interval(ratios)
+            if interval is not None:
+                positions[column.key] = {"position": (merged - low_end) / (high_end - low_end), **interval}
+        out[name] = {"start": start, "end": end, "positions": positions}
+    return out
+
+
+def _column_value(result: Mapping, column: Column) -> float | None:
+    if column.suite is None:
+        value = result.get("score")
+    else:
+        entry = (result.get("suites") or {}).get(column.suite) or {}
+        value = (entry.get("metrics") or {}).get(column.metric) if entry.get("status") == "ok" else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def _lm_eval_splits(results: Mapping[str, Mapping]) -> dict[str, str]:
@@ -520,4 +640,59 @@ def comparison_markdown(comparison: Mapping, *, columns: Sequence[str] | None = 
             text = text + format_cell(c["key"], value, interval, difference)[len(format_value(c["key"], value)) :]
             cells.append(text)
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in comparison_notes(comparison)) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in comparison_notes(comparison)) + "\n"
+    merges = merges_markdown(comparison, columns=columns)
+    return text + ("\n" + merges if merges else "")
+
+
+def format_position(entry: Mapping | None) -> str:
+    """A merge's position between its parents: `0.73 [0.57, 0.86]`, `n/a` where its parents do not differ."""
+    if not entry:
+        return "—"
+    if entry.get("position") is None:
+        return "n/a"
+    return f"{entry['position']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
+
+
+def merge_columns(comparison: Mapping, columns: Sequence[str] | None = None) -> list[Mapping]:
+    """The comparison's columns on which some merge has a position."""
+    merges = (comparison.get("merges") or {}).values()
+    return [
+        c for c in comparison.get("columns") or []
+        if (columns is None or c["key"] in columns) and any(c["key"] in m["positions"] for m in merges)
+    ]  # fmt: skip
+
+
+def merges_notes(comparison: Mapping) -> list[str]:
+    """What the merges table says, in words."""
+    merges = comparison.get("merges") or {}
+    if not merges:
+        return []
+    notes = [
+        "Position = (merge - parent 0) / (parent 1 - parent 0), per column, with the parents as `0 → 1`: 0 is parent "
+        "0's value, 1 parent 1's, outside [0, 1] beyond one of them; [low, high] is its 95% interval over the same "
+        "paired bootstrap resamples as the differences above. On a domain metric it is the share of parent 1's gain "
+        "over parent 0 that the merge keeps; on general bits/byte, below 0.5 means closer to parent 0 (per-token "
+        "perplexity is exponential in bits, so its positions are smaller)."
+    ]
+    if any(e.get("position") is None for m in merges.values() for e in m["positions"].values()):
+        notes.append("n/a: the parents do not differ outside noise on that column, so there is no position to give.")
+    return notes
+
+
+def merges_markdown(comparison: Mapping, *, columns: Sequence[str] | None = None) -> str:
+    """Where each merge sits between its parents (`merge_positions`), as a Markdown table with its notes."""
+    merges = comparison.get("merges") or {}
+    shown = merge_columns(comparison, columns)
+    if not merges or not shown:
+        return ""
+    lines = [
+        "Where each merge sits between its parents:",
+        "",
+        "| Merge | Parents (0 → 1) | " + " | ".join(c["label"] for c in shown) + " |",
+        "|" + "---|" * (len(shown) + 2),
+    ]
+    for name, merge in merges.items():
+        cells = [format_position(merge["positions"].get(c["key"])) for c in shown]
+        lines.append(f"| {name} | {merge['start']} → {merge['end']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in merges_notes(comparison)) + "\n"

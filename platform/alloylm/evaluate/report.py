@@ -21,7 +21,17 @@ import tempfile
 from collections.abc import Mapping, Sequence
 
 from alloylm import storage
-from alloylm.evaluate.comparison import build_comparison, comparison_markdown, comparison_notes, format_cell, format_value
+from alloylm.evaluate.comparison import (
+    build_comparison,
+    comparison_markdown,
+    comparison_notes,
+    format_cell,
+    format_position,
+    format_value,
+    merge_columns,
+    merge_parents,
+    merges_notes,
+)
 from alloylm.evaluate.config import SUITE_NAMES
 from alloylm.evaluate.runner import load_results, model_id
 
@@ -295,6 +305,22 @@ def _html_table(comparison: Mapping) -> str:
     return f"<table>\n<tr><th>Variant</th>{head}</tr>\n" + "\n".join(body) + "\n</table>"
 
 
+def _html_merges_table(comparison: Mapping) -> str:
+    """The merges' positions between their parents (`comparison.merges_markdown`) as HTML; empty without merges."""
+    shown = merge_columns(comparison)
+    merges = comparison.get("merges") or {}
+    if not merges or not shown:
+        return ""
+    head = "".join(f"<th>{html.escape(c['label'])}</th>" for c in shown)
+    body = [
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(merge['start'])} → {html.escape(merge['end'])}</td>"
+        + "".join(f"<td>{html.escape(format_position(merge['positions'].get(c['key'])))}</td>" for c in shown)
+        + "</tr>"
+        for name, merge in merges.items()
+    ]
+    return f"<table>\n<tr><th>Merge</th><th>Parents (0 → 1)</th>{head}</tr>\n" + "\n".join(body) + "\n</table>"
+
+
 def _markdown_to_html_lines(lines: list[str]) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
@@ -332,7 +358,7 @@ def render_report(
         if r.get("model_fingerprint") is not None and model_id(r.get("model")) != r["model_fingerprint"]
     )  # fmt: skip
     reported = {name: r for name, r in reported.items() if name not in stale}
-    comparison = build_comparison(reported) if reported else None
+    comparison = build_comparison(reported, parents=merge_parents(reported)) if reported else None
     with tempfile.TemporaryDirectory(prefix="alloylm-report-") as folder:
         md: list[str] = [f"# {title}", ""]
         parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
@@ -360,6 +386,10 @@ def render_report(
             md += [comparison_markdown(comparison), ""]
             parts.append(_html_table(comparison))
             parts.append(_markdown_to_html_lines([n.replace("`", "") for n in comparison_notes(comparison)]))
+            merges = _html_merges_table(comparison)
+            if merges:
+                parts.append("<p>Where each merge sits between its parents:</p>" + merges)
+                parts.append(_markdown_to_html_lines([n.replace("`", "") for n in merges_notes(comparison)]))
         if excluded:
             text = (
                 "Not reported, because they were scored on a split other than test (the validation split is "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from alloylm import storage
 from alloylm.evaluate.benchmark import BenchmarkItem, load_benchmark, select_items
-from alloylm.evaluate.comparison import aggregate_score, build_comparison, comparison_markdown, score_definition, score_interval
+from alloylm.evaluate.comparison import aggregate_score, build_comparison, comparison_markdown, merge_parents, score_definition, score_interval
 from alloylm.evaluate.intervals import METHOD, samples_from_details, suite_intervals
 from alloylm.evaluate.config import SCORING_VERSION, SUITE_NAMES, EvalConfig, variant_name, variant_source
 from alloylm.evaluate.judge import JudgeQuestion, load_judge_questions, questions_from_benchmark, run_judge
@@ -516,7 +516,7 @@ def evaluate_variants(
             write_variant_results(out_uri, results[name], {})
         summary = results[name]
         log.info("variant %s: %s, score %s", name, summary["status"], summary.get("score"))
-    comparison = build_comparison(results) if compare else None
+    comparison = build_comparison(results, parents=merge_parents(results)) if compare else None
     if comparison is not None:
         storage.write_json(storage.join(out_uri, "comparison.json"), comparison)
         storage.write_text(storage.join(out_uri, "comparison.md"), comparison_markdown(comparison))
