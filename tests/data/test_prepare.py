@@ -4,6 +4,7 @@ bad input counted by reason, deduplication, packing, manifests, reruns and overw
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -646,6 +647,15 @@ def test_shards_hold_the_blocks_of_one_process_packing_in_input_order_every_shar
     written = [row for s in shards for row in pq.read_table(os.path.join(folder_uri, s)).column("input_ids").to_pylist()]
     assert written == expected
     assert manifest["counts"]["blocks"] == len(expected) and manifest["counts"]["tokens_dropped_tail"] == flat.size % width
+    # The kept documents come back from the same pass, written the same way: `documents/part-*` in
+    # input order, every file but the last holding rows_per_shard of them, named the same in every run.
+    documents = manifest["documents"]
+    assert documents == [f"documents/part-{i:06d}.parquet" for i in range(math.ceil(len(ordered) / rows_per_shard))], documents
+    tables = [pq.read_table(os.path.join(folder_uri, d)) for d in documents]
+    assert [t.num_rows for t in tables[:-1]] == [rows_per_shard] * (len(tables) - 1)
+    kept = pa.concat_tables(tables)
+    assert kept.column("text").to_pylist() == ordered
+    assert kept.column("id").to_pylist() == [f"{part}-{i}" for part in range(3) for i in range(len(texts[part::3]))]
 
 
 def _tokenizer_actors_started(before: set[str]) -> list[str]:

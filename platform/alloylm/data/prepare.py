@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -67,8 +66,8 @@ DATA_PHASES = {
     "generate": "a generated data set: preparing its source and running the teacher (or resuming it)",
     "read_clean": "Ray Data pass 1: reading the sources, normalising, length filters, content hashes, MinHash signatures",
     "dedup": "on the driver: exact and near duplicates from the hashes and signatures",
-    "tokenize": "Ray Data pass 2: dropping the duplicates, tokenizing and packing (text: each full shard written as its blocks arrive) or rendering chats (actor pool)",
-    "write_shards": "the parquet shards, every one but the last full (text: what is left of the kept documents' write, which runs beside pass 2; generated data sets read them)",
+    "tokenize": "Ray Data pass 2: dropping the duplicates, tokenizing and packing (text: each full shard of blocks and of kept documents written as its rows arrive) or rendering chats (actor pool)",
+    "write_shards": "the parquet shards, every one but the last full (text: the last, partial shards of the blocks and of the kept documents, `documents/`, which generated data sets read; the others are written during tokenize)",
     "tails": "text: the per-batch leftovers packed together on the driver",
     "finish": "problems.jsonl, the generated items, listing the shards",
 }
@@ -560,62 +559,74 @@ def _write_shards(ds, uri: str, rows_per_shard: int) -> None:
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
 
 
-def _documents_table(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: kept text records -> (id, text), the `documents/` a generate data set reads."""
-    texts = [json.loads(record)["text"] for record in batch.column("record").to_pylist()]
-    return pa.table({"id": batch.column("id"), "text": pa.array(texts, pa.string())})
-
-
 def _write_table(table: pa.Table, uri: str) -> None:
     fs, path = storage.arrow_filesystem(uri)
     pq.write_table(table, path, filesystem=fs)
 
 
-def _stream_shards(packed, shards_uri: str, rows_per_shard: int) -> tuple[int, list[np.ndarray]]:
-    """Consume the packing's output as it comes, in order: its full blocks written as
-    `part-NNNNNN.parquet` shards of exactly `rows_per_shard` rows (the last one may be shorter);
-    returns (full blocks written, the per-batch tails in order).
+class _ShardWriter:
+    """Tables in arrival order into `part-NNNNNN.parquet` files of exactly `rows_per_shard` rows under
+    `uri` (the last one, written by `close`, may be shorter): the same files whatever the batches."""
+
+    def __init__(self, uri: str, rows_per_shard: int) -> None:
+        self.uri, self.rows_per_shard = uri, rows_per_shard
+        self.fs, self.path = storage.arrow_filesystem(uri)
+        if not storage.is_remote(uri):
+            os.makedirs(self.path, exist_ok=True)
+        self.pending: list[pa.Table] = []
+        self.held = self.written = self.shards = 0
+
+    def _write(self, table: pa.Table) -> None:
+        name = f"part-{self.shards:06d}.parquet"
+        storage.retrying("write", storage.join(self.uri, name), lambda: pq.write_table(table, f"{self.path}/{name}", filesystem=self.fs))
+        self.shards += 1
+        self.written += table.num_rows
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.held += table.num_rows
+        while self.held >= self.rows_per_shard:
+            joined = pa.concat_tables(self.pending)
+            self._write(joined.slice(0, self.rows_per_shard))
+            rest = joined.slice(self.rows_per_shard)
+            self.pending, self.held = [rest], rest.num_rows
+
+    def close(self) -> int:
+        """Write what is held as the last shard; returns the rows written in all."""
+        if self.held:
+            self._write(pa.concat_tables(self.pending))
+            self.pending, self.held = [], 0
+        return self.written
+
+
+def _stream_shards(packed, blocks: _ShardWriter, documents: _ShardWriter) -> list[np.ndarray]:
+    """Consume the packing's output as it comes, in order: its full blocks into `blocks`, the
+    documents it tokenized into `documents` (`PackTokenBlocks(documents=True)`); returns the
+    per-batch tails in order. The caller closes the writers (their last, partial shards).
 
     Written here rather than with Ray Data's `write_parquet`: that is a second execution over
     materialized blocks, started after the last block is tokenized (a filter, a repartition and
     the write tasks: 2-3 s on the benchmark's 50 MB), where this writes each shard while the next
     blocks are tokenized. A block is 4 bytes a token, little beside the tokenizing that made it;
-    the files are the same: full shards, then `tail.parquet`, in input order."""
-    fs, path = storage.arrow_filesystem(shards_uri)
-    if not storage.is_remote(shards_uri):
-        os.makedirs(path, exist_ok=True)
-    pending: list[pa.Table] = []
-    held = written = shard = 0
+    the files are the same: full shards, then `tail.parquet`, in input order. The kept documents
+    come back with their blocks for the same reason: their own Ray Data write read every kept
+    record a second time beside the tokenizing (1.3 s of the quickstart's 1.9 s `domain-text`)."""
     tails: list[np.ndarray] = []
-
-    def write(table: pa.Table) -> None:
-        nonlocal shard
-        name = f"part-{shard:06d}.parquet"
-        storage.retrying("write", storage.join(shards_uri, name), lambda: pq.write_table(table, f"{path}/{name}", filesystem=fs))
-        shard += 1
-
     for batch in packed.iter_batches(batch_size=None, batch_format="pyarrow"):
+        is_document = pc.is_valid(batch.column("document_id"))
+        documents.add(batch.filter(is_document).select(["document_id", "document_text"]).rename_columns(["id", "text"]))
+        batch = batch.filter(pc.invert(is_document))
         is_tail = batch.column("is_tail")
         tails += [np.asarray(ids, dtype=np.int32) for ids in batch.filter(is_tail).column("input_ids").to_pylist()]
-        full = batch.filter(pc.invert(is_tail)).select(["input_ids"])
-        pending.append(full)
-        held += full.num_rows
-        while held >= rows_per_shard:
-            table = pa.concat_tables(pending)
-            write(table.slice(0, rows_per_shard))
-            rest = table.slice(rows_per_shard)
-            pending, held, written = [rest], rest.num_rows, written + rows_per_shard
-    if held:
-        write(pa.concat_tables(pending))
-        written += held
-    return written, tails
+        blocks.add(batch.filter(pc.invert(is_tail)).select(["input_ids"]))
+    return tails
 
 
 def _prepare_text(
-    config: RunConfig, kept, kept_count: int, shards_uri: str, tok_uri: str, tokenizer, clock: PhaseClock, beside: Callable[[], None]
+    config: RunConfig, kept, kept_count: int, shards_uri: str, tok_uri: str, tokenizer, clock: PhaseClock, documents_uri: str
 ) -> dict[str, int]:
-    """Tokenize and pack `kept` into `shards_uri`; `beside` (the documents/ write) runs in a driver
-    thread meanwhile."""
+    """Tokenize and pack `kept` into `shards_uri`, and write the kept documents (id, text) to
+    `documents_uri` as they come back from the tokenizer."""
     prep = config.data
     # Blocks of whole batches of batch_size consecutive kept documents, whatever blocks reading and
     # dedup produced, so the packing (and every block) depends only on the input. Several batches
@@ -627,21 +638,19 @@ def _prepare_text(
         "block_size": prep.block_size,
         "trust_remote_code": config.trust_remote_code,
         "backend": BackendTokenizerState.of(tokenizer),
+        "documents": True,
     }
     packed = groups.map_batches(
         batch_size=prep.batch_size,
         batch_format="numpy",
         **_tokenizer_udf(prep, PackTokenBlocks, arguments, math.ceil(kept_count / rows_per_task)),
     )
-    # The documents/ write is a second Ray Data execution at once: its tasks fill the CPU the
-    # driver's shard writes and the actor pool's start leave idle. Both finish (or raise) before
-    # this returns.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloylm-data") as pool:
-        other = pool.submit(beside)
-        full_blocks, tails = _stream_shards(packed, shards_uri, prep.rows_per_shard)
-        clock.lap("tokenize")  # the shards written as they came
-        other.result()
-    clock.lap("write_shards")  # what was left of the documents/ write
+    blocks, documents = _ShardWriter(shards_uri, prep.rows_per_shard), _ShardWriter(documents_uri, prep.rows_per_shard)
+    tails = _stream_shards(packed, blocks, documents)
+    clock.lap("tokenize")  # every full shard written as its rows came
+    full_blocks = blocks.close()
+    documents.close()
+    clock.lap("write_shards")  # the last, partial shards
     # Per-batch tails are packed together here, so only the run's final partial block is left over.
     flat = np.concatenate(tails) if tails else np.zeros(0, np.int32)
     width = prep.block_size
@@ -864,10 +873,8 @@ def prepare_dataset(config: RunConfig, name: str, tokenizer_manifest: dict) -> d
         # Loaded once here and handed to the actors (see alloylm.data.tokenize).
         tokenizer = None if fmt == "benchmark" else _load_run_tokenizer(tok_uri, config.trust_remote_code)
         if fmt == "text":
-            documents = kept.map_batches(_documents_table, batch_format="pyarrow", batch_size=None)
             counts = _prepare_text(
-                config, kept, kept_count, shards_uri, tok_uri, tokenizer, clock,
-                beside=lambda: _write_shards(documents, storage.join(artifact.staging_uri, "documents"), prep.rows_per_shard),
+                config, kept, kept_count, shards_uri, tok_uri, tokenizer, clock, storage.join(artifact.staging_uri, "documents")
             )
         else:
             counts, refused = _prepare_rendered(config, name, kept, kept_count, annotated.num_blocks(), shards_uri, tok_uri, tokenizer, fmt, clock)

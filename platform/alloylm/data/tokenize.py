@@ -106,6 +106,9 @@ class PackTokenBlocks:
     Documents are joined with EOS; what is left over after the last full block of the batch is
     returned as one `is_tail` row, so the driver can pack all tails together at the end.
     `backend` (from the driver) spares the actor loading the tokenizer from `tokenizer_uri`.
+    With `documents`, the batch's documents come back too, after its blocks, one row each with
+    `document_id` and `document_text` (null in the block rows, and `input_ids` null in theirs):
+    the driver writes them as the data set's `documents/` from the same pass.
     """
 
     def __init__(
@@ -115,8 +118,10 @@ class PackTokenBlocks:
         trust_remote_code: bool = False,
         *,
         backend: BackendTokenizerState | None = None,
+        documents: bool = False,
     ):
         self.block_size = block_size
+        self.documents = documents
         if backend is not None:
             self.backend = backend.load()
             self.eos_id = backend.eos_id
@@ -133,7 +138,20 @@ class PackTokenBlocks:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         texts = [json.loads(record)["text"] for record in batch["record"]]
         blocks, tail = pack_token_ids(self._encode(texts), self.eos_id, self.block_size)
-        return blocks_table(blocks, tail)
+        table = blocks_table(blocks, tail)
+        if not self.documents:
+            return table
+        rows = table.num_rows
+        table = table.append_column("document_id", pa.nulls(rows, pa.string())).append_column("document_text", pa.nulls(rows, pa.string()))
+        documents = pa.table(
+            {
+                "input_ids": pa.nulls(len(texts), TOKENS_TYPE),
+                "is_tail": pa.array([False] * len(texts), pa.bool_()),
+                "document_id": pa.array([str(i) for i in batch["id"]], pa.string()),
+                "document_text": pa.array(texts, pa.string()),
+            }
+        )
+        return pa.concat_tables([table, documents])
 
 
 # Tokenizer UDFs built in this worker process, by key (`run_built`): newest last, a few kept.
