@@ -128,6 +128,16 @@ def _comparison_result(out: Path) -> dict:
             {"variant": "sft", "values": {"multiple_choice.accuracy": 0.5, "score": 0.4}},
             {"variant": "merged", "values": {"multiple_choice.accuracy": 0.75, "score": None}},
         ],
+        "merges": {
+            "merged": {
+                "start": "instruct",
+                "end": "dpo",
+                "positions": {
+                    "multiple_choice.accuracy": {"position": 0.73, "low": 0.57, "high": 0.86},
+                    "general_perplexity.bits_per_byte": {"position": None, "parents_within_noise": True},
+                },
+            }
+        },
     }
     out.mkdir(parents=True)
     (out / "comparison.json").write_text(json.dumps(comparison))
@@ -154,7 +164,10 @@ def test_the_comparison_is_one_mlflow_run_with_each_variants_metrics_and_the_fil
     run = client.get_run(run_id)
     assert run.info.run_name == "tracked/evaluation" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "shared"
-    assert run.data.metrics == {"sft/multiple_choice.accuracy": 0.5, "sft/score": 0.4, "merged/multiple_choice.accuracy": 0.75}
+    assert run.data.metrics == {
+        "sft/multiple_choice.accuracy": 0.5, "sft/score": 0.4, "merged/multiple_choice.accuracy": 0.75,
+        "merged/position/multiple_choice.accuracy": 0.73,  # where the merge sits between its parents; none without a position
+    }
     assert run.data.params == {"split": "test", "variants": "sft,merged"}
     assert run.data.tags["alloylm.experiment"] == "tracked" and run.data.tags["alloylm.step"] == "comparison"
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["comparison.json", "comparison.md"]

@@ -235,12 +235,18 @@ def _metric_key(text: str) -> str:
 
 
 def comparison_metrics(comparison: dict) -> dict[str, float]:
-    """`<variant>/<column>` -> value for every scored cell of the comparison table."""
+    """`<variant>/<column>` -> value for every scored cell of the comparison table, and
+    `<merge>/position/<column>` for each merge's position between its parents (`merges`)."""
     metrics = {}
     for row in comparison.get("rows") or []:
         for key, value in (row.get("values") or {}).items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 metrics[_metric_key(f"{row['variant']}/{key}")] = float(value)
+    for merge, entry in (comparison.get("merges") or {}).items():
+        for key, position in (entry.get("positions") or {}).items():
+            value = position.get("position")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                metrics[_metric_key(f"{merge}/position/{key}")] = float(value)
     return metrics
 
 
