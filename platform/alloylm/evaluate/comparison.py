@@ -389,7 +389,14 @@ def build_comparison(
         "score_leader": _score_leader(rows, results),
         "lm_eval_splits": _lm_eval_splits(results),
         "own_tokens": own_tokens,
-        "merges": merge_positions(results, {n: (parents or {})[n] for n in order if n in (parents or {})}, columns, reference, own_tokens),
+        "merges": merge_positions(
+            results,
+            {row["variant"]: row["values"] for row in rows},
+            {n: (parents or {})[n] for n in order if n in (parents or {})},
+            columns,
+            reference,
+            own_tokens,
+        ),
     }
 
 
@@ -449,6 +456,7 @@ def _pairable(results: Sequence[Mapping], column: Column) -> bool:
 
 def merge_positions(
     results: Mapping[str, Mapping],
+    values: Mapping[str, Mapping[str, float | None]],
     parents: Mapping[str, Sequence[str]],
     columns: Sequence[Column],
     reference: str | None,
@@ -463,7 +471,8 @@ def merge_positions(
     dpo's gain"), and on general text below 0.5 means closer to the start. The interval is the
     percentile interval of the same ratio on the paired bootstrap resamples of the three variants
     (the ones the paired differences use). Where the parents do not differ outside noise there is
-    no position to give (`parents_within_noise`): the ratio would divide by noise.
+    no position to give (`parents_within_noise`): the ratio would divide by noise. `values`: each
+    variant's row values in the comparison (variant -> column key -> value).
     """
     out: dict[str, dict] = {}
     for name, pair in parents.items():
@@ -477,13 +486,12 @@ def merge_positions(
         for column in columns:
             if any(v in (own_tokens or {}).get(column.key, ()) for v in (name, start, end)) or not _pairable(trio, column):
                 continue
-            values = [_column_value(r, column) for r in trio]
+            merged, at_start, at_end = (values[v].get(column.key) for v in (name, start, end))
             reps = [_column_replicates(r, column) for r in trio]
-            if any(v is None for v in values) or any(r is None for r in reps):
+            if merged is None or at_start is None or at_end is None or any(r is None for r in reps):
                 continue
-            merged, low_end, high_end = values
             spread = reps[2] - reps[1]
-            between = difference_entry(high_end - low_end, spread)
+            between = difference_entry(at_end - at_start, spread)
             if between is None or between["within_noise"]:
                 positions[column.key] = {"position": None, "parents_within_noise": True}
                 continue
@@ -491,18 +499,9 @@ def merge_positions(
                 ratios = np.where(spread != 0, (reps[0] - reps[1]) / np.where(spread != 0, spread, 1.0), np.nan)
             interval = percentile_interval(ratios)
             if interval is not None:
-                positions[column.key] = {"position": (merged - low_end) / (high_end - low_end), **interval}
+                positions[column.key] = {"position": (merged - at_start) / (at_end - at_start), **interval}
         out[name] = {"start": start, "end": end, "positions": positions}
     return out
-
-
-def _column_value(result: Mapping, column: Column) -> float | None:
-    if column.suite is None:
-        value = result.get("score")
-    else:
-        entry = (result.get("suites") or {}).get(column.suite) or {}
-        value = (entry.get("metrics") or {}).get(column.metric) if entry.get("status") == "ok" else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def _lm_eval_splits(results: Mapping[str, Mapping]) -> dict[str, str]:
