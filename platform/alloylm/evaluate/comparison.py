@@ -262,8 +262,7 @@ def _cell_difference(result: Mapping, reference: Mapping, column: Column) -> dic
         ours, theirs = _score_replicates(result), _score_replicates(reference)
         if ours is None or theirs is None or result.get("score") is None or reference.get("score") is None:
             return None
-        same_terms = (result.get("config") or {}).get("suites") == (reference.get("config") or {}).get("suites")
-        if not same_terms or _scored_units(result) != _scored_units(reference) or _seed(result) != _seed(reference):
+        if not _pairable((result, reference), column):
             return None
         return difference_entry(result["score"] - reference["score"], ours - theirs)
     if _own_tokens(result, column) or _own_tokens(reference, column):
