@@ -95,7 +95,7 @@ def test_a_padded_tail_block_trains_on_its_text_only(ray_cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from alloylm.train.cpt import _collate
+    from alloylm.train.cpt import block_collate
     from alloylm.train.launcher import cpt_blocks
 
     shards = tmp_path / "data" / "shards"
@@ -104,13 +104,13 @@ def test_a_padded_tail_block_trains_on_its_text_only(ray_cluster, tmp_path):
     mask = [1, 1, 1, 0, 0, 0, 0, 0]
     tail = pa.table({"input_ids": pa.array([[7, 7, 7, 0, 0, 0, 0, 0]], pa.list_(pa.int32())), "attention_mask": pa.array([mask], pa.list_(pa.int8()))})
     pq.write_table(tail, shards / "tail.parquet")
-    (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=_collate)
+    (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=block_collate())
     assert batch["attention_mask"].tolist()[:3] == [[1] * 8] * 3 and batch["attention_mask"].tolist()[3] == mask
     assert batch["labels"].tolist()[3] == [7, 7, 7, -100, -100, -100, -100, -100]
     assert batch["labels"].tolist()[:3] == batch["input_ids"].tolist()[:3]
     # A data set without a padded tail reads as before: input_ids alone, every token trained on.
     (tmp_path / "data" / "shards" / "tail.parquet").unlink()
-    (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=_collate)
+    (batch,) = cpt_blocks(str(tmp_path / "data")).iter_torch_batches(batch_size=4, collate_fn=block_collate())
     assert batch["labels"].tolist() == batch["input_ids"].tolist()
 
 

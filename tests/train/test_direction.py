@@ -237,7 +237,7 @@ def test_sft_lowers_the_assistant_loss_and_the_paper_knobs_act(world, parent_mod
     finally:
         handle.remove()
     assert len(calls) == 2 * STEPS  # one micro-batch per step, the layer run twice for it
-    assert default.model.is_gradient_checkpointing is False and paper.model.is_gradient_checkpointing is True
+    assert default.model.is_activation_checkpointing is False and paper.model.is_activation_checkpointing is True
 
     unpacked, packed = default.train_dataset, paper.train_dataset
     assert len(unpacked) == world["rows"]["chat"] and len(packed) < len(unpacked) / 2

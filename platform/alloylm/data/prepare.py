@@ -509,6 +509,7 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
     process for one or two batches. The same UDF over the same batches: the same blocks either way.
     """
     import ray
+    import ray.data
     from ray import cloudpickle
 
     from alloylm.data.tokenize import run_built
@@ -525,7 +526,8 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
         "fn": run_built,
         "fn_kwargs": {"cls": cls, "key": key, "arguments": ray.put(pickled)},
         "num_cpus": prep.cpus_per_tokenizer_actor,
-        "concurrency": max(1, tasks),
+        # `concurrency=` for tasks is deprecated since Ray 2.51 (a warning per data set)
+        "compute": ray.data.TaskPoolStrategy(size=max(1, tasks)),
     }
 
 

@@ -28,6 +28,18 @@ def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def block_collate():
+    """`_collate` as Ray Data's `iter_torch_batches` takes it since Ray 2.47: a `NumpyBatchCollateFn`
+    (a plain function still works but is deprecated, with a warning in every CPT worker)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class BlockCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return _collate(batch)
+
+    return BlockCollate()
+
+
 # Blocks a worker shuffles at a time (Ray Data's local shuffle buffer): every block of a shard up
 # to this many, so a small corpus is fully reshuffled each epoch; a bigger one in windows this
 # size (a window of 4096 blocks of 2048 tokens is 32 MiB of int32).
@@ -53,12 +65,14 @@ def epoch_shuffled_batches(shard, batch_size: int, seed: int):
     """
     from ray.data.iterator import _IterableFromIterator
 
+    collate = block_collate()
+
     def batches():
         for epoch in itertools.count():
             empty = True
             for batch in shard.iter_torch_batches(
                 batch_size=batch_size,
-                collate_fn=_collate,
+                collate_fn=collate,
                 drop_last=True,
                 local_shuffle_buffer_size=SHUFFLE_BUFFER_BLOCKS,
                 local_shuffle_seed=seed + epoch,

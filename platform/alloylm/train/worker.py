@@ -146,7 +146,9 @@ def common_arguments(job: StageJob, stage, workdir: str, max_steps: int) -> dict
         "per_device_train_batch_size": training.batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "max_grad_norm": training.max_grad_norm,
-        "gradient_checkpointing": training.gradient_checkpointing,
+        # transformers' name since 5.24 (`gradient_checkpointing` is its deprecated alias, gone in v6);
+        # the stage's config key stays `training.gradient_checkpointing`
+        "activation_checkpointing": training.gradient_checkpointing,
         "logging_steps": training.logging_steps,
         "logging_first_step": True,
         "save_strategy": "steps" if every else "no",
