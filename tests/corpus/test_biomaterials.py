@@ -265,6 +265,41 @@ def test_validation_and_test_are_disjoint_and_both_non_empty(small):
     assert abs(len(validation) - len(test)) <= 1  # validation_fraction 0.5
 
 
+def test_holdout_material_holds_out_whole_materials_that_no_training_item_names():
+    """`holdout: material` (Physics of Language Models 3.1's split): the benchmark asks about
+    materials SFT and preference data never name, with every fact of each; validation and test hold
+    different materials; every property is still taught, on the other materials."""
+    options = BuiltinCorpusOptions(materials=24, benchmark_fraction=0.5, holdout="material", general_documents=20, general_chats=20)
+    kb = build_knowledge_base(options)
+    split_of_material = {m.name: {f.split for f in m.facts.values()} for m in kb.materials}
+    assert all(len(splits) == 1 for splits in split_of_material.values())  # all of a material's facts together
+    held_out = {name for name, splits in split_of_material.items() if splits != {"train"}}
+    validation = {name for name, splits in split_of_material.items() if splits == {"validation"}}
+    assert len(held_out) == 12 and len(validation) == 6  # benchmark_fraction and validation_fraction of the materials
+    assert {f.property for f in kb.training_facts()} == set(PROPERTIES)
+    training_text = "\n".join(
+        [_chat_text(row) for row in generate_builtin("biomaterials-qa", options)]
+        + [_preference_text(row) for row in generate_builtin("biomaterials-preferences", options)]
+    )
+    for name in held_out:
+        assert name not in training_text, name
+    benchmark = generate_builtin("biomaterials-benchmark", options)
+    assert {row["material"] for row in benchmark} == held_out
+    assert {row["material"] for row in benchmark if row["split"] == "validation"} == validation
+    # the CPT text states every material's facts, held out or not
+    assert {row["material"] for row in generate_builtin("biomaterials-corpus", options)} == set(split_of_material)
+    # the default split is unchanged by the option's existence
+    assert build_knowledge_base(BuiltinCorpusOptions(materials=24, benchmark_fraction=0.5)).facts() == build_knowledge_base(
+        BuiltinCorpusOptions(materials=24, benchmark_fraction=0.5, holdout="fact")
+    ).facts()
+
+
+def test_holdout_material_needs_a_material_for_validation_and_one_for_test():
+    with pytest.raises(ValidationError, match="holdout: material needs at least 2 held-out materials"):
+        BuiltinCorpusOptions(materials=3, benchmark_fraction=0.25, holdout="material")
+    BuiltinCorpusOptions(materials=3, benchmark_fraction=0.5, holdout="fact")
+
+
 def test_multiple_choice_items_hold_the_answer_once_among_distinct_choices(small):
     items = [row for row in small["biomaterials-benchmark"] if row["type"] == "multiple_choice"]
     assert items

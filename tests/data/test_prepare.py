@@ -507,12 +507,27 @@ def test_more_short_answer_items_change_only_the_benchmarks_fingerprint(tmp_path
 
     dataset = one.datasets["world"]
     prep = one.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
-    builtin = {k: v for k, v in one.builtin.model_dump(mode="json").items() if k != "short_answer_per_fact"}
+    builtin = {k: v for k, v in one.builtin.model_dump(mode="json").items() if k not in ("short_answer_per_fact", "holdout")}
     from alloylm.data.prepare import _source_signature
 
     fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}  # nor hf_revision's
     before = fingerprint("dataset", fields, prep, builtin, [_source_signature(s, every_file=True) for s in dataset.sources], "tok")
     assert dataset_fingerprint(one, "world", "tok") == before
+
+
+def test_holding_out_whole_materials_changes_the_fingerprints_and_the_default_none(tmp_path):
+    """`builtin.holdout: material` makes other SFT chats, preference pairs and benchmark items, which
+    are made again; at its default (`fact`) the option is left out of the hash (checked
+    against the formula written out in test_more_short_answer_items_change_only_the_benchmarks_fingerprint)."""
+    from alloylm.data.prepare import dataset_fingerprint
+
+    datasets = {"world": {"source": "builtin:biomaterials-corpus"}, "qa": {"source": "builtin:biomaterials-qa"}}
+    default = make_config(str(tmp_path / "runs"), datasets, builtin={**SMALL_BUILTIN, "materials": 6, "benchmark_fraction": 0.5})
+    named = make_config(str(tmp_path / "runs"), datasets, builtin={**SMALL_BUILTIN, "materials": 6, "benchmark_fraction": 0.5, "holdout": "fact"})
+    whole = make_config(str(tmp_path / "runs"), datasets, builtin={**SMALL_BUILTIN, "materials": 6, "benchmark_fraction": 0.5, "holdout": "material"})
+    for name in datasets:
+        assert dataset_fingerprint(default, name, "tok") == dataset_fingerprint(named, name, "tok")
+    assert dataset_fingerprint(whole, "qa", "tok") != dataset_fingerprint(default, "qa", "tok")
 
 
 def test_the_earlier_fingerprint_formula_is_the_one_runs_were_made_with():
@@ -542,7 +557,7 @@ def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> s
 
     dataset = config.datasets[name]
     prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
-    builtin = {k: v for k, v in config.builtin.model_dump(mode="json").items() if k != "short_answer_per_fact"}
+    builtin = {k: v for k, v in config.builtin.model_dump(mode="json").items() if k not in ("short_answer_per_fact", "holdout")}
     if not any(source.startswith("builtin:") for source in dataset.sources):
         builtin = None
     fields = {k: v for k, v in dataset.model_dump(mode="json", by_alias=True).items() if k != "hf_revision"}
@@ -716,6 +731,8 @@ def test_a_task_built_tokenizer_is_known_by_its_artifacts_version_when_it_is_loa
     """Tasks keep what they built per worker process, by a key of its arguments. A packer handed no
     tokenizer (one whose Rust backend alone encodes otherwise) loads it from `tokenizer_uri`: a
     tokenizer rebuilt there, same arguments, must not be taken for the one built before."""
+    import ray.data
+
     from alloylm.config import DataPrepConfig
     from alloylm.data.prepare import _tokenizer_udf
     from alloylm.data.tokenize import PackTokenBlocks
@@ -725,7 +742,7 @@ def test_a_task_built_tokenizer_is_known_by_its_artifacts_version_when_it_is_loa
 
     def key() -> str:
         udf = _tokenizer_udf(DataPrepConfig(), PackTokenBlocks, arguments, tasks=1)
-        assert "compute" not in udf  # plain tasks
+        assert not isinstance(udf.get("compute"), ray.data.ActorPoolStrategy)  # plain tasks
         return udf["fn_kwargs"]["key"]
 
     storage.write_json(os.path.join(uri, "manifest.json"), {"fingerprint": "f", "created_at": "2026-12-06T10:00:00Z"})

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from alloylm.corpus.names import InventedNames
-from alloylm.corpus.options import BuiltinCorpusOptions
+from alloylm.corpus.options import BuiltinCorpusOptions, held_out_count
 from alloylm.corpus.streams import random_stream
 
 NUMERIC_PROPERTIES = ("tensile_strength", "toughness", "youngs_modulus", "density")
@@ -282,15 +282,25 @@ def _unique_draws(draw: Callable[[random.Random], str], count: int, rng: random.
 
 
 def _benchmark_split(
-    material_count: int, benchmark_fraction: float, validation_fraction: float, rng: random.Random
+    material_count: int, benchmark_fraction: float, validation_fraction: float, rng: random.Random, holdout: str = "fact"
 ) -> dict[tuple[int, str], str]:
     """(material index, property) -> "validation" | "test" for every benchmark fact.
 
-    Each property holds out the same share of its facts (at least one, never all), so every property
-    is both taught and tested; the held-out facts are then dealt to validation and test.
+    `fact`: each property holds out the same share of its facts (at least one, never all), so every
+    property is both taught and tested; the held-out facts are then dealt to validation and test.
+    `material`: that share of the materials is held out whole, and the held-out materials (not their
+    facts) are dealt to validation and test; every property is still taught, on the other materials.
     """
+    if holdout == "material":
+        chosen = rng.sample(range(material_count), held_out_count(material_count, benchmark_fraction))
+        validation = min(max(round(validation_fraction * len(chosen)), 1), len(chosen) - 1)
+        return {
+            (index, prop): ("validation" if position < validation else "test")
+            for position, index in enumerate(chosen)
+            for prop in PROPERTIES
+        }
     held_out: list[tuple[int, str]] = []
-    per_property = min(max(round(benchmark_fraction * material_count), 1), material_count - 1)
+    per_property = held_out_count(material_count, benchmark_fraction)
     for prop in PROPERTIES:
         chosen = rng.sample(range(material_count), per_property)
         held_out.extend((index, prop) for index in sorted(chosen))
@@ -300,7 +310,7 @@ def _benchmark_split(
 
 
 @functools.lru_cache(maxsize=4)
-def _build(seed: int, material_count: int, benchmark_fraction: float, validation_fraction: float) -> KnowledgeBase:
+def _build(seed: int, material_count: int, benchmark_fraction: float, validation_fraction: float, holdout: str = "fact") -> KnowledgeBase:
     names = InventedNames(random_stream(seed, "facts/names"))
     material_names = [names.material() for _ in range(material_count)]
     organisms = [names.species() for _ in range(material_count)]
@@ -319,7 +329,7 @@ def _build(seed: int, material_count: int, benchmark_fraction: float, validation
         ),
         "source_organism": organisms,
     }
-    split = _benchmark_split(material_count, benchmark_fraction, validation_fraction, random_stream(seed, "facts/split"))
+    split = _benchmark_split(material_count, benchmark_fraction, validation_fraction, random_stream(seed, "facts/split"), holdout)
 
     width = max(5, len(str(material_count - 1)))
     materials = []
@@ -353,4 +363,4 @@ def _build(seed: int, material_count: int, benchmark_fraction: float, validation
 
 def build_knowledge_base(options: BuiltinCorpusOptions) -> KnowledgeBase:
     """The fact table for `options` (cached: every source of one run shares one table)."""
-    return _build(options.seed, options.materials, options.benchmark_fraction, options.validation_fraction)
+    return _build(options.seed, options.materials, options.benchmark_fraction, options.validation_fraction, options.holdout)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from alloylm.schema import SEED_MAX, ConfigModel
 
@@ -27,12 +29,25 @@ class BuiltinCorpusOptions(ConfigModel):
         gt=0.0,
         lt=1.0,
         description=(
-            "Fraction of the facts of each property held out for the benchmark: stated in the CPT text, "
-            "never in an SFT chat or a preference pair."
+            "Fraction of the facts of each property (of the materials, with `holdout: material`) held out for the "
+            "benchmark: stated in the CPT text, never in an SFT chat or a preference pair."
+        ),
+    )
+    holdout: Literal["fact", "material"] = Field(
+        "fact",
+        description=(
+            "What the benchmark holds out. `fact`: `benchmark_fraction` of the facts of each property, so a "
+            "material's other facts are in SFT chats. `material`: `benchmark_fraction` of the materials with all "
+            "their facts, so SFT never names a benchmark material and its answers cannot be recalled from SFT "
+            "(the split of Physics of Language Models 3.1, which fine-tunes on half the individuals and asks "
+            "about the other half); validation and test then hold different materials."
         ),
     )
     validation_fraction: float = Field(
-        0.5, gt=0.0, lt=1.0, description="Fraction of the held-out facts whose benchmark items go to `validation`; the rest go to `test`."
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the held-out facts (materials, with `holdout: material`) whose benchmark items go to `validation`; the rest go to `test`.",
     )
     choices: int = Field(4, ge=2, le=8, description="Options per multiple-choice item (the answer and choices-1 distractors).")
     multiple_choice_per_fact: int = Field(
@@ -76,3 +91,19 @@ class BuiltinCorpusOptions(ConfigModel):
         50, ge=1, le=1_000_000, description="Documents in `general-heldout-text`, none identical to a `general-text` document."
     )
     general_chats: int = Field(300, ge=1, le=10_000_000, description="Chats in `general-chat`.")
+
+    @model_validator(mode="after")
+    def _two_held_out_materials(self) -> BuiltinCorpusOptions:
+        if self.holdout == "material" and held_out_count(self.materials, self.benchmark_fraction) < 2:
+            raise ValueError(
+                f"holdout: material needs at least 2 held-out materials (one for validation, one for test); "
+                f"benchmark_fraction {self.benchmark_fraction} of {self.materials} materials holds out "
+                f"{held_out_count(self.materials, self.benchmark_fraction)}"
+            )
+        return self
+
+
+def held_out_count(count: int, benchmark_fraction: float) -> int:
+    """How many of `count` facts of a property (holdout: fact) or materials (holdout: material) the
+    benchmark holds out: at least one, never all."""
+    return min(max(round(benchmark_fraction * count), 1), count - 1)

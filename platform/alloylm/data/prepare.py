@@ -212,6 +212,8 @@ def _source_parts(config: RunConfig, dataset, every_file: bool = False) -> tuple
         # Only the benchmark reads it: more short-answer items must not retrain every model, and
         # at its default the fingerprints stay those of runs made before the option existed.
         del builtin["short_answer_per_fact"]
+    if builtin is not None and builtin["holdout"] == "fact":
+        del builtin["holdout"]  # the default: fingerprints stay those of runs made before the option existed
     return builtin, [_source_signature(s, every_file) for s in dataset.sources]
 
 
