@@ -293,7 +293,7 @@ def _benchmark_split(
     """
     if holdout == "material":
         chosen = rng.sample(range(material_count), held_out_count(material_count, benchmark_fraction))
-        validation = min(max(round(validation_fraction * len(chosen)), 1), len(chosen) - 1)
+        validation = held_out_count(len(chosen), validation_fraction)
         return {
             (index, prop): ("validation" if position < validation else "test")
             for position, index in enumerate(chosen)
@@ -305,7 +305,7 @@ def _benchmark_split(
         chosen = rng.sample(range(material_count), per_property)
         held_out.extend((index, prop) for index in sorted(chosen))
     rng.shuffle(held_out)
-    validation = min(max(round(validation_fraction * len(held_out)), 1), len(held_out) - 1)
+    validation = held_out_count(len(held_out), validation_fraction)
     return {key: ("validation" if position < validation else "test") for position, key in enumerate(held_out)}
 
 

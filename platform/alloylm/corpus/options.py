@@ -103,7 +103,9 @@ class BuiltinCorpusOptions(ConfigModel):
         return self
 
 
-def held_out_count(count: int, benchmark_fraction: float) -> int:
-    """How many of `count` facts of a property (holdout: fact) or materials (holdout: material) the
-    benchmark holds out: at least one, never all."""
-    return min(max(round(benchmark_fraction * count), 1), count - 1)
+def held_out_count(count: int, fraction: float) -> int:
+    """`fraction` of `count`, rounded, but at least one and never all. The benchmark holds out this
+    many of a property's facts (holdout: fact) or of the materials (holdout: material) with
+    `benchmark_fraction`, and deals this many of the held-out ones to validation with
+    `validation_fraction`."""
+    return min(max(round(fraction * count), 1), count - 1)
