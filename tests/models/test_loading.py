@@ -228,8 +228,11 @@ def test_trl_sft_and_dpo_prepare_data_with_this_template(tokenizer, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    # activation_checkpointing as the stage's worker sets it: TRL's configs otherwise default to
+    # checkpointing under transformers' deprecated name (a warning in 5.25)
     common = dict(
-        report_to=[], max_steps=1, per_device_train_batch_size=1, use_cpu=True, save_strategy="no"
+        report_to=[], max_steps=1, per_device_train_batch_size=1, use_cpu=True, save_strategy="no",
+        activation_checkpointing=False,
     )
     sft = SFTTrainer(
         model=build_model("pico-llama", tokenizer),

@@ -97,7 +97,9 @@ def test_orpo_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
     })
     stage = SimpleNamespace(beta=0.1, training=SimpleNamespace(max_length=64))
     arguments = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "max_steps": 1, "use_cpu": True, "report_to": "none",
-                 "include_num_input_tokens_seen": "non_padding", "save_strategy": "no"}  # as the stage's worker sets it
+                 "include_num_input_tokens_seen": "non_padding", "save_strategy": "no",
+                 # as the stage's worker sets them: TRL's configs default to checkpointing, under its deprecated name
+                 "activation_checkpointing": False}
     trainer = orpo.build_trainer(stage, SimpleNamespace(data_uri=str(tmp_path)), model, tokenizer, arguments)
     batch = next(iter(trainer.get_train_dataloader()))  # padded to the longer answer
     assert tokenizer.pad_token == tokenizer.eos_token and model.config.pad_token_id == tokenizer.eos_token_id
