@@ -144,9 +144,14 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """A real local Ray cluster with 2 CPUs, shared by the whole session."""
+    """A real local Ray cluster with 2 CPUs, shared by the whole session, keeping one idle worker
+    per CPU as `alloylm`'s own local cluster does (`cluster.keep_idle_workers`; the variable is
+    then in this process's environment, so the clusters tests start with `ray start` keep theirs too)."""
     import ray
 
+    from alloylm.cluster import keep_idle_workers
+
+    keep_idle_workers(2)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
