@@ -42,6 +42,7 @@ import yaml
 from pydantic import BaseModel
 
 import alloylm
+from alloylm.cluster import IDLE_WORKERS_VARIABLE
 from alloylm.config import ConfigError, load_config
 from alloylm.serve.config import ServeConfig
 
@@ -516,6 +517,12 @@ def _convention_problems(obj: dict[str, Any]) -> list[str]:
                     problems.append(f"{path}: {store}")
             if S3_SECRET not in [(s.get("secretRef") or {}).get("name") for s in container.get("envFrom") or []]:
                 problems.append(f"{path}: envFrom secretRef {S3_SECRET} (S3 credentials) is missing")
+            if not path.endswith("headGroupSpec"):  # the head runs no tasks (num-cpus 0)
+                cpus = int(_resource(container, "cpu"))
+                kept = {e.get("name"): e.get("value") for e in container.get("env") or []}.get(IDLE_WORKERS_VARIABLE)
+                if kept != str(cpus):
+                    problems.append(f"{path}: env {IDLE_WORKERS_VARIABLE} must be \"{cpus}\", the container's CPUs (got {kept!r}): "
+                                    "Ray's default keeps idle workers only for the CPUs no actor holds (alloylm.cluster.keep_idle_workers)")
             resources = container.get("resources") or {}
             requested = (resources.get("requests") or {}).get("nvidia.com/gpu")
             limited = (resources.get("limits") or {}).get("nvidia.com/gpu")
@@ -1156,8 +1163,9 @@ def test_conventions_catch_a_mismatched_cluster():
     gpu_container["image"] = "alloylm:0.0.9-gpu"
     del gpu_container["resources"]["limits"]["nvidia.com/gpu"]
     gpu_container["volumeMounts"] = []
+    gpu_container["resources"]["limits"]["cpu"] = gpu_container["resources"]["requests"]["cpu"] = "16"  # the env still says 8
     problems = _convention_problems(cluster)
-    for expected in ("rayVersion", "num-cpus", "same image", "/dev/shm", "nvidia.com/gpu must be set in limits"):
+    for expected in ("rayVersion", "num-cpus", "same image", "/dev/shm", "nvidia.com/gpu must be set in limits", f"{IDLE_WORKERS_VARIABLE} must be \"16\""):
         assert any(expected in p for p in problems), (expected, problems)
 
 
