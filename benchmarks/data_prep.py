@@ -17,11 +17,11 @@ What it does:
    blocks / seconds. It runs twice, before and after the pipeline, and the faster run is the
    baseline (this machine may be shared; the faster run is the fairer yardstick).
 4. Pipeline: `alloylm.data.prepare.prepare_dataset` on a local Ray cluster started here with
-   `ray.init(num_cpus=--cpus, include_dashboard=False)`, one idle worker kept per CPU as `alloylm`
-   keeps them on its local cluster (`alloylm.cluster.keep_idle_workers`; RAY_num_workers_soft_limit
-   set in the environment stands) (start time reported, not counted; then
+   `ray.init(num_cpus=--cpus, include_dashboard=False)`, keeping one idle worker per CPU as
+   `alloylm`'s local cluster does (`alloylm.cluster.keep_idle_workers`; a RAY_num_workers_soft_limit
+   set in the environment stands, `-1` for Ray's default). Start time reported, not counted; then
    part of the corpus, two read tasks per CPU, goes through the pipeline untimed, which starts
-   Ray's worker processes), timed from the call to the committed manifest; tokens/s = manifest
+   Ray's worker processes. Timed from the call to the committed manifest; tokens/s = manifest
    `tokens_out` / seconds. Each variant runs `--repeats` times, interleaved with the other, and
    its fastest run counts (as for the raw side). Variants:
    `full` (normalisation, exact and near dedup: the defaults) and `tokenize_only`

@@ -145,8 +145,9 @@ def s3_bucket(s3_endpoint):
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
     """A real local Ray cluster with 2 CPUs, shared by the whole session, keeping one idle worker
-    per CPU as `alloylm`'s own local cluster does (`cluster.keep_idle_workers`; the variable is
-    then in this process's environment, so the clusters tests start with `ray start` keep theirs too)."""
+    per CPU as `alloylm`'s own local cluster does (`cluster.keep_idle_workers`). The variable then
+    stays in this process's environment: clusters that tests start with `ray start` after this one
+    keep theirs too."""
     import ray
 
     from alloylm.cluster import keep_idle_workers
