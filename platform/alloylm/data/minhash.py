@@ -11,19 +11,32 @@ from __future__ import annotations
 
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
-_MAX32 = np.uint64(0xFFFFFFFF)
-_SHIFT = np.uint64(61)
+_HIGH = np.uint64(32)
 _FNV_PRIME = np.uint64(1099511628211)
+# MurmurHash3's 64-bit finaliser (fmix64): its shifts and multipliers.
+_MIX_SHIFT = np.uint64(33)
+_MIX_1 = np.uint64(0xFF51AFD7ED558CCD)
+_MIX_2 = np.uint64(0xC4CEB9FE1A85EC53)
 # Shingles hashed together per step of `signatures`: its work arrays (512 KiB each) stay in cache.
 _CHUNK_SHINGLES = 1 << 16
+# Which hash family made a signature: part of the fingerprint of every near-deduplicated data set
+# (`prepare.dataset_fingerprint`), so one made with another family is made again. The family before
+# this one, ((a*x + b) mod 2**61-1) & (2**32-1) with a, b < 2**32, was no family of random
+# permutations: h is increasing in x wherever a*x + b < 2**61-1 (a quarter of the keys for a typical
+# a), so the 64 functions shared their minima far more often than independent ones would. Its
+# Jaccard estimates had about 3 times the binomial error of 64 permutations, and on the quickstart's
+# general text it called 27 of 300 documents near-duplicates, 19 of them of pairs whose shingle sets
+# overlap by less than 0.7 (one by 0.21); this family finds 2 (overlaps 0.74 and 0.78).
+FAMILY = "multiply-add-shift/fmix64"
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, b) coefficients of `num_perm` universal hash functions h(x) = (a*x + b) mod p."""
+    """The (a, b) coefficients of `num_perm` hash functions h(x) = ((a*x + b) mod 2**64) >> 32 of
+    32-bit keys x: Dietzfelbinger's multiply-add-shift, a strongly universal family for 64-bit a, b.
+    a is odd: a = 0 would send every key to one value."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    a = rng.integers(0, 1 << 64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 1 << 64, size=num_perm, dtype=np.uint64)
     return a, b
 
 
@@ -43,29 +56,39 @@ def _window_hashes(text: str, shingle_chars: int) -> np.ndarray:
     return hashes
 
 
+def _shingle_keys(text: str, shingle_chars: int) -> np.ndarray:
+    """32-bit keys of every shingle of `text`, repeats included: the high half of the window hash
+    after MurmurHash3's finaliser. A 2-universal family such as multiply-add-shift gives unbiased
+    minima only on keys that look random, and polynomial hashes of text do not: mixed first, the
+    estimates match the binomial error of 64 permutations (`tests/data/test_prepare.py`)."""
+    keys = _window_hashes(text, shingle_chars)
+    keys ^= keys >> _MIX_SHIFT
+    keys *= _MIX_1
+    keys ^= keys >> _MIX_SHIFT
+    keys *= _MIX_2
+    keys ^= keys >> _MIX_SHIFT
+    return keys >> _HIGH
+
+
 def shingle_hashes(text: str, shingle_chars: int) -> np.ndarray:
-    """32-bit hashes of every distinct character n-gram of `text` (lower-cased, whitespace collapsed)."""
-    return np.unique(_window_hashes(text, shingle_chars) & _MAX32)
+    """The distinct 32-bit shingle keys of `text` (lower-cased, whitespace collapsed): the set whose
+    Jaccard similarity the signatures estimate."""
+    return np.unique(_shingle_keys(text, shingle_chars))
 
 
 def _min_hashes(shingles: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Signatures of the documents whose shingle hashes are `shingles` (none empty)."""
+    """Signatures of the documents whose shingle keys are `shingles` (none empty)."""
     starts = np.zeros(len(shingles), dtype=np.int64)
     np.cumsum([s.size for s in shingles[:-1]], out=starts[1:])
     flat = np.concatenate(shingles)
-    values, high = np.empty_like(flat), np.empty_like(flat)
+    values = np.empty_like(flat)
     out = np.empty((len(shingles), len(a)), dtype=np.uint32)
     for column, (a_i, b_i) in enumerate(zip(a, b)):
-        # a*x < 2**64 (a, x < 2**32); adding b may wrap mod 2**64, and that is part of the hash.
-        # Then mod 2**61-1 by folding the high bits instead of a 64-bit division per element.
+        # a*x + b wraps mod 2**64 as uint64 arithmetic does; the hash is its high 32 bits, and as a
+        # shift keeps order, each document's minimum is taken first and shifted once.
         np.multiply(flat, a_i, out=values)
         np.add(values, b_i, out=values)
-        np.right_shift(values, _SHIFT, out=high)
-        np.bitwise_and(values, _MERSENNE, out=values)
-        np.add(values, high, out=values)
-        if values.max() >= _MERSENNE:  # a folded value in [p, p+7]: rare, so checked before fixing
-            np.subtract(values, _MERSENNE, out=values, where=values >= _MERSENNE)
-        out[:, column] = np.minimum.reduceat(values, starts) & _MAX32
+        out[:, column] = np.minimum.reduceat(values, starts) >> _HIGH
     return out
 
 
@@ -73,15 +96,15 @@ def signatures(texts: list[str], a: np.ndarray, b: np.ndarray, shingle_chars: in
     """MinHash signatures of many documents, shape (len(texts), len(a)), uint32; row i is `signature(texts[i])`.
 
     The shingles of many documents are hashed together, one permutation at a time, and reduced per
-    document with `np.minimum.reduceat`: a few vector operations per permutation instead of a
-    (permutations x shingles) matrix and a 64-bit division per element for every document.
+    document with `np.minimum.reduceat`: three vector operations per permutation, instead of a
+    (permutations x shingles) matrix for every document.
     """
     out = np.empty((len(texts), len(a)), dtype=np.uint32)
     chunk: list[np.ndarray] = []
     size = done = 0
     for text in texts:
         # Repeated shingles are kept: they cannot change a minimum, and sorting them away costs more.
-        chunk.append(_window_hashes(text, shingle_chars) & _MAX32)
+        chunk.append(_shingle_keys(text, shingle_chars))
         size += chunk[-1].size
         if size >= _CHUNK_SHINGLES:
             out[done : done + len(chunk)] = _min_hashes(chunk, a, b)

@@ -194,6 +194,10 @@ def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str
     dataset = config.datasets[name]
     unused = set() if legacy else _PREP_UNUSED.get(dataset.format, set())
     prep = config.data.model_dump(mode="json", exclude=_PREP_NEVER | unused)
+    if dataset.format == "text" and prep["near_dedup"]["enabled"]:
+        # Near-duplicates found with another MinHash family are another data set (minhash.FAMILY);
+        # this applies to the earlier formula too, so no data set made with the old family is reused.
+        prep["near_dedup"]["family"] = minhash.FAMILY
     if dataset.generate is not None:
         from alloylm.generate.config import TRANSPORT_FIELDS
 
