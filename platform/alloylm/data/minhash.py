@@ -26,8 +26,8 @@ _CHUNK_SHINGLES = 1 << 16
 # a), so the 64 functions shared their minima far more often than independent ones would. Its
 # Jaccard estimates had about 3 times the binomial error of 64 permutations, and on the quickstart's
 # general text it called 27 of 300 documents near-duplicates, 19 of them of pairs whose shingle sets
-# overlap by less than 0.7 (one by 0.21); this family finds 2 (overlaps 0.74 and 0.78).
-FAMILY = "multiply-add-shift/fmix64"
+# overlap by less than 0.7 (one by 0.21); this family finds 4 (overlaps 0.72-0.79).
+FAMILY = "bytes/fmix64/multiply-add-shift"
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -40,28 +40,32 @@ def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _window_hashes(text: str, shingle_chars: int) -> np.ndarray:
-    """Polynomial hash (uint64, wrapping) of every `shingle_chars`-byte window of the lower-cased,
-    whitespace-collapsed UTF-8 text, repeats included."""
-    data = np.frombuffer(" ".join(text.lower().split()).encode("utf-8"), dtype=np.uint8).astype(np.uint64)
-    if data.size < shingle_chars:
-        data = np.pad(data, (0, shingle_chars - data.size))
-    count = data.size - shingle_chars + 1
+def _window_keys(text: str, shingle_chars: int) -> np.ndarray:
+    """A uint64 key of every `shingle_chars`-byte window of the lower-cased, whitespace-collapsed
+    UTF-8 text, repeats included. Up to 8 bytes, the window's bytes themselves (little-endian),
+    read in place through a view with a stride of one byte and masked to the window: distinct
+    shingles get distinct keys, in one pass. Longer windows: a polynomial hash, wrapping mod 2**64."""
+    data = " ".join(text.lower().split()).encode("utf-8").ljust(shingle_chars, b"\0")
+    count = len(data) - shingle_chars + 1
+    if shingle_chars <= 8:
+        windows = np.ndarray((count,), dtype="<u8", buffer=data + bytes(8 - shingle_chars), strides=(1,))
+        return windows & np.uint64((1 << (8 * shingle_chars)) - 1)
+    values = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
     powers = _FNV_PRIME ** np.arange(shingle_chars, dtype=np.uint64)
     # One shifted multiply-add per position in the window: the same sum as (windows * powers).sum()
     # (arithmetic mod 2**64 is exact in any order) without a (count, shingle_chars) intermediate.
-    hashes = data[:count].copy()
+    hashes = values[:count].copy()
     for offset in range(1, shingle_chars):
-        hashes += data[offset : offset + count] * powers[offset]
+        hashes += values[offset : offset + count] * powers[offset]
     return hashes
 
 
 def _shingle_keys(text: str, shingle_chars: int) -> np.ndarray:
-    """32-bit keys of every shingle of `text`, repeats included: the high half of the window hash
+    """32-bit keys of every shingle of `text`, repeats included: the high half of the window's key
     after MurmurHash3's finaliser. A 2-universal family such as multiply-add-shift gives unbiased
-    minima only on keys that look random, and polynomial hashes of text do not: mixed first, the
-    estimates match the binomial error of 64 permutations (`tests/data/test_prepare.py`)."""
-    keys = _window_hashes(text, shingle_chars)
+    minima only on keys that look random, and the bytes of text do not: mixed first, the estimates
+    have the binomial error of 64 permutations (`tests/data/test_prepare.py`)."""
+    keys = _window_keys(text, shingle_chars)
     keys ^= keys >> _MIX_SHIFT
     keys *= _MIX_1
     keys ^= keys >> _MIX_SHIFT
@@ -165,9 +169,8 @@ def near_duplicates(ids: list[str], signatures: np.ndarray, threshold: float) ->
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         ends = np.r_[starts[1:], count]
-        for start, end in zip(starts, ends):
-            if end - start < 2:
-                continue
+        shared = ends - starts >= 2  # a bucket of one has nothing to compare: skipped in numpy, not in Python
+        for start, end in zip(starts[shared].tolist(), ends[shared].tolist()):
             # Each member against one member of every cluster met so far in this bucket (up to
             # MAX_BUCKET_CLUSTERS of them), joining all it resembles: checked against the bucket's
             # first member only, two near-duplicates sharing their one bucket with an LSH false
