@@ -596,6 +596,10 @@ def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> s
 
     dataset = config.datasets[name]
     prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
+    if dataset.format == "text" and prep["near_dedup"]["enabled"]:
+        # Near-deduplicated with this MinHash family (with the one before it, made again: see
+        # test_the_earlier_fingerprint_formula_is_the_one_runs_were_made_with).
+        prep["near_dedup"]["family"] = minhash.FAMILY
     builtin = {k: v for k, v in config.builtin.model_dump(mode="json").items() if k not in ("short_answer_per_fact", "holdout")}
     if not any(source.startswith("builtin:") for source in dataset.sources):
         builtin = None
