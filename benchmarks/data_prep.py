@@ -313,7 +313,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     load_start = os.getloadavg()[0]
     raw_runs = [_raw_run(corpus_dir, tokenizer_dir, args, "before the pipeline")]
 
-    from alloylm.cluster import keep_idle_workers
+    from alloylm.cluster import IDLE_WORKERS_VARIABLE, keep_idle_workers
 
     started = time.monotonic()
     keep_idle_workers(args.cpus)  # as `alloylm` starts its local cluster (connect_ray)
@@ -365,7 +365,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "machine": {
             "cores": os.cpu_count(),
             "ray_cpus": args.cpus,
-            "ray_idle_workers_kept": os.environ.get("RAY_num_workers_soft_limit"),  # keep_idle_workers
+            "ray_idle_workers_kept": os.environ.get(IDLE_WORKERS_VARIABLE),
             "python": platform.python_version(),
             "load_average_1min": [round(load_start, 2), round(load_end, 2)],
             "quiet": quiet,

@@ -152,9 +152,10 @@ def ray_cluster(s3_endpoint):
 
     from alloylm.cluster import keep_idle_workers
 
-    keep_idle_workers(2)
+    cpus = 2
+    keep_idle_workers(cpus)
     ray.init(
-        num_cpus=2,
+        num_cpus=cpus,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
