@@ -2,9 +2,10 @@
 
 Written here rather than taken from `datasketch` because datasketch hashes every shingle in a
 Python loop (sha1 per shingle), which on a 50 MB corpus costs more than tokenizing it; this
-version hashes all shingles of a document with one vectorised numpy rolling hash, and computes
-the signatures of a whole batch of documents together (`signatures`). The method is
-the standard one (Broder 1997; Leskovec et al., Mining of Massive Datasets, ch. 3).
+version reads all shingles of a document as integers in one vectorised numpy pass, and computes
+the signatures of a whole batch of documents together (`signatures`). The method is the standard
+one (Broder 1997; Leskovec et al., Mining of Massive Datasets, ch. 3), with Dietzfelbinger's
+multiply-add-shift hashing (1996) over keys mixed by MurmurHash3's finaliser.
 """
 
 from __future__ import annotations
