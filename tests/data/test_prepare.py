@@ -588,7 +588,7 @@ def test_the_earlier_fingerprint_formula_is_the_one_runs_were_made_with():
     assert dataset_fingerprint(nearless, "text", "tok") == dataset_fingerprint(nearless, "text", "tok", legacy=True)
 
 
-def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> str:
+def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str, near_family: bool = True) -> str:
     """A data set's fingerprint as AlloyLM made it before 2026-12-05, written out: every `data:`
     setting (less the two that set only speed), whatever the format."""
     from alloylm.artifact import fingerprint
@@ -596,7 +596,7 @@ def _fingerprint_made_before(config, name: str, tokenizer_fingerprint: str) -> s
 
     dataset = config.datasets[name]
     prep = config.data.model_dump(mode="json", exclude={"tokenizer_actors", "cpus_per_tokenizer_actor"})
-    if dataset.format == "text" and prep["near_dedup"]["enabled"]:
+    if near_family and dataset.format == "text" and prep["near_dedup"]["enabled"]:
         # Near-deduplicated with this MinHash family (with the one before it, made again: see
         # test_the_earlier_fingerprint_formula_is_the_one_runs_were_made_with).
         prep["near_dedup"]["family"] = minhash.FAMILY
@@ -611,7 +611,7 @@ def _tokenizer_fingerprint_made_before(config) -> str:
     from alloylm.artifact import fingerprint
 
     names = config.tokenizer.train.datasets or sorted(n for n, d in config.datasets.items() if d.format in ("text", "chat") and d.generate is None)
-    inputs = [_fingerprint_made_before(config, n, "") for n in names]
+    inputs = [_fingerprint_made_before(config, n, "", near_family=False) for n in names]  # as they were then
     return fingerprint("tokenizer", config.tokenizer.model_dump(mode="json", by_alias=True), inputs)
 
 

@@ -186,22 +186,26 @@ _PREP_UNUSED = {"chat": _TEXT_ONLY, "preference": _TEXT_ONLY, "benchmark": _TEXT
 _PREP_NEVER = {"tokenizer_actors", "cpus_per_tokenizer_actor"}  # how fast, not what
 
 
-def dataset_fingerprint(config: RunConfig, name: str, tokenizer_fingerprint: str, *, legacy: bool = False) -> str:
+def dataset_fingerprint(
+    config: RunConfig, name: str, tokenizer_fingerprint: str, *, legacy: bool = False, near_family: bool = True
+) -> str:
     """What a prepared data set is made from: its config, the `data:` settings its format uses,
     its sources' content, the tokenizer. `legacy`: the fingerprint as made before 2026-12-05, which
     hashed every `data:` setting into every format; a data set prepared then and unchanged since is
-    still up to date (`_reusable`), so no existing run prepares or retrains anything for the change."""
+    still up to date (`_reusable`), so no existing run prepares or retrains anything for the change.
+    `near_family=False` leaves the MinHash family out: only the tokenizer's earlier formula, which
+    took these fingerprints of the data sets it read, wants them as they were then."""
     dataset = config.datasets[name]
     unused = set() if legacy else _PREP_UNUSED.get(dataset.format, set())
     prep = config.data.model_dump(mode="json", exclude=_PREP_NEVER | unused)
-    if dataset.format == "text" and prep["near_dedup"]["enabled"]:
+    if near_family and dataset.format == "text" and prep["near_dedup"]["enabled"]:
         # Near-duplicates found with another MinHash family are another data set (minhash.FAMILY);
         # this applies to the earlier formula too, so no data set made with the old family is reused.
         prep["near_dedup"]["family"] = minhash.FAMILY
     if dataset.generate is not None:
         from alloylm.generate.config import TRANSPORT_FIELDS
 
-        upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint, legacy=legacy)
+        upstream = dataset_fingerprint(config, dataset.generate.from_, tokenizer_fingerprint, legacy=legacy, near_family=near_family)
         # Where the teacher is and how hard it is driven change no answer (as for the batch ids).
         answers = _dataset_fields(dataset, exclude={"generate": {"teacher": set(TRANSPORT_FIELDS)}})
         return fingerprint("dataset", answers, prep, upstream, _prompt_signature(config, name), tokenizer_fingerprint)
@@ -338,7 +342,10 @@ def prepare_tokenizer(config: RunConfig) -> dict:
         if not spec.train:
             return fingerprint("tokenizer", settings, [model_source_id(spec.from_)])
         if earlier:
-            return fingerprint("tokenizer", settings, [dataset_fingerprint(config, n, "", legacy=True) for n in names])
+            # The tokenizer reads the records before any cleaning: its earlier formula stays what it
+            # was, without the MinHash family (a tokenizer made then is still the same tokenizer).
+            earlier_inputs = [dataset_fingerprint(config, n, "", legacy=True, near_family=False) for n in names]
+            return fingerprint("tokenizer", settings, earlier_inputs)
         return fingerprint("tokenizer", settings, [_tokenizer_input(config, n) for n in names])
 
     fp, manifest = _reusable(uri, config, fingerprints)
