@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
 
 from alloylm import storage
 from alloylm.config import ConfigError, load_config
+from alloylm.merge.search import unresumable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -365,13 +368,23 @@ def test_interrupted_search_restores_without_redoing_finished_trials(prepared, r
             experiments = [os.path.join(searches, d, "tune") for d in os.listdir(searches) if d.startswith("resume-")] if searches.exists() else []
             finished = _finished_trials(experiments[0]) if experiments else {}
             if len(finished) >= 2:
-                break
+                # Killed between two of Tune's copies of its state to the storage: stopped first
+                # (its copying thread with it), and killed once what the storage holds is whole.
+                # Killed during a copy, the state is not resumable and the search starts again
+                # (the next test); this one is about a resume.
+                os.kill(first.pid, signal.SIGSTOP)
+                finished = _finished_trials(experiments[0])
+                if len(finished) >= 2 and unresumable_reason(pafs.LocalFileSystem(), experiments[0], "tpe") is None:
+                    break
+                os.kill(first.pid, signal.SIGCONT)
             time.sleep(0.5)
         assert first.poll() is None, "the first search ended before it could be interrupted"
     finally:
         if first.poll() is None:
             first.kill()
         first.wait()
+    saved = root / "resume-saved"
+    shutil.copytree(experiments[0], saved)  # the interrupted state, for the checks at the end
     uri = str(root / "runs" / "ms" / "stages" / "resume")
     assert not storage.is_complete(uri)
     second = subprocess.run([*command, "--wait"], env=env, capture_output=True, text=True)
@@ -383,6 +396,43 @@ def test_interrupted_search_restores_without_redoing_finished_trials(prepared, r
     for trial, text in finished.items():
         # A finished trial is not run again: its results are byte for byte what they were.
         assert open(os.path.join(experiment, trial, "result.json")).read() == text, trial
+
+    # What a driver stopped while Tune copies its state leaves behind is told from a whole state.
+    fs = pafs.LocalFileSystem()
+    assert unresumable_reason(fs, str(saved), "tpe") is None
+    [searcher_state] = saved.glob("searcher-state-*.pkl")
+    kept = searcher_state.read_bytes()
+    searcher_state.write_bytes(kept[: len(kept) // 2])  # a copy cut short
+    assert f"{searcher_state.name} is unreadable" in unresumable_reason(fs, str(saved), "tpe")
+    searcher_state.unlink()  # never copied
+    assert unresumable_reason(fs, str(saved), "tpe") == "the searcher's state never reached the storage"
+    searcher_state.write_bytes(kept)
+    [experiment_state] = saved.glob("experiment_state-*.json")
+    state = json.loads(experiment_state.read_text())
+    state["trial_data"].append(state["trial_data"][-1])  # the trials copied after a newer suggestion than the searcher's
+    experiment_state.write_text(json.dumps(state))
+    assert "one copy older than the other" in unresumable_reason(fs, str(saved), "tpe")
+
+
+def test_a_search_whose_saved_state_is_not_whole_starts_again(prepared, caplog):
+    """An interrupted search whose state Tune had not finished copying is searched again from the
+    start rather than resumed from half a state (which failed in Optuna, on every retry)."""
+    from alloylm.merge.stage import merge_stage
+
+    root = prepared
+    config = _load(root, {"restart": _search_stage(root, searcher="grid", asha=None, objective={"max_items": 4})}, name="restart.yaml")
+    first = merge_stage(config, "restart")
+    [experiment] = (root / "runs" / "ms" / "searches").glob("restart-*/tune")
+    [state] = experiment.glob("basic-variant-state-*.json")
+    state.write_bytes(b"")  # as a driver killed during Tune's copy left it
+    storage.remove(os.path.join(config.run_uri, "stages", "restart"))  # the stage unfinished again
+    with caplog.at_level("WARNING", logger="alloylm.merge"):
+        again = merge_stage(config, "restart")
+    assert f"cannot be resumed: {state.name} is unreadable" in caplog.text
+    assert again["fingerprint"] == first["fingerprint"] and again["metrics"]["best_score"] == first["metrics"]["best_score"]
+    assert storage.exists(os.path.join(config.run_uri, "stages", "restart", "best_merge.yaml"))
+    [state] = experiment.glob("basic-variant-state-*.json")
+    assert state.stat().st_size > 0  # a new experiment in its place
 
 
 def _merged(root, config, name: str) -> tuple[dict, dict, dict]:

@@ -20,7 +20,8 @@ design: it judges a trial at a rung against the trials that reached the rung bef
 reproducible.
 
 The experiment lives at `<run>/searches/<stage>-<fingerprint>/tune` (local or s3://): an
-interrupted search resumes there with `Tuner.restore`, without redoing finished trials.
+interrupted search resumes there with `Tuner.restore`, without redoing finished trials, when Tune's
+saved state is whole and consistent (`unresumable_reason`); otherwise it starts again.
 """
 
 from __future__ import annotations
@@ -260,6 +261,71 @@ def prepare_job(
     )
 
 
+def unresumable_reason(fs, experiment_path: str, searcher: str) -> str | None:
+    """Why Tune's saved state of an interrupted search at `experiment_path` (on the pyarrow file
+    system `fs`) cannot be resumed consistently; None when it can.
+
+    Tune writes its experiment state (the trials), the searcher's state and `tuner.pkl` in the
+    driver's staging folder and copies them to the storage path in the background, one file after
+    another and in place. A driver stopped during a copy (killed, preempted) leaves a truncated or
+    missing file, or a searcher state one copy older than the trials'. `Tuner.restore` then either
+    fails on the truncated file, or (a searcher state it cannot find) resumes with the searcher as
+    it was before its search space was set, and every later attempt failed the same way in Optuna
+    ("no search space has been defined"). Checked here, before Tune reads them: each file parses,
+    the Optuna searcher has its space, and the search generator has created as many trials as the
+    experiment state holds. (A BasicVariantGenerator, grid or random, records no such count: only
+    that its state parses is checked.)
+    """
+    import json
+
+    import pyarrow.fs as pafs
+    from ray import cloudpickle
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(experiment_path, allow_not_found=True))
+    except OSError as exc:
+        return f"its folder cannot be listed ({exc})"
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+
+    def newest(prefix: str, suffix: str) -> str | None:
+        found = [name for name in names if name.startswith(prefix) and name.endswith(suffix)]
+        return found[-1] if found else None  # Tune names them by session time and reads the last one too
+
+    def load(name: str, parse):
+        with fs.open_input_stream(f"{experiment_path}/{name}") as handle:
+            data = handle.readall()
+        if not data:
+            raise ValueError("empty")
+        return parse(data)
+
+    wanted = ["tuner.pkl", newest("experiment_state-", ".json")]
+    if searcher in ("grid", "random"):
+        wanted.append(newest("basic-variant-state-", ".json"))
+    else:
+        wanted += [newest("search_gen_state-", ".json"), newest("searcher-state-", ".pkl")]
+    if None in wanted or "tuner.pkl" not in names:
+        kinds = ("the tuner", "the experiment state", "the search generator's state", "the searcher's state")
+        missing = [kind for kind, name in zip(kinds, wanted) if name is None or name not in names]
+        return f"{', '.join(missing)} never reached the storage"
+    loaded = {}
+    for name in wanted:
+        try:
+            loaded[name] = load(name, json.loads if name.startswith("experiment_state-") else cloudpickle.loads)
+        except Exception as exc:  # truncated: EOFError, UnpicklingError, ValueError and others
+            return f"{name} is unreadable ({type(exc).__name__}: {exc or 'truncated'})"
+    trials = loaded[wanted[1]].get("trial_data") if isinstance(loaded[wanted[1]], dict) else None
+    if not isinstance(trials, list):
+        return f"{wanted[1]} holds no trial list"
+    if searcher not in ("grid", "random"):
+        generator, base = loaded[wanted[2]], loaded[wanted[3]]
+        if not isinstance(base, dict) or not base.get("_space"):
+            return f"{wanted[3]} holds no search space"
+        if not isinstance(generator, dict) or generator.get("counter") != len(trials):
+            counter = generator.get("counter") if isinstance(generator, dict) else None
+            return f"{wanted[2]} counts {counter} trial(s) created where {wanted[1]} holds {len(trials)}: one copy older than the other"
+    return None
+
+
 def run_search(
     job: TrialJob, eval_data: EvalData, experiment_uri: str, *, seed: int, mlflow: MlflowTarget | None = None
 ) -> list[dict]:
@@ -278,7 +344,19 @@ def run_search(
     experiment_path = f"{root}/{EXPERIMENT_NAME}"
     resources = {"cpu": stage.resources.num_cpus, "gpu": stage.resources.num_gpus}
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, eval_data=eval_data), resources)
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+    resumable = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if resumable and (problem := unresumable_reason(fs, experiment_path, search.searcher)) is not None:
+        # Not resumable as it is; the finished trials' results are in the folder, but the searcher
+        # that suggested them is not, so they cannot be told to it consistently. The search starts
+        # again: with the same seed it suggests the same trials and scores them the same.
+        log.warning(
+            "merge search: the interrupted experiment at %s cannot be resumed: %s (its driver stopped while Tune "
+            "was copying its state to the storage). Starting the search again; its finished trials run again.",
+            storage.join(experiment_uri, EXPERIMENT_NAME), problem,
+        )
+        storage.remove(storage.join(experiment_uri, EXPERIMENT_NAME))
+        resumable = False
+    if resumable:
         log.info("merge search: resuming the interrupted experiment at %s", storage.join(experiment_uri, EXPERIMENT_NAME))
         tuner = tune.Tuner.restore(
             experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
