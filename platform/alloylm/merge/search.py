@@ -261,6 +261,15 @@ def prepare_job(
     )
 
 
+# The files of Tune's saved state that `unresumable_reason` checks, as its messages name them.
+_STATE_FILES = {
+    "tuner": "the tuner",
+    "experiment": "the experiment state",
+    "generator": "the search generator's state",
+    "searcher": "the searcher's state",
+}
+
+
 def unresumable_reason(fs, experiment_path: str, searcher: str) -> str | None:
     """Why Tune's saved state of an interrupted search at `experiment_path` (on the pyarrow file
     system `fs`) cannot be resumed consistently; None when it can.
@@ -276,53 +285,53 @@ def unresumable_reason(fs, experiment_path: str, searcher: str) -> str | None:
     experiment state holds. (A BasicVariantGenerator, grid or random, records no such count: only
     that its state parses is checked.)
     """
+    import fnmatch
     import json
 
     import pyarrow.fs as pafs
     from ray import cloudpickle
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search import BasicVariantGenerator, SearchGenerator, Searcher
 
     try:
         infos = fs.get_file_info(pafs.FileSelector(experiment_path, allow_not_found=True))
     except OSError as exc:
         return f"its folder cannot be listed ({exc})"
-    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+    names = [info.base_name for info in infos if info.type == pafs.FileType.File]
 
-    def newest(prefix: str, suffix: str) -> str | None:
-        found = [name for name in names if name.startswith(prefix) and name.endswith(suffix)]
-        return found[-1] if found else None  # Tune names them by session time and reads the last one too
+    def newest(template: str) -> str | None:
+        # Tune's own file names (its classes' CKPT_FILE_TMPL), and the last by name, as Tune reads them
+        return max(fnmatch.filter(names, template.format("*")), default=None)
 
-    def load(name: str, parse):
-        with fs.open_input_stream(f"{experiment_path}/{name}") as handle:
-            data = handle.readall()
-        if not data:
-            raise ValueError("empty")
-        return parse(data)
-
-    wanted = ["tuner.pkl", newest("experiment_state-", ".json")]
-    if searcher in ("grid", "random"):
-        wanted.append(newest("basic-variant-state-", ".json"))
+    basic = searcher in ("grid", "random")  # a BasicVariantGenerator; TPE and CMA-ES: OptunaSearch
+    files = {"tuner": "tuner.pkl" if "tuner.pkl" in names else None, "experiment": newest(TuneController.CKPT_FILE_TMPL)}
+    if basic:
+        files["generator"] = newest(BasicVariantGenerator.CKPT_FILE_TMPL)
     else:
-        wanted += [newest("search_gen_state-", ".json"), newest("searcher-state-", ".pkl")]
-    if None in wanted or "tuner.pkl" not in names:
-        kinds = ("the tuner", "the experiment state", "the search generator's state", "the searcher's state")
-        missing = [kind for kind, name in zip(kinds, wanted) if name is None or name not in names]
+        files |= {"generator": newest(SearchGenerator.CKPT_FILE_TMPL), "searcher": newest(Searcher.CKPT_FILE_TMPL)}
+    missing = [_STATE_FILES[kind] for kind, name in files.items() if name is None]
+    if missing:
         return f"{', '.join(missing)} never reached the storage"
     loaded = {}
-    for name in wanted:
+    for kind, name in files.items():
         try:
-            loaded[name] = load(name, json.loads if name.startswith("experiment_state-") else cloudpickle.loads)
+            with fs.open_input_stream(f"{experiment_path}/{name}") as handle:
+                data = handle.readall()
+            if not data:
+                raise ValueError("empty")
+            loaded[kind] = json.loads(data) if kind == "experiment" else cloudpickle.loads(data)
         except Exception as exc:  # truncated: EOFError, UnpicklingError, ValueError and others
             return f"{name} is unreadable ({type(exc).__name__}: {exc or 'truncated'})"
-    trials = loaded[wanted[1]].get("trial_data") if isinstance(loaded[wanted[1]], dict) else None
+    trials = loaded["experiment"].get("trial_data") if isinstance(loaded["experiment"], dict) else None
     if not isinstance(trials, list):
-        return f"{wanted[1]} holds no trial list"
-    if searcher not in ("grid", "random"):
-        generator, base = loaded[wanted[2]], loaded[wanted[3]]
-        if not isinstance(base, dict) or not base.get("_space"):
-            return f"{wanted[3]} holds no search space"
-        if not isinstance(generator, dict) or generator.get("counter") != len(trials):
-            counter = generator.get("counter") if isinstance(generator, dict) else None
-            return f"{wanted[2]} counts {counter} trial(s) created where {wanted[1]} holds {len(trials)}: one copy older than the other"
+        return f"{files['experiment']} holds no trial list"
+    if not basic:
+        if not isinstance(loaded["searcher"], dict) or not loaded["searcher"].get("_space"):
+            return f"{files['searcher']} holds no search space"
+        counter = loaded["generator"].get("counter") if isinstance(loaded["generator"], dict) else None
+        if counter != len(trials):
+            return (f"{files['generator']} counts {counter} trial(s) created where {files['experiment']} holds "
+                    f"{len(trials)}: one copy older than the other")
     return None
 
 
