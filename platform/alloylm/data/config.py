@@ -163,7 +163,7 @@ class NearDedupConfig(_Frozen):
 
     enabled: bool = Field(True, description="Remove near-duplicate documents (text data sets only).")
     threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity above which a document is a near duplicate.")
-    num_perm: int = Field(64, ge=8, le=512, description="Number of MinHash permutations (signature length).")
+    num_perm: int = Field(64, ge=8, le=512, description="MinHash signature length: the bins of one-permutation hashing, like as many permutations.")
     shingle_chars: int = Field(5, ge=2, le=32, description="Character n-gram length used as shingles.")
 
 

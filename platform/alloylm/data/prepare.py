@@ -427,9 +427,8 @@ def _clean_batch(
         # One batched MinHash call for the whole block; a fixed-size list column (null where the
         # record is dropped) lets the driver read all signatures as one numpy matrix.
         num_perm = near["num_perm"]
-        a, b = minhash.permutations(num_perm)
         values = np.zeros((len(records), num_perm), dtype=np.uint32)
-        values[signed_rows] = minhash.signatures(signed_texts, a, b, near["shingle_chars"])
+        values[signed_rows] = minhash.signatures(signed_texts, num_perm, near["shingle_chars"])
         unsigned = np.ones(len(records), dtype=bool)
         unsigned[signed_rows] = False
         signatures = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), num_perm, mask=pa.array(unsigned))
