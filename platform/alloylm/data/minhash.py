@@ -12,7 +12,7 @@ value in each bin; a bin no shingle fell into takes the value of the first non-e
 random probe sequence of its own, the same for every document. The fraction of equal values
 estimates the Jaccard similarity of the shingle sets without bias, like `num_perm` independent
 permutations, at the cost of one hash per shingle instead of `num_perm`: on the data benchmark's
-51.5 MB corpus the signatures took 0.9 CPU-s against 2.3-2.5 for 64 multiply-add-shift functions
+51.5 MB corpus the signatures took 0.97 CPU-s against 2.2-2.8 for 64 multiply-add-shift functions
 (the family before this one). The shingle keys are mixed by MurmurHash3's 64-bit finaliser.
 """
 
@@ -38,7 +38,7 @@ _PROBES_PER_BIN = 8
 # Which hash family made a signature: part of the fingerprint of every near-deduplicated data set
 # (`prepare.dataset_fingerprint`), so one made with another family is made again. Before this one:
 # - "bytes/fmix64/multiply-add-shift" (297f0f2 to 2026-12-07): 64 hash functions of the mixed
-#   keys, ((a*x + b) mod 2**64) >> 32; the same estimates at 2.5 times the cost.
+#   keys, ((a*x + b) mod 2**64) >> 32; the same estimates at 2.3-2.9 times the cost.
 # - ((a*x + b) mod 2**61-1) & (2**32-1) with a, b < 2**32 on unmixed keys: no family of random
 #   permutations (h is increasing in x wherever a*x + b < 2**61-1), so the functions shared their
 #   minima far more often than independent ones would. Its Jaccard estimates had about 3 times the
