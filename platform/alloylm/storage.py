@@ -81,6 +81,7 @@ __all__ = [
     "storage_environment",
     "train_filesystem",
     "upload_dir",
+    "write_bytes",
     "write_json",
     "write_text",
 ]
@@ -589,6 +590,11 @@ def _write_bytes(uri: str, data: bytes) -> None:
     # One PUT: S3 makes the object visible whole or not at all; a retried PUT writes it again.
     retrying("write", uri, lambda: fs.pipe_file(path, data))
     fs.invalidate_cache(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically: tmp file then rename locally, one PUT on S3."""
+    _write_bytes(uri, data)
 
 
 def write_text(uri: str, text: str) -> None:

@@ -464,6 +464,39 @@ def test_checkpoints_and_artifacts_on_s3(chain, s3_bucket):
     assert load(uri).config.model_type == "llama"
 
 
+def test_a_checkpoint_list_cut_short_is_set_aside_and_the_stage_runs(chain, monkeypatch, caplog):
+    """Ray Train rewrites its checkpoint list (`checkpoint_manager_snapshot.json`) in place after
+    every checkpoint; a controller killed mid-write leaves it cut, and Ray Train then refused to
+    start that run on every later attempt. Here the stage's run folder holds a cut list before its
+    `fit`, as a killed controller leaves it: the stage trains, the cut file is kept beside, named."""
+    from alloylm.train import launcher
+
+    config, _ = chain
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["stages"] = {"cut": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": 2}}}
+    cfg = validate_config(raw)
+    cut = b'{"checkpoint_results": [{"checkpoint": {"path": "/ru'
+    real, seen = launcher.set_aside_unreadable_snapshot, []
+
+    def cut_then_check(run_uri: str):
+        storage.write_bytes(storage.join(run_uri, launcher.RAY_TRAIN_SNAPSHOT), cut)
+        seen.append(run_uri)
+        return real(run_uri)
+
+    monkeypatch.setattr(launcher, "set_aside_unreadable_snapshot", cut_then_check)
+    with caplog.at_level("WARNING", logger="alloylm.train"):
+        manifest = train_stage(cfg, "cut")
+    assert manifest["metrics"]["global_step"] == 2
+    [run_uri] = seen
+    [aside] = [f for f in storage.list_files(run_uri) if ".unreadable-" in f]
+    assert os.path.basename(aside).startswith(launcher.RAY_TRAIN_SNAPSHOT) and storage.read_bytes(aside) == cut
+    assert aside in caplog.text and "starts from its first step" in caplog.text
+    # A readable list, or none, is left alone.
+    storage.write_text(storage.join(run_uri, launcher.RAY_TRAIN_SNAPSHOT), '{"checkpoint_results": []}')
+    assert real(run_uri) is None and storage.exists(storage.join(run_uri, launcher.RAY_TRAIN_SNAPSHOT))
+    assert real(storage.join(run_uri, "elsewhere")) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: each fails before training, naming the cause
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ StorageError naming the operation and the endpoint, and no manifest is written.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -378,6 +379,38 @@ def trainer_class():
     return Trainer
 
 
+# Ray Train's list of the checkpoints a run reported, in the run's folder (Ray's
+# `CHECKPOINT_MANAGER_SNAPSHOT_FILENAME`, written out here to keep off Ray's private modules).
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_unreadable_snapshot(run_uri: str) -> str | None:
+    """Move Ray Train's checkpoint list of an interrupted run at `run_uri` aside if it is not a
+    JSON object; returns where it went, or None when it is readable or absent.
+
+    Ray Train's controller rewrites that file in place after every checkpoint (the file is
+    truncated, then written: `CheckpointManager._write_state_to_storage`), so a controller killed
+    between the two on a local or shared disk leaves it empty or cut. Ray Train then refuses to
+    start the run (`CheckpointManagerInitializationError`), on every later attempt too: the stage
+    could never run again until somebody deleted the file. Set aside (kept, never deleted), the
+    stage starts from its first step; the checkpoint folders stay where they are. (On S3 an object
+    is written whole or not at all, so this is a local-disk failure; the check reads either.)
+    """
+    snapshot = storage.join(run_uri, RAY_TRAIN_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return None
+    data = storage.read_bytes(snapshot)
+    try:
+        if isinstance(json.loads(data), dict):
+            return None
+    except ValueError:  # not UTF-8, or not JSON
+        pass
+    aside = f"{snapshot}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    storage.write_bytes(aside, data)
+    storage.remove(snapshot)
+    return aside
+
+
 # The manifest's `breakdown`: where a stage's wall time (`seconds`) went, in this order.
 BREAKDOWN_PHASES = {
     "prepare": "driver: imports, parent/data/resource checks, Ray Data set-up, until Ray Train starts",
@@ -527,6 +560,13 @@ def train_stage(config: RunConfig, name: str) -> dict:
             # Ray Train's ingest options, in order as above (its default takes the driver's context's).
             dataset_config=ingest_config() if datasets else None,
         )
+        aside = set_aside_unreadable_snapshot(storage.join(layout.checkpoints_root, f"{name}-{build}"))
+        if aside is not None:
+            log.warning(
+                "stage %s: Ray Train's list of this stage's checkpoints was cut short (its controller stopped while "
+                "writing it) and cannot be read; moved to %s. The stage starts from its first step; its checkpoint "
+                "folders are kept.", name, aside,
+            )
         log.info("stage %s: %s from %s on %d worker(s) -> %s", name, stage.kind, parent, stage.resources.workers, uri)
         nodes = _alive_nodes()
         fit_started, fit_started_at = time.monotonic(), time.time()
