@@ -6,9 +6,15 @@ about the *training* facts; and the paper's ablation, the same SFT without CPT. 
 about the held-out facts, which only the CPT documents state, with distractors that are other
 held-out facts' values (equally exposed), scored in the cloze formulation.
 
-A silent breakage (labels masked so that SFT learns nothing, CPT data not reaching the model, a
+A silent breakage (CPT data not reaching the model, SFT that overwrites what CPT stored, a
 benchmark whose answers leak or whose options are unbalanced) moves one of the two numbers across
 its bound: the chain far above chance, the ablation near it.
+
+What this guard does not see: SFT that learns nothing. Scored in the cloze formulation, the CPT
+model alone answers 0.730 of these 63 items (measured with this config, model seed 0), so a chain
+whose SFT changed nothing would still pass. `test_direction.py::
+test_sft_lowers_the_assistant_loss_and_the_paper_knobs_act` catches that one: SFT must lower the
+loss on held-out chats' assistant tokens.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ CHANCE = 0.25
 
 def _guard_config(storage_uri: str, cpt_epochs: int = 20):
     training = {"learning_rate": 2.0e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05}
-    sft = {"epochs": 4, "learning_rate": 1.0e-3, "batch_size": 8}
+    # The quickstart's SFT: four question wordings per fact at 3e-4. With two wordings at 1e-3 the
+    # chain scored 0.556 and 0.683 (model seeds 0 and 1) against the bound of 0.5; with these, 0.762
+    # and 0.698, the ablation 0.175 both times, in the same time (63 items each).
+    sft = {"epochs": 4, "learning_rate": 3.0e-4, "batch_size": 8}
     return validate_config(
         {
             "experiment": "guard",
             "storage": storage_uri,
             "builtin": {
-                "materials": 12, "documents_per_material": 12, "benchmark_fraction": 0.5,
+                "materials": 12, "documents_per_material": 12, "benchmark_fraction": 0.5, "qa_per_fact": 4,
                 "general_documents": 40, "general_chats": 20, "heldout_documents": 4, "general_heldout_documents": 4,
             },
             "tokenizer": {"train": {"vocab_size": 1024}},
