@@ -464,16 +464,21 @@ def test_checkpoints_and_artifacts_on_s3(chain, s3_bucket):
     assert load(uri).config.model_type == "llama"
 
 
-def test_a_checkpoint_list_cut_short_is_set_aside_and_the_stage_runs(chain, monkeypatch, caplog):
+def test_a_checkpoint_list_cut_short_is_set_aside_and_the_stage_resumes_from_its_folders(chain, monkeypatch, caplog):
     """Ray Train rewrites its checkpoint list (`checkpoint_manager_snapshot.json`) in place after
     every checkpoint; a controller killed mid-write leaves it cut, and Ray Train then refused to
-    start that run on every later attempt. Here the stage's run folder holds a cut list before its
-    `fit`, as a killed controller leaves it: the stage trains, the cut file is kept beside, named."""
+    start that run on every later attempt. Here the stage's run folder holds a cut list before each
+    `fit`, as a killed controller leaves it: the cut file is kept beside, named; a first run (no
+    checkpoint folder yet) trains from step 0; a rerun of the same build resumes from the newest
+    whole checkpoint folder below the last step (step 2 of 4)."""
     from alloylm.train import launcher
 
     config, _ = chain
     raw = config.model_dump(mode="json", by_alias=True)
-    raw["stages"] = {"cut": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": 2}}}
+    raw["stages"] = {
+        "cut": {"kind": "cpt", "from": {"init": "pico-llama"}, "data": "text", "training": {**FAST, "max_steps": 4},
+                "checkpoint": {"every_steps": 2}},
+    }
     cfg = validate_config(raw)
     cut = b'{"checkpoint_results": [{"checkpoint": {"path": "/ru'
     real, seen = launcher.set_aside_unreadable_snapshot, []
@@ -485,12 +490,21 @@ def test_a_checkpoint_list_cut_short_is_set_aside_and_the_stage_runs(chain, monk
 
     monkeypatch.setattr(launcher, "set_aside_unreadable_snapshot", cut_then_check)
     with caplog.at_level("WARNING", logger="alloylm.train"):
-        manifest = train_stage(cfg, "cut")
-    assert manifest["metrics"]["global_step"] == 2
+        first = train_stage(cfg, "cut")
+    assert first["metrics"]["global_step"] == 4 and not first["metrics"].get("resumed_from_step")
     [run_uri] = seen
     [aside] = [f for f in storage.list_files(run_uri) if ".unreadable-" in f]
     assert os.path.basename(aside).startswith(launcher.RAY_TRAIN_SNAPSHOT) and storage.read_bytes(aside) == cut
-    assert aside in caplog.text and "starts from its first step" in caplog.text
+    assert aside in caplog.text and "no checkpoint folder" in caplog.text
+    assert len(launcher.checkpoint_folders(run_uri)) == 2  # steps 2 and 4
+    # The same build again (its model removed, as after a stage that died saving it), the list cut again.
+    storage.remove(stage_uri(cfg, "cut"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alloylm.train"):
+        again = train_stage(cfg, "cut")
+    assert seen == [run_uri, run_uri] and len([f for f in storage.list_files(run_uri) if ".unreadable-" in f]) == 2
+    assert again["metrics"]["global_step"] == 4 and again["metrics"]["resumed_from_step"] == 2, again["metrics"]
+    assert "Resuming from the newest whole one of its 2 checkpoint folder(s)" in caplog.text
     # A readable list, or none, is left alone.
     storage.write_text(storage.join(run_uri, launcher.RAY_TRAIN_SNAPSHOT), '{"checkpoint_results": []}')
     assert real(run_uri) is None and storage.exists(storage.join(run_uri, launcher.RAY_TRAIN_SNAPSHOT))

@@ -16,9 +16,11 @@ StorageError naming the operation and the endpoint, and no manifest is written.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import posixpath
 import time
 from typing import Any
 
@@ -392,9 +394,11 @@ def set_aside_unreadable_snapshot(run_uri: str) -> str | None:
     truncated, then written: `CheckpointManager._write_state_to_storage`), so a controller killed
     between the two on a local or shared disk leaves it empty or cut. Ray Train then refuses to
     start the run (`CheckpointManagerInitializationError`), on every later attempt too: the stage
-    could never run again until somebody deleted the file. Set aside (kept, never deleted), the
-    stage starts from its first step; the checkpoint folders stay where they are. (On S3 an object
-    is written whole or not at all, so this is a local-disk failure; the check reads either.)
+    could never run again until somebody deleted the file. Set aside (kept, never deleted), Ray
+    Train starts the run with an empty list, and the stage resumes from the newest whole one of the
+    run's checkpoint folders (`checkpoint_folders`, handed to the workers; `worker._resume_dir`).
+    (On S3 an object is written whole or not at all, so this is a local-disk failure; the check
+    reads either.)
     """
     snapshot = storage.join(run_uri, RAY_TRAIN_SNAPSHOT)
     if not storage.exists(snapshot):
@@ -405,10 +409,17 @@ def set_aside_unreadable_snapshot(run_uri: str) -> str | None:
             return None
     except ValueError:  # not UTF-8, or not JSON
         pass
-    aside = f"{snapshot}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    aside = f"{snapshot}.unreadable-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%fZ}"
     storage.write_bytes(aside, data)
     storage.remove(snapshot)
     return aside
+
+
+def checkpoint_folders(run_uri: str) -> list[str]:
+    """The checkpoint folders (Ray Train's `checkpoint_<time>`) in the Ray Train run folder
+    `run_uri` that hold a trainer state, newest first (their names sort by time)."""
+    states = storage.list_files(run_uri, "checkpoint_*/checkpoint/trainer_state.json")
+    return sorted({posixpath.dirname(posixpath.dirname(state)) for state in states}, reverse=True)
 
 
 # The manifest's `breakdown`: where a stage's wall time (`seconds`) went, in this order.
@@ -489,6 +500,16 @@ def train_stage(config: RunConfig, name: str) -> dict:
     if mlflow is not None:
         ensure_experiment(mlflow)  # here, once: parallel stages' workers would race to create it
     with lifecycle.begin(uri, fp, config) as artifact:
+        run_uri = storage.join(layout.checkpoints_root, f"{name}-{build}")  # Ray Train's run folder (`run_config` below)
+        aside = set_aside_unreadable_snapshot(run_uri)
+        unlisted = checkpoint_folders(run_uri) if aside is not None else []
+        if aside is not None:
+            log.warning(
+                "stage %s: Ray Train's list of this stage's checkpoints was cut short (its controller stopped while "
+                "writing it) and cannot be read; moved to %s. %s", name, aside,
+                f"Resuming from the newest whole one of its {len(unlisted)} checkpoint folder(s) instead." if unlisted
+                else "It has no checkpoint folder: the stage starts from its first step.",
+            )
         job = StageJob(
             stage_name=name,
             stage=stage.model_dump(mode="json", by_alias=True),
@@ -506,6 +527,7 @@ def train_stage(config: RunConfig, name: str) -> dict:
             # the same for every attempt of this stage's Ray Train run (`run_config.name` below, in
             # the run's checkpoints folder), and for no other
             workdir_key=fingerprint(layout.checkpoints_root, f"{name}-{build}")[:12],
+            unlisted_checkpoints=unlisted,
         )
         # Retries within the storage retry window in Ray Train's controller too (see storage.py).
         fs, checkpoints_path = storage.train_filesystem(layout.checkpoints_root)
@@ -560,13 +582,6 @@ def train_stage(config: RunConfig, name: str) -> dict:
             # Ray Train's ingest options, in order as above (its default takes the driver's context's).
             dataset_config=ingest_config() if datasets else None,
         )
-        aside = set_aside_unreadable_snapshot(storage.join(layout.checkpoints_root, f"{name}-{build}"))
-        if aside is not None:
-            log.warning(
-                "stage %s: Ray Train's list of this stage's checkpoints was cut short (its controller stopped while "
-                "writing it) and cannot be read; moved to %s. The stage starts from its first step; its checkpoint "
-                "folders are kept.", name, aside,
-            )
         log.info("stage %s: %s from %s on %d worker(s) -> %s", name, stage.kind, parent, stage.resources.workers, uri)
         nodes = _alive_nodes()
         fit_started, fit_started_at = time.monotonic(), time.time()

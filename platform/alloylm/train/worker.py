@@ -60,6 +60,11 @@ class StageJob(BaseModel):
         default_factory=dict,
         description="The driver's storage settings (S3 endpoint, storage retry window; never credentials), set in the worker.",
     )
+    unlisted_checkpoints: list[str] = Field(
+        default_factory=list,
+        description="Checkpoint folders of this stage's Ray Train run whose list was unreadable and set aside "
+        "(`launcher.set_aside_unreadable_snapshot`), newest first: resumed from when Ray Train has none.",
+    )
 
 
 def _stage_config(job: StageJob):
@@ -225,18 +230,31 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _resume_dir(workdir: str, stage_name: str, announce: bool, max_steps: int, wanted=None, world_size: int | None = None) -> str | None:
+def _resume_dir(
+    workdir: str, stage_name: str, announce: bool, max_steps: int, wanted=None, world_size: int | None = None,
+    unlisted: list[str] | None = None,
+) -> str | None:
     """The newest whole checkpoint Ray Train holds for this stage below step `max_steps`, its files
     `wanted` fetched locally (`copy_first_whole_checkpoint`), or None.
 
     Ray Train hands every worker its latest checkpoint; the ones it registered before it (as many
-    as `checkpoint.keep` leaves) are the fall-backs when a file of the latest is cut short.
+    as `checkpoint.keep` leaves) are the fall-backs when a file of the latest is cut short. When it
+    holds none because its list of them was unreadable and set aside, the folders that list named
+    (`unlisted`, newest first) are the candidates, checked whole file by file the same way.
     """
     import ray.train
 
     latest = ray.train.get_checkpoint()
     if latest is None:
-        return None
+        if not unlisted:
+            return None
+        if announce:
+            log.warning("stage %s: resuming from the checkpoint folders of the set-aside checkpoint list: %s", stage_name, ", ".join(unlisted))
+        chosen = copy_first_whole_checkpoint(
+            list(unlisted), workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted, world_size=world_size
+        )
+        _same_choice_on_every_rank(stage_name, chosen)
+        return chosen
     # Nothing is in flight before this worker's first report, so this returns at once; the timeout
     # only guards against waiting on a report of a dead worker group (then the list is as it stands).
     reported = ray.train.get_all_reported_checkpoints(
@@ -567,8 +585,10 @@ def copy_first_whole_checkpoint(
 
     problems: list[str] = []
     at_the_end = False
-    for checkpoint in candidates:
-        source = storage.join(_checkpoint_uri(checkpoint), "checkpoint")
+    # Ray Train checkpoints, or checkpoint folders' URIs (`_resume_dir`'s unlisted folders)
+    uris = [c if isinstance(c, str) else _checkpoint_uri(c) for c in candidates]
+    for uri in uris:
+        source = storage.join(uri, "checkpoint")
         problem = checkpoint_problem(source, world_size)
         if problem is None:
             step = json.loads(storage.read_text(storage.join(source, "trainer_state.json")))["global_step"]
@@ -597,7 +617,7 @@ def copy_first_whole_checkpoint(
         if announce:
             log.warning("stage %s: no whole checkpoint before its last step; training it from the start", stage_name)
         return None
-    experiment = os.path.dirname(_checkpoint_uri(candidates[0]).rstrip("/"))
+    experiment = os.path.dirname(uris[0].rstrip("/"))
     raise StageError(
         f"stage {stage_name!r} cannot resume: no checkpoint of it is whole ({'; '.join(problems)}); "
         f"restore the file, or delete {experiment} to train the stage from the start"
@@ -695,7 +715,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         resume = _resume_dir(
             workdir, job.stage_name, announce=context.get_world_rank() == 0, max_steps=max_steps,
             wanted=checkpoint_files_for(context.get_world_rank(), deepspeed=trainer.is_deepspeed_enabled),
-            world_size=context.get_world_size(),
+            world_size=context.get_world_size(), unlisted=job.unlisted_checkpoints,
         )
         if resume and context.get_world_rank() == 0:
             print(f"[{job.stage_name}] resuming from checkpoint {os.path.basename(resume)}", flush=True)
