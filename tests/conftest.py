@@ -154,6 +154,11 @@ def ray_cluster(s3_endpoint):
 
     cpus = 2
     keep_idle_workers(cpus)
+    if ray.is_initialized():
+        # A test that ran before this fixture's first use started Ray without it (Ray Data starts a
+        # default local cluster when it finds none), so a file run alone failed here with "Maybe you
+        # called ray.init twice"; the session's own cluster replaces that one.
+        ray.shutdown()
     ray.init(
         num_cpus=cpus,
         include_dashboard=False,
