@@ -239,7 +239,7 @@ def _resume_dir(
 
     Ray Train hands every worker its latest checkpoint; the ones it registered before it (as many
     as `checkpoint.keep` leaves) are the fall-backs when a file of the latest is cut short. When it
-    holds none because its list of them was unreadable and set aside, the folders that list named
+    holds none because its list of them was unreadable and set aside, the run's checkpoint folders
     (`unlisted`, newest first) are the candidates, checked whole file by file the same way.
     """
     import ray.train
