@@ -62,6 +62,7 @@ __all__ = [
     "StorageNotFoundError",
     "arrow_filesystem",
     "arrow_uri",
+    "aside_uri",
     "begin_artifact",
     "download_dir",
     "exists",
@@ -988,6 +989,12 @@ class StagedArtifact:
 def _stamp() -> str:
     """The suffix of a folder moved aside: UTC time to the microsecond."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def aside_uri(uri: str, why: str) -> str:
+    """Where a file or folder at ``uri`` set aside for reason ``why`` goes: beside it, named
+    ``<name>.<why>-<UTC time to the microsecond>``, as artifacts' replaced folders are."""
+    return f"{uri}.{why}-{_stamp()}"
 
 
 def _remove_empty_staging_parent(staging: str) -> None:

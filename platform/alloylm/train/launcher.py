@@ -16,7 +16,6 @@ StorageError naming the operation and the endpoint, and no manifest is written.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from alloylm.config import PresetInit, RunConfig, TrainStageConfig
 from alloylm import artifact as lifecycle
 from alloylm.artifact import fingerprint
 from alloylm.errors import StageError
-from alloylm.storage import CorruptFileError, StorageError
+from alloylm.storage import CorruptFileError, StorageError, StorageNotFoundError
 from alloylm.layout import RunLayout
 
 log = logging.getLogger("alloylm.train")
@@ -401,15 +400,16 @@ def set_aside_unreadable_snapshot(run_uri: str) -> str | None:
     reads either.)
     """
     snapshot = storage.join(run_uri, RAY_TRAIN_SNAPSHOT)
-    if not storage.exists(snapshot):
+    try:
+        data = storage.read_bytes(snapshot)
+    except StorageNotFoundError:
         return None
-    data = storage.read_bytes(snapshot)
     try:
         if isinstance(json.loads(data), dict):
             return None
     except ValueError:  # not UTF-8, or not JSON
         pass
-    aside = f"{snapshot}.unreadable-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+    aside = storage.aside_uri(snapshot, "unreadable")
     storage.write_bytes(aside, data)
     storage.remove(snapshot)
     return aside

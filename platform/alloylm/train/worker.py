@@ -245,24 +245,21 @@ def _resume_dir(
     import ray.train
 
     latest = ray.train.get_checkpoint()
-    if latest is None:
-        if not unlisted:
-            return None
+    if latest is not None:
+        # Nothing is in flight before this worker's first report, so this returns at once; the timeout
+        # only guards against waiting on a report of a dead worker group (then the list is as it stands).
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
+        )
+        candidates = [latest, *(r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path)]  # newest first
+    elif unlisted:
         if announce:
             log.warning("stage %s: resuming from the checkpoint folders of the set-aside checkpoint list: %s", stage_name, ", ".join(unlisted))
-        chosen = copy_first_whole_checkpoint(
-            list(unlisted), workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted, world_size=world_size
-        )
-        _same_choice_on_every_rank(stage_name, chosen)
-        return chosen
-    # Nothing is in flight before this worker's first report, so this returns at once; the timeout
-    # only guards against waiting on a report of a dead worker group (then the list is as it stands).
-    reported = ray.train.get_all_reported_checkpoints(
-        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
-    )
-    earlier = [r.checkpoint for r in reversed(reported) if r.checkpoint.path != latest.path]  # newest first
+        candidates = list(unlisted)
+    else:
+        return None
     chosen = copy_first_whole_checkpoint(
-        [latest, *earlier], workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted, world_size=world_size
+        candidates, workdir, stage_name, announce=announce, below_step=max_steps, wanted=wanted, world_size=world_size
     )
     _same_choice_on_every_rank(stage_name, chosen)
     return chosen
