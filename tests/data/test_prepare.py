@@ -17,7 +17,7 @@ from alloylm import storage
 from alloylm.config import validate_config
 from alloylm.data import minhash
 from alloylm.data.clean import normalise_text
-from alloylm.data.prepare import DataPreparationError, prepare_all, prepare_dataset, prepare_tokenizer
+from alloylm.data.prepare import BATCHES_PER_TOKENIZER_TASK, DataPreparationError, prepare_all, prepare_dataset, prepare_tokenizer
 from alloylm.data.sources import SourceError
 from alloylm.data.tokenize import pack_token_ids
 from alloylm.models.loading import load_tokenizer
@@ -760,15 +760,17 @@ def _tokenizer_actors_started(before: set[str]) -> list[str]:
 def test_a_small_data_set_tokenizes_without_starting_actors_into_the_same_blocks(ray_cluster, tmp_path, tokenizer_dir):
     """A data set with no more tokenizer tasks than `data.tokenizer_actors` runs them as plain tasks
     in worker processes already up, which keep the built tokenizer: starting an actor process for one
-    or two batches was 2.6-4 s of every quickstart data set's 3-4.4 s. The blocks are the ones the
-    actor pool writes for the same input, and one process's packing in input order; chats render
-    the same way too."""
+    or two batches was 2.6-4 s of every quickstart data set's 3-4.4 s. So does a larger one whose pool
+    would have as many actors as the cluster has CPUs (2 on this 2-CPU cluster), `size` tasks at once:
+    there the actors' start was wall time of a pass that keeps every CPU busy. The blocks are the
+    ones the actor pool writes for the same input, and one process's packing in input order; chats
+    render the same way too."""
     from ray._private import state
 
     from alloylm.corpus import BuiltinCorpusOptions, generate_builtin
 
     texts = [normalise_text(row["text"]) for row in generate_builtin("general-text", BuiltinCorpusOptions(**SMALL_BUILTIN))]
-    texts = [t for t in texts if t] * 2  # 2 tokenizer tasks of 8 batches of 8
+    texts = [t for t in texts if t] * 4  # 3 or 4 tokenizer tasks of 8 batches of 8
     folder = tmp_path / "corpus"
     folder.mkdir()
     with open(folder / "part.jsonl", "w", encoding="utf-8") as f:
@@ -780,13 +782,15 @@ def test_a_small_data_set_tokenizes_without_starting_actors_into_the_same_blocks
     datasets = {"d": {"source": str(folder), "format": "text"}, "c": {"source": str(chats), "format": "chat"}}
     batch, width = 8, 16
     runs = {}
-    for name, actors in (("pool", 1), ("tasks", 2)):  # 2 tasks: more than 1 actor, not more than 2
+    assert 2 < math.ceil(len(texts) / (batch * BATCHES_PER_TOKENIZER_TASK)) <= 4
+    # more tasks than 1 actor: a pool of 1; than 2 actors, as many as the CPUs: 2 tasks at once; not more than 4
+    for name, actors in (("pool", 1), ("tasks-over-actors", 2), ("tasks", 4)):
         config = make_config(str(tmp_path / name), datasets, tokenizer_dir,
                              data={"block_size": width, "batch_size": batch, "tokenizer_actors": actors, "exact_dedup": False, "near_dedup": {"enabled": False}})
         before = set(state.actors())
         manifests = prepare_all(config)
         runs[name] = (config, manifests, _tokenizer_actors_started(before))
-    assert runs["tasks"][2] == [], runs["tasks"][2]
+    assert runs["tasks"][2] == [] and runs["tasks-over-actors"][2] == [], (runs["tasks"][2], runs["tasks-over-actors"][2])
     assert runs["pool"][2] and all("PackTokenBlocks" in c for c in runs["pool"][2]), runs["pool"][2]  # the check sees actors
     tokenizer = load_tokenizer(tokenizer_dir)
     expected, tails = [], []
@@ -799,7 +803,7 @@ def test_a_small_data_set_tokenizes_without_starting_actors_into_the_same_blocks
     for name, (config, manifests, _) in runs.items():
         assert read_shards(storage.join(config.run_uri, "data", "d")).column("input_ids").to_pylist() == expected, name
     rendered = {name: read_shards(storage.join(config.run_uri, "data", "c")).to_pylist() for name, (config, _, _) in runs.items()}
-    assert len(rendered["tasks"]) == 12 and rendered["tasks"] == rendered["pool"]
+    assert len(rendered["tasks"]) == 12 and rendered["tasks"] == rendered["pool"] == rendered["tasks-over-actors"]
     assert rendered["tasks"][0]["text"].count("<|im_start|>") == 2
 
 

@@ -515,10 +515,16 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
     """map_batches arguments that run the tokenizer UDF `cls(**arguments)` over `tasks` tasks.
 
     More tasks than `data.tokenizer_actors`: an actor pool of fractional CPUs, no more actors than
-    leave the pipeline's map tasks one CPU. As many tasks as actors or fewer (a small data set,
-    every one of the quickstart's): plain tasks of `cpus_per_tokenizer_actor` CPUs, as many at once,
-    which build `cls` once per worker process (`tokenize.run_built`) instead of starting an actor
-    process for one or two batches. The same UDF over the same batches: the same blocks either way.
+    leave the pipeline's map tasks one CPU (`_tokenizer_pool_size`). As many tasks as actors or
+    fewer (a small data set, every one of the quickstart's): plain tasks of `cpus_per_tokenizer_actor`
+    CPUs, as many at once, which build `cls` once per worker process (`tokenize.run_built`) instead
+    of starting an actor process for one or two batches. Plain tasks too, as many at once as the
+    pool would have actors, where those actors would be as many as the cluster's CPUs (2 on the
+    local 2-CPU cluster): each actor is a process started for the pass, 1-1.5 CPU-seconds of
+    worker start, Ray Data's imports and the tokenizer before its first batch, and with every CPU
+    tokenizing that is wall time (the data benchmark's 50 MB on 2 CPUs: the pass's actors took
+    2.5-3 of its 16-18 CPU-seconds), where the job's worker processes are up already and keep
+    what they built. The same UDF over the same batches: the same blocks either way.
     """
     import ray
     import ray.data
@@ -527,7 +533,10 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
     from alloylm.data.tokenize import run_built
 
     if tasks > prep.tokenizer_actors:
-        return {"fn": cls, "fn_constructor_kwargs": arguments, **_tokenizer_pool(prep, tasks)}
+        size, cpus = _tokenizer_pool_size(prep, tasks)
+        if size < cpus:
+            return {"fn": cls, "fn_constructor_kwargs": arguments, "compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": prep.cpus_per_tokenizer_actor}
+        tasks = size  # plain tasks, `size` at once
     pickled = cloudpickle.dumps(arguments)  # once: hashed for the key, and what the tasks fetch
     # A UDF handed no tokenizer loads it from `tokenizer_uri`: the tokenizer artifact's version
     # (fingerprint, creation time) goes into the key too, so one rebuilt there is built again.
@@ -543,11 +552,10 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
     }
 
 
-def _tokenizer_pool(prep: DataPrepConfig, tasks: int) -> dict[str, Any]:
-    """map_batches arguments for the tokenizer actor pool: fractional CPUs, and no more actors
+def _tokenizer_pool_size(prep: DataPrepConfig, tasks: int) -> tuple[int, float]:
+    """(tokenizer actors for the pool, the cluster's CPUs now): fractional CPUs, and no more actors
     than the step has tasks to give them, since each actor costs a process start."""
     import ray
-    import ray.data
 
     size = max(1, min(prep.tokenizer_actors, tasks))
     # The pool's actors hold their CPUs for the whole pass, and the map tasks that feed them need a
@@ -562,7 +570,7 @@ def _tokenizer_pool(prep: DataPrepConfig, tasks: int) -> dict[str, Any]:
             size, prep.cpus_per_tokenizer_actor, cpus, room,
         )
         size = room
-    return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": prep.cpus_per_tokenizer_actor}
+    return size, cpus
 
 
 def _write_shards(ds, uri: str, rows_per_shard: int) -> None:
