@@ -522,9 +522,9 @@ def _tokenizer_udf(prep: DataPrepConfig, cls: type, arguments: dict[str, Any], t
     pool would have actors, where those actors would be as many as the cluster's CPUs (2 on the
     local 2-CPU cluster): each actor is a process started for the pass, 1-1.5 CPU-seconds of
     worker start, Ray Data's imports and the tokenizer before its first batch, and with every CPU
-    tokenizing that is wall time (the data benchmark's 50 MB on 2 CPUs: the pass's actors took
-    2.5-3 of its 16-18 CPU-seconds), where the job's worker processes are up already and keep
-    what they built. The same UDF over the same batches: the same blocks either way.
+    tokenizing that is wall time (the data benchmark's 50 MB on 2 CPUs, a pass of 16-18
+    CPU-seconds: 58-65% of an actor's main-thread samples under py-spy were its imports at start),
+    where the job's worker processes are up already and keep what they built. The same UDF over the same batches: the same blocks either way.
     """
     import ray
     import ray.data
